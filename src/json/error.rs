@@ -1,0 +1,105 @@
+use std::fmt;
+
+/// Why a request or its result is refused. Always reported as
+/// INVALID_ARGUMENT with the path of the offending value.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Problem {
+    #[error("must not be empty")]
+    EmptyId,
+    #[error("is {len} bytes long, the limit is {limit}")]
+    IdTooLong { len: usize, limit: usize },
+    #[error("must be printable ASCII without spaces (byte {position} is not)")]
+    IdCharacter { position: usize },
+    #[error("NaN and infinite numbers are not valid JSON")]
+    NonFiniteNumber,
+    #[error("a value must be set (null, number, string, bool, struct or list)")]
+    MissingValue,
+    #[error("must be a struct or null to replace a field, not {found}")]
+    NotAnObject { found: &'static str },
+    #[error("key contains U+0000, which cannot be stored")]
+    NulInKey,
+    #[error("string contains U+0000, which cannot be stored")]
+    NulInString,
+    #[error("nesting depth {depth} exceeds the limit of {limit}")]
+    TooDeep { depth: usize, limit: usize },
+    #[error("is {bytes} bytes as compact JSON, the limit is {limit}")]
+    TooLarge { bytes: usize, limit: usize },
+}
+
+/// The location of a value inside a request, e.g. `public_metadata.a.b[2]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JsonPath(String);
+
+impl JsonPath {
+    pub fn root(name: &str) -> Self {
+        JsonPath(name.to_owned())
+    }
+
+    pub fn key(&self, key: &str) -> Self {
+        let plain = !key.is_empty()
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if plain {
+            JsonPath(format!("{}.{key}", self.0))
+        } else {
+            // Quote odd keys so the path stays unambiguous and printable.
+            let quoted = serde_json::Value::String(key.to_owned()).to_string();
+            JsonPath(format!("{}[{quoted}]", self.0))
+        }
+    }
+
+    pub fn index(&self, index: usize) -> Self {
+        JsonPath(format!("{}[{index}]", self.0))
+    }
+}
+
+/// One step of a path, collected while unwinding out of a failed walk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Segment {
+    Key(String),
+    Index(usize),
+}
+
+impl JsonPath {
+    /// Builds `root` followed by `reversed` read back to front.
+    pub(crate) fn from_reversed(root: &str, reversed: &[Segment]) -> Self {
+        reversed
+            .iter()
+            .rev()
+            .fold(JsonPath::root(root), |path, segment| match segment {
+                Segment::Key(key) => path.key(key),
+                Segment::Index(index) => path.index(*index),
+            })
+    }
+}
+
+/// A problem found somewhere inside a value, with the reversed path to it.
+pub(crate) type TreeError = (Problem, Vec<Segment>);
+
+/// Adds the step that led into a failed child while unwinding.
+pub(crate) fn within(segment: impl FnOnce() -> Segment) -> impl FnOnce(TreeError) -> TreeError {
+    move |(problem, mut segments)| {
+        segments.push(segment());
+        (problem, segments)
+    }
+}
+
+impl fmt::Display for JsonPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {problem}")]
+pub struct ValidationError {
+    pub path: JsonPath,
+    pub problem: Problem,
+}
+
+impl ValidationError {
+    pub fn new(path: JsonPath, problem: Problem) -> Self {
+        ValidationError { path, problem }
+    }
+}

@@ -1,0 +1,15 @@
+//! Pure JSON logic: merge, replace and validation. No I/O here, so every rule
+//! is unit-tested on its own and the store only calls [`apply`].
+
+mod apply;
+mod error;
+mod merge;
+mod number;
+mod validate;
+
+pub use apply::apply;
+pub use error::{JsonPath, Problem, ValidationError};
+pub(crate) use error::{Segment, TreeError, within};
+pub use merge::merge_patch;
+pub use number::{canonical_numbers, json_number};
+pub use validate::{Limits, measure, validate_command, validate_delete, validate_id};

@@ -1,0 +1,15 @@
+//! metadata-service: JSON metadata for users and organizations over gRPC.
+//!
+//! Layers, outermost first: [`server`] wires [`service`] (gRPC translation,
+//! error mapping) to [`store`] (sea-orm); [`convert`] turns protobuf into the
+//! [`model`] types; [`json`] holds the pure merge, replace and validation
+//! rules.
+
+pub mod config;
+pub mod convert;
+pub mod json;
+pub mod model;
+pub mod proto;
+pub mod server;
+pub mod service;
+pub mod store;

@@ -1,0 +1,142 @@
+//! Domain types shared by every layer: what is stored and what a write asks for.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+
+/// Which kind of owner the metadata belongs to. Both kinds share one storage
+/// table and one code path; organizations simply never carry unsafe metadata.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    User,
+    Organization,
+}
+
+impl Kind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Kind::User => "user",
+            Kind::Organization => "organization",
+        }
+    }
+
+    /// Name of the id field in requests, used in error messages.
+    pub const fn id_field(self) -> &'static str {
+        match self {
+            Kind::User => "user_id",
+            Kind::Organization => "organization_id",
+        }
+    }
+}
+
+/// One top-level metadata field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Field {
+    Public,
+    Private,
+    Unsafe,
+}
+
+impl Field {
+    pub const ALL: [Field; 3] = [Field::Public, Field::Private, Field::Unsafe];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Field::Public => "public_metadata",
+            Field::Private => "private_metadata",
+            Field::Unsafe => "unsafe_metadata",
+        }
+    }
+}
+
+/// The three metadata values of one id. Each is an object or JSON null.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fields {
+    pub public: Value,
+    pub private: Value,
+    pub unsafe_: Value,
+}
+
+impl Default for Fields {
+    fn default() -> Self {
+        Fields {
+            public: empty_object(),
+            private: empty_object(),
+            unsafe_: empty_object(),
+        }
+    }
+}
+
+impl Fields {
+    pub fn get(&self, field: Field) -> &Value {
+        match field {
+            Field::Public => &self.public,
+            Field::Private => &self.private,
+            Field::Unsafe => &self.unsafe_,
+        }
+    }
+
+    pub fn get_mut(&mut self, field: Field) -> &mut Value {
+        match field {
+            Field::Public => &mut self.public,
+            Field::Private => &mut self.private,
+            Field::Unsafe => &mut self.unsafe_,
+        }
+    }
+}
+
+pub fn empty_object() -> Value {
+    Value::Object(Map::new())
+}
+
+/// The stored state of one id. `version == 0` means nothing is stored, and
+/// then the timestamps are `None` and every field is `{}`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Record {
+    pub kind: Kind,
+    pub id: String,
+    pub fields: Fields,
+    pub version: u64,
+    pub created_at: Option<DateTime<Utc>>,
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+impl Record {
+    /// What an id that was never written (or was deleted) looks like.
+    pub fn empty(kind: Kind, id: String) -> Self {
+        Record {
+            kind,
+            id,
+            fields: Fields::default(),
+            version: 0,
+            created_at: None,
+            updated_at: None,
+        }
+    }
+}
+
+/// How the provided values are combined with the stored ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// RFC 7396 deep merge: null removes a key at any level.
+    Merge,
+    /// The provided value overwrites the field in full.
+    Replace,
+}
+
+/// A Merge or Replace request after conversion from protobuf.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WriteCommand {
+    pub kind: Kind,
+    pub id: String,
+    pub mode: Mode,
+    /// Only the provided fields; omitted fields are untouched.
+    pub values: Vec<(Field, Value)>,
+    pub expected_version: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeleteCommand {
+    pub kind: Kind,
+    pub id: String,
+    pub expected_version: Option<u64>,
+}

@@ -1,0 +1,127 @@
+//! Wiring: storage, the two services, health, reflection and shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::json::Limits;
+use crate::proto::v1::organization_metadata_service_server::OrganizationMetadataServiceServer;
+use crate::proto::v1::user_metadata_service_server::UserMetadataServiceServer;
+use crate::service::{Metadata, OrganizationService, UserService};
+use crate::store::{Store, StoreOptions};
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub database_url: String,
+    pub store: StoreOptions,
+    pub limits: Limits,
+    pub max_request_bytes: usize,
+}
+
+/// Connects to the database and applies the migrations.
+pub async fn open_store(config: &ServerConfig) -> anyhow::Result<Store> {
+    let store = Store::connect(&config.database_url, &config.store)
+        .await
+        .context("cannot connect to the database")?;
+    store
+        .migrate()
+        .await
+        .context("cannot apply database migrations")?;
+    Ok(store)
+}
+
+/// A server accepting calls; stop it with [`RunningServer::shutdown`].
+pub struct RunningServer {
+    addr: SocketAddr,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningServer {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting calls, lets in-flight calls finish and closes the
+    /// database pool.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        // The task may already have ended on its own; its result says why.
+        let _ = self.stop.send(());
+        self.task.await.context("server task panicked")?
+    }
+}
+
+const SERVICE_NAMES: [&str; 3] = [
+    "",
+    <UserMetadataServiceServer<UserService> as tonic::server::NamedService>::NAME,
+    <OrganizationMetadataServiceServer<OrganizationService> as tonic::server::NamedService>::NAME,
+];
+
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    for name in SERVICE_NAMES {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
+/// Opens the store, binds `config.listen` (port 0 picks a free port) and
+/// serves until [`RunningServer::shutdown`].
+pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
+    let store = Arc::new(open_store(config).await?);
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+
+    let metadata = Arc::new(Metadata::new(store.clone(), config.limits));
+    let users = UserMetadataServiceServer::new(UserService::new(metadata.clone()))
+        .max_decoding_message_size(config.max_request_bytes);
+    let organizations = OrganizationMetadataServiceServer::new(OrganizationService::new(metadata))
+        .max_decoding_message_size(config.max_request_bytes);
+
+    let (reporter, health) = tonic_health::server::health_reporter();
+    set_health(&reporter, ServingStatus::Serving).await;
+
+    // grpcurl 1.8 speaks only v1alpha; newer clients use v1.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    let (stop, stopped) = oneshot::channel::<()>();
+    let router = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(users)
+        .add_service(organizations);
+
+    let task = tokio::spawn(async move {
+        let shutdown = async {
+            let _ = stopped.await;
+            set_health(&reporter, ServingStatus::NotServing).await;
+            tracing::info!("shutting down");
+        };
+        router
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await
+            .context("server failed")?;
+        // Every service holding the store is gone with the router.
+        if let Some(store) = Arc::into_inner(store) {
+            store.close().await?;
+        }
+        Ok(())
+    });
+    tracing::info!(%addr, "serving gRPC");
+    Ok(RunningServer { addr, stop, task })
+}

@@ -1,0 +1,70 @@
+//! The gRPC services: thin translations between protobuf and [`Metadata`].
+
+mod error;
+mod organization;
+mod user;
+
+use std::sync::Arc;
+
+pub use organization::OrganizationService;
+pub use user::UserService;
+
+use crate::json::{self, Limits};
+use crate::model::{DeleteCommand, Kind, Record, WriteCommand};
+use crate::store::{Store, StoreError};
+
+/// What both services do, independent of protobuf: validate, then store.
+pub struct Metadata {
+    store: Arc<Store>,
+    limits: Limits,
+}
+
+impl Metadata {
+    pub fn new(store: Arc<Store>, limits: Limits) -> Self {
+        Metadata { store, limits }
+    }
+
+    pub async fn get(&self, kind: Kind, id: &str) -> Result<Record, StoreError> {
+        json::validate_id(kind, id)?;
+        self.store.get(kind, id).await
+    }
+
+    pub async fn write(&self, command: WriteCommand) -> Result<Record, StoreError> {
+        json::validate_command(&command, &self.limits)?;
+        let WriteCommand {
+            kind,
+            id,
+            mode,
+            values,
+            expected_version,
+        } = command;
+        let outcome = self
+            .store
+            .write(kind, &id, expected_version, |current| {
+                json::apply(mode, &values, current, &self.limits)
+            })
+            .await?;
+        if outcome.changed {
+            tracing::info!(
+                kind = kind.as_str(),
+                id = %id,
+                mode = ?mode,
+                version = outcome.record.version,
+                "metadata written"
+            );
+        }
+        Ok(outcome.record)
+    }
+
+    pub async fn delete(&self, command: DeleteCommand) -> Result<bool, StoreError> {
+        json::validate_delete(&command)?;
+        let existed = self
+            .store
+            .delete(command.kind, &command.id, command.expected_version)
+            .await?;
+        if existed {
+            tracing::info!(kind = command.kind.as_str(), id = %command.id, "metadata deleted");
+        }
+        Ok(existed)
+    }
+}

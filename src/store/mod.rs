@@ -1,0 +1,282 @@
+//! Storage behind sea-orm: SQLite (embedded default) or Postgres.
+//!
+//! Every write is one transaction that reads the row under a lock, computes
+//! the new value with a pure function, and writes it back. Postgres locks the
+//! row (`SELECT ... FOR UPDATE`, and `INSERT ... ON CONFLICT DO NOTHING` for a
+//! first write so concurrent creators neither fail nor lose data); SQLite
+//! uses WAL with `BEGIN IMMEDIATE`, and writes are queued in-process so they
+//! wait in order instead of spinning on the busy handler.
+
+mod entity;
+mod error;
+mod migration;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sea_orm::sqlx::sqlite::SqliteJournalMode;
+use sea_orm::{
+    ActiveModelTrait, ConnectOptions, ConnectionTrait, Database, DatabaseBackend,
+    DatabaseConnection, DatabaseTransaction, EntityTrait, IntoActiveModel, QuerySelect,
+    SqliteTransactionMode, TransactionOptions, TransactionTrait, TryInsertResult,
+};
+use sea_orm_migration::MigratorTrait;
+use tokio::sync::Mutex;
+
+pub use error::StoreError;
+
+use crate::json::{ValidationError, canonical_numbers};
+use crate::model::{Fields, Kind, Record};
+use entity::{Entity, Model};
+use migration::Migrator;
+
+/// Connection settings, from the command line.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    pub max_connections: u32,
+    /// How long to wait for a connection, at start and for every call.
+    pub connect_timeout: Duration,
+    /// How long SQLite waits on a lock held by another process.
+    pub sqlite_busy_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            max_connections: 16,
+            connect_timeout: Duration::from_secs(5),
+            sqlite_busy_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The result of a Merge or Replace.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WriteOutcome {
+    pub record: Record,
+    /// False when the write left every value as it was: nothing was written
+    /// and the version did not move.
+    pub changed: bool,
+}
+
+pub struct Store {
+    db: DatabaseConnection,
+    /// SQLite only: one writer at a time, queued fairly in this process.
+    write_gate: Option<Mutex<()>>,
+}
+
+impl Store {
+    pub async fn connect(url: &str, options: &StoreOptions) -> Result<Self, StoreError> {
+        let mut connect = ConnectOptions::new(url);
+        connect
+            .max_connections(options.max_connections)
+            .min_connections(1)
+            .connect_timeout(options.connect_timeout)
+            .acquire_timeout(options.connect_timeout)
+            .sqlx_logging(false);
+        let busy_timeout = options.sqlite_busy_timeout;
+        connect.map_sqlx_sqlite_opts(move |sqlite| {
+            sqlite
+                .journal_mode(SqliteJournalMode::Wal)
+                .busy_timeout(busy_timeout)
+        });
+        let db = Database::connect(connect).await?;
+        let write_gate =
+            (db.get_database_backend() == DatabaseBackend::Sqlite).then(|| Mutex::new(()));
+        Ok(Store { db, write_gate })
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        Migrator::up(&self.db, None).await.map_err(StoreError::from)
+    }
+
+    pub fn backend(&self) -> DatabaseBackend {
+        self.db.get_database_backend()
+    }
+
+    /// Checks that the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.db.ping().await.map_err(StoreError::from)
+    }
+
+    pub async fn close(self) -> Result<(), StoreError> {
+        self.db.close().await.map_err(StoreError::from)
+    }
+
+    pub async fn get(&self, kind: Kind, id: &str) -> Result<Record, StoreError> {
+        let row = Entity::find_by_id(key(kind, id)).one(&self.db).await?;
+        Ok(row.map_or_else(|| Record::empty(kind, id.to_owned()), record_from_row))
+    }
+
+    /// Reads the row under a lock, checks `expected_version`, computes the
+    /// new fields with `compute` and writes them, all in one transaction.
+    /// `compute` may run more than once (a lost insert race is retried).
+    pub async fn write<F>(
+        &self,
+        kind: Kind,
+        id: &str,
+        expected_version: Option<u64>,
+        mut compute: F,
+    ) -> Result<WriteOutcome, StoreError>
+    where
+        F: FnMut(&Fields) -> Result<Fields, ValidationError>,
+    {
+        let _gate = self.enter_write().await;
+        loop {
+            let txn = self.begin_write().await?;
+            let row = lock_row(&txn, kind, id).await?;
+            let current = row
+                .clone()
+                .map_or_else(|| Record::empty(kind, id.to_owned()), record_from_row);
+            check_version(expected_version, current.version)?;
+            let fields = compute(&current.fields)?;
+            if fields == current.fields {
+                txn.rollback().await?;
+                return Ok(WriteOutcome {
+                    record: current,
+                    changed: false,
+                });
+            }
+            let now = now();
+            let record = Record {
+                fields,
+                version: current.version + 1,
+                created_at: Some(current.created_at.unwrap_or(now)),
+                updated_at: Some(now),
+                ..current
+            };
+            let model = row_from_record(&record);
+            if row.is_some() {
+                model.into_active_model().reset_all().update(&txn).await?;
+            } else if !insert_if_absent(&txn, model).await? {
+                // Another transaction created the row after our read: start
+                // over, and this time lock the row it wrote.
+                txn.rollback().await?;
+                continue;
+            }
+            txn.commit().await?;
+            return Ok(WriteOutcome {
+                record,
+                changed: true,
+            });
+        }
+    }
+
+    /// Removes all metadata of the id; returns whether anything was stored.
+    pub async fn delete(
+        &self,
+        kind: Kind,
+        id: &str,
+        expected_version: Option<u64>,
+    ) -> Result<bool, StoreError> {
+        let _gate = self.enter_write().await;
+        let txn = self.begin_write().await?;
+        let row = lock_row(&txn, kind, id).await?;
+        let version = row.as_ref().map_or(0, |r| r.version as u64);
+        check_version(expected_version, version)?;
+        let Some(row) = row else {
+            txn.rollback().await?;
+            return Ok(false);
+        };
+        Entity::delete(row.into_active_model()).exec(&txn).await?;
+        txn.commit().await?;
+        Ok(true)
+    }
+
+    async fn enter_write(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match &self.write_gate {
+            Some(gate) => Some(gate.lock().await),
+            None => None,
+        }
+    }
+
+    async fn begin_write(&self) -> Result<DatabaseTransaction, StoreError> {
+        let options = TransactionOptions {
+            // Take the write lock up front: a deferred transaction that
+            // reads and then writes can fail with SQLITE_BUSY mid-way.
+            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+            ..TransactionOptions::default()
+        };
+        Ok(self.db.begin_with_options(options).await?)
+    }
+}
+
+fn key(kind: Kind, id: &str) -> (String, String) {
+    (kind.as_str().to_owned(), id.to_owned())
+}
+
+async fn lock_row(
+    txn: &DatabaseTransaction,
+    kind: Kind,
+    id: &str,
+) -> Result<Option<Model>, StoreError> {
+    // FOR UPDATE on Postgres; SQLite already holds the database write lock.
+    let mut query = Entity::find_by_id(key(kind, id));
+    if txn.get_database_backend() == DatabaseBackend::Postgres {
+        query = query.lock_exclusive();
+    }
+    Ok(query.one(txn).await?)
+}
+
+/// Returns false when a concurrent transaction inserted the row first.
+async fn insert_if_absent(txn: &DatabaseTransaction, model: Model) -> Result<bool, StoreError> {
+    let result = Entity::insert(model.into_active_model())
+        .on_conflict_do_nothing_on([entity::Column::Kind, entity::Column::Id])
+        .exec_without_returning(txn)
+        .await?;
+    Ok(matches!(result, TryInsertResult::Inserted(n) if n > 0))
+}
+
+fn check_version(expected: Option<u64>, actual: u64) -> Result<(), StoreError> {
+    match expected {
+        Some(expected) if expected != actual => {
+            Err(StoreError::VersionMismatch { expected, actual })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Postgres keeps microseconds; truncating here makes the returned time equal
+/// to what a later Get reads back.
+fn now() -> DateTime<Utc> {
+    let now = Utc::now();
+    DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
+}
+
+fn record_from_row(row: Model) -> Record {
+    let kind = if row.kind == Kind::Organization.as_str() {
+        Kind::Organization
+    } else {
+        Kind::User
+    };
+    let mut fields = Fields {
+        public: row.public_metadata,
+        private: row.private_metadata,
+        unsafe_: row.unsafe_metadata,
+    };
+    canonical_numbers(&mut fields.public);
+    canonical_numbers(&mut fields.private);
+    canonical_numbers(&mut fields.unsafe_);
+    Record {
+        kind,
+        id: row.id,
+        fields,
+        version: row.version as u64,
+        created_at: Some(row.created_at),
+        updated_at: Some(row.updated_at),
+    }
+}
+
+fn row_from_record(record: &Record) -> Model {
+    let fallback = now();
+    Model {
+        kind: record.kind.as_str().to_owned(),
+        id: record.id.clone(),
+        public_metadata: record.fields.public.clone(),
+        private_metadata: record.fields.private.clone(),
+        unsafe_metadata: record.fields.unsafe_.clone(),
+        version: record.version as i64,
+        created_at: record.created_at.unwrap_or(fallback),
+        updated_at: record.updated_at.unwrap_or(fallback),
+    }
+}
