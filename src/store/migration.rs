@@ -11,6 +11,8 @@ impl MigratorTrait for Migrator {
     }
 }
 
+// The column names repeat the table name on purpose: they are the API field names.
+#[allow(clippy::enum_variant_names)]
 #[derive(DeriveIden)]
 enum Metadata {
     Table,
