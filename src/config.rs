@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::events::BrokerOptions;
 use crate::json::Limits;
-use crate::server::ServerConfig;
+use crate::server::{EventOptions, ServerConfig};
 use crate::store::StoreOptions;
 
 #[derive(Debug, Parser)]
@@ -75,6 +76,21 @@ pub struct ServerArgs {
     /// Largest request message; bigger ones are refused before decoding.
     #[arg(long, env = "METADATA_MAX_REQUEST_BYTES", default_value_t = 1024 * 1024, global = true)]
     pub max_request_bytes: usize,
+    /// Idle time after which a Watch stream that asked for it gets a progress message.
+    #[arg(long, env = "METADATA_WATCH_PROGRESS_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    pub watch_progress_interval: Duration,
+    /// How often the event table is polled when no notification arrives.
+    #[arg(long, env = "METADATA_WATCH_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration, global = true)]
+    pub watch_poll_interval: Duration,
+    /// Events kept in memory for live Watch streams; slower streams read the table.
+    #[arg(long, env = "METADATA_WATCH_BUFFER", default_value_t = BrokerOptions::default().buffer, global = true)]
+    pub watch_buffer: usize,
+    /// Events older than this are pruned; Watch from a pruned revision is FAILED_PRECONDITION.
+    #[arg(long, env = "METADATA_EVENT_RETENTION", default_value = "7days", value_parser = humantime::parse_duration, global = true)]
+    pub event_retention: Duration,
+    /// How often old events are pruned.
+    #[arg(long, env = "METADATA_EVENT_PRUNE_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration, global = true)]
+    pub event_prune_interval: Duration,
 }
 
 impl DatabaseArgs {
@@ -98,6 +114,16 @@ impl Cli {
                 max_depth: self.server.max_depth,
             },
             max_request_bytes: self.server.max_request_bytes,
+            events: EventOptions {
+                broker: BrokerOptions {
+                    progress_interval: self.server.watch_progress_interval,
+                    poll_interval: self.server.watch_poll_interval,
+                    buffer: self.server.watch_buffer,
+                    ..BrokerOptions::default()
+                },
+                retention: self.server.event_retention,
+                prune_interval: self.server.event_prune_interval,
+            },
         }
     }
 }

@@ -6,13 +6,17 @@ use prost_types::value::Kind as ProtoKind;
 use prost_types::{ListValue, Struct, Timestamp, Value as ProtoValue};
 use serde_json::{Map, Value};
 
+use crate::events::{ChangeType, Event, WatchItem, WatchRequest};
 use crate::json::{JsonPath, Problem, ValidationError, json_number};
 use crate::json::{Segment, TreeError, within};
 use crate::model::{DeleteCommand, Field, Kind, Mode, Record, WriteCommand};
 use crate::proto::v1::{
-    DeleteOrganizationMetadataRequest, DeleteUserMetadataRequest, MergeOrganizationMetadataRequest,
-    MergeUserMetadataRequest, OrganizationMetadata, ReplaceOrganizationMetadataRequest,
-    ReplaceUserMetadataRequest, UserMetadata,
+    self as pb, DeleteOrganizationMetadataRequest, DeleteUserMetadataRequest,
+    MergeOrganizationMetadataRequest, MergeUserMetadataRequest, OrganizationMetadata,
+    OrganizationMetadataEvent, ReplaceOrganizationMetadataRequest, ReplaceUserMetadataRequest,
+    UserMetadata, UserMetadataEvent, WatchOrganizationMetadataRequest,
+    WatchOrganizationMetadataResponse, WatchProgress, WatchUserMetadataRequest,
+    WatchUserMetadataResponse, watch_organization_metadata_response, watch_user_metadata_response,
 };
 
 fn json_from_proto(value: ProtoValue) -> Result<Value, TreeError> {
@@ -215,6 +219,7 @@ impl From<Record> for UserMetadata {
             version: r.version,
             created_at: r.created_at.map(timestamp),
             updated_at: r.updated_at.map(timestamp),
+            revision: r.revision,
         }
     }
 }
@@ -228,6 +233,101 @@ impl From<Record> for OrganizationMetadata {
             version: r.version,
             created_at: r.created_at.map(timestamp),
             updated_at: r.updated_at.map(timestamp),
+            revision: r.revision,
+        }
+    }
+}
+
+impl From<ChangeType> for pb::ChangeType {
+    fn from(change: ChangeType) -> Self {
+        match change {
+            ChangeType::Merged => pb::ChangeType::Merged,
+            ChangeType::Replaced => pb::ChangeType::Replaced,
+            ChangeType::Deleted => pb::ChangeType::Deleted,
+        }
+    }
+}
+
+fn field_names(event: &Event) -> Vec<String> {
+    event
+        .changed_fields
+        .iter()
+        .map(|f| f.name().to_owned())
+        .collect()
+}
+
+impl From<&Event> for UserMetadataEvent {
+    fn from(event: &Event) -> Self {
+        UserMetadataEvent {
+            revision: event.revision,
+            change_type: pb::ChangeType::from(event.change).into(),
+            user_id: event.id().to_owned(),
+            changed_fields: field_names(event),
+            before: Some(event.before.clone().into()),
+            after: Some(event.after.clone().into()),
+            committed_at: Some(timestamp(event.committed_at)),
+        }
+    }
+}
+
+impl From<&Event> for OrganizationMetadataEvent {
+    fn from(event: &Event) -> Self {
+        OrganizationMetadataEvent {
+            revision: event.revision,
+            change_type: pb::ChangeType::from(event.change).into(),
+            organization_id: event.id().to_owned(),
+            changed_fields: field_names(event),
+            before: Some(event.before.clone().into()),
+            after: Some(event.after.clone().into()),
+            committed_at: Some(timestamp(event.committed_at)),
+        }
+    }
+}
+
+impl From<WatchItem> for WatchUserMetadataResponse {
+    fn from(item: WatchItem) -> Self {
+        use watch_user_metadata_response::Response;
+        let response = match item {
+            WatchItem::Event(event) => Response::Event(event.as_ref().into()),
+            WatchItem::Progress(revision) => Response::Progress(WatchProgress { revision }),
+        };
+        WatchUserMetadataResponse {
+            response: Some(response),
+        }
+    }
+}
+
+impl From<WatchItem> for WatchOrganizationMetadataResponse {
+    fn from(item: WatchItem) -> Self {
+        use watch_organization_metadata_response::Response;
+        let response = match item {
+            WatchItem::Event(event) => Response::Event(event.as_ref().into()),
+            WatchItem::Progress(revision) => Response::Progress(WatchProgress { revision }),
+        };
+        WatchOrganizationMetadataResponse {
+            response: Some(response),
+        }
+    }
+}
+
+impl From<WatchUserMetadataRequest> for WatchRequest {
+    fn from(r: WatchUserMetadataRequest) -> Self {
+        WatchRequest {
+            kind: Kind::User,
+            start_revision: r.start_revision,
+            ids: r.user_ids.into_iter().collect(),
+            progress_notify: r.progress_notify,
+        }
+    }
+}
+
+impl From<WatchOrganizationMetadataRequest> for WatchRequest {
+    fn from(r: WatchOrganizationMetadataRequest) -> Self {
+        WatchRequest {
+            kind: Kind::Organization,
+            start_revision: r.start_revision,
+            ids: r.organization_ids.into_iter().collect(),
+            progress_notify: r.progress_notify,
         }
     }
 }

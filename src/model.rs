@@ -19,6 +19,14 @@ impl Kind {
         }
     }
 
+    pub fn parse(text: &str) -> Option<Kind> {
+        match text {
+            "user" => Some(Kind::User),
+            "organization" => Some(Kind::Organization),
+            _ => None,
+        }
+    }
+
     /// Name of the id field in requests, used in error messages.
     pub const fn id_field(self) -> &'static str {
         match self {
@@ -89,7 +97,8 @@ pub fn empty_object() -> Value {
 }
 
 /// The stored state of one id. `version == 0` means nothing is stored, and
-/// then the timestamps are `None` and every field is `{}`.
+/// then the timestamps are `None` and every field is `{}` (the revision may
+/// still name the delete that emptied it).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Record {
     pub kind: Kind,
@@ -98,6 +107,9 @@ pub struct Record {
     pub version: u64,
     pub created_at: Option<DateTime<Utc>>,
     pub updated_at: Option<DateTime<Utc>>,
+    /// Revision of the last change to this id, 0 if none. Kept after a
+    /// delete, so a reader can resume watching right after it.
+    pub revision: u64,
 }
 
 impl Record {
@@ -110,6 +122,7 @@ impl Record {
             version: 0,
             created_at: None,
             updated_at: None,
+            revision: 0,
         }
     }
 }

@@ -8,9 +8,11 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::events::{self, Broker, BrokerOptions};
 use crate::json::Limits;
 use crate::proto::v1::organization_metadata_service_server::OrganizationMetadataServiceServer;
 use crate::proto::v1::user_metadata_service_server::UserMetadataServiceServer;
@@ -24,6 +26,25 @@ pub struct ServerConfig {
     pub store: StoreOptions,
     pub limits: Limits,
     pub max_request_bytes: usize,
+    pub events: EventOptions,
+}
+
+#[derive(Clone, Debug)]
+pub struct EventOptions {
+    pub broker: BrokerOptions,
+    /// Events older than this are pruned.
+    pub retention: std::time::Duration,
+    pub prune_interval: std::time::Duration,
+}
+
+impl Default for EventOptions {
+    fn default() -> Self {
+        EventOptions {
+            broker: BrokerOptions::default(),
+            retention: std::time::Duration::from_secs(7 * 24 * 3600),
+            prune_interval: std::time::Duration::from_secs(60),
+        }
+    }
 }
 
 /// Connects to the database and applies the migrations.
@@ -80,7 +101,21 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
 
-    let metadata = Arc::new(Metadata::new(store.clone(), config.limits));
+    let shutdown = CancellationToken::new();
+    let broker = Broker::start(
+        store.clone(),
+        config.events.broker.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .context("cannot start the event dispatcher")?;
+    tokio::spawn(events::prune_periodically(
+        store.clone(),
+        config.events.retention,
+        config.events.prune_interval,
+        shutdown.clone(),
+    ));
+    let metadata = Arc::new(Metadata::new(store.clone(), broker, config.limits));
     let users = UserMetadataServiceServer::new(UserService::new(metadata.clone()))
         .max_decoding_message_size(config.max_request_bytes);
     let organizations = OrganizationMetadataServiceServer::new(OrganizationService::new(metadata))
@@ -107,19 +142,21 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         .add_service(organizations);
 
     let task = tokio::spawn(async move {
-        let shutdown = async {
+        let signal = async {
             let _ = stopped.await;
             set_health(&reporter, ServingStatus::NotServing).await;
             tracing::info!("shutting down");
+            // Watch streams end with UNAVAILABLE so clients resume elsewhere;
+            // the server waits for open calls, so they must end first.
+            shutdown.cancel();
         };
         router
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
             .await
             .context("server failed")?;
-        // Every service holding the store is gone with the router.
-        if let Some(store) = Arc::into_inner(store) {
-            store.close().await?;
-        }
+        // Background tasks still hold the store for a moment after the
+        // router is gone; closing the pool ends their queries either way.
+        store.close_pool().await;
         Ok(())
     });
     tracing::info!(%addr, "serving gRPC");

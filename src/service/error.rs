@@ -2,6 +2,7 @@
 
 use tonic::Status;
 
+use crate::events::WatchError;
 use crate::json::ValidationError;
 use crate::store::StoreError;
 
@@ -25,6 +26,19 @@ impl From<StoreError> for Status {
                 tracing::error!(error = %detail, "database error");
                 Status::internal("internal error")
             }
+        }
+    }
+}
+
+impl From<WatchError> for Status {
+    fn from(err: WatchError) -> Self {
+        match err {
+            WatchError::TooOld { .. } => Status::failed_precondition(err.to_string()),
+            WatchError::ShuttingDown => {
+                Status::unavailable("server is shutting down; resume on another replica or later")
+            }
+            WatchError::Invalid(err) => err.into(),
+            WatchError::Store(err) => err.into(),
         }
     }
 }

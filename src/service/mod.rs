@@ -9,19 +9,37 @@ use std::sync::Arc;
 pub use organization::OrganizationService;
 pub use user::UserService;
 
+use tokio::sync::mpsc;
+
+use crate::events::{Broker, ChangeType, WatchError, WatchItem, WatchRequest};
 use crate::json::{self, Limits};
-use crate::model::{DeleteCommand, Kind, Record, WriteCommand};
+use crate::model::{DeleteCommand, Kind, Mode, Record, WriteCommand};
 use crate::store::{Store, StoreError};
 
 /// What both services do, independent of protobuf: validate, then store.
 pub struct Metadata {
     store: Arc<Store>,
+    broker: Arc<Broker>,
     limits: Limits,
 }
 
 impl Metadata {
-    pub fn new(store: Arc<Store>, limits: Limits) -> Self {
-        Metadata { store, limits }
+    pub fn new(store: Arc<Store>, broker: Arc<Broker>, limits: Limits) -> Self {
+        Metadata {
+            store,
+            broker,
+            limits,
+        }
+    }
+
+    pub async fn watch(
+        &self,
+        request: WatchRequest,
+    ) -> Result<mpsc::Receiver<Result<WatchItem, WatchError>>, WatchError> {
+        for id in &request.ids {
+            json::validate_id(request.kind, id)?;
+        }
+        self.broker.watch(request).await
     }
 
     pub async fn get(&self, kind: Kind, id: &str) -> Result<Record, StoreError> {
@@ -38,9 +56,13 @@ impl Metadata {
             values,
             expected_version,
         } = command;
+        let change = match mode {
+            Mode::Merge => ChangeType::Merged,
+            Mode::Replace => ChangeType::Replaced,
+        };
         let outcome = self
             .store
-            .write(kind, &id, expected_version, |current| {
+            .write(kind, &id, expected_version, change, |current| {
                 json::apply(mode, &values, current, &self.limits)
             })
             .await?;

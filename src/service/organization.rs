@@ -1,14 +1,20 @@
+use std::pin::Pin;
 use std::sync::Arc;
+
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 
 use tonic::{Request, Response, Status};
 
 use super::Metadata;
+use crate::events::WatchRequest;
 use crate::model::{DeleteCommand, Kind, WriteCommand};
 use crate::proto::v1::organization_metadata_service_server::OrganizationMetadataService;
 use crate::proto::v1::{
     DeleteOrganizationMetadataRequest, DeleteOrganizationMetadataResponse,
     GetOrganizationMetadataRequest, MergeOrganizationMetadataRequest, OrganizationMetadata,
-    ReplaceOrganizationMetadataRequest,
+    ReplaceOrganizationMetadataRequest, WatchOrganizationMetadataRequest,
+    WatchOrganizationMetadataResponse,
 };
 
 pub struct OrganizationService {
@@ -59,5 +65,19 @@ impl OrganizationMetadataService for OrganizationService {
         Ok(Response::new(DeleteOrganizationMetadataResponse {
             existed,
         }))
+    }
+
+    type WatchStream =
+        Pin<Box<dyn Stream<Item = Result<WatchOrganizationMetadataResponse, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        request: Request<WatchOrganizationMetadataRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let request = WatchRequest::from(request.into_inner());
+        let items = self.metadata.watch(request).await?;
+        let stream =
+            ReceiverStream::new(items).map(|item| item.map(Into::into).map_err(Into::into));
+        Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -1,13 +1,19 @@
+use std::pin::Pin;
 use std::sync::Arc;
+
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 
 use tonic::{Request, Response, Status};
 
 use super::Metadata;
+use crate::events::WatchRequest;
 use crate::model::{DeleteCommand, Kind, WriteCommand};
 use crate::proto::v1::user_metadata_service_server::UserMetadataService;
 use crate::proto::v1::{
     DeleteUserMetadataRequest, DeleteUserMetadataResponse, GetUserMetadataRequest,
-    MergeUserMetadataRequest, ReplaceUserMetadataRequest, UserMetadata,
+    MergeUserMetadataRequest, ReplaceUserMetadataRequest, UserMetadata, WatchUserMetadataRequest,
+    WatchUserMetadataResponse,
 };
 
 pub struct UserService {
@@ -56,5 +62,19 @@ impl UserMetadataService for UserService {
             .delete(DeleteCommand::from(request.into_inner()))
             .await?;
         Ok(Response::new(DeleteUserMetadataResponse { existed }))
+    }
+
+    type WatchStream =
+        Pin<Box<dyn Stream<Item = Result<WatchUserMetadataResponse, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        request: Request<WatchUserMetadataRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let request = WatchRequest::from(request.into_inner());
+        let items = self.metadata.watch(request).await?;
+        let stream =
+            ReceiverStream::new(items).map(|item| item.map(Into::into).map_err(Into::into));
+        Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -1,13 +1,15 @@
 //! Schema migrations, run at start and by `metadata-service migrate`.
 
 use sea_orm_migration::prelude::*;
-use sea_orm_migration::schema::{big_integer, json_binary, string, timestamp_with_time_zone};
+use sea_orm_migration::schema::{
+    big_integer, integer, json_binary, string, timestamp_with_time_zone,
+};
 
 pub struct Migrator;
 
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateMetadata)]
+        vec![Box::new(CreateTables)]
     }
 }
 
@@ -22,20 +24,42 @@ enum Metadata {
     PrivateMetadata,
     UnsafeMetadata,
     Version,
+    Revision,
     CreatedAt,
     UpdatedAt,
 }
 
-struct CreateMetadata;
+#[derive(DeriveIden)]
+enum Events {
+    Table,
+    Revision,
+    Kind,
+    Id,
+    ChangeType,
+    ChangedFields,
+    Before,
+    After,
+    CommittedAt,
+}
 
-impl MigrationName for CreateMetadata {
+#[derive(DeriveIden)]
+enum Revisions {
+    Table,
+    Id,
+    Latest,
+    Compacted,
+}
+
+struct CreateTables;
+
+impl MigrationName for CreateTables {
     fn name(&self) -> &str {
-        "m20261126_000001_create_metadata"
+        "m20261126_000001_create_tables"
     }
 }
 
 #[async_trait::async_trait]
-impl MigrationTrait for CreateMetadata {
+impl MigrationTrait for CreateTables {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         manager
             .create_table(
@@ -48,17 +72,71 @@ impl MigrationTrait for CreateMetadata {
                     .col(json_binary(Metadata::PrivateMetadata))
                     .col(json_binary(Metadata::UnsafeMetadata))
                     .col(big_integer(Metadata::Version))
+                    .col(big_integer(Metadata::Revision))
                     .col(timestamp_with_time_zone(Metadata::CreatedAt))
                     .col(timestamp_with_time_zone(Metadata::UpdatedAt))
                     .primary_key(Index::create().col(Metadata::Kind).col(Metadata::Id))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(Events::Table)
+                    .if_not_exists()
+                    .col(big_integer(Events::Revision).primary_key())
+                    .col(string(Events::Kind))
+                    .col(string(Events::Id))
+                    .col(string(Events::ChangeType))
+                    .col(json_binary(Events::ChangedFields))
+                    .col(json_binary(Events::Before))
+                    .col(json_binary(Events::After))
+                    .col(timestamp_with_time_zone(Events::CommittedAt))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("events_committed_at")
+                    .table(Events::Table)
+                    .col(Events::CommittedAt)
+                    .if_not_exists()
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(Revisions::Table)
+                    .if_not_exists()
+                    .col(integer(Revisions::Id).primary_key())
+                    .col(big_integer(Revisions::Latest))
+                    .col(big_integer(Revisions::Compacted))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .exec_stmt(
+                Query::insert()
+                    .into_table(Revisions::Table)
+                    .columns([Revisions::Id, Revisions::Latest, Revisions::Compacted])
+                    .values_panic([1.into(), 0.into(), 0.into()])
                     .to_owned(),
             )
             .await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .drop_table(Table::drop().table(Metadata::Table).to_owned())
-            .await
+        for table in [
+            Metadata::Table.into_iden(),
+            Events::Table.into_iden(),
+            Revisions::Table.into_iden(),
+        ] {
+            manager
+                .drop_table(Table::drop().table(table).to_owned())
+                .await?;
+        }
+        Ok(())
     }
 }

@@ -7,10 +7,12 @@
 //! uses WAL with `BEGIN IMMEDIATE`, and writes are queued in-process so they
 //! wait in order instead of spinning on the busy handler.
 
-mod entity;
+mod entities;
 mod error;
+mod events;
 mod migration;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -21,13 +23,15 @@ use sea_orm::{
     SqliteTransactionMode, TransactionOptions, TransactionTrait, TryInsertResult,
 };
 use sea_orm_migration::MigratorTrait;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 
 pub use error::StoreError;
+pub use events::{CommitListener, Revisions};
 
+use crate::events::ChangeType;
 use crate::json::{ValidationError, canonical_numbers};
 use crate::model::{Fields, Kind, Record};
-use entity::{Entity, Model};
+use entities::metadata::{self as entity, Entity, Model};
 use migration::Migrator;
 
 /// Connection settings, from the command line.
@@ -63,6 +67,8 @@ pub struct Store {
     db: DatabaseConnection,
     /// SQLite only: one writer at a time, queued fairly in this process.
     write_gate: Option<Mutex<()>>,
+    /// Raised after every commit, to wake the event dispatcher at once.
+    committed: Arc<Notify>,
 }
 
 impl Store {
@@ -83,7 +89,11 @@ impl Store {
         let db = Database::connect(connect).await?;
         let write_gate =
             (db.get_database_backend() == DatabaseBackend::Sqlite).then(|| Mutex::new(()));
-        Ok(Store { db, write_gate })
+        Ok(Store {
+            db,
+            write_gate,
+            committed: Arc::new(Notify::new()),
+        })
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
@@ -103,19 +113,27 @@ impl Store {
         self.db.close().await.map_err(StoreError::from)
     }
 
+    /// Closes the pool while others may still hold the store: their next
+    /// query fails with UNAVAILABLE.
+    pub async fn close_pool(&self) {
+        self.db.close_by_ref().await.ok();
+    }
+
     pub async fn get(&self, kind: Kind, id: &str) -> Result<Record, StoreError> {
         let row = Entity::find_by_id(key(kind, id)).one(&self.db).await?;
         Ok(row.map_or_else(|| Record::empty(kind, id.to_owned()), record_from_row))
     }
 
     /// Reads the row under a lock, checks `expected_version`, computes the
-    /// new fields with `compute` and writes them, all in one transaction.
-    /// `compute` may run more than once (a lost insert race is retried).
+    /// new fields with `compute`, writes them and appends the event, all in
+    /// one transaction. `compute` may run more than once (a lost insert race
+    /// is retried).
     pub async fn write<F>(
         &self,
         kind: Kind,
         id: &str,
         expected_version: Option<u64>,
+        change: ChangeType,
         mut compute: F,
     ) -> Result<WriteOutcome, StoreError>
     where
@@ -125,9 +143,8 @@ impl Store {
         loop {
             let txn = self.begin_write().await?;
             let row = lock_row(&txn, kind, id).await?;
-            let current = row
-                .clone()
-                .map_or_else(|| Record::empty(kind, id.to_owned()), record_from_row);
+            let exists = row.is_some();
+            let current = row.map_or_else(|| Record::empty(kind, id.to_owned()), record_from_row);
             check_version(expected_version, current.version)?;
             let fields = compute(&current.fields)?;
             if fields == current.fields {
@@ -138,15 +155,17 @@ impl Store {
                 });
             }
             let now = now();
+            let revision = events::next_revision(&txn).await?;
             let record = Record {
                 fields,
                 version: current.version + 1,
                 created_at: Some(current.created_at.unwrap_or(now)),
                 updated_at: Some(now),
-                ..current
+                revision,
+                ..current.clone()
             };
-            let model = row_from_record(&record);
-            if row.is_some() {
+            let model = row_from_record(&record, now);
+            if exists {
                 model.into_active_model().reset_all().update(&txn).await?;
             } else if !insert_if_absent(&txn, model).await? {
                 // Another transaction created the row after our read: start
@@ -154,7 +173,8 @@ impl Store {
                 txn.rollback().await?;
                 continue;
             }
-            txn.commit().await?;
+            events::append(&txn, change, &current, &record, now).await?;
+            self.commit(txn).await?;
             return Ok(WriteOutcome {
                 record,
                 changed: true,
@@ -163,6 +183,8 @@ impl Store {
     }
 
     /// Removes all metadata of the id; returns whether anything was stored.
+    /// The row stays as a tombstone (version 0, `{}` fields) carrying the
+    /// delete's revision.
     pub async fn delete(
         &self,
         kind: Kind,
@@ -171,16 +193,34 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let _gate = self.enter_write().await;
         let txn = self.begin_write().await?;
-        let row = lock_row(&txn, kind, id).await?;
-        let version = row.as_ref().map_or(0, |r| r.version as u64);
-        check_version(expected_version, version)?;
-        let Some(row) = row else {
+        let current = lock_row(&txn, kind, id)
+            .await?
+            .map_or_else(|| Record::empty(kind, id.to_owned()), record_from_row);
+        check_version(expected_version, current.version)?;
+        if current.version == 0 {
             txn.rollback().await?;
             return Ok(false);
+        }
+        let now = now();
+        let revision = events::next_revision(&txn).await?;
+        let record = Record {
+            revision,
+            ..Record::empty(kind, id.to_owned())
         };
-        Entity::delete(row.into_active_model()).exec(&txn).await?;
-        txn.commit().await?;
+        row_from_record(&record, now)
+            .into_active_model()
+            .reset_all()
+            .update(&txn)
+            .await?;
+        events::append(&txn, ChangeType::Deleted, &current, &record, now).await?;
+        self.commit(txn).await?;
         Ok(true)
+    }
+
+    async fn commit(&self, txn: DatabaseTransaction) -> Result<(), StoreError> {
+        txn.commit().await?;
+        self.committed.notify_one();
+        Ok(())
     }
 
     async fn enter_write(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
@@ -244,31 +284,58 @@ fn now() -> DateTime<Utc> {
 }
 
 fn record_from_row(row: Model) -> Record {
-    let kind = if row.kind == Kind::Organization.as_str() {
-        Kind::Organization
-    } else {
-        Kind::User
-    };
-    let mut fields = Fields {
+    let kind = Kind::parse(&row.kind).unwrap_or(Kind::User);
+    let fields = Fields {
         public: row.public_metadata,
         private: row.private_metadata,
         unsafe_: row.unsafe_metadata,
     };
+    record_from_parts(
+        kind,
+        row.id,
+        fields,
+        row.version as u64,
+        row.revision as u64,
+        Some(row.created_at),
+        Some(row.updated_at),
+    )
+}
+
+/// The one place a stored record is rebuilt, from a row or an event
+/// snapshot: numbers are brought back to canonical form, and a version-0
+/// record (never written, or deleted) shows no timestamps.
+pub(crate) fn record_from_parts(
+    kind: Kind,
+    id: String,
+    mut fields: Fields,
+    version: u64,
+    revision: u64,
+    created_at: Option<DateTime<Utc>>,
+    updated_at: Option<DateTime<Utc>>,
+) -> Record {
+    if version == 0 {
+        return Record {
+            revision,
+            ..Record::empty(kind, id)
+        };
+    }
     canonical_numbers(&mut fields.public);
     canonical_numbers(&mut fields.private);
     canonical_numbers(&mut fields.unsafe_);
     Record {
         kind,
-        id: row.id,
+        id,
         fields,
-        version: row.version as u64,
-        created_at: Some(row.created_at),
-        updated_at: Some(row.updated_at),
+        version,
+        created_at,
+        updated_at,
+        revision,
     }
 }
 
-fn row_from_record(record: &Record) -> Model {
-    let fallback = now();
+/// The row for a record; a version-0 record (a tombstone) gets `at` as its
+/// timestamps, which are never shown.
+fn row_from_record(record: &Record, at: DateTime<Utc>) -> Model {
     Model {
         kind: record.kind.as_str().to_owned(),
         id: record.id.clone(),
@@ -276,7 +343,8 @@ fn row_from_record(record: &Record) -> Model {
         private_metadata: record.fields.private.clone(),
         unsafe_metadata: record.fields.unsafe_.clone(),
         version: record.version as i64,
-        created_at: record.created_at.unwrap_or(fallback),
-        updated_at: record.updated_at.unwrap_or(fallback),
+        revision: record.revision as i64,
+        created_at: record.created_at.unwrap_or(at),
+        updated_at: record.updated_at.unwrap_or(at),
     }
 }

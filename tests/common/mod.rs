@@ -139,6 +139,7 @@ pub fn config(database_url: &str) -> ServerConfig {
         store: StoreOptions::default(),
         limits: Limits::default(),
         max_request_bytes: 1024 * 1024,
+        events: Default::default(),
     }
 }
 
@@ -201,6 +202,18 @@ impl TestServer {
         if let Some(server) = self.server.take() {
             server.shutdown().await.expect("clean shutdown");
         }
+    }
+
+    /// Stops the server and starts a new one on the same database and
+    /// configuration (a new port); the clients are reconnected.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let server = server::start(&self.config).await.expect("server restarts");
+        self.addr = server.local_addr();
+        let channel = connect(self.addr).await;
+        self.users = UserMetadataServiceClient::new(channel.clone());
+        self.orgs = OrganizationMetadataServiceClient::new(channel);
+        self.server = Some(server);
     }
 }
 

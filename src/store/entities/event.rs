@@ -1,23 +1,24 @@
-//! The `metadata` table: one row per (kind, id) that has something stored.
+//! The `events` table: the outbox, one row per committed change.
 
 use sea_orm::entity::prelude::*;
 
 #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
-#[sea_orm(table_name = "metadata")]
+#[sea_orm(table_name = "events")]
 pub struct Model {
     #[sea_orm(primary_key, auto_increment = false)]
+    pub revision: i64,
     pub kind: String,
-    #[sea_orm(primary_key, auto_increment = false)]
     pub id: String,
+    pub change_type: String,
+    /// JSON list of field names, e.g. `["public_metadata"]`.
     #[sea_orm(column_type = "JsonBinary")]
-    pub public_metadata: Json,
+    pub changed_fields: Json,
+    /// Snapshots of the record, see `store::events`.
     #[sea_orm(column_type = "JsonBinary")]
-    pub private_metadata: Json,
+    pub before: Json,
     #[sea_orm(column_type = "JsonBinary")]
-    pub unsafe_metadata: Json,
-    pub version: i64,
-    pub created_at: DateTimeUtc,
-    pub updated_at: DateTimeUtc,
+    pub after: Json,
+    pub committed_at: DateTimeUtc,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

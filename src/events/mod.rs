@@ -1,0 +1,77 @@
+//! Change events: one per committed change, written in the same transaction
+//! as the change (the `events` table is the outbox and the source of truth),
+//! then fanned out to Watch streams by the [`Broker`].
+//!
+//! Revisions are taken from a single counter row as the last step of a write
+//! transaction, so they are assigned in commit order: once revision N is
+//! visible, every revision below N is visible too, and a watcher that has
+//! seen N can never miss a lower one committed later. Only the tail of each
+//! write (counter, event insert, commit) is serialized; reading and locking
+//! the metadata row of different ids stays concurrent.
+
+mod broker;
+mod retention;
+
+use chrono::{DateTime, Utc};
+
+pub use retention::prune_periodically;
+
+pub use broker::{Broker, BrokerOptions, BrokerStats, WatchError, WatchItem, WatchRequest};
+
+use crate::model::{Field, Kind, Record};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeType {
+    Merged,
+    Replaced,
+    Deleted,
+}
+
+impl ChangeType {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ChangeType::Merged => "merged",
+            ChangeType::Replaced => "replaced",
+            ChangeType::Deleted => "deleted",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "merged" => Some(ChangeType::Merged),
+            "replaced" => Some(ChangeType::Replaced),
+            "deleted" => Some(ChangeType::Deleted),
+            _ => None,
+        }
+    }
+}
+
+/// One committed change.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    pub revision: u64,
+    pub change: ChangeType,
+    /// The fields whose value differs between `before` and `after`.
+    pub changed_fields: Vec<Field>,
+    pub before: Record,
+    pub after: Record,
+    pub committed_at: DateTime<Utc>,
+}
+
+impl Event {
+    pub fn kind(&self) -> Kind {
+        self.after.kind
+    }
+
+    pub fn id(&self) -> &str {
+        &self.after.id
+    }
+}
+
+/// The fields that differ between two records, in field order.
+pub fn changed_fields(before: &Record, after: &Record) -> Vec<Field> {
+    Field::ALL
+        .into_iter()
+        .filter(|f| before.fields.get(*f) != after.fields.get(*f))
+        .collect()
+}

@@ -1,0 +1,3 @@
+pub mod event;
+pub mod metadata;
+pub mod revision;

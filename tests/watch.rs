@@ -1,0 +1,706 @@
+//! Change events and the Watch stream, on SQLite and Postgres.
+
+mod common;
+
+use std::time::Duration;
+
+use common::json::{field, structure, value};
+use common::{Backend, TestServer, start, start_with};
+use metadata_service::proto::v1::user_metadata_service_client::UserMetadataServiceClient;
+use metadata_service::proto::v1::watch_organization_metadata_response::Response as OrgResponse;
+use metadata_service::proto::v1::watch_user_metadata_response::Response;
+use metadata_service::proto::v1::*;
+use serde_json::{Value as Json, json};
+use tokio::time::timeout;
+use tonic::Code;
+use tonic::Streaming;
+use tonic::transport::Channel;
+
+type Users = UserMetadataServiceClient<Channel>;
+
+fn merge(id: &str, public: Json) -> MergeUserMetadataRequest {
+    MergeUserMetadataRequest {
+        user_id: id.into(),
+        public_metadata: Some(structure(&public)),
+        ..Default::default()
+    }
+}
+
+async fn write(users: &mut Users, id: &str, public: Json) -> UserMetadata {
+    users
+        .merge(merge(id, public))
+        .await
+        .expect("merge")
+        .into_inner()
+}
+
+async fn watch(
+    users: &mut Users,
+    start_revision: u64,
+    ids: &[&str],
+) -> Streaming<WatchUserMetadataResponse> {
+    users
+        .watch(WatchUserMetadataRequest {
+            start_revision,
+            user_ids: ids.iter().map(|s| s.to_string()).collect(),
+            progress_notify: false,
+        })
+        .await
+        .expect("watch starts")
+        .into_inner()
+}
+
+/// The next message, failing the test if none comes within 10 s.
+async fn next(stream: &mut Streaming<WatchUserMetadataResponse>) -> Response {
+    timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("a message within 10 s")
+        .expect("stream healthy")
+        .expect("stream open")
+        .response
+        .expect("response set")
+}
+
+async fn next_event(stream: &mut Streaming<WatchUserMetadataResponse>) -> UserMetadataEvent {
+    match next(stream).await {
+        Response::Event(event) => event,
+        Response::Progress(p) => panic!("expected an event, got progress {}", p.revision),
+    }
+}
+
+async fn expect_progress(stream: &mut Streaming<WatchUserMetadataResponse>) -> u64 {
+    match next(stream).await {
+        Response::Progress(p) => p.revision,
+        Response::Event(e) => panic!("expected progress, got event {}", e.revision),
+    }
+}
+
+/// `count` events, skipping progress messages.
+async fn events(
+    stream: &mut Streaming<WatchUserMetadataResponse>,
+    count: usize,
+) -> Vec<UserMetadataEvent> {
+    let mut out = Vec::with_capacity(count);
+    while out.len() < count {
+        if let Response::Event(event) = next(stream).await {
+            out.push(event);
+        }
+    }
+    out
+}
+
+/// Nothing but (optional) progress arrives within `wait`.
+async fn assert_quiet(stream: &mut Streaming<WatchUserMetadataResponse>, wait: Duration) {
+    let deadline = tokio::time::Instant::now() + wait;
+    while let Ok(message) = tokio::time::timeout_at(deadline, stream.message()).await {
+        if let Some(Response::Event(e)) = message.expect("stream healthy").and_then(|m| m.response)
+        {
+            panic!(
+                "unexpected event at revision {} for {}",
+                e.revision, e.user_id
+            );
+        }
+    }
+}
+
+async fn event_count(s: &TestServer) -> u64 {
+    use sea_orm::{ConnectionTrait, Database, Statement};
+    let db = Database::connect(s.db.url()).await.unwrap();
+    let row = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT COUNT(*) AS n FROM events",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    let n: i64 = row.try_get("", "n").unwrap();
+    db.close().await.ok();
+    n as u64
+}
+
+async fn stream_starts_with_progress_then_follows_live(backend: Backend) {
+    let Some(mut s) = start(backend).await else {
+        return;
+    };
+    write(&mut s.users, "u1", json!({"a":1})).await;
+    let mut stream = watch(&mut s.users, 0, &[]).await;
+    assert_eq!(
+        expect_progress(&mut stream).await,
+        1,
+        "starts after the latest revision"
+    );
+    let written = write(&mut s.users, "u1", json!({"b":2})).await;
+    assert_eq!(written.revision, 2);
+    let event = next_event(&mut stream).await;
+    assert_eq!(event.revision, 2);
+    assert_eq!(event.user_id, "u1");
+    assert_eq!(
+        event.after.as_ref().unwrap(),
+        &written,
+        "after is what the write returned"
+    );
+}
+
+async fn get_then_watch_has_no_gap(backend: Backend) {
+    let Some(mut s) = start(backend).await else {
+        return;
+    };
+    for i in 0..5 {
+        write(&mut s.users, "u1", json!({ format!("k{i}"): i })).await;
+    }
+    let read = s
+        .users
+        .get(GetUserMetadataRequest {
+            user_id: "u1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((read.version, read.revision), (5, 5));
+    // Changes after the read, before the watch starts.
+    write(&mut s.users, "u1", json!({"late":1})).await;
+    write(&mut s.users, "u2", json!({"other":1})).await;
+    let mut stream = watch(&mut s.users, read.revision + 1, &[]).await;
+    assert_eq!(expect_progress(&mut stream).await, read.revision);
+    let got = events(&mut stream, 2).await;
+    assert_eq!(
+        got.iter().map(|e| e.revision).collect::<Vec<_>>(),
+        vec![6, 7]
+    );
+    assert_eq!(
+        got[0].before.as_ref().unwrap(),
+        &read,
+        "the event continues exactly from the read"
+    );
+}
+
+async fn resume_from_the_middle(backend: Backend) {
+    let Some(mut s) = start(backend).await else {
+        return;
+    };
+    for i in 0..10 {
+        write(&mut s.users, &format!("u{}", i % 3), json!({ "i": i })).await;
+    }
+    let mut stream = watch(&mut s.users, 4, &[]).await;
+    assert_eq!(expect_progress(&mut stream).await, 3);
+    let got = events(&mut stream, 7).await;
+    assert_eq!(
+        got.iter().map(|e| e.revision).collect::<Vec<_>>(),
+        (4..=10).collect::<Vec<_>>()
+    );
+    assert_quiet(&mut stream, Duration::from_millis(300)).await;
+    // Then live, seamlessly.
+    write(&mut s.users, "u9", json!({"live":true})).await;
+    assert_eq!(next_event(&mut stream).await.revision, 11);
+}
+
+async fn filter_by_ids_and_kind(backend: Backend) {
+    let Some(mut s) = start(backend).await else {
+        return;
+    };
+    let mut stream = watch(&mut s.users, 0, &["a", "c"]).await;
+    expect_progress(&mut stream).await;
+    let mut orgs_stream = s
+        .orgs
+        .watch(WatchOrganizationMetadataRequest {
+            start_revision: 0,
+            organization_ids: vec![],
+            progress_notify: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for (i, id) in ["a", "b", "c", "b", "a"].into_iter().enumerate() {
+        write(&mut s.users, id, json!({ "i": i })).await;
+    }
+    s.orgs
+        .merge(MergeOrganizationMetadataRequest {
+            organization_id: "a".into(),
+            public_metadata: Some(structure(&json!({"tier":"pro"}))),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let got = events(&mut stream, 3).await;
+    let seen: Vec<(u64, &str)> = got
+        .iter()
+        .map(|e| (e.revision, e.user_id.as_str()))
+        .collect();
+    assert_eq!(seen, vec![(1, "a"), (3, "c"), (5, "a")]);
+    assert_quiet(&mut stream, Duration::from_millis(300)).await;
+
+    // The organization stream sees only the organization change; revisions are global.
+    let first = timeout(Duration::from_secs(10), orgs_stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(first.response, Some(OrgResponse::Progress(_))));
+    let event = timeout(Duration::from_secs(10), orgs_stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let Some(OrgResponse::Event(event)) = event.response else {
+        panic!("event expected")
+    };
+    assert_eq!((event.revision, event.organization_id.as_str()), (6, "a"));
+    assert_eq!(event.change_type(), ChangeType::Merged);
+}
+
+async fn progress_notifications_while_idle(backend: Backend) {
+    let Some(mut s) = start_with(backend, |c| {
+        c.events.broker.progress_interval = Duration::from_millis(200)
+    })
+    .await
+    else {
+        return;
+    };
+    write(&mut s.users, "other", json!({"a":1})).await;
+    let mut stream = s
+        .users
+        .watch(WatchUserMetadataRequest {
+            start_revision: 0,
+            user_ids: vec!["mine".into()],
+            progress_notify: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(expect_progress(&mut stream).await, 1);
+    // Idle: progress keeps coming with the same revision.
+    assert_eq!(expect_progress(&mut stream).await, 1);
+    // Changes to ids this stream does not watch still move its progress.
+    write(&mut s.users, "other", json!({"b":1})).await;
+    let mut revision = expect_progress(&mut stream).await;
+    if revision == 1 {
+        revision = expect_progress(&mut stream).await;
+    }
+    assert_eq!(revision, 2);
+    // Without progress_notify, nothing but the first message.
+    let mut quiet = watch(&mut s.users, 0, &["mine"]).await;
+    assert_eq!(expect_progress(&mut quiet).await, 2);
+    let silent = timeout(Duration::from_millis(700), quiet.message()).await;
+    assert!(silent.is_err(), "no progress without progress_notify");
+}
+
+async fn events_carry_before_after_and_changed_fields(backend: Backend) {
+    let Some(mut s) = start(backend).await else {
+        return;
+    };
+    let mut stream = watch(&mut s.users, 0, &[]).await;
+    expect_progress(&mut stream).await;
+
+    let created = s
+        .users
+        .merge(MergeUserMetadataRequest {
+            user_id: "u1".into(),
+            public_metadata: Some(structure(&json!({"a":{"b":1}}))),
+            private_metadata: Some(structure(&json!({"s":1}))),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let e = next_event(&mut stream).await;
+    assert_eq!(e.change_type(), ChangeType::Merged);
+    assert_eq!(
+        e.changed_fields,
+        vec!["public_metadata", "private_metadata"]
+    );
+    let before = e.before.as_ref().unwrap();
+    assert_eq!(
+        (before.version, field(&before.public_metadata)),
+        (0, json!({}))
+    );
+    assert_eq!(field(&before.unsafe_metadata), json!({}));
+    assert!(before.created_at.is_none());
+    assert_eq!(e.after.as_ref().unwrap(), &created);
+    assert_eq!(e.committed_at, created.updated_at);
+
+    let replaced = s
+        .users
+        .replace(ReplaceUserMetadataRequest {
+            user_id: "u1".into(),
+            public_metadata: Some(value(&json!({"z":1}))),
+            private_metadata: Some(value(&json!({"s":1}))),
+            unsafe_metadata: Some(value(&Json::Null)),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let e = next_event(&mut stream).await;
+    assert_eq!(e.change_type(), ChangeType::Replaced);
+    assert_eq!(
+        e.changed_fields,
+        vec!["public_metadata", "unsafe_metadata"],
+        "private did not change"
+    );
+    assert_eq!(e.before.as_ref().unwrap(), &created);
+    assert_eq!(e.after.as_ref().unwrap(), &replaced);
+    assert_eq!(
+        field(&e.after.as_ref().unwrap().unsafe_metadata),
+        Json::Null
+    );
+
+    let deleted = s
+        .users
+        .delete(DeleteUserMetadataRequest {
+            user_id: "u1".into(),
+            expected_version: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(deleted.existed);
+    let e = next_event(&mut stream).await;
+    assert_eq!(e.change_type(), ChangeType::Deleted);
+    assert_eq!(
+        e.changed_fields,
+        vec!["public_metadata", "private_metadata", "unsafe_metadata"]
+    );
+    assert_eq!(e.before.as_ref().unwrap(), &replaced);
+    let after = e.after.as_ref().unwrap();
+    assert_eq!(after.version, 0);
+    assert_eq!(
+        (
+            field(&after.public_metadata),
+            field(&after.private_metadata),
+            field(&after.unsafe_metadata)
+        ),
+        (json!({}), json!({}), json!({}))
+    );
+    assert_eq!(after.revision, e.revision);
+    // Get after the delete names the delete's revision, to resume from.
+    let read = s
+        .users
+        .get(GetUserMetadataRequest {
+            user_id: "u1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((read.version, read.revision), (0, e.revision));
+}
+
+async fn no_event_for_no_op_or_failed_writes(backend: Backend) {
+    let Some(mut s) = start(backend).await else {
+        return;
+    };
+    write(&mut s.users, "u1", json!({"a":1})).await;
+    let mut stream = watch(&mut s.users, 0, &[]).await;
+    expect_progress(&mut stream).await;
+    // No-ops.
+    write(&mut s.users, "u1", json!({"a":1})).await;
+    write(&mut s.users, "u1", json!({"missing":null})).await;
+    write(&mut s.users, "nobody", json!({})).await;
+    assert!(
+        !s.users
+            .delete(DeleteUserMetadataRequest {
+                user_id: "nobody".into(),
+                expected_version: None
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .existed
+    );
+    // Failures.
+    let mut stale = merge("u1", json!({"b":2}));
+    stale.expected_version = Some(7);
+    assert_eq!(
+        s.users.merge(stale).await.unwrap_err().code(),
+        Code::Aborted
+    );
+    let too_big = merge("u1", json!({"big": "x".repeat(9000)}));
+    assert_eq!(
+        s.users.merge(too_big).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    assert_quiet(&mut stream, Duration::from_millis(300)).await;
+    let next_write = write(&mut s.users, "u1", json!({"c":3})).await;
+    let e = next_event(&mut stream).await;
+    assert_eq!(
+        (e.revision, next_write.revision),
+        (2, 2),
+        "no revision was used by the no-ops"
+    );
+    assert_eq!(event_count(&s).await, 2);
+}
+
+async fn paused_consumer_receives_everything_in_order(backend: Backend) {
+    // A small in-memory buffer makes the paused stream fall behind it.
+    let Some(s) = start_with(backend, |c| c.events.broker.buffer = 64).await else {
+        return;
+    };
+    const WRITERS: usize = 8;
+    const PER_WRITER: usize = 1250;
+    let mut users = s.users.clone();
+    let mut stream = watch(&mut users, 0, &[]).await;
+    expect_progress(&mut stream).await;
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let mut users = s.users.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..PER_WRITER {
+                write(&mut users, &format!("w{w}"), json!({ "i": i })).await;
+            }
+        }));
+    }
+    // The consumer reads nothing while all 10,000 events are written.
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let got = events(&mut stream, WRITERS * PER_WRITER).await;
+    let revisions: Vec<u64> = got.iter().map(|e| e.revision).collect();
+    assert_eq!(
+        revisions,
+        (1..=(WRITERS * PER_WRITER) as u64).collect::<Vec<_>>()
+    );
+    // Per id, versions arrive in order too.
+    for w in 0..WRITERS {
+        let id = format!("w{w}");
+        let versions: Vec<u64> = got
+            .iter()
+            .filter(|e| e.user_id == id)
+            .map(|e| e.after.as_ref().unwrap().version)
+            .collect();
+        assert_eq!(
+            versions,
+            (1..=PER_WRITER as u64).collect::<Vec<_>>(),
+            "{id}"
+        );
+    }
+    assert_quiet(&mut stream, Duration::from_millis(200)).await;
+}
+
+async fn pruned_revisions_are_refused(backend: Backend) {
+    let Some(mut s) = start_with(backend, |c| {
+        c.events.retention = Duration::from_millis(300);
+        c.events.prune_interval = Duration::from_millis(100);
+    })
+    .await
+    else {
+        return;
+    };
+    for i in 0..3 {
+        write(&mut s.users, "u1", json!({ "i": i })).await;
+    }
+    // Wait until the pruner has removed them.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while event_count(&s).await > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "events were not pruned"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = s
+        .users
+        .watch(WatchUserMetadataRequest {
+            start_revision: 2,
+            ..Default::default()
+        })
+        .await
+        .expect_err("too old");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(
+        status.message().contains("oldest available revision is 4"),
+        "{}",
+        status.message()
+    );
+    // Get, then Watch from its revision + 1, is the way back.
+    let read = s
+        .users
+        .get(GetUserMetadataRequest {
+            user_id: "u1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stream = watch(&mut s.users, read.revision + 1, &[]).await;
+    assert_eq!(expect_progress(&mut stream).await, 3);
+    write(&mut s.users, "u1", json!({"again":1})).await;
+    assert_eq!(next_event(&mut stream).await.revision, 4);
+}
+
+async fn restart_and_resume_misses_nothing(backend: Backend) {
+    let Some(mut s) = start(backend).await else {
+        return;
+    };
+    let mut stream = watch(&mut s.users, 0, &[]).await;
+    expect_progress(&mut stream).await;
+    for i in 0..5 {
+        write(&mut s.users, "u1", json!({ "i": i })).await;
+    }
+    let got = events(&mut stream, 3).await;
+    let last_seen = got.last().unwrap().revision;
+    s.stop().await;
+    // The stream ends with UNAVAILABLE (after any messages still queued).
+    let ended = loop {
+        match timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("stream ends")
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), Code::Unavailable);
+
+    s.restart().await;
+    for i in 5..8 {
+        write(&mut s.users, "u1", json!({ "i": i })).await;
+    }
+    let mut resumed = watch(&mut s.users, last_seen + 1, &[]).await;
+    assert_eq!(expect_progress(&mut resumed).await, last_seen);
+    let rest = events(&mut resumed, 5).await;
+    assert_eq!(
+        rest.iter().map(|e| e.revision).collect::<Vec<_>>(),
+        (4..=8).collect::<Vec<_>>()
+    );
+    assert_quiet(&mut resumed, Duration::from_millis(300)).await;
+}
+
+async fn concurrent_writers_are_seen_in_commit_order(backend: Backend) {
+    let Some(s) = start(backend).await else {
+        return;
+    };
+    let mut users = s.users.clone();
+    let mut watchers = Vec::new();
+    for _ in 0..2 {
+        let mut stream = watch(&mut users, 0, &[]).await;
+        expect_progress(&mut stream).await;
+        watchers.push(stream);
+    }
+    const WRITERS: usize = 8;
+    const PER_WRITER: usize = 40;
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let mut users = s.users.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..PER_WRITER {
+                // Half of the writers share one id, half have their own.
+                let id = if w % 2 == 0 {
+                    "shared".to_string()
+                } else {
+                    format!("own{w}")
+                };
+                write(&mut users, &id, json!({ format!("w{w}i{i}"): i })).await;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let total = (WRITERS * PER_WRITER) as u64;
+    for mut stream in watchers {
+        let got = events(&mut stream, total as usize).await;
+        assert_eq!(
+            got.iter().map(|e| e.revision).collect::<Vec<_>>(),
+            (1..=total).collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(event_count(&s).await, total);
+}
+
+async fn invalid_watch_requests(backend: Backend) {
+    let Some(mut s) = start(backend).await else {
+        return;
+    };
+    let status = s
+        .users
+        .watch(WatchUserMetadataRequest {
+            user_ids: vec!["ok".into(), "bad id".into()],
+            ..Default::default()
+        })
+        .await
+        .expect_err("invalid id");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("user_id"),
+        "{}",
+        status.message()
+    );
+    // A future revision is allowed: the stream waits for it.
+    let mut stream = watch(&mut s.users, 3, &[]).await;
+    assert_eq!(expect_progress(&mut stream).await, 2);
+    for i in 0..3 {
+        write(&mut s.users, "u", json!({ "i": i })).await;
+    }
+    assert_eq!(next_event(&mut stream).await.revision, 3);
+}
+
+backend_tests!(
+    stream_starts_with_progress_then_follows_live,
+    get_then_watch_has_no_gap,
+    resume_from_the_middle,
+    filter_by_ids_and_kind,
+    progress_notifications_while_idle,
+    events_carry_before_after_and_changed_fields,
+    no_event_for_no_op_or_failed_writes,
+    paused_consumer_receives_everything_in_order,
+    pruned_revisions_are_refused,
+    restart_and_resume_misses_nothing,
+    concurrent_writers_are_seen_in_commit_order,
+    invalid_watch_requests,
+);
+
+/// Two servers on one Postgres database: every watcher on either receives
+/// exactly the rows of the event table, in order, whoever wrote them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_replicas_deliver_every_event() {
+    let Some(s) = start(Backend::Postgres).await else {
+        return;
+    };
+    let replica = s.another_server().await;
+    let replica_channel = common::connect(replica.local_addr()).await;
+    let mut clients = [
+        s.users.clone(),
+        UserMetadataServiceClient::new(replica_channel),
+    ];
+    let mut watchers = Vec::new();
+    for client in clients.iter_mut() {
+        for _ in 0..2 {
+            let mut stream = watch(client, 0, &[]).await;
+            expect_progress(&mut stream).await;
+            watchers.push(stream);
+        }
+    }
+    const WRITERS: usize = 8;
+    let stop_at = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let mut users = clients[w % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while tokio::time::Instant::now() < stop_at {
+                write(
+                    &mut users,
+                    &format!("id{}", n % 5),
+                    json!({ format!("w{w}"): n }),
+                )
+                .await;
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.unwrap();
+    }
+    assert_eq!(event_count(&s).await, total);
+    for mut stream in watchers {
+        let got = events(&mut stream, total as usize).await;
+        assert_eq!(
+            got.iter().map(|e| e.revision).collect::<Vec<_>>(),
+            (1..=total).collect::<Vec<_>>()
+        );
+        assert_quiet(&mut stream, Duration::from_millis(200)).await;
+    }
+    replica.shutdown().await.unwrap();
+}
