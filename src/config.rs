@@ -75,6 +75,9 @@ pub struct ServerArgs {
     /// Largest request message; bigger ones are refused before decoding.
     #[arg(long, env = "METADATA_MAX_REQUEST_BYTES", default_value_t = 1024 * 1024, global = true)]
     pub max_request_bytes: usize,
+    /// On SIGTERM/SIGINT, how long open calls may take to finish.
+    #[arg(long, env = "METADATA_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    pub shutdown_grace: Duration,
 }
 
 impl DatabaseArgs {
@@ -98,6 +101,7 @@ impl Cli {
                 max_depth: self.server.max_depth,
             },
             max_request_bytes: self.server.max_request_bytes,
+            shutdown_grace: self.server.shutdown_grace,
         }
     }
 }

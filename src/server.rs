@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -24,6 +25,9 @@ pub struct ServerConfig {
     pub store: StoreOptions,
     pub limits: Limits,
     pub max_request_bytes: usize,
+    /// After a stop request, how long open calls may take to finish before
+    /// their connections are closed.
+    pub shutdown_grace: Duration,
 }
 
 /// Connects to the database and applies the migrations.
@@ -43,6 +47,8 @@ pub struct RunningServer {
     addr: SocketAddr,
     stop: oneshot::Sender<()>,
     task: JoinHandle<anyhow::Result<()>>,
+    store: Arc<Store>,
+    grace: Duration,
 }
 
 impl RunningServer {
@@ -50,12 +56,23 @@ impl RunningServer {
         self.addr
     }
 
-    /// Stops accepting calls, lets in-flight calls finish and closes the
-    /// database pool.
-    pub async fn shutdown(self) -> anyhow::Result<()> {
+    /// Stops accepting calls, lets in-flight calls finish (for at most the
+    /// shutdown grace: a client holding a stream open, such as a health
+    /// watcher, must not keep the process alive) and closes the database
+    /// pool.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
         // The task may already have ended on its own; its result says why.
         let _ = self.stop.send(());
-        self.task.await.context("server task panicked")?
+        let result = match tokio::time::timeout(self.grace, &mut self.task).await {
+            Ok(joined) => joined.context("server task panicked")?,
+            Err(_) => {
+                tracing::warn!(grace = ?self.grace, "shutdown grace elapsed; closing open connections");
+                self.task.abort();
+                Ok(())
+            }
+        };
+        self.store.close_pool().await;
+        result
     }
 }
 
@@ -106,6 +123,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         .add_service(users)
         .add_service(organizations);
 
+    let served_store = store.clone();
     let task = tokio::spawn(async move {
         let shutdown = async {
             let _ = stopped.await;
@@ -116,12 +134,15 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
             .await
             .context("server failed")?;
-        // Every service holding the store is gone with the router.
-        if let Some(store) = Arc::into_inner(store) {
-            store.close().await?;
-        }
+        served_store.close_pool().await;
         Ok(())
     });
     tracing::info!(%addr, "serving gRPC");
-    Ok(RunningServer { addr, stop, task })
+    Ok(RunningServer {
+        addr,
+        stop,
+        task,
+        store,
+        grace: config.shutdown_grace,
+    })
 }

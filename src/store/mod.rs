@@ -80,7 +80,9 @@ impl Store {
                 .journal_mode(SqliteJournalMode::Wal)
                 .busy_timeout(busy_timeout)
         });
-        let db = Database::connect(connect).await?;
+        let db = Database::connect(connect)
+            .await
+            .map_err(|err| StoreError::from(err).redacting(url))?;
         let write_gate =
             (db.get_database_backend() == DatabaseBackend::Sqlite).then(|| Mutex::new(()));
         Ok(Store { db, write_gate })
@@ -101,6 +103,12 @@ impl Store {
 
     pub async fn close(self) -> Result<(), StoreError> {
         self.db.close().await.map_err(StoreError::from)
+    }
+
+    /// Closes the pool while others may still hold the store: their next
+    /// query fails with UNAVAILABLE.
+    pub async fn close_pool(&self) {
+        self.db.close_by_ref().await.ok();
     }
 
     pub async fn get(&self, kind: Kind, id: &str) -> Result<Record, StoreError> {

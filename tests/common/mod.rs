@@ -139,6 +139,7 @@ pub fn config(database_url: &str) -> ServerConfig {
         store: StoreOptions::default(),
         limits: Limits::default(),
         max_request_bytes: 1024 * 1024,
+        shutdown_grace: std::time::Duration::from_secs(10),
     }
 }
 
