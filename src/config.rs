@@ -91,6 +91,9 @@ pub struct ServerArgs {
     /// How often old events are pruned.
     #[arg(long, env = "METADATA_EVENT_PRUNE_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration, global = true)]
     pub event_prune_interval: Duration,
+    /// On SIGTERM/SIGINT, how long open calls may take to finish.
+    #[arg(long, env = "METADATA_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    pub shutdown_grace: Duration,
 }
 
 impl DatabaseArgs {
@@ -124,6 +127,7 @@ impl Cli {
                 retention: self.server.event_retention,
                 prune_interval: self.server.event_prune_interval,
             },
+            shutdown_grace: self.server.shutdown_grace,
         }
     }
 }

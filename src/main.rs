@@ -31,24 +31,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve => {
-            let running = server::start(&config).await?;
-            shutdown_signal().await;
+            // Listen for signals before starting, so that one arriving while
+            // connecting or migrating stops the start cleanly.
+            let stop = shutdown_signal()?;
+            tokio::pin!(stop);
+            let running = tokio::select! {
+                running = server::start(&config) => running?,
+                () = &mut stop => {
+                    tracing::info!("stopped during start-up");
+                    return Ok(());
+                }
+            };
+            stop.await;
             running.shutdown().await
         }
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler cannot fail at start");
+/// Resolves on the first SIGINT or SIGTERM.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
         tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    })
 }

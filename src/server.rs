@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -27,22 +28,25 @@ pub struct ServerConfig {
     pub limits: Limits,
     pub max_request_bytes: usize,
     pub events: EventOptions,
+    /// After a stop request, how long open calls may take to finish before
+    /// their connections are closed.
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Clone, Debug)]
 pub struct EventOptions {
     pub broker: BrokerOptions,
     /// Events older than this are pruned.
-    pub retention: std::time::Duration,
-    pub prune_interval: std::time::Duration,
+    pub retention: Duration,
+    pub prune_interval: Duration,
 }
 
 impl Default for EventOptions {
     fn default() -> Self {
         EventOptions {
             broker: BrokerOptions::default(),
-            retention: std::time::Duration::from_secs(7 * 24 * 3600),
-            prune_interval: std::time::Duration::from_secs(60),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            prune_interval: Duration::from_secs(60),
         }
     }
 }
@@ -64,6 +68,8 @@ pub struct RunningServer {
     addr: SocketAddr,
     stop: oneshot::Sender<()>,
     task: JoinHandle<anyhow::Result<()>>,
+    store: Arc<Store>,
+    grace: Duration,
 }
 
 impl RunningServer {
@@ -71,12 +77,23 @@ impl RunningServer {
         self.addr
     }
 
-    /// Stops accepting calls, lets in-flight calls finish and closes the
-    /// database pool.
-    pub async fn shutdown(self) -> anyhow::Result<()> {
+    /// Stops accepting calls, lets in-flight calls finish (for at most the
+    /// shutdown grace: a client holding a stream open, such as a health
+    /// watcher, must not keep the process alive) and closes the database
+    /// pool.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
         // The task may already have ended on its own; its result says why.
         let _ = self.stop.send(());
-        self.task.await.context("server task panicked")?
+        let result = match tokio::time::timeout(self.grace, &mut self.task).await {
+            Ok(joined) => joined.context("server task panicked")?,
+            Err(_) => {
+                tracing::warn!(grace = ?self.grace, "shutdown grace elapsed; closing open connections");
+                self.task.abort();
+                Ok(())
+            }
+        };
+        self.store.close_pool().await;
+        result
     }
 }
 
@@ -141,6 +158,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         .add_service(users)
         .add_service(organizations);
 
+    let served_store = store.clone();
     let task = tokio::spawn(async move {
         let signal = async {
             let _ = stopped.await;
@@ -154,11 +172,15 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
             .await
             .context("server failed")?;
-        // Background tasks still hold the store for a moment after the
-        // router is gone; closing the pool ends their queries either way.
-        store.close_pool().await;
+        served_store.close_pool().await;
         Ok(())
     });
     tracing::info!(%addr, "serving gRPC");
-    Ok(RunningServer { addr, stop, task })
+    Ok(RunningServer {
+        addr,
+        stop,
+        task,
+        store,
+        grace: config.shutdown_grace,
+    })
 }

@@ -17,6 +17,40 @@ pub enum StoreError {
     Internal(String),
 }
 
+impl StoreError {
+    /// Driver errors can quote the connection URL; never let its password
+    /// reach a log line.
+    pub(crate) fn redacting(self, url: &str) -> Self {
+        let redacted = redact_url(url);
+        let scrub = |text: String| text.replace(url, &redacted);
+        match self {
+            StoreError::Unavailable(text) => StoreError::Unavailable(scrub(text)),
+            StoreError::Internal(text) => StoreError::Internal(scrub(text)),
+            other => other,
+        }
+    }
+}
+
+/// `scheme://user:secret@host/db` becomes `scheme://user:***@host/db`.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let authority_end = url[scheme_end..]
+        .find(['/', '?'])
+        .map_or(url.len(), |i| scheme_end + i);
+    let authority = &url[scheme_end..authority_end];
+    match (authority.rfind('@'), authority.find(':')) {
+        (Some(at), Some(colon)) if colon < at => format!(
+            "{}{}:***{}",
+            &url[..scheme_end],
+            &authority[..colon],
+            &url[scheme_end + at..]
+        ),
+        _ => url.to_owned(),
+    }
+}
+
 impl From<DbErr> for StoreError {
     fn from(err: DbErr) -> Self {
         let transient = match &err {
@@ -50,5 +84,26 @@ fn is_transient(err: &sqlx::Error) -> bool {
                 || matches!(code.as_ref(), "53300" | "40001" | "40P01" | "5" | "6")
         }),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://u:hunter2@h:5432/db?x=1"),
+            "postgres://u:***@h:5432/db?x=1"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            redact_url("sqlite://a:b.db?mode=rwc"),
+            "sqlite://a:b.db?mode=rwc"
+        );
+        let err = StoreError::Internal("bad 'postgress://u:hunter2@h/db' here".into())
+            .redacting("postgress://u:hunter2@h/db");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 }

@@ -86,7 +86,9 @@ impl Store {
                 .journal_mode(SqliteJournalMode::Wal)
                 .busy_timeout(busy_timeout)
         });
-        let db = Database::connect(connect).await?;
+        let db = Database::connect(connect)
+            .await
+            .map_err(|err| StoreError::from(err).redacting(url))?;
         let write_gate =
             (db.get_database_backend() == DatabaseBackend::Sqlite).then(|| Mutex::new(()));
         Ok(Store {

@@ -140,6 +140,7 @@ pub fn config(database_url: &str) -> ServerConfig {
         limits: Limits::default(),
         max_request_bytes: 1024 * 1024,
         events: Default::default(),
+        shutdown_grace: std::time::Duration::from_secs(10),
     }
 }
 

@@ -1,0 +1,531 @@
+//! The built `metadata-service` binary as an operator runs it: start-up
+//! failures, `migrate`, serving, signals and `--help`. Every child process is
+//! bounded in time and killed when its handle is dropped.
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use common::json::{field, structure};
+use common::{Backend, TestDb};
+use metadata_service::proto::v1::user_metadata_service_client::UserMetadataServiceClient;
+use metadata_service::proto::v1::{GetUserMetadataRequest, MergeUserMetadataRequest};
+use sea_orm::{ConnectionTrait, Database, Statement};
+use serde_json::json;
+use tokio::process::{Child, Command};
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+const BIN: &str = env!("CARGO_BIN_EXE_metadata-service");
+/// Longest any run of the binary may take before it is killed.
+const RUN_LIMIT: Duration = Duration::from_secs(30);
+/// How long a started server may take to answer SERVING.
+const READY_LIMIT: Duration = Duration::from_secs(20);
+/// How long a server may take to exit after SIGTERM or SIGINT.
+const STOP_LIMIT: Duration = Duration::from_secs(10);
+const MIGRATION: &str = "m20261126_000001_create_tables";
+const USERS: &str = "metadata.v1.UserMetadataService";
+
+/// Settings the binary reads from the environment; cleared so that the
+/// caller's environment cannot change what a test sees.
+const ENV_VARS: [&str; 13] = [
+    "METADATA_SHUTDOWN_GRACE",
+    "METADATA_WATCH_PROGRESS_INTERVAL",
+    "METADATA_WATCH_POLL_INTERVAL",
+    "METADATA_WATCH_BUFFER",
+    "METADATA_EVENT_RETENTION",
+    "METADATA_EVENT_PRUNE_INTERVAL",
+    "DATABASE_URL",
+    "METADATA_LISTEN",
+    "METADATA_DB_MAX_CONNECTIONS",
+    "METADATA_DB_CONNECT_TIMEOUT",
+    "METADATA_MAX_FIELD_BYTES",
+    "METADATA_MAX_DEPTH",
+    "METADATA_MAX_REQUEST_BYTES",
+];
+
+/// The binary with a clean environment, run in `dir` so that a default
+/// `sqlite://metadata.db` could never land in the source tree.
+fn command(dir: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    for var in ENV_VARS {
+        cmd.env_remove(var);
+    }
+    cmd.env("RUST_LOG", "info")
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+struct Finished {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+    elapsed: Duration,
+}
+
+impl std::fmt::Debug for Finished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exited with {} after {:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.status, self.elapsed, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs the binary with `args` to completion, killing it after [`RUN_LIMIT`].
+async fn run_bin(dir: &Path, args: &[&str]) -> Finished {
+    let started = Instant::now();
+    let child = command(dir)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn metadata-service");
+    let output = tokio::time::timeout(RUN_LIMIT, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("metadata-service {args:?} ran longer than {RUN_LIMIT:?}"))
+        .expect("wait for metadata-service");
+    Finished {
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        elapsed: started.elapsed(),
+    }
+}
+
+fn assert_no_panic(what: &str, output: &str) {
+    let lower = output.to_lowercase();
+    assert!(
+        !lower.contains("panicked") && !lower.contains("backtrace"),
+        "{what} shows a panic:\n{output}"
+    );
+}
+
+/// A start-up failure: exit status 1 and one `error: ` line on stderr,
+/// which is returned.
+fn assert_one_line_error(run: &Finished) -> &str {
+    assert_eq!(run.status.code(), Some(1), "{run:?}");
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "stderr must be one line: {run:?}");
+    assert!(lines[0].starts_with("error: "), "{run:?}");
+    assert_no_panic("stderr", &run.stderr);
+    assert_no_panic("stdout", &run.stdout);
+    lines[0]
+}
+
+fn sqlite_url(dir: &Path) -> String {
+    format!("sqlite://{}?mode=rwc", dir.join("m.db").display())
+}
+
+#[tokio::test]
+async fn bad_database_url_is_one_error_line() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["--database-url", "nonsense://x"][..],
+        &["serve", "--database-url", "nonsense://x"],
+        &["migrate", "--database-url", "nonsense://x"],
+    ] {
+        let run = run_bin(dir.path(), args).await;
+        let line = assert_one_line_error(&run);
+        assert!(
+            line.starts_with("error: cannot connect to the database: "),
+            "{args:?}: {run:?}"
+        );
+    }
+    // A SQLite file in a missing directory is a start-up error too.
+    let missing = dir.path().join("no/such/dir");
+    let run = run_bin(dir.path(), &["--database-url", &sqlite_url(&missing)]).await;
+    let line = assert_one_line_error(&run);
+    assert!(line.contains("unable to open database file"), "{run:?}");
+    // Nothing was created in the working directory (no default database).
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[tokio::test]
+async fn unreachable_postgres_fails_within_connect_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    for command in ["serve", "migrate"] {
+        let run = run_bin(
+            dir.path(),
+            &[
+                command,
+                "--database-url",
+                "postgres://postgres@127.0.0.1:1/x",
+                "--db-connect-timeout",
+                "2s",
+            ],
+        )
+        .await;
+        let line = assert_one_line_error(&run);
+        assert!(
+            line.starts_with("error: cannot connect to the database: "),
+            "{run:?}"
+        );
+        // 2 s to give up, plus slack for a loaded machine; far below the
+        // default 5 s timeout plus slack, so the flag is honoured.
+        assert!(
+            run.elapsed < Duration::from_secs(2) + Duration::from_secs(4),
+            "{command}: {run:?}"
+        );
+    }
+}
+
+/// Asserts that `url` holds exactly the applied migrations and a `metadata`
+/// table with every column, and no rows.
+async fn assert_schema(url: &str) {
+    let db = Database::connect(url)
+        .await
+        .expect("connect to migrated db");
+    let backend = db.get_database_backend();
+    let versions: Vec<String> = db
+        .query_all_raw(Statement::from_string(
+            backend,
+            "SELECT version FROM seaql_migrations ORDER BY version",
+        ))
+        .await
+        .expect("seaql_migrations exists")
+        .iter()
+        .map(|row| row.try_get_by_index(0).unwrap())
+        .collect();
+    assert_eq!(versions, [MIGRATION]);
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            backend,
+            "SELECT kind, id, public_metadata, private_metadata, unsafe_metadata, \
+             version, revision, created_at, updated_at FROM metadata",
+        ))
+        .await
+        .expect("metadata table has every column");
+    assert!(rows.is_empty());
+    let events = db
+        .query_all_raw(Statement::from_string(
+            backend,
+            "SELECT revision, kind, id, change_type, changed_fields, before, after, committed_at FROM events",
+        ))
+        .await
+        .expect("events table has every column");
+    assert!(events.is_empty());
+    let counter = db
+        .query_one_raw(Statement::from_string(
+            backend,
+            "SELECT latest, compacted FROM revisions WHERE id = 1",
+        ))
+        .await
+        .expect("revisions table")
+        .expect("the counter row exists");
+    let (latest, compacted): (i64, i64) = (
+        counter.try_get("", "latest").unwrap(),
+        counter.try_get("", "compacted").unwrap(),
+    );
+    assert_eq!((latest, compacted), (0, 0));
+    db.close().await.unwrap();
+}
+
+/// `migrate` creates the schema, is idempotent, and a server starts on the
+/// result.
+async fn migrate_then_serve(url: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    for attempt in ["first", "second"] {
+        let run = run_bin(dir.path(), &["migrate", "--database-url", url]).await;
+        assert!(run.status.success(), "{attempt} migrate: {run:?}");
+        assert!(
+            !run.stderr.lines().any(|l| l.starts_with("error")),
+            "{run:?}"
+        );
+        assert_no_panic("migrate", &format!("{}{}", run.stdout, run.stderr));
+        assert_schema(url).await;
+    }
+    let server = Server::start(url, dir.path()).await;
+    server.stop("TERM").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = sqlite_url(dir.path());
+    migrate_then_serve(&url).await;
+    assert!(dir.path().join("m.db").is_file());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_postgres() {
+    let Some(db) = TestDb::create(Backend::Postgres).await else {
+        return;
+    };
+    migrate_then_serve(db.url()).await;
+}
+
+/// A free port on 127.0.0.1, released for the binary to take. Another
+/// process may grab it in between; [`Server::start`] retries then.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The binary serving on a known port, its output going to files.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Server {
+    async fn start(database_url: &str, dir: &Path) -> Server {
+        Self::start_with(database_url, dir, &[]).await
+    }
+
+    async fn start_with(database_url: &str, dir: &Path, extra: &[&str]) -> Server {
+        for attempt in 0..3 {
+            let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+            let stdout = dir.join(format!("stdout.{attempt}.log"));
+            let stderr = dir.join(format!("stderr.{attempt}.log"));
+            let child = command(dir)
+                .args(["--database-url", database_url])
+                .args(["--listen", &addr.to_string()])
+                .args(extra)
+                .stdout(std::fs::File::create(&stdout).unwrap())
+                .stderr(std::fs::File::create(&stderr).unwrap())
+                .spawn()
+                .expect("spawn metadata-service");
+            let mut server = Server {
+                child,
+                addr,
+                stdout,
+                stderr,
+            };
+            match server.wait_until_serving().await {
+                Ok(()) => return server,
+                Err(status) if server.stderr().contains("cannot listen on") => {
+                    eprintln!("port {} was taken ({status}), retrying", addr.port());
+                }
+                Err(status) => panic!("server exited with {status}: {}", server.output()),
+            }
+        }
+        panic!("no free port after 3 attempts");
+    }
+
+    /// Polls the health service until the server and the user service are
+    /// SERVING; Err with the exit status if the process ends first.
+    async fn wait_until_serving(&mut self) -> Result<(), ExitStatus> {
+        let deadline = Instant::now() + READY_LIMIT;
+        let mut last_error = String::new();
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Err(status);
+            }
+            match self.health().await {
+                Ok(statuses) if statuses == [ServingStatus::Serving; 2] => return Ok(()),
+                Ok(statuses) => last_error = format!("{statuses:?}"),
+                Err(err) => last_error = err,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "not SERVING within {READY_LIMIT:?} (last: {last_error}): {}",
+            self.output()
+        );
+    }
+
+    /// Health of the server as a whole and of the user service.
+    async fn health(&self) -> Result<[ServingStatus; 2], String> {
+        let channel = self.channel().await.map_err(|e| e.to_string())?;
+        let mut health = HealthClient::new(channel);
+        let mut out = [ServingStatus::Unknown; 2];
+        for (slot, service) in out.iter_mut().zip(["", USERS]) {
+            let response = health
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .map_err(|s| s.to_string())?;
+            *slot = response.into_inner().status();
+        }
+        Ok(out)
+    }
+
+    async fn channel(&self) -> Result<Channel, tonic::transport::Error> {
+        Endpoint::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(10))
+            .connect()
+            .await
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    fn output(&self) -> String {
+        let stdout = std::fs::read_to_string(&self.stdout).unwrap_or_default();
+        format!("\n--- stdout\n{stdout}\n--- stderr\n{}", self.stderr())
+    }
+
+    /// Sends `kill -<signal>` and asserts a clean exit (status 0) within
+    /// [`STOP_LIMIT`].
+    async fn stop(mut self, signal: &str) {
+        let pid = self.child.id().expect("server still running").to_string();
+        let kill = Command::new("kill")
+            .args(["-s", signal, &pid])
+            .status()
+            .await
+            .expect("run kill");
+        assert!(kill.success(), "kill -s {signal} {pid}: {kill}");
+        let started = Instant::now();
+        let status = tokio::time::timeout(STOP_LIMIT, self.child.wait())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "still running {STOP_LIMIT:?} after SIG{signal}: {}",
+                    self.output()
+                )
+            })
+            .unwrap();
+        // A process killed by the signal has no exit code.
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "SIG{signal} after {:?}: {status}{}",
+            started.elapsed(),
+            self.output()
+        );
+        let stderr = self.stderr();
+        assert!(
+            !stderr.lines().any(|l| l.starts_with("error")),
+            "{}",
+            self.output()
+        );
+        assert_no_panic("server output", &self.output());
+    }
+}
+
+/// Serve, write through the generated client, stop with `signal` while the
+/// client is still connected; then restart on the same file and read the
+/// write back.
+async fn graceful_stop_on(signal: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = sqlite_url(dir.path());
+
+    let server = Server::start(&url, dir.path()).await;
+    let mut users = UserMetadataServiceClient::new(server.channel().await.unwrap());
+    let written = users
+        .merge(MergeUserMetadataRequest {
+            user_id: "user_bin".into(),
+            public_metadata: Some(structure(&json!({"a": {"b": [1, "two"]}}))),
+            ..Default::default()
+        })
+        .await
+        .expect("merge")
+        .into_inner();
+    assert_eq!(written.version, 1);
+    assert_eq!(
+        field(&written.public_metadata),
+        json!({"a": {"b": [1, "two"]}})
+    );
+    server.stop(signal).await;
+    // The connection is gone with the server.
+    let err = users
+        .get(GetUserMetadataRequest {
+            user_id: "user_bin".into(),
+        })
+        .await
+        .expect_err("server is stopped");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+
+    let server = Server::start(&url, dir.path()).await;
+    let mut users = UserMetadataServiceClient::new(server.channel().await.unwrap());
+    let read = users
+        .get(GetUserMetadataRequest {
+            user_id: "user_bin".into(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(read.version, 1);
+    assert_eq!(
+        field(&read.public_metadata),
+        json!({"a": {"b": [1, "two"]}})
+    );
+    assert_eq!(read.created_at, written.created_at);
+    server.stop(signal).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_cleanly() {
+    graceful_stop_on("TERM").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_stops_cleanly() {
+    graceful_stop_on("INT").await;
+}
+
+/// Graceful shutdown waits for every open stream, and Health/Watch streams
+/// never end on their own, so one watching client (a load balancer, a
+/// client-side health checker) would keep the process alive after SIGTERM
+/// but for the shutdown grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_despite_open_health_watch() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        &sqlite_url(dir.path()),
+        dir.path(),
+        &["--shutdown-grace", "2s"],
+    )
+    .await;
+    let mut health = HealthClient::new(server.channel().await.unwrap());
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = watch.message().await.unwrap().expect("first update");
+    assert_eq!(first.status(), ServingStatus::Serving);
+    server.stop("TERM").await;
+    drop(watch);
+}
+
+#[tokio::test]
+async fn help_names_flags_and_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = run_bin(dir.path(), &["--help"]).await;
+    assert!(run.status.success(), "{run:?}");
+    for needle in [
+        "--database-url",
+        "--listen",
+        "--db-connect-timeout",
+        "DATABASE_URL",
+        "METADATA_LISTEN",
+        "migrate",
+    ] {
+        assert!(
+            run.stdout.contains(needle),
+            "--help lacks {needle}: {run:?}"
+        );
+    }
+
+    let run = run_bin(dir.path(), &["migrate", "--help"]).await;
+    assert!(run.status.success(), "{run:?}");
+    assert!(run.stdout.contains("--database-url"), "{run:?}");
+
+    let run = run_bin(dir.path(), &["--version"]).await;
+    assert!(run.status.success(), "{run:?}");
+    assert_eq!(
+        run.stdout.trim(),
+        concat!("metadata-service ", env!("CARGO_PKG_VERSION"))
+    );
+}

