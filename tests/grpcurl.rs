@@ -339,6 +339,8 @@ async fn user_merge_replace_get_delete() {
             "version": "0",
             "createdAt": null,
             "updatedAt": null,
+            // The delete's revision, to Watch from without a gap.
+            "revision": "4",
         }),
         "deleted metadata reads as never written"
     );
@@ -444,5 +446,54 @@ async fn invalid_argument_is_reported() {
         );
         assert!(run.stderr.contains("user_id"), "{method}: {run:?}");
         assert!(run.stdout.trim().is_empty(), "{method}: {run:?}");
+    }
+}
+
+/// Watch through grpcurl: the stream replays from a revision, then is cut by
+/// `-max-time` (DeadlineExceeded), having printed one JSON object per message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_replays_events() {
+    let Some((grpcurl, s)) = setup().await else {
+        return;
+    };
+    for (i, id) in ["user_1", "user_2"].into_iter().enumerate() {
+        grpcurl
+            .call(
+                s.addr,
+                &format!("{USERS}/Merge"),
+                json!({"user_id": id, "public_metadata": {"i": i}}),
+            )
+            .await;
+    }
+    let addr = s.addr.to_string();
+    let run = grpcurl
+        .run(&[
+            "-plaintext",
+            "-max-time",
+            "2",
+            "-d",
+            r#"{"start_revision":1}"#,
+            &addr,
+            &format!("{USERS}/Watch"),
+        ])
+        .await;
+    assert!(run.stderr.contains("DeadlineExceeded"), "{run:?}");
+    let messages: Vec<Json> = serde_json::Deserializer::from_str(&run.stdout)
+        .into_iter::<Json>()
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|err| panic!("output is not a JSON stream ({err}): {run:?}"));
+    assert_eq!(messages.len(), 3, "{run:?}");
+    assert_eq!(
+        messages[0],
+        json!({"progress": {}}),
+        "starts after revision 0"
+    );
+    for (message, (revision, id)) in messages[1..].iter().zip([("1", "user_1"), ("2", "user_2")]) {
+        let event = &message["event"];
+        assert_eq!(event["revision"], revision);
+        assert_eq!(event["userId"], id);
+        assert_eq!(event["changeType"], "CHANGE_TYPE_MERGED");
+        assert_eq!(event["changedFields"], json!(["public_metadata"]));
+        assert_eq!(event["after"]["version"], "1");
     }
 }
