@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::Event;
 use crate::json::ValidationError;
 use crate::model::Kind;
-use crate::store::{Store, StoreError};
+use crate::store::{Snapshot, Store, StoreError};
 
 #[derive(Clone, Debug)]
 pub struct BrokerOptions {
@@ -96,15 +96,16 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Starts the dispatcher at the latest committed revision.
+    /// Starts the dispatcher after the newest revision below which nothing
+    /// can commit any more.
     pub async fn start(
         store: Arc<Store>,
         options: BrokerOptions,
         shutdown: CancellationToken,
     ) -> Result<Arc<Broker>, StoreError> {
-        let latest = store.revisions().await?.latest;
+        let settled = store.settled_revision(Duration::from_secs(5)).await?;
         let (sender, _) = broadcast::channel(options.buffer.max(1));
-        let (head_tx, head) = watch::channel(latest);
+        let (head_tx, head) = watch::channel(settled);
         let wake = store.commit_notifier();
         if let Some(listener) = store.listen_for_commits().await? {
             tokio::spawn(listen(listener, wake.clone(), shutdown.clone()));
@@ -121,9 +122,23 @@ impl Broker {
         Ok(broker)
     }
 
-    /// The last revision dispatched to live streams.
+    /// The last revision dispatched to live streams: the safe high-water
+    /// mark, below which every committed event is known.
     pub fn head(&self) -> u64 {
         *self.head.borrow()
+    }
+
+    /// The high-water mark, once it has reached what was committed before
+    /// this call, so that a stream "from now" does not replay the writes a
+    /// client made just before it. Waits at most a second: a transaction
+    /// in flight may hold the mark back, and then the stream starts lower
+    /// (its first message says where).
+    async fn settle_head(&self) -> Result<u64, StoreError> {
+        let newest = self.store.newest_revision().await?;
+        let mut head = self.head.clone();
+        let reached = tokio::time::timeout(Duration::from_secs(1), head.wait_for(|h| *h >= newest));
+        let _ = reached.await;
+        Ok(self.head())
     }
 
     /// Checks the start revision, then runs the stream in its own task. The
@@ -137,13 +152,13 @@ impl Broker {
         }
         // Subscribe before reading the table, so nothing falls in between.
         let live = self.sender.subscribe();
-        let revisions = self.store.revisions().await?;
+        let compacted = self.store.compacted_revision().await?;
         let start_after = match request.start_revision {
-            0 => revisions.latest,
-            n if n <= revisions.compacted => {
+            0 => self.settle_head().await?,
+            n if n <= compacted => {
                 return Err(WatchError::TooOld {
                     requested: n,
-                    oldest: revisions.compacted + 1,
+                    oldest: compacted + 1,
                 });
             }
             n => n - 1,
@@ -236,12 +251,14 @@ impl Stream {
         Ok(())
     }
 
-    /// Reads from the table until the stream is level with it.
+    /// Reads from the table up to the dispatcher's high-water mark (never
+    /// beyond: a revision above it may still have a lower one in flight).
     async fn catch_up(&mut self) -> Result<(), Stop> {
         let store = self.broker.store.clone();
+        let head = self.broker.head();
         loop {
             let batch = store
-                .events_after(self.position, self.broker.options.batch)
+                .events_in(self.position, head, self.broker.options.batch)
                 .await
                 .map_err(Stop::Failed)?;
             let full = batch.len() as u64 >= self.broker.options.batch;
@@ -293,34 +310,100 @@ impl Stream {
     }
 }
 
-/// Tails the table and broadcasts each new event once.
+/// Tails the table and broadcasts each new event once, in revision order,
+/// never past a revision that a transaction still in flight might fill.
 async fn dispatch(broker: Arc<Broker>, head: watch::Sender<u64>, wake: Arc<Notify>) {
+    let mut gap: Option<Gap> = None;
     let mut last = *head.borrow();
     loop {
+        let mut blocked = false;
         loop {
-            match broker.store.events_after(last, broker.options.batch).await {
-                Ok(batch) => {
-                    let full = batch.len() as u64 >= broker.options.batch;
-                    for event in batch {
-                        last = event.revision;
-                        // No receiver is not an error: nobody is watching.
-                        let _ = broker.sender.send(Arc::new(event));
-                    }
-                    head.send_replace(last);
-                    if !full {
-                        break;
-                    }
-                }
+            let read = match broker.store.read_events(last, broker.options.batch).await {
+                Ok(read) => read,
                 Err(err) => {
                     tracing::warn!(error = %err, "reading events failed; retrying");
                     break;
                 }
+            };
+            let full = read.events.len() as u64 >= broker.options.batch;
+            for event in read.events {
+                if event.revision != last + 1 {
+                    match Gap::check(&mut gap, last, read.snapshot.as_ref(), &broker.store).await {
+                        Ok(true) => {}
+                        Ok(false) => blocked = true,
+                        Err(err) => {
+                            tracing::warn!(error = %err, "checking an event gap failed; retrying");
+                            blocked = true;
+                        }
+                    }
+                    if blocked {
+                        break;
+                    }
+                }
+                last = event.revision;
+                // No receiver is not an error: nobody is watching.
+                let _ = broker.sender.send(Arc::new(event));
+            }
+            head.send_replace(last);
+            if blocked || !full {
+                break;
             }
         }
+        // A gap is usually a commit a moment away: look again soon.
+        let wait = if blocked {
+            Duration::from_millis(5)
+        } else {
+            broker.options.poll_interval
+        };
         tokio::select! {
             () = wake.notified() => {}
-            () = tokio::time::sleep(broker.options.poll_interval) => {}
+            () = tokio::time::sleep(wait) => {}
             () = broker.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// A missing revision right after `after`, seen while a later one was
+/// visible in `seen`. Its owner, if any, was running when `seen` was taken;
+/// once every such transaction has ended, a read that still lacks the
+/// revision proves it rolled back and will never appear.
+#[derive(Debug)]
+struct Gap {
+    after: u64,
+    seen: Snapshot,
+    /// A transaction id assigned after `seen` was taken.
+    bound: u64,
+}
+
+impl Gap {
+    /// Whether the revision after `after` can be passed over for good.
+    async fn check(
+        gap: &mut Option<Gap>,
+        after: u64,
+        snapshot: Option<&Snapshot>,
+        store: &Store,
+    ) -> Result<bool, StoreError> {
+        let Some(snapshot) = snapshot else {
+            // One writer at a time: a revision missing now never appears.
+            return Ok(true);
+        };
+        match gap {
+            Some(known) if known.after == after => {
+                if snapshot.covers(&known.seen, known.bound) {
+                    *gap = None;
+                    return Ok(true);
+                }
+                Ok(false)
+            }
+            _ => {
+                let bound = store.fresh_xid().await?;
+                *gap = Some(Gap {
+                    after,
+                    seen: snapshot.clone(),
+                    bound,
+                });
+                Ok(false)
+            }
         }
     }
 }

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::sqlx::postgres::PgListener;
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseTransaction, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, Statement,
+    QueryOrder, QuerySelect, Statement, TransactionTrait,
 };
 use serde_json::{Value, json};
 
@@ -18,25 +18,90 @@ use crate::model::{Field, Fields, Kind, Record};
 /// Postgres channel on which every commit is announced to all replicas.
 pub(super) const CHANNEL: &str = "metadata_events";
 
-/// The last revision handed out, and the last one pruned.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Revisions {
-    pub latest: u64,
-    pub compacted: u64,
+/// Postgres sequence the revisions come from. Its default CACHE 1 matters:
+/// values are then handed out in time order across all sessions.
+pub(super) const SEQUENCE: &str = "event_revisions";
+
+/// A Postgres snapshot (`pg_current_snapshot()`) that events were read in.
+///
+/// Every writer owns a transaction id before it takes its revision, so a
+/// revision missing below a visible one belongs to a transaction that was
+/// running when the snapshot was taken, or to one that rolled back. Running
+/// then means: listed in `xip`, or with an id at or above `xmax` (which is
+/// one past the latest *completed* id, not the next one to be assigned).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    xmax: u64,
+    xip: Vec<u64>,
 }
 
-/// Takes the next revision. The counter row stays locked until commit, so
-/// revisions become visible in order; call it as late as possible in the
-/// transaction to keep that serialized tail short.
-pub(super) async fn next_revision(txn: &DatabaseTransaction) -> Result<u64, StoreError> {
+impl Snapshot {
+    /// Parses `xmin:xmax:xip,xip,...`.
+    fn parse(text: &str) -> Option<Snapshot> {
+        let mut parts = text.split(':');
+        let _xmin: u64 = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let xip = match parts.next()? {
+            "" => Vec::new(),
+            list => list
+                .split(',')
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .ok()?,
+        };
+        Some(Snapshot { xmax, xip })
+    }
+
+    fn has_finished(&self, xid: u64) -> bool {
+        xid < self.xmax && !self.xip.contains(&xid)
+    }
+
+    /// Whether every transaction that may have been running when `earlier`
+    /// was taken has ended by this snapshot. `bound` is a transaction id
+    /// assigned after `earlier` was taken: every transaction running then
+    /// has a smaller id.
+    pub fn covers(&self, earlier: &Snapshot, bound: u64) -> bool {
+        earlier.xip.iter().all(|x| self.has_finished(*x))
+            && (earlier.xmax..bound).all(|x| self.has_finished(x))
+    }
+}
+
+/// Events read in one snapshot.
+#[derive(Debug, Default)]
+pub struct EventRead {
+    pub events: Vec<Event>,
+    /// None where there are no concurrent writers (SQLite): revisions then
+    /// become visible strictly in order and a gap is never filled later.
+    pub snapshot: Option<Snapshot>,
+}
+
+/// Takes the next revision, as late as possible in the write transaction.
+///
+/// Postgres: a sequence, so writers to different ids never wait for each
+/// other; readers deliver only up to a safe high-water mark (see the
+/// dispatcher). The transaction must own a transaction id before it takes
+/// the value, which `has_xid` says it does (it holds a row lock).
+/// SQLite: a counter row in the writing transaction; SQLite has one writer
+/// at a time, so revisions are dense and in commit order.
+pub(super) async fn next_revision(
+    txn: &DatabaseTransaction,
+    has_xid: bool,
+) -> Result<u64, StoreError> {
     let backend = txn.get_database_backend();
+    let sql = match backend {
+        DatabaseBackend::Postgres => {
+            if !has_xid {
+                txn.execute_unprepared("SELECT pg_current_xact_id()")
+                    .await?;
+            }
+            format!("SELECT nextval('{SEQUENCE}') AS latest")
+        }
+        _ => "UPDATE revisions SET latest = latest + 1 WHERE id = 1 RETURNING latest".to_owned(),
+    };
     let row = txn
-        .query_one_raw(Statement::from_string(
-            backend,
-            "UPDATE revisions SET latest = latest + 1 WHERE id = 1 RETURNING latest",
-        ))
+        .query_one_raw(Statement::from_string(backend, sql))
         .await?
-        .ok_or_else(|| StoreError::Internal("the revisions row is missing".into()))?;
+        .ok_or_else(|| StoreError::Internal("no revision was returned".into()))?;
     let latest: i64 = row.try_get("", "latest")?;
     Ok(latest as u64)
 }
@@ -156,6 +221,27 @@ fn event_from_row(row: event::Model) -> Result<Event, StoreError> {
     })
 }
 
+async fn newest_revision(txn: &DatabaseTransaction) -> Result<u64, StoreError> {
+    let row = event::Entity::find()
+        .order_by_desc(event::Column::Revision)
+        .one(txn)
+        .await?;
+    Ok(row.map_or(0, |r| r.revision as u64))
+}
+
+async fn current_snapshot(txn: &DatabaseTransaction) -> Result<Snapshot, StoreError> {
+    let row = txn
+        .query_one_raw(Statement::from_string(
+            DatabaseBackend::Postgres,
+            "SELECT pg_current_snapshot()::text AS snapshot",
+        ))
+        .await?
+        .ok_or_else(|| StoreError::Internal("no snapshot was returned".into()))?;
+    let text: String = row.try_get("", "snapshot")?;
+    Snapshot::parse(&text)
+        .ok_or_else(|| StoreError::Internal(format!("unreadable snapshot {text:?}")))
+}
+
 /// Wakes a replica whenever any replica commits (Postgres LISTEN).
 pub struct CommitListener(PgListener);
 
@@ -172,28 +258,142 @@ impl CommitListener {
 }
 
 impl Store {
-    pub async fn revisions(&self) -> Result<Revisions, StoreError> {
+    /// Every event up to this revision has been pruned.
+    pub async fn compacted_revision(&self) -> Result<u64, StoreError> {
         let row = revision::Entity::find_by_id(1)
             .one(&self.db)
             .await?
             .ok_or_else(|| StoreError::Internal("the revisions row is missing".into()))?;
-        Ok(Revisions {
-            latest: row.latest as u64,
-            compacted: row.compacted as u64,
+        Ok(row.compacted as u64)
+    }
+
+    /// Events with revision > `after`, oldest first, with the snapshot they
+    /// were read in.
+    pub async fn read_events(&self, after: u64, limit: u64) -> Result<EventRead, StoreError> {
+        if self.backend() != DatabaseBackend::Postgres {
+            let events = self
+                .events_between(&self.db, after, u64::MAX, limit)
+                .await?;
+            return Ok(EventRead {
+                events,
+                snapshot: None,
+            });
+        }
+        let txn = self.begin_snapshot().await?;
+        let snapshot = current_snapshot(&txn).await?;
+        let events = self.events_between(&txn, after, u64::MAX, limit).await?;
+        txn.commit().await?;
+        Ok(EventRead {
+            events,
+            snapshot: Some(snapshot),
         })
     }
 
-    /// Committed events with revision > `after`, oldest first.
-    pub async fn events_after(&self, after: u64, limit: u64) -> Result<Vec<Event>, StoreError> {
+    /// Committed events with `after < revision <= up_to`, oldest first.
+    pub async fn events_in(
+        &self,
+        after: u64,
+        up_to: u64,
+        limit: u64,
+    ) -> Result<Vec<Event>, StoreError> {
+        self.events_between(&self.db, after, up_to, limit).await
+    }
+
+    async fn events_between<C: ConnectionTrait>(
+        &self,
+        db: &C,
+        after: u64,
+        up_to: u64,
+        limit: u64,
+    ) -> Result<Vec<Event>, StoreError> {
+        let up_to = i64::try_from(up_to).unwrap_or(i64::MAX);
         event::Entity::find()
             .filter(event::Column::Revision.gt(after as i64))
+            .filter(event::Column::Revision.lte(up_to))
             .order_by_asc(event::Column::Revision)
             .limit(limit)
-            .all(&self.db)
+            .all(db)
             .await?
             .into_iter()
             .map(event_from_row)
             .collect()
+    }
+
+    /// The newest committed revision (older ones may still be in flight).
+    pub async fn newest_revision(&self) -> Result<u64, StoreError> {
+        let txn = self.begin_snapshot().await?;
+        let newest = newest_revision(&txn).await?;
+        txn.commit().await?;
+        Ok(newest)
+    }
+
+    /// A revision below which nothing can commit any more: the newest
+    /// visible one, once every transaction that might still commit an older
+    /// one has ended (waiting at most `wait`).
+    pub async fn settled_revision(&self, wait: std::time::Duration) -> Result<u64, StoreError> {
+        let txn = self.begin_snapshot().await?;
+        let compacted = self.compacted_revision().await?;
+        if self.backend() != DatabaseBackend::Postgres {
+            let newest = newest_revision(&txn).await?;
+            txn.commit().await?;
+            return Ok(newest.max(compacted));
+        }
+        let first = current_snapshot(&txn).await?;
+        let newest = newest_revision(&txn).await?.max(compacted);
+        txn.commit().await?;
+        let bound = self.fresh_xid().await?;
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if self.current_snapshot().await?.covers(&first, bound) {
+                return Ok(newest);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    "transactions still open after {wait:?}; starting event delivery anyway"
+                );
+                return Ok(newest);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The current Postgres snapshot.
+    pub async fn current_snapshot(&self) -> Result<Snapshot, StoreError> {
+        let txn = self.begin_snapshot().await?;
+        let snapshot = current_snapshot(&txn).await?;
+        txn.commit().await?;
+        Ok(snapshot)
+    }
+
+    /// A new transaction id (Postgres), larger than that of every
+    /// transaction running before this call.
+    pub async fn fresh_xid(&self) -> Result<u64, StoreError> {
+        let row = self
+            .db
+            .query_one_raw(Statement::from_string(
+                DatabaseBackend::Postgres,
+                "SELECT pg_current_xact_id()::text AS xid",
+            ))
+            .await?
+            .ok_or_else(|| StoreError::Internal("no transaction id was returned".into()))?;
+        let text: String = row.try_get("", "xid")?;
+        text.parse()
+            .map_err(|_| StoreError::Internal(format!("unreadable transaction id {text:?}")))
+    }
+
+    /// A read-only transaction whose statements all see one snapshot.
+    async fn begin_snapshot(&self) -> Result<DatabaseTransaction, StoreError> {
+        let options = sea_orm::TransactionOptions {
+            isolation_level: Some(sea_orm::IsolationLevel::RepeatableRead),
+            access_mode: Some(sea_orm::AccessMode::ReadOnly),
+            ..Default::default()
+        };
+        let options = if self.backend() == DatabaseBackend::Postgres {
+            options
+        } else {
+            sea_orm::TransactionOptions::default()
+        };
+        Ok(self.db.begin_with_options(options).await?)
     }
 
     /// Deletes events committed before `cutoff`; returns how many.
@@ -246,5 +446,36 @@ impl Store {
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         Ok(Some(CommitListener(listener)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Snapshot;
+
+    #[test]
+    fn snapshots() {
+        let s0 = Snapshot::parse("10:20:12,15").unwrap();
+        assert_eq!(s0.xip, vec![12, 15]);
+        assert!(s0.has_finished(11) && s0.has_finished(19));
+        assert!(!s0.has_finished(12) && !s0.has_finished(20));
+        assert_eq!(Snapshot::parse("5:5:").unwrap().xip, Vec::<u64>::new());
+        assert!(Snapshot::parse("junk").is_none());
+        // 12 and 15 were running, and so may have been 20..25 (bound 25).
+        let later = |text| Snapshot::parse(text).unwrap();
+        assert!(later("30:30:").covers(&s0, 25));
+        assert!(!later("12:30:12").covers(&s0, 25), "12 still running");
+        assert!(
+            !later("22:30:22").covers(&s0, 25),
+            "22 started before the bound"
+        );
+        assert!(
+            later("26:30:26").covers(&s0, 25),
+            "26 started after the bound"
+        );
+        assert!(
+            !later("16:24:").covers(&s0, 25),
+            "24 not known to have ended"
+        );
     }
 }

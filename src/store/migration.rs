@@ -116,6 +116,12 @@ impl MigrationTrait for CreateTables {
                     .to_owned(),
             )
             .await?;
+        if manager.get_database_backend() == sea_orm::DatabaseBackend::Postgres {
+            manager
+                .get_connection()
+                .execute_unprepared("CREATE SEQUENCE IF NOT EXISTS event_revisions")
+                .await?;
+        }
         manager
             .exec_stmt(
                 Query::insert()

@@ -26,7 +26,7 @@ use sea_orm_migration::MigratorTrait;
 use tokio::sync::{Mutex, Notify};
 
 pub use error::StoreError;
-pub use events::{CommitListener, Revisions};
+pub use events::{CommitListener, EventRead, Snapshot};
 
 use crate::events::ChangeType;
 use crate::json::{ValidationError, canonical_numbers};
@@ -157,7 +157,7 @@ impl Store {
                 });
             }
             let now = now();
-            let revision = events::next_revision(&txn).await?;
+            let revision = events::next_revision(&txn, exists).await?;
             let record = Record {
                 fields,
                 version: current.version + 1,
@@ -204,7 +204,7 @@ impl Store {
             return Ok(false);
         }
         let now = now();
-        let revision = events::next_revision(&txn).await?;
+        let revision = events::next_revision(&txn, true).await?;
         let record = Record {
             revision,
             ..Record::empty(kind, id.to_owned())
