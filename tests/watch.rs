@@ -795,3 +795,76 @@ async fn postgres_late_commit_is_not_skipped() {
     assert_eq!(next_event(&mut stream).await.revision, 5);
     db.close().await.ok();
 }
+
+/// Every connection of the service to its database is killed (the pool's
+/// and the LISTEN one): watchers keep receiving events without a gap, from
+/// both replicas, once connections are re-established.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_watch_survives_lost_connections() {
+    use sea_orm::{ConnectionTrait, Database, Statement};
+    let Some(mut s) = start_with(Backend::Postgres, |c| {
+        c.events.broker.poll_interval = Duration::from_millis(200)
+    })
+    .await
+    else {
+        return;
+    };
+    let replica = s.another_server().await;
+    let mut replica_users =
+        UserMetadataServiceClient::new(common::connect(replica.local_addr()).await);
+    let mut here = watch(&mut s.users, 0, &[]).await;
+    let mut there = watch(&mut replica_users, 0, &[]).await;
+    expect_progress(&mut here).await;
+    expect_progress(&mut there).await;
+    write(&mut s.users, "u1", json!({"before":1})).await;
+
+    let admin = Database::connect(std::env::var("TEST_DATABASE_URL").unwrap())
+        .await
+        .unwrap();
+    let database =
+        s.db.url()
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .split('?')
+            .next()
+            .unwrap()
+            .to_owned();
+    let killed = admin
+        .query_all_raw(Statement::from_string(
+            admin.get_database_backend(),
+            format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = '{database}' AND pid <> pg_backend_pid()"
+            ),
+        ))
+        .await
+        .unwrap();
+    assert!(killed.len() >= 2, "the service had connections to kill");
+    admin.close().await.ok();
+
+    // Writes may fail while the pool notices; retry each until it lands.
+    for i in 0..5 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match s.users.merge(merge("u1", json!({ "after": i }))).await {
+                Ok(_) => break,
+                Err(status) => {
+                    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "writes did not recover"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    let expected = table_revisions(&s).await;
+    assert_eq!(expected.len(), 6);
+    for stream in [&mut here, &mut there] {
+        let got = events(stream, 6).await;
+        assert_eq!(got.iter().map(|e| e.revision).collect::<Vec<_>>(), expected);
+    }
+    replica.shutdown().await.unwrap();
+}
