@@ -55,6 +55,9 @@ pub struct DatabaseArgs {
     /// How long to wait for a database connection, at start and per call.
     #[arg(long, env = "METADATA_DB_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, global = true)]
     pub db_connect_timeout: Duration,
+    /// SQLite: how long a write waits for a lock held by another process.
+    #[arg(long, env = "METADATA_SQLITE_BUSY_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, global = true)]
+    pub sqlite_busy_timeout: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -91,6 +94,20 @@ pub struct ServerArgs {
     /// How often old events are pruned.
     #[arg(long, env = "METADATA_EVENT_PRUNE_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration, global = true)]
     pub event_prune_interval: Duration,
+    /// Unary calls in progress at once; more are refused at once with RESOURCE_EXHAUSTED.
+    #[arg(
+        long,
+        env = "METADATA_MAX_CONCURRENT_REQUESTS",
+        default_value_t = 512,
+        global = true
+    )]
+    pub max_concurrent_requests: usize,
+    /// Time budget of a call's database work; a shorter client deadline wins.
+    #[arg(long, env = "METADATA_DB_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, global = true)]
+    pub db_timeout: Duration,
+    /// How often the database is pinged; while it fails, health is NOT_SERVING and calls fail fast.
+    #[arg(long, env = "METADATA_DB_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration, global = true)]
+    pub db_health_interval: Duration,
     /// On SIGTERM/SIGINT, how long open calls may take to finish.
     #[arg(long, env = "METADATA_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
     pub shutdown_grace: Duration,
@@ -101,7 +118,7 @@ impl DatabaseArgs {
         StoreOptions {
             max_connections: self.db_max_connections,
             connect_timeout: self.db_connect_timeout,
-            ..StoreOptions::default()
+            sqlite_busy_timeout: self.sqlite_busy_timeout,
         }
     }
 }
@@ -128,6 +145,9 @@ impl Cli {
                 prune_interval: self.server.event_prune_interval,
             },
             shutdown_grace: self.server.shutdown_grace,
+            max_concurrent_requests: self.server.max_concurrent_requests,
+            db_timeout: self.server.db_timeout,
+            db_health_interval: self.server.db_health_interval,
         }
     }
 }

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod convert;
 pub mod events;
+pub mod health;
 pub mod json;
 pub mod model;
 pub mod proto;

@@ -11,13 +11,13 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
 
 use crate::events::{self, Broker, BrokerOptions};
+use crate::health::DbHealth;
 use crate::json::Limits;
 use crate::proto::v1::organization_metadata_service_server::OrganizationMetadataServiceServer;
 use crate::proto::v1::user_metadata_service_server::UserMetadataServiceServer;
-use crate::service::{Metadata, OrganizationService, UserService};
+use crate::service::{Admission, Metadata, OrganizationService, UserService};
 use crate::store::{Store, StoreOptions};
 
 #[derive(Clone, Debug)]
@@ -31,6 +31,12 @@ pub struct ServerConfig {
     /// After a stop request, how long open calls may take to finish before
     /// their connections are closed.
     pub shutdown_grace: Duration,
+    /// Unary calls in progress at once; more are refused with RESOURCE_EXHAUSTED.
+    pub max_concurrent_requests: usize,
+    /// Time budget of a call's database work (shortened by a client deadline).
+    pub db_timeout: Duration,
+    /// How often the database is pinged for health.
+    pub db_health_interval: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -97,17 +103,11 @@ impl RunningServer {
     }
 }
 
-const SERVICE_NAMES: [&str; 3] = [
+const SERVICE_NAMES: &[&str] = &[
     "",
     <UserMetadataServiceServer<UserService> as tonic::server::NamedService>::NAME,
     <OrganizationMetadataServiceServer<OrganizationService> as tonic::server::NamedService>::NAME,
 ];
-
-async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
-    for name in SERVICE_NAMES {
-        reporter.set_service_status(name, status).await;
-    }
-}
 
 /// Opens the store, binds `config.listen` (port 0 picks a free port) and
 /// serves until [`RunningServer::shutdown`].
@@ -132,14 +132,29 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         config.events.prune_interval,
         shutdown.clone(),
     ));
-    let metadata = Arc::new(Metadata::new(store.clone(), broker, config.limits));
+    let (reporter, health) = tonic_health::server::health_reporter();
+    crate::health::set_all(&reporter, SERVICE_NAMES, ServingStatus::Serving).await;
+    let db_health = Arc::new(DbHealth::default());
+    tokio::spawn(crate::health::monitor(
+        store.clone(),
+        db_health.clone(),
+        reporter.clone(),
+        SERVICE_NAMES,
+        config.db_health_interval,
+        config.db_timeout,
+        shutdown.clone(),
+    ));
+    let admission = Admission::new(config.max_concurrent_requests, config.db_timeout, db_health);
+    let metadata = Arc::new(Metadata::new(
+        store.clone(),
+        broker,
+        config.limits,
+        admission,
+    ));
     let users = UserMetadataServiceServer::new(UserService::new(metadata.clone()))
         .max_decoding_message_size(config.max_request_bytes);
     let organizations = OrganizationMetadataServiceServer::new(OrganizationService::new(metadata))
         .max_decoding_message_size(config.max_request_bytes);
-
-    let (reporter, health) = tonic_health::server::health_reporter();
-    set_health(&reporter, ServingStatus::Serving).await;
 
     // grpcurl 1.8 speaks only v1alpha; newer clients use v1.
     let reflection = || {
@@ -162,7 +177,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
     let task = tokio::spawn(async move {
         let signal = async {
             let _ = stopped.await;
-            set_health(&reporter, ServingStatus::NotServing).await;
+            crate::health::set_all(&reporter, SERVICE_NAMES, ServingStatus::NotServing).await;
             tracing::info!("shutting down");
             // Watch streams end with UNAVAILABLE so clients resume elsewhere;
             // the server waits for open calls, so they must end first.

@@ -17,9 +17,13 @@ impl From<StoreError> for Status {
         match err {
             StoreError::Invalid(err) => err.into(),
             StoreError::VersionMismatch { .. } => Status::aborted(err.to_string()),
-            StoreError::Unavailable(detail) => {
+            StoreError::Unavailable { reason, detail } => {
                 tracing::warn!(error = %detail, "database unavailable");
-                Status::unavailable("database unavailable; retry later")
+                Status::unavailable(format!("{reason}; retry later"))
+            }
+            StoreError::ReadOnly(detail) => {
+                tracing::error!(error = %detail, "database refuses writes");
+                Status::failed_precondition("the database is read-only")
             }
             StoreError::Internal(detail) => {
                 // The detail can hold SQL; it goes to the log, not the caller.

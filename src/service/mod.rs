@@ -1,8 +1,11 @@
 //! The gRPC services: thin translations between protobuf and [`Metadata`].
 
+mod admission;
 mod error;
 mod organization;
 mod user;
+
+pub use admission::Admission;
 
 use std::sync::Arc;
 
@@ -21,14 +24,21 @@ pub struct Metadata {
     store: Arc<Store>,
     broker: Arc<Broker>,
     limits: Limits,
+    admission: Admission,
 }
 
 impl Metadata {
-    pub fn new(store: Arc<Store>, broker: Arc<Broker>, limits: Limits) -> Self {
+    pub fn new(
+        store: Arc<Store>,
+        broker: Arc<Broker>,
+        limits: Limits,
+        admission: Admission,
+    ) -> Self {
         Metadata {
             store,
             broker,
             limits,
+            admission,
         }
     }
 

@@ -33,8 +33,9 @@ impl OrganizationMetadataService for OrganizationService {
         &self,
         request: Request<GetOrganizationMetadataRequest>,
     ) -> Result<Response<OrganizationMetadata>, Status> {
+        let call = self.metadata.admission.unary(request.metadata())?;
         let id = request.into_inner().organization_id;
-        let record = self.metadata.get(Kind::Organization, &id).await?;
+        let record = call.run(self.metadata.get(Kind::Organization, &id)).await?;
         Ok(Response::new(record.into()))
     }
 
@@ -42,26 +43,31 @@ impl OrganizationMetadataService for OrganizationService {
         &self,
         request: Request<MergeOrganizationMetadataRequest>,
     ) -> Result<Response<OrganizationMetadata>, Status> {
+        let call = self.metadata.admission.unary(request.metadata())?;
         let command = WriteCommand::try_from(request.into_inner())?;
-        Ok(Response::new(self.metadata.write(command).await?.into()))
+        Ok(Response::new(
+            call.run(self.metadata.write(command)).await?.into(),
+        ))
     }
 
     async fn replace(
         &self,
         request: Request<ReplaceOrganizationMetadataRequest>,
     ) -> Result<Response<OrganizationMetadata>, Status> {
+        let call = self.metadata.admission.unary(request.metadata())?;
         let command = WriteCommand::try_from(request.into_inner())?;
-        Ok(Response::new(self.metadata.write(command).await?.into()))
+        Ok(Response::new(
+            call.run(self.metadata.write(command)).await?.into(),
+        ))
     }
 
     async fn delete(
         &self,
         request: Request<DeleteOrganizationMetadataRequest>,
     ) -> Result<Response<DeleteOrganizationMetadataResponse>, Status> {
-        let existed = self
-            .metadata
-            .delete(DeleteCommand::from(request.into_inner()))
-            .await?;
+        let call = self.metadata.admission.unary(request.metadata())?;
+        let command = DeleteCommand::from(request.into_inner());
+        let existed = call.run(self.metadata.delete(command)).await?;
         Ok(Response::new(DeleteOrganizationMetadataResponse {
             existed,
         }))
@@ -74,8 +80,9 @@ impl OrganizationMetadataService for OrganizationService {
         &self,
         request: Request<WatchOrganizationMetadataRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let call = self.metadata.admission.stream(request.metadata())?;
         let request = WatchRequest::from(request.into_inner());
-        let items = self.metadata.watch(request).await?;
+        let items = call.run(self.metadata.watch(request)).await?;
         let stream =
             ReceiverStream::new(items).map(|item| item.map(Into::into).map_err(Into::into));
         Ok(Response::new(Box::pin(stream)))

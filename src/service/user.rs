@@ -32,8 +32,9 @@ impl UserMetadataService for UserService {
         &self,
         request: Request<GetUserMetadataRequest>,
     ) -> Result<Response<UserMetadata>, Status> {
+        let call = self.metadata.admission.unary(request.metadata())?;
         let id = request.into_inner().user_id;
-        let record = self.metadata.get(Kind::User, &id).await?;
+        let record = call.run(self.metadata.get(Kind::User, &id)).await?;
         Ok(Response::new(record.into()))
     }
 
@@ -41,26 +42,31 @@ impl UserMetadataService for UserService {
         &self,
         request: Request<MergeUserMetadataRequest>,
     ) -> Result<Response<UserMetadata>, Status> {
+        let call = self.metadata.admission.unary(request.metadata())?;
         let command = WriteCommand::try_from(request.into_inner())?;
-        Ok(Response::new(self.metadata.write(command).await?.into()))
+        Ok(Response::new(
+            call.run(self.metadata.write(command)).await?.into(),
+        ))
     }
 
     async fn replace(
         &self,
         request: Request<ReplaceUserMetadataRequest>,
     ) -> Result<Response<UserMetadata>, Status> {
+        let call = self.metadata.admission.unary(request.metadata())?;
         let command = WriteCommand::try_from(request.into_inner())?;
-        Ok(Response::new(self.metadata.write(command).await?.into()))
+        Ok(Response::new(
+            call.run(self.metadata.write(command)).await?.into(),
+        ))
     }
 
     async fn delete(
         &self,
         request: Request<DeleteUserMetadataRequest>,
     ) -> Result<Response<DeleteUserMetadataResponse>, Status> {
-        let existed = self
-            .metadata
-            .delete(DeleteCommand::from(request.into_inner()))
-            .await?;
+        let call = self.metadata.admission.unary(request.metadata())?;
+        let command = DeleteCommand::from(request.into_inner());
+        let existed = call.run(self.metadata.delete(command)).await?;
         Ok(Response::new(DeleteUserMetadataResponse { existed }))
     }
 
@@ -71,8 +77,9 @@ impl UserMetadataService for UserService {
         &self,
         request: Request<WatchUserMetadataRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let call = self.metadata.admission.stream(request.metadata())?;
         let request = WatchRequest::from(request.into_inner());
-        let items = self.metadata.watch(request).await?;
+        let items = call.run(self.metadata.watch(request)).await?;
         let stream =
             ReceiverStream::new(items).map(|item| item.map(Into::into).map_err(Into::into));
         Ok(Response::new(Box::pin(stream)))

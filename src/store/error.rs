@@ -10,9 +10,16 @@ pub enum StoreError {
     VersionMismatch { expected: u64, actual: u64 },
     #[error(transparent)]
     Invalid(#[from] ValidationError),
-    /// Transient: the database could not be reached or is overloaded.
-    #[error("database unavailable: {0}")]
-    Unavailable(String),
+    /// Transient: the database could not be reached, is locked or is
+    /// overloaded. `reason` is safe to show a caller; `detail` is for logs.
+    #[error("{reason}: {detail}")]
+    Unavailable {
+        reason: &'static str,
+        detail: String,
+    },
+    /// The database refuses writes (a read-only SQLite file or mode).
+    #[error("the database is read-only: {0}")]
+    ReadOnly(String),
     #[error("database error: {0}")]
     Internal(String),
 }
@@ -24,7 +31,10 @@ impl StoreError {
         let redacted = redact_url(url);
         let scrub = |text: String| text.replace(url, &redacted);
         match self {
-            StoreError::Unavailable(text) => StoreError::Unavailable(scrub(text)),
+            StoreError::Unavailable { reason, detail } => StoreError::Unavailable {
+                reason,
+                detail: scrub(detail),
+            },
             StoreError::Internal(text) => StoreError::Internal(scrub(text)),
             other => other,
         }
@@ -51,39 +61,71 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-impl From<DbErr> for StoreError {
-    fn from(err: DbErr) -> Self {
-        let transient = match &err {
-            DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
-            DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => {
-                is_transient(e)
-            }
-            _ => false,
-        };
-        if transient {
-            StoreError::Unavailable(err.to_string())
-        } else {
-            StoreError::Internal(err.to_string())
+impl StoreError {
+    pub(crate) fn unavailable(reason: &'static str, detail: impl ToString) -> Self {
+        StoreError::Unavailable {
+            reason,
+            detail: detail.to_string(),
         }
     }
 }
 
-fn is_transient(err: &sqlx::Error) -> bool {
+impl From<DbErr> for StoreError {
+    fn from(err: DbErr) -> Self {
+        let sqlx_error = match &err {
+            DbErr::ConnectionAcquire(_) => {
+                return StoreError::unavailable("no database connection available", &err);
+            }
+            DbErr::Conn(_) => {
+                return StoreError::unavailable("cannot connect to the database", &err);
+            }
+            DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => e,
+            _ => return StoreError::Internal(err.to_string()),
+        };
+        match classify(sqlx_error) {
+            Class::Transient(reason) => StoreError::unavailable(reason, &err),
+            Class::ReadOnly => StoreError::ReadOnly(err.to_string()),
+            Class::Other => StoreError::Internal(err.to_string()),
+        }
+    }
+}
+
+enum Class {
+    Transient(&'static str),
+    ReadOnly,
+    Other,
+}
+
+fn classify(err: &sqlx::Error) -> Class {
     match err {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            // Postgres: connection exceptions (08xxx), shutdown or start-up in
-            // progress (57P0x), too many connections, serialization
-            // failure and deadlock. SQLite: SQLITE_BUSY (5), SQLITE_LOCKED (6).
-            code.starts_with("08")
-                || code.starts_with("57P0")
-                || matches!(code.as_ref(), "53300" | "40001" | "40P01" | "5" | "6")
-        }),
-        _ => false,
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::WorkerCrashed => {
+            Class::Transient("lost the database connection")
+        }
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
+            Class::Transient("no database connection available")
+        }
+        sqlx::Error::Database(db) => {
+            let Some(code) = db.code() else {
+                return Class::Other;
+            };
+            let code = code.as_ref();
+            // SQLite reports extended result codes; the primary code is the
+            // low byte.
+            let sqlite_primary = code.parse::<u32>().ok().map(|c| c & 0xff);
+            match (code, sqlite_primary) {
+                (_, Some(5)) | (_, Some(6)) => Class::Transient("the database is locked"),
+                (_, Some(8)) => Class::ReadOnly,
+                (c, _) if c.starts_with("08") => Class::Transient("lost the database connection"),
+                (c, _) if c.starts_with("57P0") => {
+                    Class::Transient("the database is shutting down or starting")
+                }
+                ("53300", _) => Class::Transient("the database has too many connections"),
+                ("40001" | "40P01", _) => Class::Transient("a conflicting transaction won; retry"),
+                ("25006", _) => Class::ReadOnly,
+                _ => Class::Other,
+            }
+        }
+        _ => Class::Other,
     }
 }
 

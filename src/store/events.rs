@@ -252,7 +252,10 @@ impl CommitListener {
     pub async fn next(&mut self) -> Result<(), StoreError> {
         match self.0.try_recv().await {
             Ok(_) => Ok(()),
-            Err(err) => Err(StoreError::Unavailable(err.to_string())),
+            Err(err) => Err(StoreError::unavailable(
+                "event notifications interrupted",
+                err,
+            )),
         }
     }
 }
@@ -440,11 +443,11 @@ impl Store {
         }
         let mut listener = PgListener::connect_with(self.db.get_postgres_connection_pool())
             .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            .map_err(|e| StoreError::unavailable("cannot listen for events", e))?;
         listener
             .listen(CHANNEL)
             .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            .map_err(|e| StoreError::unavailable("cannot listen for events", e))?;
         Ok(Some(CommitListener(listener)))
     }
 }

@@ -141,6 +141,9 @@ pub fn config(database_url: &str) -> ServerConfig {
         max_request_bytes: 1024 * 1024,
         events: Default::default(),
         shutdown_grace: std::time::Duration::from_secs(10),
+        max_concurrent_requests: 512,
+        db_timeout: std::time::Duration::from_secs(5),
+        db_health_interval: std::time::Duration::from_secs(1),
     }
 }
 

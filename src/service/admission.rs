@@ -1,0 +1,157 @@
+//! What every call must pass before any work is done, and the time budget
+//! it then works within.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::Status;
+use tonic::metadata::MetadataMap;
+
+use crate::health::DbHealth;
+
+pub struct Admission {
+    permits: Arc<Semaphore>,
+    max_concurrent: usize,
+    db_timeout: Duration,
+    db: Arc<DbHealth>,
+}
+
+/// An admitted unary call: holds its concurrency permit until dropped.
+pub struct Call {
+    _permit: Option<OwnedSemaphorePermit>,
+    budget: Duration,
+    /// Whether the budget is the client's deadline (else the database timeout).
+    client_deadline: bool,
+    db_timeout: Duration,
+}
+
+impl Admission {
+    pub fn new(max_concurrent: usize, db_timeout: Duration, db: Arc<DbHealth>) -> Self {
+        Admission {
+            permits: Arc::new(Semaphore::new(max_concurrent)),
+            max_concurrent,
+            db_timeout,
+            db,
+        }
+    }
+
+    /// Admits a unary call: refuses an expired deadline, a database known to
+    /// be down, and a call past the concurrency bound, each at once rather
+    /// than after queueing.
+    pub fn unary(&self, metadata: &MetadataMap) -> Result<Call, Status> {
+        let mut call = self.stream(metadata)?;
+        let permit = self.permits.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "the server is at its limit of {} concurrent requests; retry with backoff",
+                self.max_concurrent
+            ))
+        })?;
+        call._permit = Some(permit);
+        Ok(call)
+    }
+
+    /// Admits a streaming call: long-lived, so it holds no permit.
+    pub fn stream(&self, metadata: &MetadataMap) -> Result<Call, Status> {
+        let deadline = grpc_timeout(metadata);
+        if deadline == Some(Duration::ZERO) {
+            return Err(Status::deadline_exceeded(
+                "the deadline expired before the call started",
+            ));
+        }
+        if !self.db.is_up() {
+            return Err(Status::unavailable("database unavailable; retry later"));
+        }
+        let (budget, client_deadline) = match deadline {
+            Some(d) if d < self.db_timeout => (d, true),
+            _ => (self.db_timeout, false),
+        };
+        Ok(Call {
+            _permit: None,
+            budget,
+            client_deadline,
+            db_timeout: self.db_timeout,
+        })
+    }
+}
+
+impl Call {
+    /// Runs the call's work within its budget.
+    pub async fn run<T, E>(&self, work: impl Future<Output = Result<T, E>>) -> Result<T, Status>
+    where
+        Status: From<E>,
+    {
+        match tokio::time::timeout(self.budget, work).await {
+            Ok(result) => result.map_err(Status::from),
+            Err(_) if self.client_deadline => Err(Status::deadline_exceeded("deadline exceeded")),
+            Err(_) => Err(Status::unavailable(format!(
+                "the database did not answer within {:?}; retry later",
+                self.db_timeout
+            ))),
+        }
+    }
+}
+
+/// The client's deadline from the `grpc-timeout` header: digits and a unit
+/// (H, M, S, m, u, n). Unparseable values are ignored, as tonic does.
+fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    fn timeout_of(value: &str) -> Option<Duration> {
+        let mut metadata = MetadataMap::new();
+        metadata.insert("grpc-timeout", value.parse().unwrap());
+        grpc_timeout(&metadata)
+    }
+
+    #[test]
+    fn parses_grpc_timeout() {
+        assert_eq!(timeout_of("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(timeout_of("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(timeout_of("0n"), Some(Duration::ZERO));
+        assert_eq!(timeout_of("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(timeout_of("S"), None);
+        assert_eq!(timeout_of("123456789S"), None);
+        assert_eq!(timeout_of("5x"), None);
+        assert_eq!(grpc_timeout(&MetadataMap::new()), None);
+    }
+
+    #[tokio::test]
+    async fn bound_and_budget() {
+        let admission = Admission::new(1, Duration::from_millis(50), Arc::new(DbHealth::default()));
+        let first = admission.unary(&MetadataMap::new()).unwrap();
+        let refused = admission.unary(&MetadataMap::new()).err().unwrap();
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        // Streams do not count against the bound.
+        assert!(admission.stream(&MetadataMap::new()).is_ok());
+        let slow = first
+            .run(async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Ok::<(), Status>(())
+            })
+            .await;
+        assert_eq!(slow.unwrap_err().code(), Code::Unavailable);
+        drop(first);
+        assert!(admission.unary(&MetadataMap::new()).is_ok());
+    }
+}
