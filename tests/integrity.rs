@@ -1,0 +1,485 @@
+//! Integrity under concurrency, overload and database trouble: nothing lost,
+//! every error clear, recovery without a restart.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::json::{field, structure};
+use common::{Backend, TestServer, start, start_with};
+use metadata_service::proto::v1::user_metadata_service_client::UserMetadataServiceClient;
+use metadata_service::proto::v1::*;
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
+use serde_json::{Value as Json, json};
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+type Users = UserMetadataServiceClient<Channel>;
+
+fn merge(id: &str, public: Json) -> MergeUserMetadataRequest {
+    MergeUserMetadataRequest {
+        user_id: id.into(),
+        public_metadata: Some(structure(&public)),
+        ..Default::default()
+    }
+}
+
+async fn get(users: &mut Users, id: &str) -> UserMetadata {
+    users
+        .get(GetUserMetadataRequest { user_id: id.into() })
+        .await
+        .expect("get")
+        .into_inner()
+}
+
+async fn db(s: &TestServer) -> DatabaseConnection {
+    Database::connect(s.db.url())
+        .await
+        .expect("connect to the test database")
+}
+
+/// The (revision, version) of every event of `id`, in revision order.
+async fn event_log(s: &TestServer, id: &str) -> Vec<(u64, u64)> {
+    let db = db(s).await;
+    let backend = db.get_database_backend();
+    let rows = db
+        .query_all_raw(Statement::from_sql_and_values(
+            backend,
+            "SELECT revision, after FROM events WHERE id = $1 ORDER BY revision",
+            [id.into()],
+        ))
+        .await
+        .unwrap();
+    db.close().await.ok();
+    rows.iter()
+        .map(|row| {
+            let revision: i64 = row.try_get("", "revision").unwrap();
+            let after: Json = row.try_get("", "after").unwrap();
+            (revision as u64, after["version"].as_u64().unwrap())
+        })
+        .collect()
+}
+
+/// Exactly one event per version 1..=version, in order.
+async fn assert_one_event_per_version(s: &TestServer, id: &str, version: u64) {
+    let log = event_log(s, id).await;
+    let versions: Vec<u64> = log.iter().map(|(_, v)| *v).collect();
+    assert_eq!(
+        versions,
+        (1..=version).collect::<Vec<_>>(),
+        "events of {id}"
+    );
+    assert!(
+        log.windows(2).all(|w| w[0].0 < w[1].0),
+        "revisions increase"
+    );
+}
+
+/// 16 clients each merge 100 distinct keys into one id, spread over the
+/// given clients (one per server).
+async fn merge_storm(clients: &[Users], id: &str) {
+    const CLIENTS: usize = 16;
+    const KEYS: usize = 100;
+    let mut tasks = Vec::new();
+    for c in 0..CLIENTS {
+        let mut users = clients[c % clients.len()].clone();
+        let id = id.to_owned();
+        tasks.push(tokio::spawn(async move {
+            for k in 0..KEYS {
+                users
+                    .merge(merge(&id, json!({ format!("c{c}k{k}"): k })))
+                    .await
+                    .expect("no merge fails");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+/// 1,600 keys are more than the default 8 KiB field limit, and a loaded CI
+/// machine must not turn queueing into timeouts: this test is about loss.
+fn roomy(config: &mut metadata_service::server::ServerConfig) {
+    config.limits.max_field_bytes = 64 * 1024;
+    config.db_timeout = Duration::from_secs(60);
+}
+
+async fn no_lost_updates(backend: Backend) {
+    let Some(mut s) = start_with(backend, roomy).await else {
+        return;
+    };
+    merge_storm(&[s.users.clone()], "hot").await;
+    let m = get(&mut s.users, "hot").await;
+    let Json::Object(keys) = field(&m.public_metadata) else {
+        panic!("object")
+    };
+    assert_eq!((keys.len(), m.version), (1600, 1600));
+    assert_one_event_per_version(&s, "hot", 1600).await;
+}
+
+async fn first_writes_race_without_loss(backend: Backend) {
+    let Some(mut s) = start(backend).await else {
+        return;
+    };
+    let mut tasks = Vec::new();
+    for c in 0..32 {
+        let mut users = s.users.clone();
+        tasks.push(tokio::spawn(async move {
+            users
+                .merge(merge("brand_new", json!({ format!("c{c}"): c })))
+                .await
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap().expect("no first write fails");
+    }
+    let m = get(&mut s.users, "brand_new").await;
+    let Json::Object(keys) = field(&m.public_metadata) else {
+        panic!("object")
+    };
+    assert_eq!((keys.len(), m.version), (32, 32));
+    assert_one_event_per_version(&s, "brand_new", 32).await;
+}
+
+async fn expected_version_race_has_one_winner(backend: Backend) {
+    let Some(mut s) = start(backend).await else {
+        return;
+    };
+    for round in 0..3u64 {
+        // Round 0 races on a new id (expected version 0).
+        let mut tasks = Vec::new();
+        for c in 0..16 {
+            let mut users = s.users.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut request = merge("contended", json!({ "winner": c }));
+                request.expected_version = Some(round);
+                users.merge(request).await.map(|r| r.into_inner())
+            }));
+        }
+        let mut winners = Vec::new();
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(m) => winners.push(m),
+                Err(status) => assert_eq!(status.code(), Code::Aborted, "{status:?}"),
+            }
+        }
+        assert_eq!(winners.len(), 1, "round {round}: exactly one writer wins");
+        let stored = get(&mut s.users, "contended").await;
+        assert_eq!(stored.version, round + 1);
+        assert_eq!(stored, winners[0], "the losers changed nothing");
+    }
+    assert_one_event_per_version(&s, "contended", 3).await;
+}
+
+backend_tests!(
+    no_lost_updates,
+    first_writes_race_without_loss,
+    expected_version_race_has_one_winner
+);
+
+/// Two server processes on one Postgres database, 16 clients split over
+/// them: still no lost update, one event per version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_no_lost_updates_across_servers() {
+    let Some(mut s) = start_with(Backend::Postgres, roomy).await else {
+        return;
+    };
+    let other = s.another_server().await;
+    let other_users = UserMetadataServiceClient::new(common::connect(other.local_addr()).await);
+    merge_storm(&[s.users.clone(), other_users], "hot").await;
+    let m = get(&mut s.users, "hot").await;
+    let Json::Object(keys) = field(&m.public_metadata) else {
+        panic!("object")
+    };
+    assert_eq!((keys.len(), m.version), (1600, 1600));
+    assert_one_event_per_version(&s, "hot", 1600).await;
+    other.shutdown().await.unwrap();
+}
+
+/// Holds SQLite's write lock from another connection until dropped.
+struct SqliteLock(DatabaseConnection);
+
+impl SqliteLock {
+    async fn take(s: &TestServer) -> SqliteLock {
+        let db = db(s).await;
+        db.execute_unprepared("BEGIN EXCLUSIVE")
+            .await
+            .expect("take the lock");
+        SqliteLock(db)
+    }
+
+    async fn release(self) {
+        self.0.execute_unprepared("ROLLBACK").await.unwrap();
+        self.0.close().await.ok();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_refused_at_once() {
+    let mut s = start_with(Backend::Sqlite, |c| c.max_concurrent_requests = 1)
+        .await
+        .unwrap();
+    s.users.merge(merge("u", json!({"a":1}))).await.unwrap();
+    let lock = SqliteLock::take(&s).await;
+    // This write holds the only permit while it waits for the lock.
+    let mut blocked_client = s.users.clone();
+    let blocked =
+        tokio::spawn(async move { blocked_client.merge(merge("u", json!({"b":2}))).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let status = s
+        .users
+        .get(GetUserMetadataRequest {
+            user_id: "u".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("limit of 1 concurrent"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "refused without queueing"
+    );
+    // Watch streams are not counted against the bound.
+    s.users
+        .watch(WatchUserMetadataRequest::default())
+        .await
+        .expect("watch still admitted");
+    lock.release().await;
+    assert_eq!(
+        blocked
+            .await
+            .unwrap()
+            .expect("the blocked write completes")
+            .into_inner()
+            .version,
+        2
+    );
+    assert_eq!(
+        get(&mut s.users, "u").await.version,
+        2,
+        "a permit is free again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_time_budget_and_deadlines() {
+    let mut s = start_with(Backend::Sqlite, |c| {
+        c.db_timeout = Duration::from_millis(400)
+    })
+    .await
+    .unwrap();
+    s.users.merge(merge("u", json!({"a":1}))).await.unwrap();
+    let lock = SqliteLock::take(&s).await;
+
+    // The server's own budget: UNAVAILABLE, retryable.
+    let started = Instant::now();
+    let status = s.users.merge(merge("u", json!({"b":2}))).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("did not answer within"),
+        "{}",
+        status.message()
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    // A client deadline shorter than the budget: DEADLINE_EXCEEDED.
+    let mut request = Request::new(merge("u", json!({"c":3})));
+    request.set_timeout(Duration::from_millis(100));
+    let status = s.users.merge(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+
+    lock.release().await;
+    let after = get(&mut s.users, "u").await;
+    assert_eq!(
+        (after.version, field(&after.public_metadata)),
+        (1, json!({"a":1})),
+        "nothing half-written"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_locked_database_is_a_clear_error() {
+    let mut s = start_with(Backend::Sqlite, |c| {
+        c.store.sqlite_busy_timeout = Duration::from_millis(200)
+    })
+    .await
+    .unwrap();
+    let lock = SqliteLock::take(&s).await;
+    let status = s.users.merge(merge("u", json!({"a":1}))).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(status.message(), "the database is locked; retry later");
+    lock.release().await;
+    assert_eq!(
+        s.users
+            .merge(merge("u", json!({"a":1})))
+            .await
+            .unwrap()
+            .into_inner()
+            .version,
+        1
+    );
+    assert_eq!(get(&mut s.users, "u").await.version, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_read_only_database_is_a_clear_error() {
+    let mut s = start(Backend::Sqlite).await.unwrap();
+    s.users.merge(merge("u", json!({"a":1}))).await.unwrap();
+    s.stop().await;
+    let read_only_url = s.db.url().replace("mode=rwc", "mode=ro");
+    let mut config = common::config(&read_only_url);
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    let server = metadata_service::server::start(&config)
+        .await
+        .expect("serves a read-only file");
+    let mut users = UserMetadataServiceClient::new(common::connect(server.local_addr()).await);
+    assert_eq!(get(&mut users, "u").await.version, 1, "reads work");
+    let status = users.merge(merge("u", json!({"b":2}))).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(status.message(), "the database is read-only");
+    assert_eq!(get(&mut users, "u").await.version, 1);
+    server.shutdown().await.unwrap();
+}
+
+async fn health(channel: Channel) -> Result<ServingStatus, tonic::Status> {
+    let response = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?;
+    Ok(response.into_inner().status())
+}
+
+async fn wait_for_health(s: &TestServer, wanted: ServingStatus) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if health(s.channel().await).await.ok() == Some(wanted) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "health never became {wanted:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The database refuses this service's connections, then accepts them
+/// again: calls fail fast with UNAVAILABLE, health follows, and everything
+/// recovers without a restart, Watch included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_outage_and_recovery() {
+    let Some(mut s) = start_with(Backend::Postgres, |c| {
+        c.db_health_interval = Duration::from_millis(200);
+        c.db_timeout = Duration::from_secs(2);
+        c.events.broker.poll_interval = Duration::from_millis(200);
+    })
+    .await
+    else {
+        return;
+    };
+    let first = s
+        .users
+        .merge(merge("u", json!({"n":0})))
+        .await
+        .unwrap()
+        .into_inner();
+    let database =
+        s.db.url()
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .split('?')
+            .next()
+            .unwrap()
+            .to_owned();
+    let admin = Database::connect(std::env::var("TEST_DATABASE_URL").unwrap())
+        .await
+        .unwrap();
+    let sql = |text: String| Statement::from_string(admin.get_database_backend(), text);
+
+    // Outage: no new connections, existing ones killed.
+    admin
+        .execute_raw(sql(format!(
+            "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS false"
+        )))
+        .await
+        .unwrap();
+    admin
+        .execute_raw(sql(format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}'"
+        )))
+        .await
+        .unwrap();
+    wait_for_health(&s, ServingStatus::NotServing).await;
+    for _ in 0..5 {
+        let mut request = Request::new(merge("u", json!({"lost": true})));
+        request.set_timeout(Duration::from_secs(3));
+        let started = Instant::now();
+        let status = s.users.merge(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "fails fast: {:?}",
+            started.elapsed()
+        );
+    }
+    let status = s
+        .users
+        .get(GetUserMetadataRequest {
+            user_id: "u".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+
+    // Recovery.
+    admin
+        .execute_raw(sql(format!(
+            "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS true"
+        )))
+        .await
+        .unwrap();
+    admin.close().await.ok();
+    wait_for_health(&s, ServingStatus::Serving).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let second = loop {
+        match s.users.merge(merge("u", json!({"n":1}))).await {
+            Ok(m) => break m.into_inner(),
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                assert!(Instant::now() < deadline, "writes never recovered");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(second.version, 2, "the failed writes wrote nothing");
+    // A watcher resuming from before the outage gets both events.
+    let mut stream = s
+        .users
+        .watch(WatchUserMetadataRequest {
+            start_revision: first.revision,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut revisions = Vec::new();
+    while revisions.len() < 2 {
+        let message = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Some(watch_user_metadata_response::Response::Event(e)) = message.response {
+            revisions.push(e.revision);
+        }
+    }
+    assert_eq!(revisions, vec![first.revision, second.revision]);
+}
