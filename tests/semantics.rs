@@ -436,16 +436,14 @@ async fn numbers_keep_their_form(backend: Backend) {
     let Some(mut s) = start(backend).await else {
         return;
     };
-    let numbers =
-        json!({"int":1.0,"neg":-42,"frac":1.5,"big":9007199254740992.0,"huge":1e300,"tiny":1e-300});
+    let numbers = json!({"int":1.0,"neg":-42,"frac":1.5,"big":9007199254740992.0,"huge":1e300,"tiny":1e-300,"precise":93474.39979392891,"sum":0.30000000000000004});
     let m = s
         .users
         .merge(merge("u1", Some(numbers.clone()), None, None))
         .await
         .unwrap()
         .into_inner();
-    let expected =
-        json!({"int":1,"neg":-42,"frac":1.5,"big":9007199254740992.0,"huge":1e300,"tiny":1e-300});
+    let expected = json!({"int":1,"neg":-42,"frac":1.5,"big":9007199254740992.0,"huge":1e300,"tiny":1e-300,"precise":93474.39979392891,"sum":0.30000000000000004});
     assert_eq!(field(&m.public_metadata), expected);
     assert_eq!(field(&get(&mut s, "u1").await.public_metadata), expected);
     // Integral values are stored as JSON integers.
