@@ -35,15 +35,9 @@ async fn get(users: &mut Users, id: &str) -> UserMetadata {
         .into_inner()
 }
 
-async fn db(s: &TestServer) -> DatabaseConnection {
-    Database::connect(s.db.url())
-        .await
-        .expect("connect to the test database")
-}
-
 /// The (revision, version) of every event of `id`, in revision order.
 async fn event_log(s: &TestServer, id: &str) -> Vec<(u64, u64)> {
-    let db = db(s).await;
+    let db = s.db.connect().await;
     let backend = db.get_database_backend();
     let rows = db
         .query_all_raw(Statement::from_sql_and_values(
@@ -155,7 +149,9 @@ async fn expected_version_race_has_one_winner(backend: Backend) {
         for c in 0..16 {
             let mut users = s.users.clone();
             tasks.push(tokio::spawn(async move {
-                let mut request = merge("contended", json!({ "winner": c }));
+                // "round" makes every write a real change: a no-op with the
+                // right expected_version also succeeds, by design.
+                let mut request = merge("contended", json!({ "winner": c, "round": round }));
                 request.expected_version = Some(round);
                 users.merge(request).await.map(|r| r.into_inner())
             }));
@@ -205,7 +201,7 @@ struct SqliteLock(DatabaseConnection);
 
 impl SqliteLock {
     async fn take(s: &TestServer) -> SqliteLock {
-        let db = db(s).await;
+        let db = s.db.connect().await;
         db.execute_unprepared("BEGIN EXCLUSIVE")
             .await
             .expect("take the lock");

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::json::{field, structure, value};
-use common::{Backend, TestServer, start, start_with};
+use common::{Backend, start, start_with};
 use metadata_service::proto::v1::user_metadata_service_client::UserMetadataServiceClient;
 use metadata_service::proto::v1::watch_organization_metadata_response::Response as OrgResponse;
 use metadata_service::proto::v1::watch_user_metadata_response::Response;
@@ -101,41 +101,6 @@ async fn assert_quiet(stream: &mut Streaming<WatchUserMetadataResponse>, wait: D
             );
         }
     }
-}
-
-async fn event_count(s: &TestServer) -> u64 {
-    use sea_orm::{ConnectionTrait, Database, Statement};
-    let db = Database::connect(s.db.url()).await.unwrap();
-    let row = db
-        .query_one_raw(Statement::from_string(
-            db.get_database_backend(),
-            "SELECT COUNT(*) AS n FROM events",
-        ))
-        .await
-        .unwrap()
-        .unwrap();
-    let n: i64 = row.try_get("", "n").unwrap();
-    db.close().await.ok();
-    n as u64
-}
-
-/// Every revision in the event table, in order: what a watcher from 1 must
-/// see. (Postgres revisions can have gaps: a transaction that takes one and
-/// rolls back leaves a hole.)
-async fn table_revisions(s: &TestServer) -> Vec<u64> {
-    use sea_orm::{ConnectionTrait, Database, Statement};
-    let db = Database::connect(s.db.url()).await.unwrap();
-    let rows = db
-        .query_all_raw(Statement::from_string(
-            db.get_database_backend(),
-            "SELECT revision FROM events ORDER BY revision",
-        ))
-        .await
-        .unwrap();
-    db.close().await.ok();
-    rows.iter()
-        .map(|r| r.try_get::<i64>("", "revision").unwrap() as u64)
-        .collect()
 }
 
 async fn stream_starts_with_progress_then_follows_live(backend: Backend) {
@@ -446,7 +411,7 @@ async fn no_event_for_no_op_or_failed_writes(backend: Backend) {
         (2, 2),
         "no revision was used by the no-ops"
     );
-    assert_eq!(event_count(&s).await, 2);
+    assert_eq!(s.db.event_revisions().await.len(), 2);
 }
 
 async fn paused_consumer_receives_everything_in_order(backend: Backend) {
@@ -509,7 +474,7 @@ async fn pruned_revisions_are_refused(backend: Backend) {
     }
     // Wait until the pruner has removed them.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while event_count(&s).await > 0 {
+    while !s.db.event_revisions().await.is_empty() {
         assert!(
             tokio::time::Instant::now() < deadline,
             "events were not pruned"
@@ -616,7 +581,7 @@ async fn concurrent_writers_are_seen_in_commit_order(backend: Backend) {
         task.await.unwrap();
     }
     let total = (WRITERS * PER_WRITER) as u64;
-    let expected = table_revisions(&s).await;
+    let expected = s.db.event_revisions().await;
     assert_eq!(expected.len() as u64, total, "one event per write");
     for mut stream in watchers {
         let got = events(&mut stream, total as usize).await;
@@ -710,7 +675,7 @@ async fn postgres_replicas_deliver_every_event() {
     for task in tasks {
         total += task.await.unwrap();
     }
-    let expected = table_revisions(&s).await;
+    let expected = s.db.event_revisions().await;
     assert_eq!(expected.len() as u64, total, "one event per write");
     for mut stream in watchers {
         let got = events(&mut stream, total as usize).await;
@@ -860,7 +825,7 @@ async fn postgres_watch_survives_lost_connections() {
             }
         }
     }
-    let expected = table_revisions(&s).await;
+    let expected = s.db.event_revisions().await;
     assert_eq!(expected.len(), 6);
     for stream in [&mut here, &mut there] {
         let got = events(stream, 6).await;

@@ -61,6 +61,30 @@ impl TestDb {
             TestDb::Postgres(pg) => &pg.url,
         }
     }
+
+    /// A connection of the test's own, beside the server's.
+    pub async fn connect(&self) -> sea_orm::DatabaseConnection {
+        Database::connect(self.url())
+            .await
+            .expect("connect to the test database")
+    }
+
+    /// Every revision in the event table, in order.
+    pub async fn event_revisions(&self) -> Vec<u64> {
+        use sea_orm::Statement;
+        let db = self.connect().await;
+        let rows = db
+            .query_all_raw(Statement::from_string(
+                db.get_database_backend(),
+                "SELECT revision FROM events ORDER BY revision",
+            ))
+            .await
+            .expect("read the event table");
+        db.close().await.ok();
+        rows.iter()
+            .map(|r| r.try_get::<i64>("", "revision").unwrap() as u64)
+            .collect()
+    }
 }
 
 pub struct PgDatabase {
