@@ -415,7 +415,11 @@ proptest! {
     #[test]
     fn apply_replace_sets_the_value(
         current in stored_fields(),
-        values in provided(json_value(false, 5)),
+        values in provided(prop_oneof![
+            2 => json_object(false, 5),
+            1 => Just(Value::Null),
+            1 => json_value(false, 5),
+        ].boxed()),
         limits in limits(),
     ) {
         check_apply(Mode::Replace, &current, &values, &limits, |_, value| value.clone())?;
@@ -463,7 +467,8 @@ proptest! {
     fn replace_request_round_trips(
         id in valid_id(),
         fields in prop::array::uniform3(prop::option::of(prop_oneof![
-            3 => json_object(false, 5),
+            4 => json_object(false, 5),
+            1 => Just(Value::Null),
             1 => json_value(false, 5),
         ])),
     ) {
