@@ -258,7 +258,17 @@ async fn every_invalid_request_is_refused_cleanly(backend: Backend) {
     ];
     for (name, call, code, message) in cases {
         let status = send(&mut s, call).await.expect_err(name);
-        assert_eq!(status.code(), code, "{name}: {status:?}");
+        // A zero deadline also arms tonic's own client-side timer, which can
+        // fire before the server's DEADLINE_EXCEEDED arrives; the server's
+        // answer itself is pinned by the unit test in service/admission.rs.
+        let client_gave_up = code == Code::DeadlineExceeded
+            && status.code() == Code::Cancelled
+            && status.message() == "Timeout expired";
+        if client_gave_up {
+            eprintln!("{name}: the client's timer fired first");
+        } else {
+            assert_eq!(status.code(), code, "{name}: {status:?}");
+        }
         assert!(
             status.message().contains(message),
             "{name}: {:?} lacks {message:?}",

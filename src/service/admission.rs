@@ -136,6 +136,19 @@ mod tests {
         assert_eq!(grpc_timeout(&MetadataMap::new()), None);
     }
 
+    #[test]
+    fn expired_deadline_is_refused_before_anything_else() {
+        let admission = Admission::new(1, Duration::from_secs(5), Arc::new(DbHealth::default()));
+        let mut metadata = MetadataMap::new();
+        metadata.insert("grpc-timeout", "0n".parse().unwrap());
+        let status = admission.unary(&metadata).err().unwrap();
+        assert_eq!(status.code(), Code::DeadlineExceeded);
+        let status = admission.stream(&metadata).err().unwrap();
+        assert_eq!(status.code(), Code::DeadlineExceeded);
+        // The refused call took no permit.
+        assert!(admission.unary(&MetadataMap::new()).is_ok());
+    }
+
     #[tokio::test]
     async fn bound_and_budget() {
         let admission = Admission::new(1, Duration::from_millis(50), Arc::new(DbHealth::default()));
