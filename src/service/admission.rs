@@ -63,8 +63,10 @@ impl Admission {
         if !self.db.is_up() {
             return Err(Status::unavailable("database unavailable; retry later"));
         }
+        // Give up a little before the client does, so that it receives this
+        // server's DEADLINE_EXCEEDED rather than only its own cancellation.
         let (budget, client_deadline) = match deadline {
-            Some(d) if d < self.db_timeout => (d, true),
+            Some(d) if d < self.db_timeout => (d - (d / 4).min(Duration::from_millis(100)), true),
             _ => (self.db_timeout, false),
         };
         Ok(Call {
