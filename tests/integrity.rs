@@ -9,7 +9,7 @@ use common::json::{field, structure};
 use common::{Backend, TestServer, start, start_with};
 use metadata_service::proto::v1::user_metadata_service_client::UserMetadataServiceClient;
 use metadata_service::proto::v1::*;
-use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
+use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use serde_json::{Value as Json, json};
 use tonic::transport::Channel;
 use tonic::{Code, Request};
@@ -386,18 +386,8 @@ async fn postgres_outage_and_recovery() {
         .await
         .unwrap()
         .into_inner();
-    let database =
-        s.db.url()
-            .rsplit('/')
-            .next()
-            .unwrap()
-            .split('?')
-            .next()
-            .unwrap()
-            .to_owned();
-    let admin = Database::connect(std::env::var("TEST_DATABASE_URL").unwrap())
-        .await
-        .unwrap();
+    let database = s.db.postgres().name().to_owned();
+    let admin = s.db.postgres().admin().await;
     let sql = |text: String| Statement::from_string(admin.get_database_backend(), text);
 
     // Outage: no new connections, existing ones killed.

@@ -766,7 +766,7 @@ async fn postgres_late_commit_is_not_skipped() {
 /// both replicas, once connections are re-established.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_watch_survives_lost_connections() {
-    use sea_orm::{ConnectionTrait, Database, Statement};
+    use sea_orm::{ConnectionTrait, Statement};
     let Some(mut s) = start_with(Backend::Postgres, |c| {
         c.events.broker.poll_interval = Duration::from_millis(200)
     })
@@ -783,18 +783,8 @@ async fn postgres_watch_survives_lost_connections() {
     expect_progress(&mut there).await;
     write(&mut s.users, "u1", json!({"before":1})).await;
 
-    let admin = Database::connect(std::env::var("TEST_DATABASE_URL").unwrap())
-        .await
-        .unwrap();
-    let database =
-        s.db.url()
-            .rsplit('/')
-            .next()
-            .unwrap()
-            .split('?')
-            .next()
-            .unwrap()
-            .to_owned();
+    let admin = s.db.postgres().admin().await;
+    let database = s.db.postgres().name().to_owned();
     let killed = admin
         .query_all_raw(Statement::from_string(
             admin.get_database_backend(),

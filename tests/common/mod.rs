@@ -62,6 +62,14 @@ impl TestDb {
         }
     }
 
+    /// The Postgres database; panics on SQLite (for Postgres-only tests).
+    pub fn postgres(&self) -> &PgDatabase {
+        match self {
+            TestDb::Postgres(pg) => pg,
+            TestDb::Sqlite { .. } => panic!("not a Postgres test database"),
+        }
+    }
+
     /// A connection of the test's own, beside the server's.
     pub async fn connect(&self) -> sea_orm::DatabaseConnection {
         Database::connect(self.url())
@@ -94,6 +102,18 @@ pub struct PgDatabase {
 }
 
 impl PgDatabase {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A connection to the server's maintenance database, to act on this
+    /// one from outside (terminate its sessions, refuse connections).
+    pub async fn admin(&self) -> sea_orm::DatabaseConnection {
+        Database::connect(&self.admin_url)
+            .await
+            .expect("connect to TEST_DATABASE_URL")
+    }
+
     async fn create(admin_url: String) -> PgDatabase {
         let name = format!("mdtest_{}", uuid::Uuid::new_v4().simple());
         let admin = Database::connect(&admin_url)
