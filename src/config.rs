@@ -1,13 +1,19 @@
 //! Command line and environment.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
+use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand};
+
+use crate::auth::{ApiKeys, Authenticator, FrontendConfig, FrontendTokens};
 
 use crate::events::BrokerOptions;
 use crate::json::Limits;
-use crate::server::{EventOptions, ServerConfig};
+use crate::server::{EventOptions, ServerConfig, TlsConfig};
 use crate::store::StoreOptions;
 
 #[derive(Debug, Parser)]
@@ -23,6 +29,8 @@ pub struct Cli {
     pub database: DatabaseArgs,
     #[command(flatten)]
     pub server: ServerArgs,
+    #[command(flatten)]
+    pub security: SecurityArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -113,6 +121,108 @@ pub struct ServerArgs {
     pub shutdown_grace: Duration,
 }
 
+#[derive(Debug, Args)]
+pub struct SecurityArgs {
+    /// File of backend API keys: one `name:sha256-hex` entry per line, the
+    /// SHA-256 of each key (never the key itself).
+    #[arg(long, env = "METADATA_API_KEYS_FILE", global = true)]
+    pub api_keys_file: Option<PathBuf>,
+    /// Backend API keys as `name:sha256-hex` entries separated by commas or newlines.
+    #[arg(long, env = "METADATA_API_KEYS", global = true, hide_env_values = true)]
+    pub api_keys: Option<String>,
+    /// Key of frontend session tokens (JWT): an HMAC secret of at least 32
+    /// bytes, or a PEM public key (RSA, EC P-256/P-384, Ed25519); `@path` reads a file.
+    #[arg(
+        long,
+        env = "METADATA_FRONTEND_JWT_KEY",
+        global = true,
+        hide_env_values = true
+    )]
+    pub frontend_jwt_key: Option<String>,
+    /// Required `iss` claim of frontend tokens.
+    #[arg(long, env = "METADATA_FRONTEND_JWT_ISSUER", global = true)]
+    pub frontend_jwt_issuer: Option<String>,
+    /// Required `aud` claim of frontend tokens.
+    #[arg(long, env = "METADATA_FRONTEND_JWT_AUDIENCE", global = true)]
+    pub frontend_jwt_audience: Option<String>,
+    /// Clock skew allowed when checking `exp` and `nbf` of frontend tokens.
+    #[arg(long, env = "METADATA_FRONTEND_JWT_LEEWAY", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    pub frontend_jwt_leeway: Duration,
+    /// Serve with no credentials configured on a non-loopback address.
+    #[arg(long, env = "METADATA_ALLOW_UNAUTHENTICATED", value_parser = BoolishValueParser::new(), global = true)]
+    pub allow_unauthenticated: bool,
+    /// Do not serve gRPC reflection.
+    #[arg(long, env = "METADATA_DISABLE_REFLECTION", value_parser = BoolishValueParser::new(), global = true)]
+    pub disable_reflection: bool,
+    /// PEM certificate chain to serve TLS with.
+    #[arg(long, env = "METADATA_TLS_CERT", requires = "tls_key", global = true)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "METADATA_TLS_KEY", requires = "tls_cert", global = true)]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates; clients must present a certificate they signed (mTLS).
+    #[arg(
+        long,
+        env = "METADATA_TLS_CLIENT_CA",
+        requires = "tls_cert",
+        global = true
+    )]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+impl SecurityArgs {
+    /// Reads the key files and checks every credential setting.
+    pub fn authenticator(&self) -> anyhow::Result<Authenticator> {
+        let mut keys = ApiKeys::default();
+        if let Some(path) = &self.api_keys_file {
+            let text = String::from_utf8(read(path, "--api-keys-file")?)
+                .context("--api-keys-file is not UTF-8")?;
+            keys =
+                ApiKeys::parse(&text, &path.display().to_string()).map_err(anyhow::Error::msg)?;
+        }
+        if let Some(text) = &self.api_keys {
+            let more = ApiKeys::parse(text, "--api-keys").map_err(anyhow::Error::msg)?;
+            keys.extend(more).map_err(anyhow::Error::msg)?;
+        }
+        let frontend = match &self.frontend_jwt_key {
+            None => None,
+            Some(key) => {
+                let key = match key.strip_prefix('@') {
+                    Some(path) => read(Path::new(path), "--frontend-jwt-key")?,
+                    None => key.as_bytes().to_vec(),
+                };
+                let config = FrontendConfig {
+                    key,
+                    issuer: self.frontend_jwt_issuer.clone(),
+                    audience: self.frontend_jwt_audience.clone(),
+                    leeway: self.frontend_jwt_leeway,
+                };
+                Some(FrontendTokens::new(&config).map_err(anyhow::Error::msg)?)
+            }
+        };
+        Ok(Authenticator::new(keys, frontend))
+    }
+
+    pub fn tls(&self) -> anyhow::Result<Option<TlsConfig>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        Ok(Some(TlsConfig {
+            cert: read(cert, "--tls-cert")?,
+            key: read(key, "--tls-key")?,
+            client_ca: self
+                .tls_client_ca
+                .as_deref()
+                .map(|ca| read(ca, "--tls-client-ca"))
+                .transpose()?,
+        }))
+    }
+}
+
+fn read(path: &Path, flag: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {flag} {}", path.display()))
+}
+
 impl DatabaseArgs {
     pub fn store_options(&self) -> StoreOptions {
         StoreOptions {
@@ -124,8 +234,9 @@ impl DatabaseArgs {
 }
 
 impl Cli {
-    pub fn server_config(&self) -> ServerConfig {
-        ServerConfig {
+    /// The server's configuration, with every key and certificate file read.
+    pub fn server_config(&self) -> anyhow::Result<ServerConfig> {
+        Ok(ServerConfig {
             listen: self.server.listen,
             database_url: self.database.database_url.clone(),
             store: self.database.store_options(),
@@ -148,7 +259,11 @@ impl Cli {
             max_concurrent_requests: self.server.max_concurrent_requests,
             db_timeout: self.server.db_timeout,
             db_health_interval: self.server.db_health_interval,
-        }
+            auth: Arc::new(self.security.authenticator()?),
+            allow_unauthenticated: self.security.allow_unauthenticated,
+            reflection: !self.security.disable_reflection,
+            tls: self.security.tls()?,
+        })
     }
 }
 
@@ -165,7 +280,7 @@ mod tests {
     #[test]
     fn defaults_serve_sqlite_on_loopback() {
         let cli = Cli::try_parse_from(["metadata-service"]).unwrap();
-        let config = cli.server_config();
+        let config = cli.server_config().unwrap();
         assert!(cli.command.is_none());
         assert_eq!(config.listen.to_string(), "127.0.0.1:50051");
         assert_eq!(config.database_url, "sqlite://metadata.db?mode=rwc");

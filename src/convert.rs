@@ -6,17 +6,19 @@ use prost_types::value::Kind as ProtoKind;
 use prost_types::{ListValue, Struct, Timestamp, Value as ProtoValue};
 use serde_json::{Map, Value};
 
+use crate::auth::{Action, FieldSet, Operation};
 use crate::events::{ChangeType, Event, WatchItem, WatchRequest};
 use crate::json::{JsonPath, Problem, ValidationError, json_number};
 use crate::json::{Segment, TreeError, within};
 use crate::model::{DeleteCommand, Field, Kind, Mode, Record, WriteCommand};
 use crate::proto::v1::{
     self as pb, DeleteOrganizationMetadataRequest, DeleteUserMetadataRequest,
-    MergeOrganizationMetadataRequest, MergeUserMetadataRequest, OrganizationMetadata,
-    OrganizationMetadataEvent, ReplaceOrganizationMetadataRequest, ReplaceUserMetadataRequest,
-    UserMetadata, UserMetadataEvent, WatchOrganizationMetadataRequest,
-    WatchOrganizationMetadataResponse, WatchProgress, WatchUserMetadataRequest,
-    WatchUserMetadataResponse, watch_organization_metadata_response, watch_user_metadata_response,
+    GetOrganizationMetadataRequest, GetUserMetadataRequest, MergeOrganizationMetadataRequest,
+    MergeUserMetadataRequest, OrganizationMetadata, OrganizationMetadataEvent,
+    ReplaceOrganizationMetadataRequest, ReplaceUserMetadataRequest, UserMetadata,
+    UserMetadataEvent, WatchOrganizationMetadataRequest, WatchOrganizationMetadataResponse,
+    WatchProgress, WatchUserMetadataRequest, WatchUserMetadataResponse,
+    watch_organization_metadata_response, watch_user_metadata_response,
 };
 
 fn json_from_proto(value: ProtoValue) -> Result<Value, TreeError> {
@@ -209,32 +211,179 @@ impl From<DeleteOrganizationMetadataRequest> for DeleteCommand {
     }
 }
 
-impl From<Record> for UserMetadata {
-    fn from(r: Record) -> Self {
+/// A record as one caller may see it: fields outside `fields` are left out.
+pub struct Shown {
+    pub record: Record,
+    pub fields: FieldSet,
+}
+
+impl Shown {
+    fn field(&self, field: Field) -> Option<ProtoValue> {
+        self.fields
+            .contains(field)
+            .then(|| proto_from_json(self.record.fields.get(field)))
+    }
+}
+
+impl From<Shown> for UserMetadata {
+    fn from(shown: Shown) -> Self {
         UserMetadata {
-            user_id: r.id,
-            public_metadata: Some(proto_from_json(&r.fields.public)),
-            private_metadata: Some(proto_from_json(&r.fields.private)),
-            unsafe_metadata: Some(proto_from_json(&r.fields.unsafe_)),
-            version: r.version,
-            created_at: r.created_at.map(timestamp),
-            updated_at: r.updated_at.map(timestamp),
-            revision: r.revision,
+            public_metadata: shown.field(Field::Public),
+            private_metadata: shown.field(Field::Private),
+            unsafe_metadata: shown.field(Field::Unsafe),
+            user_id: shown.record.id,
+            version: shown.record.version,
+            created_at: shown.record.created_at.map(timestamp),
+            updated_at: shown.record.updated_at.map(timestamp),
+            revision: shown.record.revision,
         }
     }
 }
 
-impl From<Record> for OrganizationMetadata {
-    fn from(r: Record) -> Self {
+impl From<Shown> for OrganizationMetadata {
+    fn from(shown: Shown) -> Self {
         OrganizationMetadata {
-            organization_id: r.id,
-            public_metadata: Some(proto_from_json(&r.fields.public)),
-            private_metadata: Some(proto_from_json(&r.fields.private)),
-            version: r.version,
-            created_at: r.created_at.map(timestamp),
-            updated_at: r.updated_at.map(timestamp),
-            revision: r.revision,
+            public_metadata: shown.field(Field::Public),
+            private_metadata: shown.field(Field::Private),
+            organization_id: shown.record.id,
+            version: shown.record.version,
+            created_at: shown.record.created_at.map(timestamp),
+            updated_at: shown.record.updated_at.map(timestamp),
+            revision: shown.record.revision,
         }
+    }
+}
+
+/// The whole record, as backend callers and events see it.
+impl From<Record> for UserMetadata {
+    fn from(record: Record) -> Self {
+        Shown {
+            record,
+            fields: FieldSet::ALL,
+        }
+        .into()
+    }
+}
+
+impl From<Record> for OrganizationMetadata {
+    fn from(record: Record) -> Self {
+        Shown {
+            record,
+            fields: FieldSet::ALL,
+        }
+        .into()
+    }
+}
+
+/// The fields a write request provides, seen before any value is decoded.
+fn provided<const N: usize>(fields: [(Field, bool); N]) -> FieldSet {
+    FieldSet::of(fields.into_iter().filter(|(_, p)| *p).map(|(f, _)| f))
+}
+
+fn operation(kind: Kind, action: Action, id: &str, written: FieldSet) -> Operation<'_> {
+    Operation {
+        kind,
+        action,
+        id,
+        written,
+    }
+}
+
+impl<'a> From<&'a GetUserMetadataRequest> for Operation<'a> {
+    fn from(r: &'a GetUserMetadataRequest) -> Self {
+        operation(Kind::User, Action::Get, &r.user_id, FieldSet::NONE)
+    }
+}
+
+impl<'a> From<&'a MergeUserMetadataRequest> for Operation<'a> {
+    fn from(r: &'a MergeUserMetadataRequest) -> Self {
+        let written = provided([
+            (Field::Public, r.public_metadata.is_some()),
+            (Field::Private, r.private_metadata.is_some()),
+            (Field::Unsafe, r.unsafe_metadata.is_some()),
+        ]);
+        operation(Kind::User, Action::Merge, &r.user_id, written)
+    }
+}
+
+impl<'a> From<&'a ReplaceUserMetadataRequest> for Operation<'a> {
+    fn from(r: &'a ReplaceUserMetadataRequest) -> Self {
+        let written = provided([
+            (Field::Public, r.public_metadata.is_some()),
+            (Field::Private, r.private_metadata.is_some()),
+            (Field::Unsafe, r.unsafe_metadata.is_some()),
+        ]);
+        operation(Kind::User, Action::Replace, &r.user_id, written)
+    }
+}
+
+impl<'a> From<&'a DeleteUserMetadataRequest> for Operation<'a> {
+    fn from(r: &'a DeleteUserMetadataRequest) -> Self {
+        operation(Kind::User, Action::Delete, &r.user_id, FieldSet::ALL)
+    }
+}
+
+impl<'a> From<&'a WatchUserMetadataRequest> for Operation<'a> {
+    fn from(_: &'a WatchUserMetadataRequest) -> Self {
+        operation(Kind::User, Action::Watch, "", FieldSet::NONE)
+    }
+}
+
+impl<'a> From<&'a GetOrganizationMetadataRequest> for Operation<'a> {
+    fn from(r: &'a GetOrganizationMetadataRequest) -> Self {
+        operation(
+            Kind::Organization,
+            Action::Get,
+            &r.organization_id,
+            FieldSet::NONE,
+        )
+    }
+}
+
+impl<'a> From<&'a MergeOrganizationMetadataRequest> for Operation<'a> {
+    fn from(r: &'a MergeOrganizationMetadataRequest) -> Self {
+        let written = provided([
+            (Field::Public, r.public_metadata.is_some()),
+            (Field::Private, r.private_metadata.is_some()),
+        ]);
+        operation(
+            Kind::Organization,
+            Action::Merge,
+            &r.organization_id,
+            written,
+        )
+    }
+}
+
+impl<'a> From<&'a ReplaceOrganizationMetadataRequest> for Operation<'a> {
+    fn from(r: &'a ReplaceOrganizationMetadataRequest) -> Self {
+        let written = provided([
+            (Field::Public, r.public_metadata.is_some()),
+            (Field::Private, r.private_metadata.is_some()),
+        ]);
+        operation(
+            Kind::Organization,
+            Action::Replace,
+            &r.organization_id,
+            written,
+        )
+    }
+}
+
+impl<'a> From<&'a DeleteOrganizationMetadataRequest> for Operation<'a> {
+    fn from(r: &'a DeleteOrganizationMetadataRequest) -> Self {
+        operation(
+            Kind::Organization,
+            Action::Delete,
+            &r.organization_id,
+            FieldSet::ALL,
+        )
+    }
+}
+
+impl<'a> From<&'a WatchOrganizationMetadataRequest> for Operation<'a> {
+    fn from(_: &'a WatchOrganizationMetadataRequest) -> Self {
+        operation(Kind::Organization, Action::Watch, "", FieldSet::NONE)
     }
 }
 

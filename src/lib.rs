@@ -5,6 +5,7 @@
 //! [`model`] types; [`json`] holds the pure merge, replace and validation
 //! rules.
 
+pub mod auth;
 pub mod config;
 pub mod convert;
 pub mod events;

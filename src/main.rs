@@ -23,14 +23,18 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = cli.server_config();
-    match cli.command.unwrap_or(Command::Serve) {
+    match cli.command.as_ref().unwrap_or(&Command::Serve) {
         Command::Migrate => {
-            server::open_store(&config).await?.close().await?;
+            let options = cli.database.store_options();
+            server::open_store(&cli.database.database_url, &options)
+                .await?
+                .close()
+                .await?;
             tracing::info!("migrations applied");
             Ok(())
         }
         Command::Serve => {
+            let config = cli.server_config()?;
             // Listen for signals before starting, so that one arriving while
             // connecting or migrating stops the start cleanly.
             let stop = shutdown_signal()?;

@@ -136,6 +136,16 @@ pub enum Mode {
     Replace,
 }
 
+impl Mode {
+    /// The RPC that asks for this mode, for logs.
+    pub const fn rpc(self) -> &'static str {
+        match self {
+            Mode::Merge => "Merge",
+            Mode::Replace => "Replace",
+        }
+    }
+}
+
 /// A Merge or Replace request after conversion from protobuf.
 #[derive(Clone, Debug, PartialEq)]
 pub struct WriteCommand {

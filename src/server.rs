@@ -10,14 +10,16 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic_health::ServingStatus;
 
+use crate::auth::Authenticator;
 use crate::events::{self, Broker, BrokerOptions};
 use crate::health::DbHealth;
 use crate::json::Limits;
 use crate::proto::v1::organization_metadata_service_server::OrganizationMetadataServiceServer;
 use crate::proto::v1::user_metadata_service_server::UserMetadataServiceServer;
-use crate::service::{Admission, Metadata, OrganizationService, UserService};
+use crate::service::{Admission, Authenticate, Metadata, OrganizationService, UserService};
 use crate::store::{Store, StoreOptions};
 
 #[derive(Clone, Debug)]
@@ -37,6 +39,59 @@ pub struct ServerConfig {
     pub db_timeout: Duration,
     /// How often the database is pinged for health.
     pub db_health_interval: Duration,
+    /// Who may call; with no credentials configured, everyone may.
+    pub auth: Arc<Authenticator>,
+    /// Serve without credentials on a non-loopback address.
+    pub allow_unauthenticated: bool,
+    /// Serve gRPC reflection (for grpcurl and similar tools).
+    pub reflection: bool,
+    pub tls: Option<TlsConfig>,
+}
+
+/// PEM certificate chain and key; with `client_ca`, clients must present a
+/// certificate signed by it (mTLS).
+#[derive(Clone)]
+pub struct TlsConfig {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+    pub client_ca: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("mtls", &self.client_ca.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsConfig {
+    fn server_config(&self) -> tonic::transport::ServerTlsConfig {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let config = ServerTlsConfig::new()
+            .identity(Identity::from_pem(&self.cert, &self.key))
+            // A client that opens a connection and never finishes the
+            // handshake must not hold it forever.
+            .timeout(Duration::from_secs(10));
+        match &self.client_ca {
+            Some(ca) => config.client_ca_root(Certificate::from_pem(ca)),
+            None => config,
+        }
+    }
+}
+
+/// Refuses to expose an open server beyond this machine by accident.
+fn check_exposure(config: &ServerConfig) -> anyhow::Result<()> {
+    if config.auth.is_open() && !config.listen.ip().is_loopback() && !config.allow_unauthenticated {
+        anyhow::bail!(
+            "refusing to listen on {} without authentication: anyone who can reach it could \
+             read and change all metadata. Configure backend API keys (--api-keys-file or \
+             METADATA_API_KEYS) and/or --frontend-jwt-key, or pass --allow-unauthenticated \
+             if something in front of the service already authenticates callers",
+            config.listen
+        );
+    }
+    Ok(())
 }
 
 #[derive(Clone, Debug)]
@@ -58,8 +113,8 @@ impl Default for EventOptions {
 }
 
 /// Connects to the database and applies the migrations.
-pub async fn open_store(config: &ServerConfig) -> anyhow::Result<Store> {
-    let store = Store::connect(&config.database_url, &config.store)
+pub async fn open_store(database_url: &str, options: &StoreOptions) -> anyhow::Result<Store> {
+    let store = Store::connect(database_url, options)
         .await
         .context("cannot connect to the database")?;
     store
@@ -112,7 +167,14 @@ const SERVICE_NAMES: &[&str] = &[
 /// Opens the store, binds `config.listen` (port 0 picks a free port) and
 /// serves until [`RunningServer::shutdown`].
 pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
-    let store = Arc::new(open_store(config).await?);
+    check_exposure(config)?;
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        builder = builder
+            .tls_config(tls.server_config())
+            .context("invalid TLS certificate or key")?;
+    }
+    let store = Arc::new(open_store(&config.database_url, &config.store).await?);
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -151,10 +213,17 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         config.limits,
         admission,
     ));
-    let users = UserMetadataServiceServer::new(UserService::new(metadata.clone()))
-        .max_decoding_message_size(config.max_request_bytes);
-    let organizations = OrganizationMetadataServiceServer::new(OrganizationService::new(metadata))
-        .max_decoding_message_size(config.max_request_bytes);
+    let authenticate = Authenticate(config.auth.clone());
+    let users = InterceptedService::new(
+        UserMetadataServiceServer::new(UserService::new(metadata.clone()))
+            .max_decoding_message_size(config.max_request_bytes),
+        authenticate.clone(),
+    );
+    let organizations = InterceptedService::new(
+        OrganizationMetadataServiceServer::new(OrganizationService::new(metadata))
+            .max_decoding_message_size(config.max_request_bytes),
+        authenticate,
+    );
 
     // grpcurl 1.8 speaks only v1alpha; newer clients use v1.
     let reflection = || {
@@ -162,14 +231,20 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection_v1 = reflection().build_v1()?;
-    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let (reflection_v1, reflection_v1alpha) = if config.reflection {
+        (
+            Some(reflection().build_v1()?),
+            Some(reflection().build_v1alpha()?),
+        )
+    } else {
+        (None, None)
+    };
 
     let (stop, stopped) = oneshot::channel::<()>();
-    let router = tonic::transport::Server::builder()
+    let router = builder
         .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_optional_service(reflection_v1)
+        .add_optional_service(reflection_v1alpha)
         .add_service(users)
         .add_service(organizations);
 
@@ -190,7 +265,14 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         served_store.close_pool().await;
         Ok(())
     });
-    tracing::info!(%addr, "serving gRPC");
+    tracing::info!(
+        %addr,
+        tls = config.tls.is_some(),
+        mtls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        auth = %config.auth,
+        reflection = config.reflection,
+        "serving gRPC"
+    );
     Ok(RunningServer {
         addr,
         stop,

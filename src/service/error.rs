@@ -2,6 +2,7 @@
 
 use tonic::Status;
 
+use crate::auth::{AuthError, Denied};
 use crate::events::WatchError;
 use crate::json::ValidationError;
 use crate::store::StoreError;
@@ -44,5 +45,17 @@ impl From<WatchError> for Status {
             WatchError::Invalid(err) => err.into(),
             WatchError::Store(err) => err.into(),
         }
+    }
+}
+
+impl From<AuthError> for Status {
+    fn from(err: AuthError) -> Self {
+        Status::unauthenticated(err.to_string())
+    }
+}
+
+impl From<Denied> for Status {
+    fn from(err: Denied) -> Self {
+        Status::permission_denied(err.0)
     }
 }

@@ -1,11 +1,13 @@
 //! The gRPC services: thin translations between protobuf and [`Metadata`].
 
 mod admission;
+mod caller;
 mod error;
 mod organization;
 mod user;
 
 pub use admission::Admission;
+pub use caller::Authenticate;
 
 use std::sync::Arc;
 
@@ -13,7 +15,9 @@ pub use organization::OrganizationService;
 pub use user::UserService;
 
 use tokio::sync::mpsc;
+use tonic::{Request, Status};
 
+use crate::auth::{self, Caller, FieldSet, Operation};
 use crate::events::{Broker, ChangeType, WatchError, WatchItem, WatchRequest};
 use crate::json::{self, Limits};
 use crate::model::{DeleteCommand, Kind, Mode, Record, WriteCommand};
@@ -57,7 +61,11 @@ impl Metadata {
         self.store.get(kind, id).await
     }
 
-    pub async fn write(&self, command: WriteCommand) -> Result<Record, StoreError> {
+    pub async fn write(
+        &self,
+        caller: &Caller,
+        command: WriteCommand,
+    ) -> Result<Record, StoreError> {
         json::validate_command(&command, &self.limits)?;
         let WriteCommand {
             kind,
@@ -77,26 +85,63 @@ impl Metadata {
             })
             .await?;
         if outcome.changed {
+            // Who, what and where; never the values or their keys.
             tracing::info!(
+                caller = %caller,
+                rpc = mode.rpc(),
                 kind = kind.as_str(),
                 id = %id,
-                mode = ?mode,
                 version = outcome.record.version,
+                revision = outcome.record.revision,
                 "metadata written"
             );
         }
         Ok(outcome.record)
     }
 
-    pub async fn delete(&self, command: DeleteCommand) -> Result<bool, StoreError> {
+    pub async fn delete(
+        &self,
+        caller: &Caller,
+        command: DeleteCommand,
+    ) -> Result<bool, StoreError> {
         json::validate_delete(&command)?;
         let existed = self
             .store
             .delete(command.kind, &command.id, command.expected_version)
             .await?;
         if existed {
-            tracing::info!(kind = command.kind.as_str(), id = %command.id, "metadata deleted");
+            tracing::info!(
+                caller = %caller,
+                rpc = "Delete",
+                kind = command.kind.as_str(),
+                id = %command.id,
+                version = 0,
+                "metadata deleted"
+            );
         }
         Ok(existed)
+    }
+}
+
+/// The caller of `request` and the fields it may see, or PERMISSION_DENIED
+/// before any work is done.
+fn authorize<T>(request: &Request<T>) -> Result<(Caller, FieldSet), Status>
+where
+    for<'a> Operation<'a>: From<&'a T>,
+{
+    let caller = caller::caller(request)?;
+    let operation = Operation::from(request.get_ref());
+    match auth::authorize(&caller, &operation) {
+        Ok(fields) => Ok((caller, fields)),
+        Err(denied) => {
+            tracing::info!(
+                caller = %caller,
+                rpc = operation.action.rpc(),
+                kind = operation.kind.as_str(),
+                id = %operation.id,
+                "call refused: permission denied"
+            );
+            Err(denied.into())
+        }
     }
 }

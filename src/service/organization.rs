@@ -6,7 +6,8 @@ use tokio_stream::{Stream, StreamExt};
 
 use tonic::{Request, Response, Status};
 
-use super::Metadata;
+use super::{Metadata, authorize};
+use crate::convert::Shown;
 use crate::events::WatchRequest;
 use crate::model::{DeleteCommand, Kind, WriteCommand};
 use crate::proto::v1::organization_metadata_service_server::OrganizationMetadataService;
@@ -33,41 +34,43 @@ impl OrganizationMetadataService for OrganizationService {
         &self,
         request: Request<GetOrganizationMetadataRequest>,
     ) -> Result<Response<OrganizationMetadata>, Status> {
+        let (_, fields) = authorize(&request)?;
         let call = self.metadata.admission.unary(request.metadata())?;
         let id = request.into_inner().organization_id;
         let record = call.run(self.metadata.get(Kind::Organization, &id)).await?;
-        Ok(Response::new(record.into()))
+        Ok(Response::new(Shown { record, fields }.into()))
     }
 
     async fn merge(
         &self,
         request: Request<MergeOrganizationMetadataRequest>,
     ) -> Result<Response<OrganizationMetadata>, Status> {
+        let (caller, fields) = authorize(&request)?;
         let call = self.metadata.admission.unary(request.metadata())?;
         let command = WriteCommand::try_from(request.into_inner())?;
-        Ok(Response::new(
-            call.run(self.metadata.write(command)).await?.into(),
-        ))
+        let record = call.run(self.metadata.write(&caller, command)).await?;
+        Ok(Response::new(Shown { record, fields }.into()))
     }
 
     async fn replace(
         &self,
         request: Request<ReplaceOrganizationMetadataRequest>,
     ) -> Result<Response<OrganizationMetadata>, Status> {
+        let (caller, fields) = authorize(&request)?;
         let call = self.metadata.admission.unary(request.metadata())?;
         let command = WriteCommand::try_from(request.into_inner())?;
-        Ok(Response::new(
-            call.run(self.metadata.write(command)).await?.into(),
-        ))
+        let record = call.run(self.metadata.write(&caller, command)).await?;
+        Ok(Response::new(Shown { record, fields }.into()))
     }
 
     async fn delete(
         &self,
         request: Request<DeleteOrganizationMetadataRequest>,
     ) -> Result<Response<DeleteOrganizationMetadataResponse>, Status> {
+        let (caller, _) = authorize(&request)?;
         let call = self.metadata.admission.unary(request.metadata())?;
         let command = DeleteCommand::from(request.into_inner());
-        let existed = call.run(self.metadata.delete(command)).await?;
+        let existed = call.run(self.metadata.delete(&caller, command)).await?;
         Ok(Response::new(DeleteOrganizationMetadataResponse {
             existed,
         }))
@@ -80,6 +83,7 @@ impl OrganizationMetadataService for OrganizationService {
         &self,
         request: Request<WatchOrganizationMetadataRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        authorize(&request)?;
         let call = self.metadata.admission.stream(request.metadata())?;
         let request = WatchRequest::from(request.into_inner());
         let items = call.run(self.metadata.watch(request)).await?;

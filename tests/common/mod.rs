@@ -188,6 +188,10 @@ pub fn config(database_url: &str) -> ServerConfig {
         max_concurrent_requests: 512,
         db_timeout: std::time::Duration::from_secs(5),
         db_health_interval: std::time::Duration::from_secs(1),
+        auth: Default::default(),
+        allow_unauthenticated: false,
+        reflection: true,
+        tls: None,
     }
 }
 

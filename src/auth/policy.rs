@@ -1,0 +1,207 @@
+//! Who may read and write which metadata field (the reference API's rules):
+//! private is backend-only; public is read by the frontend and written by
+//! the backend; unsafe is read and merged by the frontend, for its own user
+//! only. Organizations have no unsafe field, so the frontend only reads the
+//! public metadata of the organization named in its token.
+
+use crate::model::{Field, Kind};
+
+use super::Caller;
+
+/// A set of metadata fields.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FieldSet(u8);
+
+impl FieldSet {
+    pub const NONE: FieldSet = FieldSet(0);
+    pub const ALL: FieldSet = FieldSet(0b111);
+
+    const fn bit(field: Field) -> u8 {
+        match field {
+            Field::Public => 1,
+            Field::Private => 2,
+            Field::Unsafe => 4,
+        }
+    }
+
+    pub fn of(fields: impl IntoIterator<Item = Field>) -> FieldSet {
+        fields
+            .into_iter()
+            .fold(FieldSet::NONE, |set, f| FieldSet(set.0 | Self::bit(f)))
+    }
+
+    pub fn contains(self, field: Field) -> bool {
+        self.0 & Self::bit(field) != 0
+    }
+
+    pub fn iter(self) -> impl Iterator<Item = Field> {
+        Field::ALL.into_iter().filter(move |f| self.contains(*f))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Get,
+    Merge,
+    Replace,
+    Delete,
+    Watch,
+}
+
+impl Action {
+    pub const fn rpc(self) -> &'static str {
+        match self {
+            Action::Get => "Get",
+            Action::Merge => "Merge",
+            Action::Replace => "Replace",
+            Action::Delete => "Delete",
+            Action::Watch => "Watch",
+        }
+    }
+}
+
+/// What a call asks to do, known before its values are decoded.
+#[derive(Clone, Copy, Debug)]
+pub struct Operation<'a> {
+    pub kind: Kind,
+    pub action: Action,
+    /// The user or organization id; empty for Watch.
+    pub id: &'a str,
+    /// The fields the request provides values for.
+    pub written: FieldSet,
+}
+
+/// PERMISSION_DENIED, with a message saying what the caller may do instead.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct Denied(pub String);
+
+/// The fields the caller may see in the response, or why it may not call.
+pub fn authorize(caller: &Caller, op: &Operation) -> Result<FieldSet, Denied> {
+    let (user_id, org_id) = match caller {
+        Caller::Open | Caller::Backend { .. } => return Ok(FieldSet::ALL),
+        Caller::Frontend { user_id, org_id } => (user_id, org_id),
+    };
+    match (op.kind, op.action) {
+        (Kind::User, Action::Get | Action::Merge) if op.id != user_id => Err(Denied(format!(
+            "a frontend token may {} only its own user (the token's sub)",
+            op.action.rpc()
+        ))),
+        (Kind::User, Action::Get) => Ok(FieldSet::of([Field::Public, Field::Unsafe])),
+        (Kind::User, Action::Merge) => match op.written.iter().find(|f| *f != Field::Unsafe) {
+            Some(field) => Err(Denied(format!(
+                "{} is written by backend callers only; a frontend token may merge only unsafe_metadata",
+                field.name()
+            ))),
+            None => Ok(FieldSet::of([Field::Public, Field::Unsafe])),
+        },
+        (Kind::Organization, Action::Get) if org_id.as_deref() == Some(op.id) => {
+            Ok(FieldSet::of([Field::Public]))
+        }
+        (Kind::Organization, Action::Get) => Err(Denied(
+            "a frontend token may Get only the organization in its org_id claim".into(),
+        )),
+        (kind, action) => Err(Denied(format!(
+            "{} on {} metadata is for backend callers only",
+            action.rpc(),
+            kind.as_str()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ACTIONS: [Action; 5] = [
+        Action::Get,
+        Action::Merge,
+        Action::Replace,
+        Action::Delete,
+        Action::Watch,
+    ];
+
+    fn frontend(org: Option<&str>) -> Caller {
+        Caller::Frontend {
+            user_id: "user_1".into(),
+            org_id: org.map(Into::into),
+        }
+    }
+
+    fn op(kind: Kind, action: Action, id: &str, written: &[Field]) -> Operation<'static> {
+        Operation {
+            kind,
+            action,
+            id: Box::leak(id.to_string().into_boxed_str()),
+            written: FieldSet::of(written.iter().copied()),
+        }
+    }
+
+    #[test]
+    fn backend_and_open_callers_may_do_everything() {
+        let backend = Caller::Backend { name: "b".into() };
+        for caller in [Caller::Open, backend] {
+            for kind in [Kind::User, Kind::Organization] {
+                for action in ACTIONS {
+                    let op = op(kind, action, "x", &Field::ALL);
+                    assert_eq!(authorize(&caller, &op), Ok(FieldSet::ALL));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn frontend_reads_public_and_unsafe_of_its_own_user() {
+        let seen = authorize(&frontend(None), &op(Kind::User, Action::Get, "user_1", &[])).unwrap();
+        assert_eq!(
+            seen.iter().collect::<Vec<_>>(),
+            [Field::Public, Field::Unsafe]
+        );
+        let other = authorize(&frontend(None), &op(Kind::User, Action::Get, "user_2", &[]));
+        assert!(other.unwrap_err().0.contains("only its own user"));
+    }
+
+    #[test]
+    fn frontend_merges_only_unsafe_of_its_own_user() {
+        let caller = frontend(None);
+        let own = op(Kind::User, Action::Merge, "user_1", &[Field::Unsafe]);
+        assert!(authorize(&caller, &own).is_ok());
+        for field in [Field::Public, Field::Private] {
+            let op = op(Kind::User, Action::Merge, "user_1", &[Field::Unsafe, field]);
+            let denied = authorize(&caller, &op).unwrap_err();
+            assert!(denied.0.starts_with(field.name()), "{denied}");
+        }
+        let other = op(Kind::User, Action::Merge, "user_2", &[Field::Unsafe]);
+        assert!(authorize(&caller, &other).is_err());
+    }
+
+    #[test]
+    fn frontend_may_not_replace_delete_or_watch() {
+        for kind in [Kind::User, Kind::Organization] {
+            for action in [Action::Replace, Action::Delete, Action::Watch] {
+                let op = op(kind, action, "user_1", &[Field::Unsafe]);
+                let denied = authorize(&frontend(Some("user_1")), &op).unwrap_err();
+                assert!(denied.0.contains("backend callers only"), "{denied}");
+            }
+        }
+    }
+
+    #[test]
+    fn frontend_reads_public_of_the_organization_in_its_claim() {
+        let get = |org: Option<&str>, id: &str| {
+            authorize(
+                &frontend(org),
+                &op(Kind::Organization, Action::Get, id, &[]),
+            )
+        };
+        assert_eq!(
+            get(Some("org_1"), "org_1"),
+            Ok(FieldSet::of([Field::Public]))
+        );
+        assert!(get(Some("org_1"), "org_2").is_err());
+        assert!(get(None, "org_1").is_err());
+        assert!(get(None, "").is_err());
+        let merge = op(Kind::Organization, Action::Merge, "org_1", &[Field::Public]);
+        assert!(authorize(&frontend(Some("org_1")), &merge).is_err());
+    }
+}
