@@ -33,7 +33,18 @@ const USERS: &str = "metadata.v1.UserMetadataService";
 
 /// Settings the binary reads from the environment; cleared so that the
 /// caller's environment cannot change what a test sees.
-const ENV_VARS: [&str; 13] = [
+const ENV_VARS: [&str; 24] = [
+    "METADATA_API_KEYS",
+    "METADATA_API_KEYS_FILE",
+    "METADATA_FRONTEND_JWT_KEY",
+    "METADATA_FRONTEND_JWT_ISSUER",
+    "METADATA_FRONTEND_JWT_AUDIENCE",
+    "METADATA_FRONTEND_JWT_LEEWAY",
+    "METADATA_ALLOW_UNAUTHENTICATED",
+    "METADATA_DISABLE_REFLECTION",
+    "METADATA_TLS_CERT",
+    "METADATA_TLS_KEY",
+    "METADATA_TLS_CLIENT_CA",
     "METADATA_SHUTDOWN_GRACE",
     "METADATA_WATCH_PROGRESS_INTERVAL",
     "METADATA_WATCH_POLL_INTERVAL",
@@ -287,6 +298,15 @@ impl Server {
     }
 
     async fn start_with(database_url: &str, dir: &Path, extra: &[&str]) -> Server {
+        Self::start_with_env(database_url, dir, extra, &[]).await
+    }
+
+    async fn start_with_env(
+        database_url: &str,
+        dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
         for attempt in 0..3 {
             let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
             let stdout = dir.join(format!("stdout.{attempt}.log"));
@@ -295,6 +315,7 @@ impl Server {
                 .args(["--database-url", database_url])
                 .args(["--listen", &addr.to_string()])
                 .args(extra)
+                .envs(env.iter().copied())
                 .stdout(std::fs::File::create(&stdout).unwrap())
                 .stderr(std::fs::File::create(&stderr).unwrap())
                 .spawn()
@@ -648,4 +669,176 @@ async fn crash_during_writes_postgres() {
         return;
     };
     crash_during_writes_loses_nothing(db.url()).await;
+}
+
+/// Removes terminal colour codes, so that assertions see the plain text.
+fn plain(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| c.is_ascii_alphabetic());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn bearer<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let value = format!("Bearer {token}").parse().unwrap();
+    request.metadata_mut().insert("authorization", value);
+    request
+}
+
+/// Every write is logged with who, which RPC, which id and the resulting
+/// version, even at debug level no log line holds a metadata key or value,
+/// an API key or a token, whether the call succeeds or fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_name_the_caller_but_never_values_keys_or_tokens() {
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    use metadata_service::auth::hash_key;
+    use metadata_service::proto::v1::{DeleteUserMetadataRequest, ReplaceUserMetadataRequest};
+
+    // Everything secret carries this marker; no log line may.
+    const MARK: &str = "SECRET";
+    let api_key = "api-key-SECRET-4f1e0c";
+    let jwt_secret = "jwt-signing-secret-SECRET-0123456789abcdef";
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("jwt.key");
+    std::fs::write(&key_file, jwt_secret).unwrap();
+    let api_keys = format!("ci-logs:{}", hash_key(api_key));
+    let key_arg = format!("@{}", key_file.display());
+    let server = Server::start_with_env(
+        &sqlite_url(dir.path()),
+        dir.path(),
+        &["--api-keys", &api_keys, "--frontend-jwt-key", &key_arg],
+        &[("RUST_LOG", "debug")],
+    )
+    .await;
+    let claims = json!({"sub": "user_log", "exp": chrono::Utc::now().timestamp() + 600});
+    let session = encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(jwt_secret.as_bytes()),
+    )
+    .unwrap();
+    let mut users = UserMetadataServiceClient::new(server.channel().await.unwrap());
+    let secret_patch = || structure(&json!({"key_SECRET": {"nested_SECRET": "value_SECRET"}}));
+
+    let merge = MergeUserMetadataRequest {
+        user_id: "user_log".into(),
+        public_metadata: Some(secret_patch()),
+        private_metadata: Some(secret_patch()),
+        ..Default::default()
+    };
+    let merged = users.merge(bearer(merge, api_key)).await.unwrap();
+    assert_eq!(merged.into_inner().version, 1);
+    let replace = ReplaceUserMetadataRequest {
+        user_id: "user_log".into(),
+        private_metadata: Some(common::json::value(&json!({"other_SECRET": 1}))),
+        ..Default::default()
+    };
+    users.replace(bearer(replace, api_key)).await.unwrap();
+    let own = MergeUserMetadataRequest {
+        user_id: "user_log".into(),
+        unsafe_metadata: Some(secret_patch()),
+        ..Default::default()
+    };
+    let merged = users.merge(bearer(own, &session)).await.unwrap();
+    assert_eq!(merged.into_inner().version, 3);
+
+    // Refused and invalid calls.
+    let denied = MergeUserMetadataRequest {
+        user_id: "user_log".into(),
+        public_metadata: Some(secret_patch()),
+        ..Default::default()
+    };
+    let err = users.merge(bearer(denied, &session)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    for token in ["wrong-key-SECRET", "eyJhbGciOiJIUzI1NiJ9.e30.SECRET"] {
+        let get = GetUserMetadataRequest {
+            user_id: "user_log".into(),
+        };
+        let err = users.get(bearer(get, token)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    }
+    let invalid = MergeUserMetadataRequest {
+        user_id: "user_log".into(),
+        private_metadata: Some(structure(&json!({"bad_SECRET": "nul\u{0}SECRET"}))),
+        ..Default::default()
+    };
+    let err = users.merge(bearer(invalid, api_key)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("bad_SECRET"), "the caller is told");
+
+    let delete = DeleteUserMetadataRequest {
+        user_id: "user_log".into(),
+        expected_version: None,
+    };
+    assert!(
+        users
+            .delete(bearer(delete, api_key))
+            .await
+            .unwrap()
+            .into_inner()
+            .existed
+    );
+
+    let output = plain(&server.output());
+    server.stop("TERM").await;
+    let leaks: Vec<&str> = output
+        .lines()
+        .filter(|l| l.contains(MARK) || l.contains(&session) || l.contains(jwt_secret))
+        .collect();
+    assert!(
+        leaks.is_empty(),
+        "secrets in the log:\n{}",
+        leaks.join("\n")
+    );
+    let logged = |needles: &[&str]| {
+        output
+            .lines()
+            .any(|line| needles.iter().all(|n| line.contains(n)))
+    };
+    for needles in [
+        &[
+            "metadata written",
+            "caller=backend:ci-logs",
+            "rpc=Merge",
+            "id=user_log",
+            "version=1",
+        ][..],
+        &[
+            "metadata written",
+            "caller=backend:ci-logs",
+            "rpc=Replace",
+            "id=user_log",
+            "version=2",
+        ],
+        &[
+            "metadata written",
+            "caller=frontend:user_log",
+            "rpc=Merge",
+            "id=user_log",
+            "version=3",
+        ],
+        &[
+            "metadata deleted",
+            "caller=backend:ci-logs",
+            "rpc=Delete",
+            "id=user_log",
+        ],
+        &[
+            "permission denied",
+            "caller=frontend:user_log",
+            "rpc=Merge",
+            "id=user_log",
+        ],
+        &["not authenticated", "unknown API key"],
+        &["not authenticated", "invalid token"],
+    ] {
+        assert!(logged(needles), "no line with {needles:?}:\n{output}");
+    }
 }

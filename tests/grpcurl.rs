@@ -497,3 +497,154 @@ async fn watch_replays_events() {
         assert_eq!(event["after"]["version"], "1");
     }
 }
+
+const API_KEY: &str = "grpcurl-test-api-key-9c2e";
+const JWT_SECRET: &[u8] = b"grpcurl-test-jwt-secret-0123456789abcdef";
+
+async fn secured_setup() -> Option<(Grpcurl, TestServer)> {
+    use metadata_service::auth::{ApiKeys, Authenticator, FrontendConfig, FrontendTokens};
+    let grpcurl = Grpcurl::find().await?;
+    let keys = ApiKeys::parse(
+        &format!("grpcurl:{}", metadata_service::auth::hash_key(API_KEY)),
+        "test",
+    )
+    .unwrap();
+    let frontend = FrontendTokens::new(&FrontendConfig {
+        key: JWT_SECRET.to_vec(),
+        issuer: None,
+        audience: None,
+        leeway: Duration::ZERO,
+    })
+    .unwrap();
+    let auth = std::sync::Arc::new(Authenticator::new(keys, Some(frontend)));
+    let server = common::start_with(Backend::Sqlite, |c| c.auth = auth)
+        .await
+        .unwrap();
+    Some((grpcurl, server))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_key_and_frontend_token_in_a_header() {
+    let Some((grpcurl, s)) = secured_setup().await else {
+        return;
+    };
+    let backend = format!("authorization: Bearer {API_KEY}");
+    let merge = format!("{USERS}/Merge");
+    let body = json!({"user_id": "user_1", "private_metadata": {"plan": "pro"}, "unsafe_metadata": {"theme": "dark"}});
+    let merged = grpcurl
+        .call_with(s.addr, &["-H", &backend], &merge, body.clone())
+        .await;
+    assert_eq!(merged["version"], json!("1"), "{merged}");
+
+    // Without the header: UNAUTHENTICATED (grpcurl exits with 64 + code).
+    let body = body.to_string();
+    let run = grpcurl.at(s.addr, &["-d", &body], &[&merge]).await;
+    assert_eq!(run.status.code(), Some(64 + 16), "{run:?}");
+    assert!(run.stderr.contains("Code: Unauthenticated"), "{run:?}");
+
+    // Listing services needs no credentials.
+    let run = grpcurl.at(s.addr, &[], &["list"]).await;
+    assert!(run.status.success(), "{run:?}");
+
+    // A frontend session token sees its own user without private metadata.
+    let claims = json!({"sub": "user_1", "exp": chrono::Utc::now().timestamp() + 600});
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET),
+    )
+    .unwrap();
+    let frontend = format!("authorization: Bearer {token}");
+    let get = format!("{USERS}/Get");
+    let user = grpcurl
+        .call_with(
+            s.addr,
+            &["-H", &frontend],
+            &get,
+            json!({"user_id": "user_1"}),
+        )
+        .await;
+    assert_eq!(user["unsafeMetadata"], json!({"theme": "dark"}), "{user}");
+    assert!(user.get("privateMetadata").is_none(), "{user}");
+    let run = grpcurl
+        .at(
+            s.addr,
+            &["-H", &frontend, "-d", r#"{"user_id":"user_2"}"#],
+            &[&get],
+        )
+        .await;
+    assert_eq!(
+        run.status.code(),
+        Some(64 + 7),
+        "PERMISSION_DENIED: {run:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_can_be_switched_off() {
+    let Some(grpcurl) = Grpcurl::find().await else {
+        return;
+    };
+    let s = common::start_with(Backend::Sqlite, |c| c.reflection = false)
+        .await
+        .unwrap();
+    let run = grpcurl.at(s.addr, &[], &["list"]).await;
+    assert!(!run.status.success(), "{run:?}");
+    assert!(
+        run.stderr.contains("does not support the reflection API"),
+        "{run:?}"
+    );
+    // The services themselves still answer.
+    let run = grpcurl
+        .at(
+            s.addr,
+            &["-d", r#"{"service":""}"#],
+            &[&format!("{HEALTH}/Check")],
+        )
+        .await;
+    assert!(
+        !run.status.success(),
+        "grpcurl needs reflection to encode: {run:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_the_server_certificate() {
+    let Some(grpcurl) = Grpcurl::find().await else {
+        return;
+    };
+    let ca = common::tls::Ca::new("grpcurl test CA");
+    let leaf = ca.server_leaf();
+    let tls = metadata_service::server::TlsConfig {
+        cert: leaf.cert.into_bytes(),
+        key: leaf.key.into_bytes(),
+        client_ca: None,
+    };
+    let db = common::TestDb::create(Backend::Sqlite).await.unwrap();
+    let mut config = common::config(db.url());
+    config.tls = Some(tls);
+    let server = metadata_service::server::start(&config).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let addr = format!("localhost:{}", server.local_addr().port());
+    let ca_arg = ca_file.to_str().unwrap();
+    let args = [
+        "-cacert",
+        ca_arg,
+        "-max-time",
+        "20",
+        "-d",
+        r#"{"user_id":"user_1"}"#,
+        &addr,
+        "metadata.v1.UserMetadataService/Get",
+    ];
+    let run = grpcurl.run(&args).await;
+    assert!(run.status.success(), "{run:?}");
+    let user: Json = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(user["userId"], json!("user_1"), "{user}");
+    // Without the CA, grpcurl does not trust the server.
+    let run = grpcurl.run(&args[2..]).await;
+    assert!(!run.status.success(), "{run:?}");
+    server.shutdown().await.unwrap();
+}

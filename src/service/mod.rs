@@ -88,8 +88,8 @@ impl Metadata {
             // Who, what and where; never the values or their keys.
             tracing::info!(
                 caller = %caller,
-                rpc = mode.rpc(),
-                kind = kind.as_str(),
+                rpc = %mode.rpc(),
+                kind = %kind.as_str(),
                 id = %id,
                 version = outcome.record.version,
                 revision = outcome.record.revision,
@@ -112,8 +112,8 @@ impl Metadata {
         if existed {
             tracing::info!(
                 caller = %caller,
-                rpc = "Delete",
-                kind = command.kind.as_str(),
+                rpc = %"Delete",
+                kind = %command.kind.as_str(),
                 id = %command.id,
                 version = 0,
                 "metadata deleted"
@@ -136,8 +136,8 @@ where
         Err(denied) => {
             tracing::info!(
                 caller = %caller,
-                rpc = operation.action.rpc(),
-                kind = operation.kind.as_str(),
+                rpc = %operation.action.rpc(),
+                kind = %operation.kind.as_str(),
                 id = %operation.id,
                 "call refused: permission denied"
             );

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod json;
+pub mod tls;
 
 use std::net::SocketAddr;
 
