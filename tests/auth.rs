@@ -240,12 +240,8 @@ async fn call(server: &TestServer, op: Op, token: Option<&str>) -> Outcome {
         }
         UserWatch => {
             let request = WatchUserMetadataRequest::default();
-            let mut stream = users.watch(with_token(request, token)).await?.into_inner();
-            let first = tokio::time::timeout(Duration::from_secs(10), stream.message()).await;
-            assert!(
-                matches!(first, Ok(Ok(Some(_)))),
-                "first watch message: {first:?}"
-            );
+            let stream = users.watch(with_token(request, token)).await?;
+            assert_opened(stream.into_inner()).await;
             None
         }
         OrgGet => {
@@ -288,15 +284,20 @@ async fn call(server: &TestServer, op: Op, token: Option<&str>) -> Outcome {
         }
         OrgWatch => {
             let request = WatchOrganizationMetadataRequest::default();
-            let mut stream = orgs.watch(with_token(request, token)).await?.into_inner();
-            let first = tokio::time::timeout(Duration::from_secs(10), stream.message()).await;
-            assert!(
-                matches!(first, Ok(Ok(Some(_)))),
-                "first watch message: {first:?}"
-            );
+            let stream = orgs.watch(with_token(request, token)).await?;
+            assert_opened(stream.into_inner()).await;
             None
         }
     })
+}
+
+/// A Watch stream that was let in starts with a progress message.
+async fn assert_opened<T: std::fmt::Debug>(mut stream: tonic::Streaming<T>) {
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.message()).await;
+    assert!(
+        matches!(first, Ok(Ok(Some(_)))),
+        "first watch message: {first:?}"
+    );
 }
 
 /// Writes known values to every field of USER and ORG as the backend, and
