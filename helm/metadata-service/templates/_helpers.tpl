@@ -1,0 +1,351 @@
+{{/*
+Chart name, truncated to the 63 characters a label value allows.
+*/}}
+{{- define "metadata-service.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name: <release>-<chart>, or the release name alone when it already
+contains the chart name; 63 characters at most (DNS label).
+*/}}
+{{- define "metadata-service.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Full name with a suffix, still 63 characters at most.
+Usage: include "metadata-service.suffixedName" (list . "migrate")
+*/}}
+{{- define "metadata-service.suffixedName" -}}
+{{- $ctx := index . 0 }}
+{{- $suffix := index . 1 }}
+{{- $base := include "metadata-service.fullname" $ctx | trunc (int (sub 62 (len $suffix))) | trimSuffix "-" }}
+{{- printf "%s-%s" $base $suffix }}
+{{- end }}
+
+{{- define "metadata-service.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Standard labels.
+*/}}
+{{- define "metadata-service.labels" -}}
+helm.sh/chart: {{ include "metadata-service.chart" . }}
+{{ include "metadata-service.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: metadata-service
+{{- end }}
+
+{{/*
+Selector labels (immutable once deployed: never add to these).
+*/}}
+{{- define "metadata-service.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "metadata-service.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Selector of the server pods (the migration Job's pods carry component=migration).
+*/}}
+{{- define "metadata-service.serverSelectorLabels" -}}
+{{ include "metadata-service.selectorLabels" . }}
+app.kubernetes.io/component: server
+{{- end }}
+
+{{- define "metadata-service.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "metadata-service.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+ServiceAccount of the migration Job. A pre-install hook runs before the
+chart's own ServiceAccount exists, so a chart-created account cannot be used.
+*/}}
+{{- define "metadata-service.migrationServiceAccountName" -}}
+{{- if .Values.migration.serviceAccountName }}
+{{- .Values.migration.serviceAccountName }}
+{{- else if .Values.serviceAccount.create }}
+{{- "default" }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "metadata-service.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the Secret holding the credentials.
+*/}}
+{{- define "metadata-service.secretName" -}}
+{{- default (include "metadata-service.fullname" .) .Values.existingSecret }}
+{{- end }}
+
+{{/*
+Name of the short-lived hook Secret read by the migration Job.
+*/}}
+{{- define "metadata-service.migrationSecretName" -}}
+{{- include "metadata-service.suffixedName" (list . "migrate") }}
+{{- end }}
+
+{{/*
+"true" when the chart creates its own Secret (it has something to put in it).
+*/}}
+{{- define "metadata-service.createSecret" -}}
+{{- if and (not .Values.existingSecret) (or (and (eq .Values.database.mode "postgres") .Values.database.url) .Values.auth.apiKeys .Values.auth.frontendJwtKey) }}true{{ end }}
+{{- end }}
+
+{{/*
+"true" when the migration Job runs: postgres mode only (see values.yaml).
+*/}}
+{{- define "metadata-service.migrationEnabled" -}}
+{{- if and .Values.migration.enabled (eq .Values.database.mode "postgres") }}true{{ end }}
+{{- end }}
+
+{{- define "metadata-service.sqliteUrl" -}}
+sqlite:///data/metadata.db?mode=rwc
+{{- end }}
+
+{{- define "metadata-service.pvcName" -}}
+{{- default (include "metadata-service.suffixedName" (list . "data")) .Values.persistence.existingClaim }}
+{{- end }}
+
+{{/*
+The API keys as the server reads them: "name:sha256hex", one per line.
+*/}}
+{{- define "metadata-service.apiKeysText" -}}
+{{- range .Values.auth.apiKeys }}
+{{ .name }}:{{ .sha256 }}
+{{- end }}
+{{- end }}
+
+{{/*
+host:port for a listener; IPv6 addresses get brackets.
+Usage: include "metadata-service.listenAddress" (list .Values.bindAddress port)
+*/}}
+{{- define "metadata-service.listenAddress" -}}
+{{- $host := index . 0 | toString }}
+{{- $port := index . 1 | int }}
+{{- if and (contains ":" $host) (not (hasPrefix "[" $host)) }}
+{{- printf "[%s]:%d" $host $port }}
+{{- else }}
+{{- printf "%s:%d" $host $port }}
+{{- end }}
+{{- end }}
+
+{{/*
+A humantime duration ("10s", "1m 30s", "7days", "500ms") in milliseconds.
+Usage: include "metadata-service.durationMillis" (list "config.shutdownGrace" .Values.config.shutdownGrace)
+*/}}
+{{- define "metadata-service.durationMillis" -}}
+{{- $what := index . 0 }}
+{{- $text := index . 1 | toString | trim }}
+{{- if not (regexMatch "^([0-9]+ *[a-zA-Zµ]+ *)+$" $text) }}
+{{- fail (printf "%s: %q is not a duration; use e.g. \"10s\", \"1m\", \"1m 30s\"" $what $text) }}
+{{- end }}
+{{- $units := dict "nsec" 0 "ns" 0 "usec" 0 "us" 0 "µs" 0 "msec" 1 "ms" 1 "seconds" 1000 "second" 1000 "sec" 1000 "secs" 1000 "s" 1000 "minutes" 60000 "minute" 60000 "min" 60000 "mins" 60000 "m" 60000 "hours" 3600000 "hour" 3600000 "hr" 3600000 "hrs" 3600000 "h" 3600000 "days" 86400000 "day" 86400000 "d" 86400000 "weeks" 604800000 "week" 604800000 "w" 604800000 "months" 2630016000 "month" 2630016000 "M" 2630016000 "years" 31557600000 "year" 31557600000 "y" 31557600000 }}
+{{- $total := 0 }}
+{{- range regexFindAll "[0-9]+ *[a-zA-Zµ]+" $text -1 }}
+{{- $n := regexFind "^[0-9]+" . | int64 }}
+{{- $unit := regexReplaceAll "^[0-9]+ *" . "" }}
+{{- if not (hasKey $units $unit) }}
+{{- fail (printf "%s: unknown unit %q in %q (use ms, s, m, h, days...)" $what $unit $text) }}
+{{- end }}
+{{- $total = add $total (mul $n (index $units $unit)) }}
+{{- end }}
+{{- $total }}
+{{- end }}
+
+{{/*
+Environment variable names the chart sets itself, per config key.
+*/}}
+{{- define "metadata-service.configEnvNames" -}}
+dbMaxConnections: METADATA_DB_MAX_CONNECTIONS
+dbConnectTimeout: METADATA_DB_CONNECT_TIMEOUT
+dbTimeout: METADATA_DB_TIMEOUT
+dbHealthInterval: METADATA_DB_HEALTH_INTERVAL
+sqliteBusyTimeout: METADATA_SQLITE_BUSY_TIMEOUT
+maxFieldBytes: METADATA_MAX_FIELD_BYTES
+maxDepth: METADATA_MAX_DEPTH
+maxRequestBytes: METADATA_MAX_REQUEST_BYTES
+maxConcurrentRequests: METADATA_MAX_CONCURRENT_REQUESTS
+watchProgressInterval: METADATA_WATCH_PROGRESS_INTERVAL
+watchPollInterval: METADATA_WATCH_POLL_INTERVAL
+watchBuffer: METADATA_WATCH_BUFFER
+eventRetention: METADATA_EVENT_RETENTION
+eventPruneInterval: METADATA_EVENT_PRUNE_INTERVAL
+shutdownGrace: METADATA_SHUTDOWN_GRACE
+disableReflection: METADATA_DISABLE_REFLECTION
+logFormat: METADATA_LOG_FORMAT
+logFilter: RUST_LOG
+{{- end }}
+
+{{/*
+Every variable name the chart may set (extraEnv must not repeat them).
+*/}}
+{{- define "metadata-service.managedEnvNames" -}}
+{{- $names := list "DATABASE_URL" "METADATA_LISTEN" "METADATA_METRICS_LISTEN" "METADATA_API_KEYS" "METADATA_API_KEYS_FILE" "METADATA_FRONTEND_JWT_KEY" "METADATA_FRONTEND_JWT_ISSUER" "METADATA_FRONTEND_JWT_AUDIENCE" "METADATA_FRONTEND_JWT_LEEWAY" "METADATA_ALLOW_UNAUTHENTICATED" "METADATA_TLS_CERT" "METADATA_TLS_KEY" "METADATA_TLS_CLIENT_CA" }}
+{{- range $k, $v := include "metadata-service.configEnvNames" . | fromYaml }}
+{{- $names = append $names $v }}
+{{- end }}
+{{- toJson $names }}
+{{- end }}
+
+{{/*
+A config value as an env value string, or "" when it is unset (null, "",
+false): the server default then applies. Integers arrive as float64 from
+YAML and must not be printed as 1.048576e+06.
+*/}}
+{{- define "metadata-service.envValue" -}}
+{{- $v := . }}
+{{- if kindIs "invalid" $v }}
+{{- else if kindIs "bool" $v }}
+{{- if $v }}true{{ end }}
+{{- else if or (kindIs "float64" $v) (kindIs "float32" $v) }}
+{{- printf "%d" (int64 $v) }}
+{{- else }}
+{{- toString $v }}
+{{- end }}
+{{- end }}
+
+{{/*
+Environment from `config` (server and migration Job).
+*/}}
+{{- define "metadata-service.configEnv" -}}
+{{- $names := include "metadata-service.configEnvNames" . | fromYaml }}
+{{- range $key := keys .Values.config | sortAlpha }}
+{{- if not (hasKey $names $key) }}
+{{- fail (printf "config.%s is not a known setting (known: %s); pass other flags with extraEnv or extraArgs" $key (keys $names | sortAlpha | join ", ")) }}
+{{- end }}
+{{- $value := include "metadata-service.envValue" (index $.Values.config $key) }}
+{{- if ne $value "" }}
+- name: {{ index $names $key }}
+  value: {{ $value | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+DATABASE_URL for the server and the migration Job.
+Usage: include "metadata-service.databaseUrlEnv" (list . secretName)
+*/}}
+{{- define "metadata-service.databaseUrlEnv" -}}
+{{- $ctx := index . 0 }}
+{{- $secret := index . 1 }}
+{{- if eq $ctx.Values.database.mode "sqlite" }}
+- name: DATABASE_URL
+  value: {{ include "metadata-service.sqliteUrl" $ctx | quote }}
+{{- else }}
+- name: DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ $ctx.Values.secretKeys.databaseUrl }}
+{{- end }}
+{{- end }}
+
+{{/*
+Checks that templates cannot express in values.schema.json. Renders nothing;
+fails with a message saying what to change.
+*/}}
+{{- define "metadata-service.validate" -}}
+{{- $v := .Values }}
+{{- $mode := $v.database.mode }}
+{{- if eq $mode "sqlite" }}
+{{- if ne (int $v.replicaCount) 1 }}
+{{- fail (printf "database.mode=sqlite keeps one SQLite file on a ReadWriteOnce volume, so exactly one replica may run: set replicaCount=1 (got %d), or use database.mode=postgres for several replicas" (int $v.replicaCount)) }}
+{{- end }}
+{{- if $v.autoscaling.enabled }}
+{{- fail "database.mode=sqlite runs exactly one replica: autoscaling.enabled must be false (use database.mode=postgres to scale out)" }}
+{{- end }}
+{{- if $v.database.url }}
+{{- fail "database.url is for database.mode=postgres; in sqlite mode the chart uses sqlite:///data/metadata.db?mode=rwc on its volume (unset database.url)" }}
+{{- end }}
+{{- else }}
+{{- if and (not $v.database.url) (not $v.existingSecret) }}
+{{- fail (printf "database.mode=postgres needs a database URL: set database.url=postgres://user:password@host:5432/db (stored in a Secret by the chart), or existingSecret=<name of a Secret with the URL under key %q>; or use database.mode=sqlite for a single-node install" $v.secretKeys.databaseUrl) }}
+{{- end }}
+{{- if and $v.database.url (not (regexMatch "^postgres(ql)?://" $v.database.url)) }}
+{{- fail "database.url must start with postgres:// or postgresql:// in postgres mode (for SQLite set database.mode=sqlite and leave database.url empty)" }}
+{{- end }}
+{{- end }}
+{{- if and $v.existingSecret (or $v.database.url $v.auth.apiKeys $v.auth.frontendJwtKey) }}
+{{- fail (printf "existingSecret=%s is set, so database.url, auth.apiKeys and auth.frontendJwtKey must be empty: put them in that Secret under the keys %q, %q and %q (secretKeys.*)" $v.existingSecret $v.secretKeys.databaseUrl $v.secretKeys.apiKeys $v.secretKeys.frontendJwtKey) }}
+{{- end }}
+{{- if not (or $v.auth.apiKeys $v.auth.frontendJwtKey $v.auth.apiKeysFile $v.existingSecret $v.auth.allowUnauthenticated) }}
+{{- fail "no client authentication configured, and the server refuses to start on a non-loopback address without it. Set one of: auth.apiKeys (list of {name, sha256}: KEY=$(openssl rand -hex 32); printf %s \"$KEY\" | sha256sum), auth.frontendJwtKey (HS256 secret or PEM public key), existingSecret (a Secret holding api-keys and/or frontend-jwt-key), auth.apiKeysFile (mounted file), or auth.allowUnauthenticated=true (trusted networks only)" }}
+{{- end }}
+{{- with $v.auth.frontendJwtKey }}
+{{- if and (not (hasPrefix "-----BEGIN" (trim .))) (not (hasPrefix "@" .)) (lt (len .) 32) }}
+{{- fail (printf "auth.frontendJwtKey: an HMAC secret must be at least 32 bytes (got %d; e.g. openssl rand -hex 32), or give a PEM public key or @/path/to/file" (len .)) }}
+{{- end }}
+{{- end }}
+{{- with $v.auth.frontendJwtLeeway }}
+{{- $_ := include "metadata-service.durationMillis" (list "auth.frontendJwtLeeway" .) }}
+{{- end }}
+{{- $names := list }}
+{{- range $v.auth.apiKeys }}
+{{- if has .name $names }}
+{{- fail (printf "auth.apiKeys: the name %q is used twice" .name) }}
+{{- end }}
+{{- $names = append $names .name }}
+{{- end }}
+{{- if and $v.tls.enabled (not $v.tls.secretName) }}
+{{- fail "tls.enabled=true needs tls.secretName: a Secret (type kubernetes.io/tls) holding the server certificate and key" }}
+{{- end }}
+{{- if and (not $v.tls.enabled) $v.tls.clientCaSecretName }}
+{{- fail "tls.clientCaSecretName (mutual TLS) needs tls.enabled=true and tls.secretName" }}
+{{- end }}
+{{- $graceMs := include "metadata-service.durationMillis" (list "config.shutdownGrace" (default "10s" $v.config.shutdownGrace)) | int64 }}
+{{- $stopMs := add $graceMs (mul (int64 $v.lifecycle.preStopSleepSeconds) 1000) }}
+{{- if le (mul (int64 $v.terminationGracePeriodSeconds) 1000) $stopMs }}
+{{- fail (printf "terminationGracePeriodSeconds=%d must be greater than config.shutdownGrace (%s) plus lifecycle.preStopSleepSeconds (%d): Kubernetes kills the pod at terminationGracePeriodSeconds, before open calls could finish. Raise terminationGracePeriodSeconds (leave a few seconds of margin) or lower config.shutdownGrace" (int64 $v.terminationGracePeriodSeconds) (toString (default "10s" $v.config.shutdownGrace)) (int64 $v.lifecycle.preStopSleepSeconds)) }}
+{{- end }}
+{{- range $key := list "dbConnectTimeout" "dbTimeout" "dbHealthInterval" "sqliteBusyTimeout" "watchProgressInterval" "watchPollInterval" "eventRetention" "eventPruneInterval" }}
+{{- $d := index $v.config . }}
+{{- if $d }}
+{{- $_ := include "metadata-service.durationMillis" (list (printf "config.%s" $key) $d) }}
+{{- end }}
+{{- end }}
+{{- if $v.autoscaling.enabled }}
+{{- if gt (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas) }}
+{{- fail (printf "autoscaling.minReplicas (%d) must not exceed autoscaling.maxReplicas (%d)" (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) }}
+{{- end }}
+{{- if not (or $v.autoscaling.targetCPUUtilizationPercentage $v.autoscaling.targetMemoryUtilizationPercentage) }}
+{{- fail "autoscaling.enabled needs autoscaling.targetCPUUtilizationPercentage or autoscaling.targetMemoryUtilizationPercentage" }}
+{{- end }}
+{{- end }}
+{{- if $v.podDisruptionBudget.enabled }}
+{{- $maxU := $v.podDisruptionBudget.maxUnavailable }}
+{{- $minA := $v.podDisruptionBudget.minAvailable }}
+{{- if and (kindIs "invalid" $maxU) (kindIs "invalid" $minA) }}
+{{- fail "podDisruptionBudget.enabled needs maxUnavailable or minAvailable" }}
+{{- end }}
+{{- end }}
+{{- $managed := include "metadata-service.managedEnvNames" . | fromJsonArray }}
+{{- range $v.extraEnv }}
+{{- if has .name $managed }}
+{{- fail (printf "extraEnv sets %s, which the chart sets itself: use the matching value (config.*, auth.*, tls.*, database.*, bindAddress, containerPorts) instead" .name) }}
+{{- end }}
+{{- end }}
+{{- end }}
