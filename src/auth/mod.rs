@@ -99,7 +99,8 @@ impl fmt::Display for Authenticator {
         if self.is_open() {
             return f.write_str("none (every caller has full access)");
         }
-        write!(f, "{} API keys", self.api_keys.len())?;
+        let keys = self.api_keys.len();
+        write!(f, "{keys} API key{}", if keys == 1 { "" } else { "s" })?;
         match &self.frontend {
             Some(frontend) => write!(f, ", frontend tokens ({:?})", frontend.algorithms()),
             None => f.write_str(", no frontend tokens"),
