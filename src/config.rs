@@ -13,6 +13,7 @@ use crate::auth::{ApiKeys, Authenticator, FrontendConfig, FrontendTokens};
 
 use crate::events::BrokerOptions;
 use crate::json::Limits;
+use crate::logging::LogFormat;
 use crate::server::{EventOptions, ServerConfig, TlsConfig};
 use crate::store::StoreOptions;
 
@@ -31,6 +32,34 @@ pub struct Cli {
     pub server: ServerArgs,
     #[command(flatten)]
     pub security: SecurityArgs,
+    #[command(flatten)]
+    pub observability: ObservabilityArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ObservabilityArgs {
+    /// Log lines as text or as one JSON object per line.
+    #[arg(long, env = "METADATA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// Which log lines to keep, in RUST_LOG syntax (e.g. `info,metadata_service=debug`).
+    #[arg(long, env = "RUST_LOG", default_value = "info", global = true)]
+    pub log_filter: String,
+    /// Plain-HTTP address for /metrics (Prometheus), /healthz and /readyz; `off` disables it.
+    #[arg(long, env = "METADATA_METRICS_LISTEN", default_value = "127.0.0.1:9090", value_parser = parse_optional_addr, global = true)]
+    pub metrics_listen: OptionalAddr,
+}
+
+/// A socket address, or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OptionalAddr(pub Option<SocketAddr>);
+
+fn parse_optional_addr(text: &str) -> Result<OptionalAddr, String> {
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(OptionalAddr(None));
+    }
+    text.parse()
+        .map(|addr| OptionalAddr(Some(addr)))
+        .map_err(|err| format!("{err} (expected host:port or `off`)"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -263,6 +292,7 @@ impl Cli {
             allow_unauthenticated: self.security.allow_unauthenticated,
             reflection: !self.security.disable_reflection,
             tls: self.security.tls()?,
+            metrics_listen: self.observability.metrics_listen.0,
         })
     }
 }

@@ -2,16 +2,16 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use metadata_service::config::{Cli, Command};
-use metadata_service::server;
+use metadata_service::{logging, server};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    let observability = &cli.observability;
+    if let Err(err) = logging::init(observability.log_format, &observability.log_filter) {
+        eprintln!("error: {err:#}");
+        return ExitCode::FAILURE;
+    }
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

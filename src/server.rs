@@ -16,10 +16,14 @@ use tonic_health::ServingStatus;
 use crate::auth::Authenticator;
 use crate::events::{self, Broker, BrokerOptions};
 use crate::health::DbHealth;
+use crate::http::HttpServer;
 use crate::json::Limits;
+use crate::metrics::Metrics;
 use crate::proto::v1::organization_metadata_service_server::OrganizationMetadataServiceServer;
 use crate::proto::v1::user_metadata_service_server::UserMetadataServiceServer;
-use crate::service::{Admission, Authenticate, Metadata, OrganizationService, UserService};
+use crate::service::{
+    Admission, Authenticate, Metadata, OrganizationService, RequestLayer, UserService,
+};
 use crate::store::{Store, StoreOptions};
 
 #[derive(Clone, Debug)]
@@ -46,6 +50,8 @@ pub struct ServerConfig {
     /// Serve gRPC reflection (for grpcurl and similar tools).
     pub reflection: bool,
     pub tls: Option<TlsConfig>,
+    /// Plain-HTTP port for /metrics, /healthz and /readyz; None: not served.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// PEM certificate chain and key; with `client_ca`, clients must present a
@@ -127,6 +133,8 @@ pub async fn open_store(database_url: &str, options: &StoreOptions) -> anyhow::R
 /// A server accepting calls; stop it with [`RunningServer::shutdown`].
 pub struct RunningServer {
     addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    http: Option<HttpServer>,
     stop: oneshot::Sender<()>,
     task: JoinHandle<anyhow::Result<()>>,
     store: Arc<Store>,
@@ -136,6 +144,15 @@ pub struct RunningServer {
 impl RunningServer {
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where /metrics is served, if it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(|http| http.addr)
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Stops accepting calls, lets in-flight calls finish (for at most the
@@ -154,10 +171,21 @@ impl RunningServer {
             }
         };
         self.store.close_pool().await;
+        if let Some(http) = self.http.take() {
+            http.task.abort();
+            // Wait for the listener to be dropped: the port is free after.
+            let _ = http.task.await;
+        }
         result
     }
 }
 
+/// Health name that is SERVING for as long as the process serves, whatever
+/// the database does: for liveness probes, which must not restart a pod
+/// because its database is away.
+pub const LIVENESS: &str = "liveness";
+
+/// Health names that follow the database and shutdown (readiness).
 const SERVICE_NAMES: &[&str] = &[
     "",
     <UserMetadataServiceServer<UserService> as tonic::server::NamedService>::NAME,
@@ -168,13 +196,18 @@ const SERVICE_NAMES: &[&str] = &[
 /// serves until [`RunningServer::shutdown`].
 pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
     check_exposure(config)?;
+    let metrics = Metrics::new();
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &config.tls {
         builder = builder
             .tls_config(tls.server_config())
             .context("invalid TLS certificate or key")?;
     }
-    let store = Arc::new(open_store(&config.database_url, &config.store).await?);
+    let mut builder = builder.layer(RequestLayer::new(metrics.clone()));
+    log_configuration(config);
+    let mut store = open_store(&config.database_url, &config.store).await?;
+    store.time_acquire(metrics.db_acquire.clone());
+    let store = Arc::new(store);
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -196,6 +229,9 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
     ));
     let (reporter, health) = tonic_health::server::health_reporter();
     crate::health::set_all(&reporter, SERVICE_NAMES, ServingStatus::Serving).await;
+    reporter
+        .set_service_status(LIVENESS, ServingStatus::Serving)
+        .await;
     let db_health = Arc::new(DbHealth::default());
     tokio::spawn(crate::health::monitor(
         store.clone(),
@@ -206,12 +242,32 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         config.db_timeout,
         shutdown.clone(),
     ));
-    let admission = Admission::new(config.max_concurrent_requests, config.db_timeout, db_health);
+    metrics.sample(store.clone(), broker.clone());
+    tokio::spawn(crate::metrics::track_latest_revision(
+        metrics.clone(),
+        store.clone(),
+        config.db_health_interval,
+        shutdown.clone(),
+    ));
+    let http = match config.metrics_listen {
+        Some(listen) => Some(
+            crate::http::serve(listen, metrics.clone(), db_health.clone(), shutdown.clone())
+                .await?,
+        ),
+        None => None,
+    };
+    let admission = Admission::new(
+        config.max_concurrent_requests,
+        config.db_timeout,
+        db_health,
+        shutdown.clone(),
+    );
     let metadata = Arc::new(Metadata::new(
         store.clone(),
         broker,
         config.limits,
         admission,
+        metrics.clone(),
     ));
     let authenticate = Authenticate(config.auth.clone());
     let users = InterceptedService::new(
@@ -254,8 +310,9 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
             let _ = stopped.await;
             crate::health::set_all(&reporter, SERVICE_NAMES, ServingStatus::NotServing).await;
             tracing::info!("shutting down");
-            // Watch streams end with UNAVAILABLE so clients resume elsewhere;
-            // the server waits for open calls, so they must end first.
+            // New calls are refused from here on; Watch streams end with
+            // UNAVAILABLE so clients resume elsewhere (the server waits for
+            // open calls, so they must end first).
             shutdown.cancel();
         };
         router
@@ -267,17 +324,39 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
     });
     tracing::info!(
         %addr,
-        tls = config.tls.is_some(),
-        mtls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
-        auth = %config.auth,
-        reflection = config.reflection,
+        metrics = %http.as_ref().map_or("off".to_string(), |h| h.addr.to_string()),
         "serving gRPC"
     );
     Ok(RunningServer {
         addr,
+        metrics,
+        http,
         stop,
         task,
         store,
         grace: config.shutdown_grace,
     })
+}
+
+/// The effective configuration, without secrets: the database URL's
+/// password is masked, credentials are only counted.
+fn log_configuration(config: &ServerConfig) {
+    tracing::info!(
+        listen = %config.listen,
+        database = %crate::store::redact_url(&config.database_url),
+        db_max_connections = config.store.max_connections,
+        max_field_bytes = config.limits.max_field_bytes,
+        max_depth = config.limits.max_depth,
+        max_request_bytes = config.max_request_bytes,
+        max_concurrent_requests = config.max_concurrent_requests,
+        db_timeout = ?config.db_timeout,
+        shutdown_grace = ?config.shutdown_grace,
+        event_retention = ?config.events.retention,
+        auth = %config.auth,
+        tls = config.tls.is_some(),
+        mtls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        reflection = config.reflection,
+        metrics_listen = ?config.metrics_listen,
+        "configuration"
+    );
 }

@@ -67,7 +67,10 @@ fn command(dir: &Path) -> Command {
     for var in ENV_VARS {
         cmd.env_remove(var);
     }
+    // Port 0: tests run in parallel, and a fixed metrics port would collide.
     cmd.env("RUST_LOG", "info")
+        .env("METADATA_METRICS_LISTEN", "127.0.0.1:0")
+        .env_remove("METADATA_LOG_FORMAT")
         .current_dir(dir)
         .stdin(Stdio::null())
         .kill_on_drop(true);

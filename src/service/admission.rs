@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tonic::metadata::MetadataMap;
 
@@ -16,6 +17,8 @@ pub struct Admission {
     max_concurrent: usize,
     db_timeout: Duration,
     db: Arc<DbHealth>,
+    /// Cancelled once the server starts to stop: new calls are refused.
+    draining: CancellationToken,
 }
 
 /// An admitted unary call: holds its concurrency permit until dropped.
@@ -28,12 +31,18 @@ pub struct Call {
 }
 
 impl Admission {
-    pub fn new(max_concurrent: usize, db_timeout: Duration, db: Arc<DbHealth>) -> Self {
+    pub fn new(
+        max_concurrent: usize,
+        db_timeout: Duration,
+        db: Arc<DbHealth>,
+        draining: CancellationToken,
+    ) -> Self {
         Admission {
             permits: Arc::new(Semaphore::new(max_concurrent)),
             max_concurrent,
             db_timeout,
             db,
+            draining,
         }
     }
 
@@ -58,6 +67,11 @@ impl Admission {
         if deadline == Some(Duration::ZERO) {
             return Err(Status::deadline_exceeded(
                 "the deadline expired before the call started",
+            ));
+        }
+        if self.draining.is_cancelled() {
+            return Err(Status::unavailable(
+                "server is shutting down; retry on another replica or later",
             ));
         }
         if !self.db.is_up() {
@@ -138,9 +152,33 @@ mod tests {
         assert_eq!(grpc_timeout(&MetadataMap::new()), None);
     }
 
+    /// One permit; the token starts the drain.
+    fn admission(db_timeout: Duration) -> (Admission, CancellationToken) {
+        let draining = CancellationToken::new();
+        let db = Arc::new(DbHealth::default());
+        (
+            Admission::new(1, db_timeout, db, draining.clone()),
+            draining,
+        )
+    }
+
+    #[test]
+    fn calls_after_the_drain_starts_are_unavailable() {
+        let (admission, draining) = admission(Duration::from_secs(5));
+        drop(admission.unary(&MetadataMap::new()).unwrap());
+        draining.cancel();
+        for status in [
+            admission.unary(&MetadataMap::new()).err().unwrap(),
+            admission.stream(&MetadataMap::new()).err().unwrap(),
+        ] {
+            assert_eq!(status.code(), Code::Unavailable);
+            assert!(status.message().contains("shutting down"), "{status:?}");
+        }
+    }
+
     #[test]
     fn expired_deadline_is_refused_before_anything_else() {
-        let admission = Admission::new(1, Duration::from_secs(5), Arc::new(DbHealth::default()));
+        let admission = admission(Duration::from_secs(5)).0;
         let mut metadata = MetadataMap::new();
         metadata.insert("grpc-timeout", "0n".parse().unwrap());
         let status = admission.unary(&metadata).err().unwrap();
@@ -153,7 +191,7 @@ mod tests {
 
     #[tokio::test]
     async fn bound_and_budget() {
-        let admission = Admission::new(1, Duration::from_millis(50), Arc::new(DbHealth::default()));
+        let admission = admission(Duration::from_millis(50)).0;
         let first = admission.unary(&MetadataMap::new()).unwrap();
         let refused = admission.unary(&MetadataMap::new()).err().unwrap();
         assert_eq!(refused.code(), Code::ResourceExhausted);

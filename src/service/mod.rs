@@ -4,10 +4,12 @@ mod admission;
 mod caller;
 mod error;
 mod organization;
+mod requests;
 mod user;
 
 pub use admission::Admission;
 pub use caller::Authenticate;
+pub use requests::RequestLayer;
 
 use std::sync::Arc;
 
@@ -20,6 +22,7 @@ use tonic::{Request, Status};
 use crate::auth::{self, Caller, FieldSet, Operation};
 use crate::events::{Broker, ChangeType, WatchError, WatchItem, WatchRequest};
 use crate::json::{self, Limits};
+use crate::metrics::Metrics;
 use crate::model::{DeleteCommand, Kind, Mode, Record, WriteCommand};
 use crate::store::{Store, StoreError};
 
@@ -29,6 +32,7 @@ pub struct Metadata {
     broker: Arc<Broker>,
     limits: Limits,
     admission: Admission,
+    metrics: Arc<Metrics>,
 }
 
 impl Metadata {
@@ -37,12 +41,14 @@ impl Metadata {
         broker: Arc<Broker>,
         limits: Limits,
         admission: Admission,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Metadata {
             store,
             broker,
             limits,
             admission,
+            metrics,
         }
     }
 
@@ -85,6 +91,10 @@ impl Metadata {
             })
             .await?;
         if outcome.changed {
+            self.metrics
+                .events_written
+                .with_label_values(&[kind.as_str()])
+                .inc();
             // Who, what and where; never the values or their keys.
             tracing::info!(
                 caller = %caller,
@@ -110,6 +120,10 @@ impl Metadata {
             .delete(command.kind, &command.id, command.expected_version)
             .await?;
         if existed {
+            self.metrics
+                .events_written
+                .with_label_values(&[command.kind.as_str()])
+                .inc();
             tracing::info!(
                 caller = %caller,
                 rpc = %"Delete",
@@ -131,6 +145,11 @@ where
 {
     let caller = caller::caller(request)?;
     let operation = Operation::from(request.get_ref());
+    let span = tracing::Span::current();
+    span.record("caller", tracing::field::display(&caller));
+    if !operation.id.is_empty() {
+        span.record("id", operation.id);
+    }
     match auth::authorize(&caller, &operation) {
         Ok(fields) => Ok((caller, fields)),
         Err(denied) => {

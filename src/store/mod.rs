@@ -25,7 +25,7 @@ use sea_orm::{
 use sea_orm_migration::MigratorTrait;
 use tokio::sync::{Mutex, Notify};
 
-pub use error::StoreError;
+pub use error::{StoreError, redact_url};
 pub use events::{CommitListener, EventRead, Snapshot};
 
 use crate::events::ChangeType;
@@ -69,6 +69,17 @@ pub struct Store {
     write_gate: Option<Mutex<()>>,
     /// Raised after every commit, to wake the event dispatcher at once.
     committed: Arc<Notify>,
+    max_connections: u32,
+    /// Where the time to begin a write transaction is recorded, if anywhere.
+    acquire_timer: Option<prometheus::Histogram>,
+}
+
+/// Connections of the pool at one moment.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolStatus {
+    pub size: u32,
+    pub idle: usize,
+    pub max: u32,
 }
 
 impl Store {
@@ -95,6 +106,32 @@ impl Store {
             db,
             write_gate,
             committed: Arc::new(Notify::new()),
+            max_connections: options.max_connections,
+            acquire_timer: None,
+        })
+    }
+
+    /// Records the time each write waits for a connection and its BEGIN.
+    pub fn time_acquire(&mut self, histogram: prometheus::Histogram) {
+        self.acquire_timer = Some(histogram);
+    }
+
+    pub fn pool_status(&self) -> Option<PoolStatus> {
+        let (size, idle) = match self.backend() {
+            DatabaseBackend::Postgres => {
+                let pool = self.db.get_postgres_connection_pool();
+                (pool.size(), pool.num_idle())
+            }
+            DatabaseBackend::Sqlite => {
+                let pool = self.db.get_sqlite_connection_pool();
+                (pool.size(), pool.num_idle())
+            }
+            _ => return None,
+        };
+        Some(PoolStatus {
+            size,
+            idle,
+            max: self.max_connections,
         })
     }
 
@@ -239,7 +276,10 @@ impl Store {
             sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
             ..TransactionOptions::default()
         };
-        Ok(self.db.begin_with_options(options).await?)
+        let timer = self.acquire_timer.as_ref().map(|h| h.start_timer());
+        let transaction = self.db.begin_with_options(options).await?;
+        drop(timer);
+        Ok(transaction)
     }
 }
 

@@ -193,6 +193,7 @@ pub fn config(database_url: &str) -> ServerConfig {
         allow_unauthenticated: false,
         reflection: true,
         tls: None,
+        metrics_listen: None,
     }
 }
 
@@ -238,6 +239,11 @@ impl TestServer {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Where /metrics is served, when the config asked for it.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.server.as_ref()?.metrics_addr()
     }
 
     pub async fn channel(&self) -> Channel {
