@@ -306,9 +306,15 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
 
     let served_store = store.clone();
     let task = tokio::spawn(async move {
-        let signal = async {
+        let mut reporter = reporter;
+        let signal = async move {
             let _ = stopped.await;
             crate::health::set_all(&reporter, SERVICE_NAMES, ServingStatus::NotServing).await;
+            // Health Watch streams see NOT_SERVING, then end: a watcher
+            // must not hold the drain open for the whole grace period.
+            for name in SERVICE_NAMES.iter().chain([&LIVENESS]) {
+                reporter.clear_service_status(name).await;
+            }
             tracing::info!("shutting down");
             // New calls are refused from here on; Watch streams end with
             // UNAVAILABLE so clients resume elsewhere (the server waits for

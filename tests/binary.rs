@@ -506,10 +506,9 @@ async fn sigint_stops_cleanly() {
     graceful_stop_on("INT").await;
 }
 
-/// Graceful shutdown waits for every open stream, and Health/Watch streams
-/// never end on their own, so one watching client (a load balancer, a
-/// client-side health checker) would keep the process alive after SIGTERM
-/// but for the shutdown grace.
+/// Graceful shutdown waits for every open stream, so a Health/Watch stream
+/// (a load balancer, a client-side health checker) must end on SIGTERM, or
+/// it would keep the process alive for the whole shutdown grace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_despite_open_health_watch() {
     let dir = tempfile::tempdir().unwrap();
@@ -672,6 +671,122 @@ async fn crash_during_writes_postgres() {
         return;
     };
     crash_during_writes_loses_nothing(db.url()).await;
+}
+
+/// SIGTERM during a write load: health turns NOT_SERVING, Watch streams end
+/// with UNAVAILABLE, every call either completes (and is then stored) or
+/// fails with UNAVAILABLE (and wrote nothing), and the process exits 0.
+async fn sigterm_during_writes_loses_nothing(database_url: &str) {
+    use metadata_service::proto::v1::WatchUserMetadataRequest;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    const WRITERS: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(database_url, dir.path()).await;
+    let acked: Arc<Vec<AtomicU64>> = Arc::new((0..WRITERS).map(|_| AtomicU64::new(0)).collect());
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        // A connection each, so that the drain meets several connections.
+        let mut users = UserMetadataServiceClient::new(server.channel().await.unwrap());
+        let acked = acked.clone();
+        tasks.push(tokio::spawn(async move {
+            for n in 0u64.. {
+                let request = MergeUserMetadataRequest {
+                    user_id: format!("term{w}"),
+                    public_metadata: Some(structure(&json!({ format!("k{n}"): n }))),
+                    ..Default::default()
+                };
+                match users.merge(request).await {
+                    Ok(response) => {
+                        assert_eq!(response.into_inner().version, n + 1);
+                        acked[w].store(n + 1, Ordering::SeqCst);
+                    }
+                    Err(status) => return status,
+                }
+            }
+            unreachable!()
+        }));
+    }
+    let mut health = HealthClient::new(server.channel().await.unwrap());
+    let mut health = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = health.message().await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+    let mut users = UserMetadataServiceClient::new(server.channel().await.unwrap());
+    let mut watch = users
+        .watch(WatchUserMetadataRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    server.stop("TERM").await;
+
+    for (w, task) in tasks.into_iter().enumerate() {
+        let status = task.await.unwrap();
+        // A request the client had queued when the server's GOAWAY closed
+        // the connection was never sent; tonic reports it as CANCELLED with
+        // the transport error as its source (grpc-go would retry it
+        // transparently). The stored versions below prove it wrote nothing.
+        let unsent = status.code() == tonic::Code::Cancelled
+            && std::error::Error::source(&status)
+                .is_some_and(|e| e.downcast_ref::<tonic::transport::Error>().is_some());
+        assert!(
+            status.code() == tonic::Code::Unavailable || unsent,
+            "writer {w} after SIGTERM: {status:?}"
+        );
+    }
+    let status = health.message().await.map(|m| m.map(|m| m.status()));
+    assert!(
+        matches!(status, Ok(Some(ServingStatus::NotServing))),
+        "health after SIGTERM: {status:?}"
+    );
+    let mut watch_end = None;
+    while let Some(item) = watch.message().await.transpose() {
+        if let Err(status) = item {
+            watch_end = Some(status.code());
+            break;
+        }
+    }
+    assert_eq!(watch_end, Some(tonic::Code::Unavailable), "Watch ends with UNAVAILABLE");
+
+    let server = Server::start(database_url, dir.path()).await;
+    let mut users = UserMetadataServiceClient::new(server.channel().await.unwrap());
+    for w in 0..WRITERS {
+        let id = format!("term{w}");
+        let acked = acked[w].load(Ordering::SeqCst);
+        assert!(acked > 0, "{id}: the load wrote something before SIGTERM");
+        let stored = users
+            .get(GetUserMetadataRequest {
+                user_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // Graceful: no write is stored without its answer reaching the client.
+        assert_eq!(stored.version, acked, "{id}");
+    }
+    server.stop("TERM").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_writes_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    sigterm_during_writes_loses_nothing(&sqlite_url(dir.path())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_writes_postgres() {
+    let Some(db) = TestDb::create(Backend::Postgres).await else {
+        return;
+    };
+    sigterm_during_writes_loses_nothing(db.url()).await;
 }
 
 /// Removes terminal colour codes, so that assertions see the plain text.
