@@ -754,7 +754,11 @@ async fn sigterm_during_writes_loses_nothing(database_url: &str) {
             break;
         }
     }
-    assert_eq!(watch_end, Some(tonic::Code::Unavailable), "Watch ends with UNAVAILABLE");
+    assert_eq!(
+        watch_end,
+        Some(tonic::Code::Unavailable),
+        "Watch ends with UNAVAILABLE"
+    );
 
     let server = Server::start(database_url, dir.path()).await;
     let mut users = UserMetadataServiceClient::new(server.channel().await.unwrap());
@@ -959,4 +963,66 @@ async fn logs_name_the_caller_but_never_values_keys_or_tokens() {
     ] {
         assert!(logged(needles), "no line with {needles:?}:\n{output}");
     }
+}
+
+/// `--log-format json`: every line is one JSON object, and a write's line
+/// carries the request span's fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with_env(
+        &sqlite_url(dir.path()),
+        dir.path(),
+        &["--log-format", "json"],
+        &[("RUST_LOG", "info,metadata_service=debug")],
+    )
+    .await;
+    let mut users = UserMetadataServiceClient::new(server.channel().await.unwrap());
+    let merge = MergeUserMetadataRequest {
+        user_id: "user_json".into(),
+        public_metadata: Some(structure(&json!({"a": 1}))),
+        ..Default::default()
+    };
+    users.merge(merge).await.unwrap();
+    let stdout = std::fs::read_to_string(&server.stdout).unwrap();
+    server.stop("TERM").await;
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let written = lines
+        .iter()
+        .find(|l| l["message"] == "metadata written")
+        .unwrap_or_else(|| panic!("no write logged: {stdout}"));
+    assert_eq!(written["span"]["method"], "Merge", "{written}");
+    assert_eq!(written["span"]["id"], "user_json", "{written}");
+    assert_eq!(written["version"], 1, "{written}");
+    let finished = lines
+        .iter()
+        .find(|l| l["message"] == "request finished" && l["span"]["method"] == "Merge")
+        .unwrap_or_else(|| panic!("no request end logged: {stdout}"));
+    assert_eq!(finished["code"], "OK", "{finished}");
+    assert!(finished["micros"].as_u64().is_some(), "{finished}");
+    assert_eq!(
+        finished["span"]["service"],
+        "metadata.v1.UserMetadataService"
+    );
+    let config = lines
+        .iter()
+        .find(|l| l["message"] == "configuration")
+        .unwrap_or_else(|| panic!("no configuration logged: {stdout}"));
+    assert!(
+        config["database"]
+            .as_str()
+            .unwrap()
+            .starts_with("sqlite://")
+    );
+}
+
+#[tokio::test]
+async fn bad_log_filter_is_one_error_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = run_bin(dir.path(), &["--log-filter", "metadata_service=loud"]).await;
+    let line = assert_one_line_error(&run);
+    assert!(line.contains("invalid log filter"), "{run:?}");
 }
