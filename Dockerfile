@@ -23,6 +23,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=builder /out/metadata-service /usr/local/bin/metadata-service
 # The binary defaults to loopback; in a container listen on all interfaces.
+# 50051: gRPC; 9090: plain HTTP /metrics, /healthz and /readyz (also the
+# probes when gRPC uses TLS; METADATA_METRICS_LISTEN=off turns it off).
 ENV METADATA_LISTEN=0.0.0.0:50051 \
     METADATA_METRICS_LISTEN=0.0.0.0:9090
 EXPOSE 50051 9090

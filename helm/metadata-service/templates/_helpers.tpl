@@ -212,6 +212,37 @@ Every variable name the chart may set (extraEnv must not repeat them).
 {{- end }}
 
 {{/*
+Command line flag of an environment variable the chart sets: the server
+reads METADATA_<FLAG_IN_UPPER_SNAKE>, DATABASE_URL and RUST_LOG (--log-filter).
+*/}}
+{{- define "metadata-service.flagOfEnv" -}}
+{{- if eq . "RUST_LOG" }}--log-filter
+{{- else }}--{{ trimPrefix "METADATA_" . | lower | replace "_" "-" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Fails when a list of extra arguments repeats a flag the chart sets through
+the environment: a flag wins over its variable, so it would silently undo
+the chart's value (and the checks made on it).
+Usage: include "metadata-service.checkExtraArgs" (list . "extraArgs" .Values.extraArgs)
+*/}}
+{{- define "metadata-service.checkExtraArgs" -}}
+{{- $ctx := index . 0 }}
+{{- $what := index . 1 }}
+{{- $args := index . 2 }}
+{{- range $env := include "metadata-service.managedEnvNames" $ctx | fromJsonArray }}
+{{- $flag := include "metadata-service.flagOfEnv" $env }}
+{{- range $args }}
+{{- $arg := toString . }}
+{{- if or (eq $arg $flag) (hasPrefix (printf "%s=" $flag) $arg) }}
+{{- fail (printf "%s sets %s, which the chart sets itself (%s): use the matching value (config.*, auth.*, tls.*, metrics.enabled, database.*, bindAddress, containerPorts) instead" $what $flag $env) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 A config value as an env value string, or "" when it is unset (null, "",
 false): the server default then applies. Integers arrive as float64 from
 YAML and must not be printed as 1.048576e+06.
@@ -313,6 +344,15 @@ fails with a message saying what to change.
 {{- if and $v.tls.enabled (not $v.tls.secretName) }}
 {{- fail "tls.enabled=true needs tls.secretName: a Secret (type kubernetes.io/tls) holding the server certificate and key" }}
 {{- end }}
+{{- if and $v.tls.enabled (not $v.metrics.enabled) }}
+{{- fail "tls.enabled=true needs metrics.enabled=true: the kubelet's gRPC probes cannot speak TLS, so with TLS the probes are HTTP GETs of /healthz and /readyz on the metrics port. Keep metrics.enabled=true (restrict who reaches the port with networkPolicy.metricsFrom), or turn TLS off" }}
+{{- end }}
+{{- if and $v.serviceMonitor.enabled (not $v.metrics.enabled) }}
+{{- fail "serviceMonitor.enabled=true needs metrics.enabled=true: the ServiceMonitor scrapes /metrics on the metrics port" }}
+{{- end }}
+{{- if hasKey $v.probes.liveness "type" }}
+{{- fail "probes.liveness.type was removed (chart 0.2.0): the liveness probe now checks the gRPC health name \"liveness\" (an HTTP GET of /healthz with TLS), which stays SERVING while the database is down, so a database outage no longer restarts pods; delete probes.liveness.type" }}
+{{- end }}
 {{- if and (not $v.tls.enabled) $v.tls.clientCaSecretName }}
 {{- fail "tls.clientCaSecretName (mutual TLS) needs tls.enabled=true and tls.secretName" }}
 {{- end }}
@@ -342,6 +382,8 @@ fails with a message saying what to change.
 {{- fail "podDisruptionBudget.enabled needs maxUnavailable or minAvailable" }}
 {{- end }}
 {{- end }}
+{{- include "metadata-service.checkExtraArgs" (list . "extraArgs" $v.extraArgs) }}
+{{- include "metadata-service.checkExtraArgs" (list . "migration.extraArgs" $v.migration.extraArgs) }}
 {{- $managed := include "metadata-service.managedEnvNames" . | fromJsonArray }}
 {{- range $v.extraEnv }}
 {{- if has .name $managed }}

@@ -1,0 +1,190 @@
+//! The benchmark's own database: a fresh SQLite file or a fresh Postgres
+//! database, seeded with N ids, and the raw-SQL baseline's connection pool.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use std::str::FromStr;
+
+use sqlx::postgres::PgPoolOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::{Connection, Executor, PgConnection, PgPool, SqlitePool};
+
+/// The baseline's direct connection to the same database.
+#[derive(Clone)]
+pub enum RawPool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+impl RawPool {
+    pub async fn close(&self) {
+        match self {
+            RawPool::Sqlite(pool) => pool.close().await,
+            RawPool::Postgres(pool) => pool.close().await,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
+pub enum BenchDb {
+    Sqlite {
+        _dir: tempfile::TempDir,
+        url: String,
+    },
+    Postgres {
+        admin_url: String,
+        name: String,
+        url: String,
+    },
+}
+
+/// The bench's ids: `bench_0` .. `bench_{n-1}`.
+pub fn id(n: u64) -> String {
+    format!("bench_{n}")
+}
+
+pub const SEED_PUBLIC: &str = r#"{"k1":0,"k2":0,"k3":0,"plan":"free"}"#;
+
+impl BenchDb {
+    pub async fn create(backend: Backend, admin_url: &str) -> anyhow::Result<BenchDb> {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir()?;
+                let url = format!(
+                    "sqlite://{}?mode=rwc",
+                    dir.path().join("bench.db").display()
+                );
+                Ok(BenchDb::Sqlite { _dir: dir, url })
+            }
+            Backend::Postgres => {
+                let name = format!("bench_{:016x}", rand::random::<u64>());
+                let mut admin = PgConnection::connect(admin_url)
+                    .await
+                    .context("cannot connect to --postgres-url")?;
+                let create = format!("CREATE DATABASE {name}");
+                admin.execute(sqlx::AssertSqlSafe(create)).await?;
+                admin.close().await?;
+                let url = with_database(admin_url, &name);
+                Ok(BenchDb::Postgres {
+                    admin_url: admin_url.to_owned(),
+                    name,
+                    url,
+                })
+            }
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        match self {
+            BenchDb::Sqlite { url, .. } | BenchDb::Postgres { url, .. } => url,
+        }
+    }
+
+    /// Replaces every row with `ids` users holding [`SEED_PUBLIC`]; the
+    /// tables must exist (the server created them).
+    pub async fn seed(&self, ids: u64) -> anyhow::Result<()> {
+        let pool = self.pool(1).await?;
+        match &pool {
+            RawPool::Postgres(pool) => {
+                sqlx::query("TRUNCATE metadata, events")
+                    .execute(pool)
+                    .await?;
+                sqlx::query(
+                    "INSERT INTO metadata SELECT 'user', 'bench_' || g, $1::jsonb, '{}', '{}', 1, 0, now(), now() \
+                     FROM generate_series(0, $2 - 1) g",
+                )
+                .bind(SEED_PUBLIC)
+                .bind(ids as i64)
+                .execute(pool)
+                .await?;
+                sqlx::query("VACUUM ANALYZE metadata").execute(pool).await?;
+            }
+            RawPool::Sqlite(pool) => {
+                sqlx::query("DELETE FROM metadata").execute(pool).await?;
+                sqlx::query("DELETE FROM events").execute(pool).await?;
+                let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, false);
+                sqlx::query(
+                    "INSERT INTO metadata WITH RECURSIVE s(g) AS (SELECT 0 UNION ALL SELECT g + 1 FROM s WHERE g + 1 < ?2) \
+                     SELECT 'user', 'bench_' || g, ?1, '{}', '{}', 1, 0, ?3, ?3 FROM s",
+                )
+                .bind(SEED_PUBLIC)
+                .bind(ids as i64)
+                .bind(now)
+                .execute(pool)
+                .await?;
+            }
+        }
+        pool.close().await;
+        Ok(())
+    }
+
+    /// A pool for the raw-SQL baseline, with the server's settings (WAL and
+    /// a 5 s busy timeout on SQLite).
+    pub async fn pool(&self, size: u32) -> anyhow::Result<RawPool> {
+        match self {
+            BenchDb::Sqlite { url, .. } => {
+                let options = SqliteConnectOptions::from_str(url)?
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .busy_timeout(Duration::from_secs(5));
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(size)
+                    .acquire_timeout(Duration::from_secs(30))
+                    .connect_with(options)
+                    .await?;
+                Ok(RawPool::Sqlite(pool))
+            }
+            BenchDb::Postgres { url, .. } => {
+                let pool = PgPoolOptions::new()
+                    .max_connections(size)
+                    .acquire_timeout(Duration::from_secs(30))
+                    .connect(url)
+                    .await?;
+                Ok(RawPool::Postgres(pool))
+            }
+        }
+    }
+
+    pub async fn drop_database(self) -> anyhow::Result<()> {
+        if let BenchDb::Postgres {
+            admin_url, name, ..
+        } = self
+        {
+            let mut admin = PgConnection::connect(&admin_url).await?;
+            let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+            admin.execute(sqlx::AssertSqlSafe(drop)).await?;
+            admin.close().await?;
+        }
+        Ok(())
+    }
+}
+
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[scheme_end..].find('/') {
+        Some(slash) => &base[..scheme_end + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{base}/{name}?{query}"),
+        None => format!("{base}/{name}"),
+    }
+}

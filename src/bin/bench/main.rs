@@ -1,0 +1,433 @@
+//! Load generator for metadata-service, with side-by-side baselines: the
+//! same database work in raw SQL (sqlx) on the same database, at the same
+//! concurrency, in the same run. See BENCHMARKS.md.
+//!
+//! It starts the server binary as a child process (so that its CPU and
+//! memory can be read from /proc), seeds N ids directly in the database,
+//! and prints a table (or JSON with --json).
+
+mod db;
+mod load;
+mod process;
+mod watch;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use db::{Backend, BenchDb};
+use load::{Measured, Workload};
+use process::{ServerProcess, Usage};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bench",
+    about = "Load generator and side-by-side baselines for metadata-service"
+)]
+struct Args {
+    /// Database the server (and the baseline) runs on.
+    #[arg(long, value_enum, default_value = "sqlite")]
+    backend: Backend,
+    /// Postgres to create a throw-away benchmark database in.
+    #[arg(
+        long,
+        env = "TEST_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
+    postgres_url: String,
+    /// The server binary; default: `metadata-service` next to this binary.
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// Concurrent clients; a comma-separated list runs each.
+    #[arg(long, value_delimiter = ',', default_value = "16")]
+    clients: Vec<usize>,
+    /// Stored ids the load picks from at random; a list runs each.
+    #[arg(long, value_delimiter = ',', default_value = "1000")]
+    ids: Vec<u64>,
+    /// Measured time of each load run.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Unmeasured time before each run.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// Workloads to run: merge, get, mix (90% get), watch.
+    #[arg(long, value_delimiter = ',', default_value = "merge,get,mix,watch")]
+    workloads: Vec<String>,
+    /// Database connections of the server and of the baseline.
+    #[arg(long, default_value_t = 16)]
+    pool: u32,
+    /// Watch subscribers.
+    #[arg(long, default_value_t = 1000)]
+    watchers: usize,
+    /// Writes per second during the Watch run.
+    #[arg(long, default_value_t = 200)]
+    write_rate: u32,
+    /// Length of the Watch run.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    watch_duration: Duration,
+    /// Extra arguments for the server.
+    #[arg(long, allow_hyphen_values = true)]
+    server_arg: Vec<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// A few seconds in all, for CI: checks that everything works and no
+    /// event is lost; its numbers mean nothing.
+    #[arg(long)]
+    quick: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct LoadRow {
+    backend: &'static str,
+    ids: u64,
+    clients: usize,
+    workload: &'static str,
+    /// "service" or "raw-sql".
+    target: &'static str,
+    ops: u64,
+    errors: u64,
+    ops_per_second: f64,
+    p50_ms: f64,
+    p95_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    /// Service throughput / raw-SQL throughput (service rows only).
+    ratio: Option<f64>,
+    /// Server CPU in cores (1.0 = one core busy), service rows only.
+    server_cpu_cores: Option<f64>,
+    server_rss_mb: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct WatchRow {
+    backend: &'static str,
+    replicas: usize,
+    subscribers: usize,
+    write_rate: u32,
+    writes: u64,
+    delivered: u64,
+    missed: u64,
+    disordered: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    /// RSS of the server the subscribers are on, with every stream open.
+    server_rss_mb: f64,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Report {
+    idle_rss_mb: Option<f64>,
+    load: Vec<LoadRow>,
+    watch: Vec<WatchRow>,
+}
+
+fn ms(micros: u64) -> f64 {
+    micros as f64 / 1000.0
+}
+
+fn mb(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn row(
+    backend: Backend,
+    ids: u64,
+    clients: usize,
+    workload: Workload,
+    target: &'static str,
+    m: &Measured,
+) -> LoadRow {
+    let q = |q: f64| ms(m.latency.value_at_quantile(q));
+    LoadRow {
+        backend: backend.name(),
+        ids,
+        clients,
+        workload: workload.name(),
+        target,
+        ops: m.ops,
+        errors: m.errors,
+        ops_per_second: m.throughput(),
+        p50_ms: q(0.5),
+        p95_ms: q(0.95),
+        p99_ms: q(0.99),
+        max_ms: ms(m.latency.max()),
+        ratio: None,
+        server_cpu_cores: None,
+        server_rss_mb: None,
+    }
+}
+
+async fn connections(server: &ServerProcess, n: usize) -> anyhow::Result<Vec<Channel>> {
+    let mut channels = Vec::with_capacity(n);
+    for _ in 0..n {
+        channels.push(process::channel(server.addr).await?);
+    }
+    Ok(channels)
+}
+
+async fn migrate(binary: &PathBuf, url: &str) -> anyhow::Result<()> {
+    let status = tokio::process::Command::new(binary)
+        .args(["migrate", "--database-url", url, "--metrics-listen", "off"])
+        .env("RUST_LOG", "warn")
+        .status()
+        .await?;
+    if !status.success() {
+        bail!("{} migrate failed: {status}", binary.display());
+    }
+    Ok(())
+}
+
+fn check(m: &Measured, what: &str) -> anyhow::Result<()> {
+    if m.ops == 0 || m.errors > 0 {
+        bail!(
+            "{what}: {} calls, {} errors (first: {})",
+            m.ops,
+            m.errors,
+            m.first_error.as_deref().unwrap_or("none")
+        );
+    }
+    Ok(())
+}
+
+async fn run(mut args: Args) -> anyhow::Result<Report> {
+    if args.quick {
+        args.clients = vec![4];
+        args.ids = vec![200];
+        args.duration = Duration::from_secs(1);
+        args.warmup = Duration::from_millis(300);
+        args.watchers = 50;
+        args.write_rate = 50;
+        args.watch_duration = Duration::from_secs(2);
+    }
+    let workloads: Vec<Workload> = args
+        .workloads
+        .iter()
+        .filter_map(|w| match w.as_str() {
+            "merge" => Some(Workload::Merge),
+            "get" => Some(Workload::Get),
+            "mix" => Some(Workload::Mix),
+            _ => None,
+        })
+        .collect();
+    let watch = args.workloads.iter().any(|w| w == "watch");
+    let binary = match &args.server_bin {
+        Some(path) => path.clone(),
+        None => process::sibling_binary()?,
+    };
+    let backend = args.backend;
+    let db = BenchDb::create(backend, &args.postgres_url).await?;
+    let server_args: Vec<String> = ["--db-max-connections".to_string(), args.pool.to_string()]
+        .into_iter()
+        .chain(args.server_arg.iter().cloned())
+        .collect();
+    let mut report = Report::default();
+    let result = async {
+        for (round, &ids) in args.ids.iter().enumerate() {
+            migrate(&binary, db.url()).await?;
+            db.seed(ids).await.context("seeding")?;
+            let server = ServerProcess::start(&binary, db.url(), &server_args).await?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if round == 0 {
+                report.idle_rss_mb = Some(mb(server.usage()?.rss_bytes));
+            }
+            let pool = db.pool(args.pool).await?;
+            for &clients in &args.clients {
+                let channels = connections(&server, clients).await?;
+                for &workload in &workloads {
+                    load::service(channels.clone(), workload, clients, ids, args.warmup).await;
+                    let before = server.usage()?;
+                    let service =
+                        load::service(channels.clone(), workload, clients, ids, args.duration)
+                            .await;
+                    let after = server.usage()?;
+                    check(&service, "service")?;
+                    load::raw(pool.clone(), workload, clients, ids, args.warmup).await;
+                    let raw = load::raw(pool.clone(), workload, clients, ids, args.duration).await;
+                    check(&raw, "raw SQL")?;
+                    let mut service_row = row(backend, ids, clients, workload, "service", &service);
+                    service_row.ratio = Some(service.throughput() / raw.throughput());
+                    service_row.server_cpu_cores = Some(cpu_cores(before, after, service.elapsed));
+                    service_row.server_rss_mb = Some(mb(after.rss_bytes));
+                    progress(&service_row, args.json);
+                    report.load.push(service_row);
+                    report
+                        .load
+                        .push(row(backend, ids, clients, workload, "raw-sql", &raw));
+                }
+            }
+            pool.close().await;
+            if watch && round == 0 {
+                let single = fan_out(&args, &[&server], ids).await?;
+                report.watch.push(single);
+                if backend == Backend::Postgres {
+                    let replica = ServerProcess::start(&binary, db.url(), &server_args).await?;
+                    let across = fan_out(&args, &[&server, &replica], ids).await?;
+                    report.watch.push(across);
+                    replica.stop().await?;
+                }
+            }
+            server.stop().await?;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    db.drop_database().await?;
+    result?;
+    Ok(report)
+}
+
+/// Subscribers on the last of `servers`, writes through the first.
+async fn fan_out(args: &Args, servers: &[&ServerProcess], ids: u64) -> anyhow::Result<WatchRow> {
+    let watched = servers.last().unwrap();
+    let subscribers = watch::subscribe(&[watched.addr], args.watchers).await?;
+    let rss = watched.usage()?.rss_bytes;
+    let written = watch::write(servers[0].addr, args.write_rate, args.watch_duration, ids).await?;
+    let outcome = subscribers
+        .finish(&written, Duration::from_secs(30))
+        .await?;
+    let q = |q: f64| ms(outcome.latency.value_at_quantile(q));
+    let row = WatchRow {
+        backend: args.backend.name(),
+        replicas: servers.len(),
+        subscribers: outcome.subscribers,
+        write_rate: args.write_rate,
+        writes: outcome.writes,
+        delivered: outcome.delivered,
+        missed: outcome.missed,
+        disordered: outcome.disordered,
+        p50_ms: q(0.5),
+        p99_ms: q(0.99),
+        max_ms: ms(outcome.latency.max()),
+        server_rss_mb: mb(rss),
+    };
+    if !args.json {
+        eprintln!("  watch on {} replica(s): done", servers.len());
+    }
+    Ok(row)
+}
+
+fn cpu_cores(before: Usage, after: Usage, elapsed: Duration) -> f64 {
+    (after.cpu_seconds - before.cpu_seconds) / elapsed.as_secs_f64()
+}
+
+fn progress(row: &LoadRow, json: bool) {
+    if !json {
+        eprintln!(
+            "  {} ids={} clients={} {}: {:.0} ops/s (x{:.2} of raw SQL)",
+            row.backend,
+            row.ids,
+            row.clients,
+            row.workload,
+            row.ops_per_second,
+            row.ratio.unwrap_or(f64::NAN)
+        );
+    }
+}
+
+fn print_table(report: &Report) {
+    if let Some(idle) = report.idle_rss_mb {
+        println!("server idle RSS: {idle:.1} MB\n");
+    }
+    println!(
+        "{:<9} {:>8} {:>7} {:<6} {:<8} {:>9} {:>7} {:>7} {:>7} {:>8} {:>6} {:>5} {:>7}",
+        "backend",
+        "ids",
+        "clients",
+        "load",
+        "target",
+        "ops/s",
+        "p50ms",
+        "p95ms",
+        "p99ms",
+        "maxms",
+        "ratio",
+        "cpu",
+        "rss MB"
+    );
+    for r in &report.load {
+        println!(
+            "{:<9} {:>8} {:>7} {:<6} {:<8} {:>9.0} {:>7.2} {:>7.2} {:>7.2} {:>8.2} {:>6} {:>5} {:>7}",
+            r.backend,
+            r.ids,
+            r.clients,
+            r.workload,
+            r.target,
+            r.ops_per_second,
+            r.p50_ms,
+            r.p95_ms,
+            r.p99_ms,
+            r.max_ms,
+            r.ratio
+                .map_or(String::new(), |x| format!("{:.0}%", x * 100.0)),
+            r.server_cpu_cores
+                .map_or(String::new(), |x| format!("{x:.2}")),
+            r.server_rss_mb.map_or(String::new(), |x| format!("{x:.1}")),
+        );
+    }
+    if !report.watch.is_empty() {
+        println!(
+            "\n{:<9} {:>8} {:>11} {:>7} {:>7} {:>10} {:>6} {:>10} {:>7} {:>7} {:>7} {:>7}",
+            "backend",
+            "replicas",
+            "subscribers",
+            "rate/s",
+            "writes",
+            "delivered",
+            "missed",
+            "disordered",
+            "p50ms",
+            "p99ms",
+            "maxms",
+            "rss MB"
+        );
+        for w in &report.watch {
+            println!(
+                "{:<9} {:>8} {:>11} {:>7} {:>7} {:>10} {:>6} {:>10} {:>7.2} {:>7.2} {:>7.2} {:>7.1}",
+                w.backend,
+                w.replicas,
+                w.subscribers,
+                w.write_rate,
+                w.writes,
+                w.delivered,
+                w.missed,
+                w.disordered,
+                w.p50_ms,
+                w.p99_ms,
+                w.max_ms,
+                w.server_rss_mb
+            );
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let json = args.json;
+    match run(args).await {
+        Ok(report) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).unwrap());
+            } else {
+                print_table(&report);
+            }
+            let lost: u64 = report.watch.iter().map(|w| w.missed + w.disordered).sum();
+            if lost > 0 {
+                eprintln!("error: {lost} Watch deliveries missed or out of order");
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
