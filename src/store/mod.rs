@@ -90,6 +90,12 @@ impl Store {
             .min_connections(1)
             .connect_timeout(options.connect_timeout)
             .acquire_timeout(options.connect_timeout)
+            // sqlx pings every connection it takes from the pool by default:
+            // a second round trip for every call. Only a connection idle for
+            // a while is checked; a busy one that died fails its statement
+            // (UNAVAILABLE, safe to retry), and the health monitor pings
+            // every --db-health-interval.
+            .test_before_acquire_if_idle_for(Duration::from_secs(10))
             .sqlx_logging(false);
         let busy_timeout = options.sqlite_busy_timeout;
         connect.map_sqlx_sqlite_opts(move |sqlite| {

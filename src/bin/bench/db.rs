@@ -79,7 +79,13 @@ impl BenchDb {
                 let create = format!("CREATE DATABASE {name}");
                 admin.execute(sqlx::AssertSqlSafe(create)).await?;
                 admin.close().await?;
-                let url = with_database(admin_url, &name);
+                let mut url = with_database(admin_url, &name);
+                // Both sides use the same transport: the server's driver
+                // would otherwise negotiate TLS on loopback, the baseline's not.
+                if !url.contains("sslmode=") {
+                    url.push(if url.contains('?') { '&' } else { '?' });
+                    url.push_str("sslmode=disable");
+                }
                 Ok(BenchDb::Postgres {
                     admin_url: admin_url.to_owned(),
                     name,
@@ -143,6 +149,7 @@ impl BenchDb {
                     .busy_timeout(Duration::from_secs(5));
                 let pool = SqlitePoolOptions::new()
                     .max_connections(size)
+                    .test_before_acquire(false)
                     .acquire_timeout(Duration::from_secs(30))
                     .connect_with(options)
                     .await?;
@@ -151,6 +158,7 @@ impl BenchDb {
             BenchDb::Postgres { url, .. } => {
                 let pool = PgPoolOptions::new()
                     .max_connections(size)
+                    .test_before_acquire(false)
                     .acquire_timeout(Duration::from_secs(30))
                     .connect(url)
                     .await?;

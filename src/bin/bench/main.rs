@@ -73,6 +73,9 @@ struct Args {
     /// Extra arguments for the server.
     #[arg(long, allow_hyphen_values = true)]
     server_arg: Vec<String>,
+    /// Extra environment for the server, KEY=VALUE.
+    #[arg(long, value_parser = parse_env)]
+    server_env: Vec<(String, String)>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -111,6 +114,8 @@ struct WatchRow {
     subscribers: usize,
     write_rate: u32,
     writes: u64,
+    /// Writes the server refused or failed (it could not keep up).
+    failed_writes: u64,
     delivered: u64,
     missed: u64,
     disordered: u64,
@@ -126,6 +131,12 @@ struct Report {
     idle_rss_mb: Option<f64>,
     load: Vec<LoadRow>,
     watch: Vec<WatchRow>,
+}
+
+fn parse_env(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| "expected KEY=VALUE".to_string())
 }
 
 fn ms(micros: u64) -> f64 {
@@ -232,7 +243,7 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
         for (round, &ids) in args.ids.iter().enumerate() {
             migrate(&binary, db.url()).await?;
             db.seed(ids).await.context("seeding")?;
-            let server = ServerProcess::start(&binary, db.url(), &server_args).await?;
+            let server = ServerProcess::start(&binary, db.url(), &server_args, &args.server_env).await?;
             tokio::time::sleep(Duration::from_millis(500)).await;
             if round == 0 {
                 report.idle_rss_mb = Some(mb(server.usage()?.rss_bytes));
@@ -267,7 +278,7 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
                 let single = fan_out(&args, &[&server], ids).await?;
                 report.watch.push(single);
                 if backend == Backend::Postgres {
-                    let replica = ServerProcess::start(&binary, db.url(), &server_args).await?;
+                    let replica = ServerProcess::start(&binary, db.url(), &server_args, &args.server_env).await?;
                     let across = fan_out(&args, &[&server, &replica], ids).await?;
                     report.watch.push(across);
                     replica.stop().await?;
@@ -290,7 +301,7 @@ async fn fan_out(args: &Args, servers: &[&ServerProcess], ids: u64) -> anyhow::R
     let rss = watched.usage()?.rss_bytes;
     let written = watch::write(servers[0].addr, args.write_rate, args.watch_duration, ids).await?;
     let outcome = subscribers
-        .finish(&written, Duration::from_secs(30))
+        .finish(&written.revisions, Duration::from_secs(30))
         .await?;
     let q = |q: f64| ms(outcome.latency.value_at_quantile(q));
     let row = WatchRow {
@@ -299,6 +310,7 @@ async fn fan_out(args: &Args, servers: &[&ServerProcess], ids: u64) -> anyhow::R
         subscribers: outcome.subscribers,
         write_rate: args.write_rate,
         writes: outcome.writes,
+        failed_writes: written.failed,
         delivered: outcome.delivered,
         missed: outcome.missed,
         disordered: outcome.disordered,
@@ -308,7 +320,16 @@ async fn fan_out(args: &Args, servers: &[&ServerProcess], ids: u64) -> anyhow::R
         server_rss_mb: mb(rss),
     };
     if !args.json {
-        eprintln!("  watch on {} replica(s): done", servers.len());
+        eprintln!(
+            "  watch on {} replica(s): {} writes, {} failed{}",
+            servers.len(),
+            row.writes,
+            row.failed_writes,
+            written
+                .first_error
+                .map(|e| format!(" (first: {e})"))
+                .unwrap_or_default()
+        );
     }
     Ok(row)
 }
@@ -418,9 +439,13 @@ async fn main() -> ExitCode {
             } else {
                 print_table(&report);
             }
-            let lost: u64 = report.watch.iter().map(|w| w.missed + w.disordered).sum();
+            let lost: u64 = report
+                .watch
+                .iter()
+                .map(|w| w.missed + w.disordered + w.failed_writes)
+                .sum();
             if lost > 0 {
-                eprintln!("error: {lost} Watch deliveries missed or out of order");
+                eprintln!("error: {lost} Watch deliveries missed or out of order, or writes failed");
                 return ExitCode::FAILURE;
             }
             ExitCode::SUCCESS

@@ -43,6 +43,7 @@ impl ServerProcess {
         binary: &Path,
         database_url: &str,
         extra: &[String],
+        env: &[(String, String)],
     ) -> anyhow::Result<Self> {
         let addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
         let child = Command::new(binary)
@@ -51,6 +52,7 @@ impl ServerProcess {
             .args(["--metrics-listen", "off"])
             .args(extra)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

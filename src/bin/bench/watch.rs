@@ -124,14 +124,23 @@ pub async fn subscribe(servers: &[SocketAddr], count: usize) -> anyhow::Result<S
     Ok(Subscribers { tasks, last })
 }
 
-/// Merges at `rate` per second for `duration` through `server`; returns the
-/// revisions written.
+/// What the writer did: the revisions of its acknowledged writes, and how
+/// many writes failed (the server could not keep up with the rate).
+#[derive(Default)]
+pub struct Written {
+    pub revisions: Vec<u64>,
+    pub failed: u64,
+    pub first_error: Option<String>,
+}
+
+/// Merges at `rate` per second for `duration` through `server` (an open
+/// loop: a slow server makes writes pile up, not the rate drop).
 pub async fn write(
     server: SocketAddr,
     rate: u32,
     duration: Duration,
     ids: u64,
-) -> anyhow::Result<Vec<u64>> {
+) -> anyhow::Result<Written> {
     let users = UserMetadataServiceClient::new(channel(server).await?);
     let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -165,12 +174,20 @@ pub async fn write(
             users.merge(request).await.map(|r| r.into_inner().revision)
         }));
     }
-    let mut revisions = Vec::with_capacity(writes.len());
+    let mut written = Written::default();
     for write in writes {
-        revisions.push(write.await?.context("a write failed")?);
+        match write.await? {
+            Ok(revision) => written.revisions.push(revision),
+            Err(status) => {
+                written.failed += 1;
+                written
+                    .first_error
+                    .get_or_insert_with(|| format!("{:?}: {}", status.code(), status.message()));
+            }
+        }
     }
-    revisions.sort_unstable();
-    Ok(revisions)
+    written.revisions.sort_unstable();
+    Ok(written)
 }
 
 impl Subscribers {
