@@ -22,7 +22,8 @@ use crate::metrics::Metrics;
 use crate::proto::v1::organization_metadata_service_server::OrganizationMetadataServiceServer;
 use crate::proto::v1::user_metadata_service_server::UserMetadataServiceServer;
 use crate::service::{
-    Admission, Authenticate, Metadata, OrganizationService, RequestLayer, UserService,
+    Admission, Authenticate, Metadata, OrganizationService, OrganizationWatch, RequestLayer,
+    Routed, UserService, UserWatch,
 };
 use crate::store::{Store, StoreOptions};
 
@@ -270,14 +271,23 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         metrics.clone(),
     ));
     let authenticate = Authenticate(config.auth.clone());
+    let max = config.max_request_bytes;
     let users = InterceptedService::new(
-        UserMetadataServiceServer::new(UserService::new(metadata.clone()))
-            .max_decoding_message_size(config.max_request_bytes),
+        Routed::<_, UserWatch>::new(
+            UserMetadataServiceServer::new(UserService::new(metadata.clone()))
+                .max_decoding_message_size(max),
+            metadata.clone(),
+            max,
+        ),
         authenticate.clone(),
     );
     let organizations = InterceptedService::new(
-        OrganizationMetadataServiceServer::new(OrganizationService::new(metadata))
-            .max_decoding_message_size(config.max_request_bytes),
+        Routed::<_, OrganizationWatch>::new(
+            OrganizationMetadataServiceServer::new(OrganizationService::new(metadata.clone()))
+                .max_decoding_message_size(max),
+            metadata,
+            max,
+        ),
         authenticate,
     );
 

@@ -46,6 +46,30 @@ impl ChangeType {
     }
 }
 
+/// The protobuf encoding of an event, made by the gRPC layer on its first
+/// delivery and shared by every stream that sends it. A cache, not part of
+/// the event's value: any two compare equal.
+#[derive(Clone, Default)]
+pub struct WireCache(std::sync::Arc<std::sync::OnceLock<bytes::Bytes>>);
+
+impl WireCache {
+    pub fn get_or_init(&self, encode: impl FnOnce() -> bytes::Bytes) -> bytes::Bytes {
+        self.0.get_or_init(encode).clone()
+    }
+}
+
+impl PartialEq for WireCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for WireCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WireCache")
+    }
+}
+
 /// One committed change.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Event {
@@ -56,6 +80,7 @@ pub struct Event {
     pub before: Record,
     pub after: Record,
     pub committed_at: DateTime<Utc>,
+    pub wire: WireCache,
 }
 
 impl Event {

@@ -6,10 +6,12 @@ mod error;
 mod organization;
 mod requests;
 mod user;
+mod watch;
 
 pub use admission::Admission;
 pub use caller::Authenticate;
 pub use requests::RequestLayer;
+pub use watch::{OrganizationWatch, Routed, UserWatch};
 
 use std::sync::Arc;
 

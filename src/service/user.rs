@@ -76,6 +76,9 @@ impl UserMetadataService for UserService {
     type WatchStream =
         Pin<Box<dyn Stream<Item = Result<WatchUserMetadataResponse, Status>> + Send>>;
 
+    /// The server mounts this service through [`super::Routed`], which
+    /// serves Watch with events encoded once for all streams; this
+    /// per-stream path is what the generated service would do without it.
     async fn watch(
         &self,
         request: Request<WatchUserMetadataRequest>,

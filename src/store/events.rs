@@ -218,6 +218,7 @@ fn event_from_row(row: event::Model) -> Result<Event, StoreError> {
         before: from_snapshot(kind, &row.id, row.before)?,
         after: from_snapshot(kind, &row.id, row.after)?,
         committed_at: row.committed_at,
+        wire: Default::default(),
     })
 }
 

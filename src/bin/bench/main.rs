@@ -243,7 +243,8 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
         for (round, &ids) in args.ids.iter().enumerate() {
             migrate(&binary, db.url()).await?;
             db.seed(ids).await.context("seeding")?;
-            let server = ServerProcess::start(&binary, db.url(), &server_args, &args.server_env).await?;
+            let server =
+                ServerProcess::start(&binary, db.url(), &server_args, &args.server_env).await?;
             tokio::time::sleep(Duration::from_millis(500)).await;
             if round == 0 {
                 report.idle_rss_mb = Some(mb(server.usage()?.rss_bytes));
@@ -278,7 +279,9 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
                 let single = fan_out(&args, &[&server], ids).await?;
                 report.watch.push(single);
                 if backend == Backend::Postgres {
-                    let replica = ServerProcess::start(&binary, db.url(), &server_args, &args.server_env).await?;
+                    let replica =
+                        ServerProcess::start(&binary, db.url(), &server_args, &args.server_env)
+                            .await?;
                     let across = fan_out(&args, &[&server, &replica], ids).await?;
                     report.watch.push(across);
                     replica.stop().await?;
@@ -445,7 +448,9 @@ async fn main() -> ExitCode {
                 .map(|w| w.missed + w.disordered + w.failed_writes)
                 .sum();
             if lost > 0 {
-                eprintln!("error: {lost} Watch deliveries missed or out of order, or writes failed");
+                eprintln!(
+                    "error: {lost} Watch deliveries missed or out of order, or writes failed"
+                );
                 return ExitCode::FAILURE;
             }
             ExitCode::SUCCESS

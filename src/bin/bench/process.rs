@@ -46,10 +46,16 @@ impl ServerProcess {
         env: &[(String, String)],
     ) -> anyhow::Result<Self> {
         let addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+        // No metrics port unless asked for (with --server-arg).
+        let metrics = if extra.iter().any(|a| a.starts_with("--metrics-listen")) {
+            None
+        } else {
+            Some(["--metrics-listen", "off"])
+        };
         let child = Command::new(binary)
+            .args(metrics.iter().flatten())
             .args(["--database-url", database_url])
             .args(["--listen", &addr.to_string()])
-            .args(["--metrics-listen", "off"])
             .args(extra)
             .env("RUST_LOG", "warn")
             .envs(env.iter().map(|(k, v)| (k, v)))
