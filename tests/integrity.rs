@@ -27,6 +27,10 @@ fn merge(id: &str, public: Json) -> MergeUserMetadataRequest {
     }
 }
 
+async fn merge_ok(users: &mut Users, id: &str, public: Json) -> UserMetadata {
+    users.merge(merge(id, public)).await.unwrap().into_inner()
+}
+
 async fn get(users: &mut Users, id: &str) -> UserMetadata {
     users
         .get(GetUserMetadataRequest { user_id: id.into() })
@@ -171,10 +175,70 @@ async fn expected_version_race_has_one_winner(backend: Backend) {
     assert_one_event_per_version(&s, "contended", 3).await;
 }
 
+/// Concurrent writes with different fates at once (SQLite runs them in one
+/// group transaction): each gets its own outcome, a refused one writes
+/// nothing, and the others are stored with one event each.
+async fn concurrent_writes_keep_their_own_outcomes(backend: Backend) {
+    let Some(mut s) = start(backend).await else {
+        return;
+    };
+    let big = "x".repeat(5000);
+    merge_ok(&mut s.users, "big", json!({ "a": big })).await;
+    merge_ok(&mut s.users, "contended", json!({ "seed": true })).await;
+    let mut tasks = Vec::new();
+    for c in 0..48u64 {
+        let mut users = s.users.clone();
+        let big = big.clone();
+        tasks.push(tokio::spawn(async move {
+            let request = match c % 3 {
+                // Only the first of these to run wins.
+                0 => {
+                    let mut r = merge("contended", json!({ "winner": c }));
+                    r.expected_version = Some(1);
+                    r
+                }
+                // Over the field limit once merged: refused inside the write.
+                1 => merge("big", json!({ format!("b{c}"): big })),
+                _ => merge(&format!("own{c}"), json!({ "c": c })),
+            };
+            (c % 3, users.merge(request).await.map(|r| r.into_inner()))
+        }));
+    }
+    let (mut winners, mut own) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            (0, Ok(_)) => winners += 1,
+            (0, Err(status)) => assert_eq!(status.code(), Code::Aborted, "{status:?}"),
+            (1, result) => {
+                let status = result.expect_err("over the limit");
+                assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+            }
+            (_, result) => {
+                assert_eq!(result.expect("own id").version, 1);
+                own += 1;
+            }
+        }
+    }
+    assert_eq!((winners, own), (1, 16));
+    assert_eq!(
+        get(&mut s.users, "big").await.version,
+        1,
+        "refused writes wrote nothing"
+    );
+    assert_eq!(get(&mut s.users, "contended").await.version, 2);
+    // Seeds, the winner and the 16 own ids: one event each, no gap.
+    let revisions = s.db.event_revisions().await;
+    assert_eq!(revisions.len(), 2 + 1 + 16, "{revisions:?}");
+    if backend == Backend::Sqlite {
+        assert_eq!(revisions, (1..=19).collect::<Vec<u64>>());
+    }
+}
+
 backend_tests!(
     no_lost_updates,
     first_writes_race_without_loss,
-    expected_version_race_has_one_winner
+    expected_version_race_has_one_winner,
+    concurrent_writes_keep_their_own_outcomes
 );
 
 /// Two server processes on one Postgres database, 16 clients split over

@@ -86,11 +86,13 @@ impl Metadata {
             Mode::Merge => ChangeType::Merged,
             Mode::Replace => ChangeType::Replaced,
         };
+        let limits = self.limits;
+        let compute = Box::new(move |current: &crate::model::Fields| {
+            json::apply(mode, &values, current, &limits)
+        });
         let outcome = self
             .store
-            .write(kind, &id, expected_version, change, |current| {
-                json::apply(mode, &values, current, &self.limits)
-            })
+            .write(kind, &id, expected_version, change, compute)
             .await?;
         if outcome.changed {
             self.metrics

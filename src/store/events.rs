@@ -402,8 +402,8 @@ impl Store {
 
     /// Deletes events committed before `cutoff`; returns how many.
     pub async fn prune_events(&self, cutoff: DateTime<Utc>) -> Result<u64, StoreError> {
-        let _gate = self.enter_write().await;
-        let txn = self.begin_write().await?;
+        // On SQLite this waits (busy timeout) while the committer writes.
+        let txn = self.writer.begin().await?;
         let newest_old = event::Entity::find()
             .filter(event::Column::CommittedAt.lt(cutoff))
             .order_by_desc(event::Column::Revision)

@@ -7,12 +7,13 @@
 //! uses WAL with `BEGIN IMMEDIATE`, and writes are queued in-process so they
 //! wait in order instead of spinning on the busy handler.
 
+mod batch;
 mod entities;
 mod error;
 mod events;
 mod migration;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -23,7 +24,7 @@ use sea_orm::{
     SqliteTransactionMode, TransactionOptions, TransactionTrait, TryInsertResult,
 };
 use sea_orm_migration::MigratorTrait;
-use tokio::sync::{Mutex, Notify};
+use tokio::sync::Notify;
 
 pub use error::{StoreError, redact_url};
 pub use events::{CommitListener, EventRead, Snapshot};
@@ -66,12 +67,12 @@ pub struct WriteOutcome {
 pub struct Store {
     db: DatabaseConnection,
     /// SQLite only: one writer at a time, queued fairly in this process.
-    write_gate: Option<Mutex<()>>,
+    /// SQLite: the one task that writes, in groups.
+    committer: Option<batch::Committer>,
+    writer: Writer,
     /// Raised after every commit, to wake the event dispatcher at once.
     committed: Arc<Notify>,
     max_connections: u32,
-    /// Where the time to begin a write transaction is recorded, if anywhere.
-    acquire_timer: Option<prometheus::Histogram>,
 }
 
 /// Connections of the pool at one moment.
@@ -106,20 +107,26 @@ impl Store {
         let db = Database::connect(connect)
             .await
             .map_err(|err| StoreError::from(err).redacting(url))?;
-        let write_gate =
-            (db.get_database_backend() == DatabaseBackend::Sqlite).then(|| Mutex::new(()));
+        let committed = Arc::new(Notify::new());
+        let writer = Writer {
+            db: db.clone(),
+            committed: committed.clone(),
+            acquire_timer: Arc::new(OnceLock::new()),
+        };
+        let committer = (db.get_database_backend() == DatabaseBackend::Sqlite)
+            .then(|| batch::Committer::start(writer.clone()));
         Ok(Store {
             db,
-            write_gate,
-            committed: Arc::new(Notify::new()),
+            committer,
+            writer,
+            committed,
             max_connections: options.max_connections,
-            acquire_timer: None,
         })
     }
 
     /// Records the time each write waits for a connection and its BEGIN.
     pub fn time_acquire(&mut self, histogram: prometheus::Histogram) {
-        self.acquire_timer = Some(histogram);
+        let _ = self.writer.acquire_timer.set(histogram);
     }
 
     pub fn pool_status(&self) -> Option<PoolStatus> {
@@ -172,58 +179,29 @@ impl Store {
     /// Reads the row under a lock, checks `expected_version`, computes the
     /// new fields with `compute`, writes them and appends the event, all in
     /// one transaction. `compute` may run more than once (a lost insert race
-    /// is retried).
-    pub async fn write<F>(
+    /// is retried, and SQLite re-runs a failed group alone).
+    ///
+    /// SQLite: writes go through this process's committer, which puts the
+    /// writes queued at the same moment into one transaction (one fsync for
+    /// the group; each write's result and error are its own).
+    pub async fn write(
         &self,
         kind: Kind,
         id: &str,
         expected_version: Option<u64>,
         change: ChangeType,
-        mut compute: F,
-    ) -> Result<WriteOutcome, StoreError>
-    where
-        F: FnMut(&Fields) -> Result<Fields, ValidationError>,
-    {
-        let _gate = self.enter_write().await;
-        loop {
-            let txn = self.begin_write().await?;
-            let row = lock_row(&txn, kind, id).await?;
-            let exists = row.is_some();
-            let current = row.map_or_else(|| Record::empty(kind, id.to_owned()), record_from_row);
-            check_version(expected_version, current.version)?;
-            let fields = compute(&current.fields)?;
-            if fields == current.fields {
-                txn.rollback().await?;
-                return Ok(WriteOutcome {
-                    record: current,
-                    changed: false,
-                });
-            }
-            let now = now();
-            let revision = events::next_revision(&txn, exists).await?;
-            let record = Record {
-                fields,
-                version: current.version + 1,
-                created_at: Some(current.created_at.unwrap_or(now)),
-                updated_at: Some(now),
-                revision,
-                ..current.clone()
-            };
-            let model = row_from_record(&record, now);
-            if exists {
-                model.into_active_model().reset_all().update(&txn).await?;
-            } else if !insert_if_absent(&txn, model).await? {
-                // Another transaction created the row after our read: start
-                // over, and this time lock the row it wrote.
-                txn.rollback().await?;
-                continue;
-            }
-            events::append(&txn, change, &current, &record, now).await?;
-            self.commit(txn).await?;
-            return Ok(WriteOutcome {
-                record,
-                changed: true,
-            });
+        compute: Compute,
+    ) -> Result<WriteOutcome, StoreError> {
+        let op = Op::Write {
+            kind,
+            id: id.to_owned(),
+            expected_version,
+            change,
+            compute,
+        };
+        match self.submit(op).await? {
+            Done::Written(outcome) => Ok(outcome),
+            Done::Deleted(_) => Err(StoreError::Internal("a write answered as a delete".into())),
         }
     }
 
@@ -236,30 +214,79 @@ impl Store {
         id: &str,
         expected_version: Option<u64>,
     ) -> Result<bool, StoreError> {
-        let _gate = self.enter_write().await;
-        let txn = self.begin_write().await?;
-        let current = lock_row(&txn, kind, id)
-            .await?
-            .map_or_else(|| Record::empty(kind, id.to_owned()), record_from_row);
-        check_version(expected_version, current.version)?;
-        if current.version == 0 {
-            txn.rollback().await?;
-            return Ok(false);
-        }
-        let now = now();
-        let revision = events::next_revision(&txn, true).await?;
-        let record = Record {
-            revision,
-            ..Record::empty(kind, id.to_owned())
+        let op = Op::Delete {
+            kind,
+            id: id.to_owned(),
+            expected_version,
         };
-        row_from_record(&record, now)
-            .into_active_model()
-            .reset_all()
-            .update(&txn)
-            .await?;
-        events::append(&txn, ChangeType::Deleted, &current, &record, now).await?;
-        self.commit(txn).await?;
-        Ok(true)
+        match self.submit(op).await? {
+            Done::Deleted(existed) => Ok(existed),
+            Done::Written(_) => Err(StoreError::Internal("a delete answered as a write".into())),
+        }
+    }
+
+    async fn submit(&self, op: Op) -> Result<Done, StoreError> {
+        match &self.committer {
+            Some(committer) => committer.submit(op).await,
+            None => self.writer.run_alone(op).await,
+        }
+    }
+}
+
+/// How a write computes the new fields from the stored ones.
+pub type Compute = Box<dyn FnMut(&Fields) -> Result<Fields, ValidationError> + Send>;
+
+/// A write or delete, as queued for a transaction.
+pub(crate) enum Op {
+    Write {
+        kind: Kind,
+        id: String,
+        expected_version: Option<u64>,
+        change: ChangeType,
+        compute: Compute,
+    },
+    Delete {
+        kind: Kind,
+        id: String,
+        expected_version: Option<u64>,
+    },
+}
+
+pub(crate) enum Done {
+    Written(WriteOutcome),
+    Deleted(bool),
+}
+
+/// What one operation did inside a transaction.
+enum Step {
+    /// Nothing was written (a no-op write, or a delete of nothing).
+    Unchanged(Done),
+    Written(Done),
+    /// Postgres: another transaction created the row after our read.
+    LostInsertRace,
+}
+
+/// Runs operations in write transactions.
+#[derive(Clone)]
+pub(crate) struct Writer {
+    db: DatabaseConnection,
+    committed: Arc<Notify>,
+    /// Where the time to begin a write transaction is recorded, if anywhere.
+    acquire_timer: Arc<OnceLock<prometheus::Histogram>>,
+}
+
+impl Writer {
+    async fn begin(&self) -> Result<DatabaseTransaction, StoreError> {
+        let options = TransactionOptions {
+            // Take the write lock up front: a deferred transaction that
+            // reads and then writes can fail with SQLITE_BUSY mid-way.
+            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+            ..TransactionOptions::default()
+        };
+        let timer = self.acquire_timer.get().map(|h| h.start_timer());
+        let transaction = self.db.begin_with_options(options).await?;
+        drop(timer);
+        Ok(transaction)
     }
 
     async fn commit(&self, txn: DatabaseTransaction) -> Result<(), StoreError> {
@@ -268,24 +295,98 @@ impl Store {
         Ok(())
     }
 
-    async fn enter_write(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
-        match &self.write_gate {
-            Some(gate) => Some(gate.lock().await),
-            None => None,
+    /// One operation in its own transaction.
+    async fn run_alone(&self, mut op: Op) -> Result<Done, StoreError> {
+        loop {
+            let txn = self.begin().await?;
+            match step(&txn, &mut op).await? {
+                Step::Unchanged(done) => {
+                    txn.rollback().await?;
+                    return Ok(done);
+                }
+                Step::Written(done) => {
+                    self.commit(txn).await?;
+                    return Ok(done);
+                }
+                // Start over, and this time lock the row the other wrote.
+                Step::LostInsertRace => txn.rollback().await?,
+            }
         }
     }
+}
 
-    async fn begin_write(&self) -> Result<DatabaseTransaction, StoreError> {
-        let options = TransactionOptions {
-            // Take the write lock up front: a deferred transaction that
-            // reads and then writes can fail with SQLITE_BUSY mid-way.
-            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-            ..TransactionOptions::default()
-        };
-        let timer = self.acquire_timer.as_ref().map(|h| h.start_timer());
-        let transaction = self.db.begin_with_options(options).await?;
-        drop(timer);
-        Ok(transaction)
+/// One operation inside `txn`: read the row under a lock, check the
+/// version, compute, write the row and append the event. An error before
+/// anything was written (version mismatch, invalid result) leaves `txn`
+/// as it was.
+async fn step(txn: &DatabaseTransaction, op: &mut Op) -> Result<Step, StoreError> {
+    match op {
+        Op::Write {
+            kind,
+            id,
+            expected_version,
+            change,
+            compute,
+        } => {
+            let row = lock_row(txn, *kind, id).await?;
+            let exists = row.is_some();
+            let current = row.map_or_else(|| Record::empty(*kind, id.to_owned()), record_from_row);
+            check_version(*expected_version, current.version)?;
+            let fields = compute(&current.fields)?;
+            if fields == current.fields {
+                return Ok(Step::Unchanged(Done::Written(WriteOutcome {
+                    record: current,
+                    changed: false,
+                })));
+            }
+            let now = now();
+            let revision = events::next_revision(txn, exists).await?;
+            let record = Record {
+                fields,
+                version: current.version + 1,
+                created_at: Some(current.created_at.unwrap_or(now)),
+                updated_at: Some(now),
+                revision,
+                ..current.clone()
+            };
+            let model = row_from_record(&record, now);
+            if exists {
+                model.into_active_model().reset_all().update(txn).await?;
+            } else if !insert_if_absent(txn, model).await? {
+                return Ok(Step::LostInsertRace);
+            }
+            events::append(txn, *change, &current, &record, now).await?;
+            Ok(Step::Written(Done::Written(WriteOutcome {
+                record,
+                changed: true,
+            })))
+        }
+        Op::Delete {
+            kind,
+            id,
+            expected_version,
+        } => {
+            let current = lock_row(txn, *kind, id)
+                .await?
+                .map_or_else(|| Record::empty(*kind, id.to_owned()), record_from_row);
+            check_version(*expected_version, current.version)?;
+            if current.version == 0 {
+                return Ok(Step::Unchanged(Done::Deleted(false)));
+            }
+            let now = now();
+            let revision = events::next_revision(txn, true).await?;
+            let record = Record {
+                revision,
+                ..Record::empty(*kind, id.to_owned())
+            };
+            row_from_record(&record, now)
+                .into_active_model()
+                .reset_all()
+                .update(txn)
+                .await?;
+            events::append(txn, ChangeType::Deleted, &current, &record, now).await?;
+            Ok(Step::Written(Done::Deleted(true)))
+        }
     }
 }
 

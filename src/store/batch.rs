@@ -1,0 +1,131 @@
+//! SQLite group commit. SQLite has one writer at a time, and every commit
+//! waits for its fsync; one transaction per call made that wait the limit
+//! of the service. The committer takes every write queued at the moment it
+//! becomes free (up to [`MAX_GROUP`]) and runs them in one transaction:
+//! each in turn, each reading what the previous ones wrote, one commit for
+//! all. Every caller still gets exactly its own result:
+//! - a write refused before it wrote anything (version mismatch, invalid
+//!   result) is answered with that error, and the others go on;
+//! - if the group fails as a whole (a database error, a failed commit),
+//!   it is rolled back and each write is run again alone, so each gets the
+//!   error (or success) it would have got alone;
+//! - a write whose caller gave up before the group started is not run.
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Done, Op, Step, StoreError, Writer, step};
+
+/// Most writes in one transaction: bounds how long the first one waits.
+const MAX_GROUP: usize = 64;
+
+struct Job {
+    op: Op,
+    reply: oneshot::Sender<Result<Done, StoreError>>,
+}
+
+pub(super) struct Committer {
+    jobs: mpsc::UnboundedSender<Job>,
+}
+
+impl Committer {
+    pub(super) fn start(writer: Writer) -> Committer {
+        let (jobs, queue) = mpsc::unbounded_channel();
+        tokio::spawn(run(writer, queue));
+        Committer { jobs }
+    }
+
+    pub(super) async fn submit(&self, op: Op) -> Result<Done, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs.send(Job { op, reply }).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+fn stopped() -> StoreError {
+    StoreError::Unavailable {
+        reason: "the store is shutting down",
+        detail: "the SQLite committer has stopped".into(),
+    }
+}
+
+/// Whether `err` refused one write before it wrote anything, leaving the
+/// transaction usable for the rest of the group.
+fn refused(err: &StoreError) -> bool {
+    matches!(
+        err,
+        StoreError::VersionMismatch { .. } | StoreError::Invalid(_)
+    )
+}
+
+async fn run(writer: Writer, mut queue: mpsc::UnboundedReceiver<Job>) {
+    while let Some(first) = queue.recv().await {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        group.retain(|job| !job.reply.is_closed());
+        match group.len() {
+            0 => {}
+            1 => {
+                let Job { op, reply } = group.pop().unwrap();
+                let _ = reply.send(writer.run_alone(op).await);
+            }
+            _ => run_group(&writer, group).await,
+        }
+    }
+}
+
+async fn run_group(writer: &Writer, mut group: Vec<Job>) {
+    match try_group(writer, &mut group).await {
+        Ok(results) => {
+            for (job, result) in group.into_iter().zip(results) {
+                let _ = job.reply.send(result);
+            }
+        }
+        Err(_) => {
+            // Nothing of the group was committed: each write alone, so that
+            // each gets the outcome it would have got without the others.
+            for Job { op, reply } in group {
+                let _ = reply.send(writer.run_alone(op).await);
+            }
+        }
+    }
+}
+
+/// Runs the whole group in one transaction; Err leaves nothing committed.
+async fn try_group(
+    writer: &Writer,
+    group: &mut [Job],
+) -> Result<Vec<Result<Done, StoreError>>, StoreError> {
+    let txn = writer.begin().await?;
+    let mut results = Vec::with_capacity(group.len());
+    let mut wrote = false;
+    for job in group.iter_mut() {
+        match step(&txn, &mut job.op).await {
+            Ok(Step::Unchanged(done)) => results.push(Ok(done)),
+            Ok(Step::Written(done)) => {
+                wrote = true;
+                results.push(Ok(done));
+            }
+            Ok(Step::LostInsertRace) => {
+                // Cannot happen under SQLite's single writer; start over.
+                txn.rollback().await?;
+                return Err(StoreError::Internal("insert race under SQLite".into()));
+            }
+            Err(err) if refused(&err) => results.push(Err(err)),
+            Err(err) => {
+                txn.rollback().await.ok();
+                return Err(err);
+            }
+        }
+    }
+    if wrote {
+        writer.commit(txn).await?;
+    } else {
+        txn.rollback().await?;
+    }
+    Ok(results)
+}
