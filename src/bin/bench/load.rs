@@ -24,6 +24,9 @@ pub enum Workload {
     Get,
     /// 90% Get, 10% Merge.
     Mix,
+    /// grpc.health.v1 Check: a call with no database work, the ceiling of
+    /// gRPC calls this machine can make (its baseline is `SELECT 1`).
+    Ping,
 }
 
 impl Workload {
@@ -32,13 +35,14 @@ impl Workload {
             Workload::Merge => "merge",
             Workload::Get => "get",
             Workload::Mix => "mix",
+            Workload::Ping => "ping",
         }
     }
 
     fn merges(self, rng: &mut SmallRng) -> bool {
         match self {
             Workload::Merge => true,
-            Workload::Get => false,
+            Workload::Get | Workload::Ping => false,
             Workload::Mix => rng.random_range(0..10) == 0,
         }
     }
@@ -139,11 +143,20 @@ pub async fn service(
 ) -> Measured {
     let channels = Arc::new(channels);
     closed_loop(clients, duration, move |client, rng| {
-        let mut users = UserMetadataServiceClient::new(channels[client % channels.len()].clone());
+        let channel = channels[client % channels.len()].clone();
+        let mut users = UserMetadataServiceClient::new(channel.clone());
         let user_id = id(rng.random_range(0..ids));
         let merge = workload.merges(rng);
         let fields = patch(rng);
         async move {
+            if workload == Workload::Ping {
+                let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+                return health
+                    .check(tonic_health::pb::HealthCheckRequest::default())
+                    .await
+                    .map(drop)
+                    .map_err(|status| format!("{:?}: {}", status.code(), status.message()));
+            }
             if merge {
                 let request = MergeUserMetadataRequest {
                     user_id,
@@ -186,6 +199,12 @@ pub async fn raw(
         let fields = patch(rng);
         async move {
             let result = match (&pool, merge) {
+                (RawPool::Postgres(pool), _) if workload == Workload::Ping => {
+                    sqlx::query("SELECT 1").execute(pool).await.map(drop)
+                }
+                (RawPool::Sqlite(pool), _) if workload == Workload::Ping => {
+                    sqlx::query("SELECT 1").execute(pool).await.map(drop)
+                }
                 (RawPool::Postgres(pool), true) => {
                     raw_merge_postgres(pool, &user_id, &fields).await
                 }

@@ -55,8 +55,9 @@ struct Args {
     /// Unmeasured time before each run.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     warmup: Duration,
-    /// Workloads to run: merge, get, mix (90% get), watch.
-    #[arg(long, value_delimiter = ',', default_value = "merge,get,mix,watch")]
+    /// Workloads to run: merge, get, mix (90% get), ping (a health check:
+    /// the gRPC ceiling), watch.
+    #[arg(long, value_delimiter = ',', default_value = "merge,get,mix,ping,watch")]
     workloads: Vec<String>,
     /// Database connections of the server and of the baseline.
     #[arg(long, default_value_t = 16)]
@@ -224,6 +225,7 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
             "merge" => Some(Workload::Merge),
             "get" => Some(Workload::Get),
             "mix" => Some(Workload::Mix),
+            "ping" => Some(Workload::Ping),
             _ => None,
         })
         .collect();
