@@ -234,11 +234,61 @@ async fn concurrent_writes_keep_their_own_outcomes(backend: Backend) {
     }
 }
 
+/// Many Gets at once (the store reads them in batches): each gets its own
+/// record, for both kinds, repeated ids and ids never written.
+async fn concurrent_gets_each_get_their_own_record(backend: Backend) {
+    let Some(mut s) = start(backend).await else {
+        return;
+    };
+    for n in 0..10u64 {
+        merge_ok(&mut s.users, &format!("reader{n}"), json!({ "n": n })).await;
+        let org = MergeOrganizationMetadataRequest {
+            organization_id: format!("reader{n}"),
+            public_metadata: Some(structure(&json!({ "org": n }))),
+            ..Default::default()
+        };
+        s.orgs.merge(org).await.unwrap();
+    }
+    let mut tasks = Vec::new();
+    for c in 0..120u64 {
+        let (mut users, mut orgs) = (s.users.clone(), s.orgs.clone());
+        tasks.push(tokio::spawn(async move {
+            // Ids 10..14 were never written.
+            let n = c % 15;
+            let id = format!("reader{n}");
+            if c % 2 == 0 {
+                let got = users
+                    .get(GetUserMetadataRequest { user_id: id })
+                    .await
+                    .unwrap();
+                let expected = if n < 10 { json!({ "n": n }) } else { json!({}) };
+                assert_eq!(field(&got.into_inner().public_metadata), expected);
+            } else {
+                let request = GetOrganizationMetadataRequest {
+                    organization_id: id,
+                };
+                let got = orgs.get(request).await.unwrap().into_inner();
+                let expected = if n < 10 {
+                    json!({ "org": n })
+                } else {
+                    json!({})
+                };
+                assert_eq!(field(&got.public_metadata), expected);
+                assert_eq!(got.version, u64::from(n < 10));
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
 backend_tests!(
     no_lost_updates,
     first_writes_race_without_loss,
     expected_version_race_has_one_winner,
-    concurrent_writes_keep_their_own_outcomes
+    concurrent_writes_keep_their_own_outcomes,
+    concurrent_gets_each_get_their_own_record
 );
 
 /// Two server processes on one Postgres database, 16 clients split over

@@ -4,7 +4,7 @@ use crate::json::ValidationError;
 
 /// What can go wrong in a storage call; mapped to a gRPC status in
 /// `service::error` and nowhere else.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("expected version {expected}, but the current version is {actual}")]
     VersionMismatch { expected: u64, actual: u64 },

@@ -12,6 +12,7 @@ mod entities;
 mod error;
 mod events;
 mod migration;
+mod reads;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -69,6 +70,7 @@ pub struct Store {
     /// SQLite only: one writer at a time, queued fairly in this process.
     /// SQLite: the one task that writes, in groups.
     committer: Option<batch::Committer>,
+    reader: reads::Reader,
     writer: Writer,
     /// Raised after every commit, to wake the event dispatcher at once.
     committed: Arc<Notify>,
@@ -115,9 +117,14 @@ impl Store {
         };
         let committer = (db.get_database_backend() == DatabaseBackend::Sqlite)
             .then(|| batch::Committer::start(writer.clone()));
+        // A quarter of the pool reads in batches; the rest is for writes,
+        // Watch catch-up and health.
+        let reader =
+            reads::Reader::start(db.clone(), (options.max_connections as usize / 4).max(1));
         Ok(Store {
             db,
             committer,
+            reader,
             writer,
             committed,
             max_connections: options.max_connections,
@@ -172,8 +179,7 @@ impl Store {
     }
 
     pub async fn get(&self, kind: Kind, id: &str) -> Result<Record, StoreError> {
-        let row = Entity::find_by_id(key(kind, id)).one(&self.db).await?;
-        Ok(row.map_or_else(|| Record::empty(kind, id.to_owned()), record_from_row))
+        self.reader.get(kind, id).await
     }
 
     /// Reads the row under a lock, checks `expected_version`, computes the

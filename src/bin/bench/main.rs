@@ -57,7 +57,11 @@ struct Args {
     warmup: Duration,
     /// Workloads to run: merge, get, mix (90% get), ping (a health check:
     /// the gRPC ceiling), watch.
-    #[arg(long, value_delimiter = ',', default_value = "merge,get,mix,ping,watch")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "merge,get,mix,ping,watch"
+    )]
     workloads: Vec<String>,
     /// Database connections of the server and of the baseline.
     #[arg(long, default_value_t = 16)]
