@@ -332,7 +332,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
             shutdown.cancel();
         };
         router
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+            .serve_with_incoming_shutdown(incoming(listener), signal)
             .await
             .context("server failed")?;
         served_store.close_pool().await;
@@ -351,6 +351,22 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         task,
         store,
         grace: config.shutdown_grace,
+    })
+}
+
+/// Accepted connections with TCP_NODELAY: tonic sets it only on listeners
+/// it binds itself, and without it a small response can wait for the
+/// client's delayed ACK (tens of milliseconds).
+fn incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|accepted| {
+        if let Ok(stream) = &accepted {
+            // Best effort: a socket that refuses it still works.
+            let _ = stream.set_nodelay(true);
+        }
+        accepted
     })
 }
 
