@@ -94,7 +94,10 @@ pub(super) async fn next_revision(
                 txn.execute_unprepared("SELECT pg_current_xact_id()")
                     .await?;
             }
-            format!("SELECT nextval('{SEQUENCE}') AS latest")
+            // The notification rides on the same round trip; Postgres
+            // delivers it to every listening replica when (and only if) the
+            // transaction commits.
+            format!("SELECT nextval('{SEQUENCE}') AS latest FROM pg_notify('{CHANNEL}', '')")
         }
         _ => "UPDATE revisions SET latest = latest + 1 WHERE id = 1 RETURNING latest".to_owned(),
     };
@@ -131,15 +134,6 @@ pub(super) async fn append(
     event::Entity::insert(event::ActiveModel::from(row))
         .exec_without_returning(txn)
         .await?;
-    if txn.get_database_backend() == DatabaseBackend::Postgres {
-        // Delivered to every listening replica when (and only if) the
-        // transaction commits.
-        txn.execute_raw(Statement::from_string(
-            DatabaseBackend::Postgres,
-            format!("NOTIFY {CHANNEL}"),
-        ))
-        .await?;
-    }
     Ok(())
 }
 
