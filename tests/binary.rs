@@ -563,6 +563,26 @@ async fn help_names_flags_and_environment() {
     );
 }
 
+/// Declares `$sqlite` and `$postgres` tests that run `$body(database_url)`
+/// on a fresh SQLite file and a fresh Postgres database.
+macro_rules! on_both_backends {
+    ($sqlite:ident, $postgres:ident, $body:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $sqlite() {
+            let dir = tempfile::tempdir().unwrap();
+            $body(&sqlite_url(dir.path())).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $postgres() {
+            let Some(db) = TestDb::create(Backend::Postgres).await else {
+                return;
+            };
+            $body(db.url()).await;
+        }
+    };
+}
+
 /// kill -9 during a write load: after a restart every acknowledged write is
 /// there, each id's version equals its number of events, and the newest
 /// event of each id is exactly its stored state (no partial write).
@@ -659,19 +679,11 @@ async fn crash_during_writes_loses_nothing(database_url: &str) {
     server.stop("TERM").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crash_during_writes_sqlite() {
-    let dir = tempfile::tempdir().unwrap();
-    crash_during_writes_loses_nothing(&sqlite_url(dir.path())).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crash_during_writes_postgres() {
-    let Some(db) = TestDb::create(Backend::Postgres).await else {
-        return;
-    };
-    crash_during_writes_loses_nothing(db.url()).await;
-}
+on_both_backends!(
+    crash_during_writes_sqlite,
+    crash_during_writes_postgres,
+    crash_during_writes_loses_nothing
+);
 
 /// SIGTERM during a write load: health turns NOT_SERVING, Watch streams end
 /// with UNAVAILABLE, every call either completes (and is then stored) or
@@ -779,19 +791,11 @@ async fn sigterm_during_writes_loses_nothing(database_url: &str) {
     server.stop("TERM").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_during_writes_sqlite() {
-    let dir = tempfile::tempdir().unwrap();
-    sigterm_during_writes_loses_nothing(&sqlite_url(dir.path())).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_during_writes_postgres() {
-    let Some(db) = TestDb::create(Backend::Postgres).await else {
-        return;
-    };
-    sigterm_during_writes_loses_nothing(db.url()).await;
-}
+on_both_backends!(
+    sigterm_during_writes_sqlite,
+    sigterm_during_writes_postgres,
+    sigterm_during_writes_loses_nothing
+);
 
 /// Removes terminal colour codes, so that assertions see the plain text.
 fn plain(text: &str) -> String {
