@@ -4,8 +4,10 @@
 //! the new value with a pure function, and writes it back. Postgres locks the
 //! row (`SELECT ... FOR UPDATE`, and `INSERT ... ON CONFLICT DO NOTHING` for a
 //! first write so concurrent creators neither fail nor lose data); SQLite
-//! uses WAL with `BEGIN IMMEDIATE`, and writes are queued in-process so they
-//! wait in order instead of spinning on the busy handler.
+//! uses WAL with `BEGIN IMMEDIATE`, and one committer task per process runs
+//! the writes queued together in one transaction (`batch.rs`), so they wait
+//! in order instead of spinning on the busy handler and share one fsync.
+//! Point reads on both backends are batched (`reads.rs`).
 
 mod batch;
 mod entities;
