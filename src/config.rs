@@ -68,6 +68,10 @@ pub enum Command {
     Serve,
     /// Apply the database migrations, then exit.
     Migrate,
+    /// Call a running server: user metadata (get, merge, replace, delete, watch).
+    User(crate::cli::ClientCommand),
+    /// Call a running server: organization metadata.
+    Org(crate::cli::ClientCommand),
 }
 
 #[derive(Debug, Args)]

@@ -41,6 +41,13 @@ fn json_from_proto(value: ProtoValue) -> Result<Value, TreeError> {
     }
 }
 
+/// A value received from the service, as JSON for people to read (the
+/// command-line client). What JSON cannot hold (an unset value, NaN) shows
+/// as null; the service never sends either.
+pub fn json_for_display(value: &ProtoValue) -> Value {
+    json_from_proto(value.clone()).unwrap_or(Value::Null)
+}
+
 fn json_from_struct(value: Struct) -> Result<Value, TreeError> {
     let mut map = Map::new();
     for (key, item) in value.fields {

@@ -6,6 +6,7 @@
 //! rules.
 
 pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod convert;
 pub mod events;

@@ -2,11 +2,18 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use metadata_service::config::{Cli, Command};
-use metadata_service::{logging, server};
+use metadata_service::model::Kind;
+use metadata_service::{cli, logging, server};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // The client subcommands print results, not logs.
+    match cli.command.take() {
+        Some(Command::User(command)) => return cli::run(Kind::User, command).await,
+        Some(Command::Org(command)) => return cli::run(Kind::Organization, command).await,
+        command => cli.command = command,
+    }
     let observability = &cli.observability;
     if let Err(err) = logging::init(observability.log_format, &observability.log_filter) {
         eprintln!("error: {err:#}");
@@ -33,6 +40,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!("migrations applied");
             Ok(())
         }
+        Command::User(_) | Command::Org(_) => unreachable!("handled in main"),
         Command::Serve => {
             let config = cli.server_config()?;
             // Listen for signals before starting, so that one arriving while

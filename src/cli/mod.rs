@@ -1,0 +1,429 @@
+//! The command-line client: `metadata-service user|org get|merge|replace|
+//! delete|watch`. Values are JSON given inline, as `@file.json`, or `-` for
+//! standard input, and are all parsed before any call is made. Results are
+//! printed as JSON (indented on a terminal, one line when piped).
+//!
+//! Exit status: 0 success; 2 bad input (with the position of a JSON error);
+//! 1 connection or TLS trouble; 64 + the gRPC code for an error status
+//! (as grpcurl does: INVALID_ARGUMENT is 67, NOT_FOUND 69, ...).
+
+mod output;
+
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use serde_json::Value;
+use tonic::Status;
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::convert::proto_from_json;
+use crate::model::Kind;
+use crate::proto::v1::organization_metadata_service_client::OrganizationMetadataServiceClient;
+use crate::proto::v1::user_metadata_service_client::UserMetadataServiceClient;
+use crate::proto::v1::*;
+
+#[derive(Debug, Args)]
+pub struct ClientCommand {
+    #[command(subcommand)]
+    pub action: Action,
+    #[command(flatten)]
+    pub connection: Connection,
+}
+
+#[derive(Debug, Args)]
+pub struct Connection {
+    /// Server to call: http://host:port, or https:// with --ca.
+    #[arg(long, default_value = "http://127.0.0.1:50051", global = true)]
+    pub addr: String,
+    /// Bearer credential: a backend API key or a frontend session token.
+    #[arg(long, global = true)]
+    pub token: Option<String>,
+    /// PEM CA certificate to trust for https:// (the system store is not used).
+    #[arg(long, global = true)]
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate, for servers that require mTLS.
+    #[arg(long, requires = "client_key", global = true)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of --client-cert.
+    #[arg(long, requires = "client_cert", global = true)]
+    pub client_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Action {
+    /// Print the stored metadata.
+    Get { id: String },
+    /// Deep-merge the given fields (null removes a key at any level).
+    Merge {
+        id: String,
+        #[command(flatten)]
+        values: Values,
+        /// Only if the stored version is still this one.
+        #[arg(long)]
+        expected_version: Option<u64>,
+    },
+    /// Replace each given field in full (`{}` clears, null stores null).
+    Replace {
+        id: String,
+        #[command(flatten)]
+        values: Values,
+        #[arg(long)]
+        expected_version: Option<u64>,
+    },
+    /// Remove all metadata of the id.
+    Delete {
+        id: String,
+        #[arg(long)]
+        expected_version: Option<u64>,
+    },
+    /// Print every change, one JSON object per line (all ids, or those given).
+    Watch {
+        ids: Vec<String>,
+        /// First revision to print (0: only changes from now on).
+        #[arg(long, default_value_t = 0)]
+        from_revision: u64,
+        /// Exit after this many events.
+        #[arg(long)]
+        max_events: Option<u64>,
+    },
+}
+
+/// JSON for each field: inline, `@file.json`, or `-` for standard input.
+#[derive(Debug, Args)]
+pub struct Values {
+    #[arg(long)]
+    pub public: Option<String>,
+    #[arg(long)]
+    pub private: Option<String>,
+    /// User metadata only.
+    #[arg(long = "unsafe")]
+    pub unsafe_: Option<String>,
+}
+
+enum Failure {
+    Input(String),
+    Connection(String),
+    Rpc(Status),
+}
+
+impl From<Status> for Failure {
+    fn from(status: Status) -> Self {
+        Failure::Rpc(status)
+    }
+}
+
+pub async fn run(kind: Kind, command: ClientCommand) -> ExitCode {
+    match execute(kind, command).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Input(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Connection(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+        Err(Failure::Rpc(status)) => {
+            eprintln!("error: {:?}: {}", status.code(), status.message());
+            ExitCode::from(64 + status.code() as u8)
+        }
+    }
+}
+
+/// The parsed values of the three fields, checked before any call.
+struct Parsed {
+    public: Option<Value>,
+    private: Option<Value>,
+    unsafe_: Option<Value>,
+}
+
+fn parse_values(kind: Kind, values: &Values) -> Result<Parsed, Failure> {
+    if kind == Kind::Organization && values.unsafe_.is_some() {
+        return Err(Failure::Input(
+            "--unsafe: organizations have no unsafe metadata".into(),
+        ));
+    }
+    let mut stdin_used = false;
+    let mut parse = |flag: &str, text: &Option<String>| -> Result<Option<Value>, Failure> {
+        let Some(text) = text else { return Ok(None) };
+        let source = if text == "-" {
+            if std::mem::replace(&mut stdin_used, true) {
+                return Err(Failure::Input(format!(
+                    "--{flag}: standard input is already used by another field"
+                )));
+            }
+            let mut input = String::new();
+            std::io::stdin().read_to_string(&mut input).map_err(|e| {
+                Failure::Input(format!("--{flag}: cannot read standard input: {e}"))
+            })?;
+            input
+        } else if let Some(path) = text.strip_prefix('@') {
+            std::fs::read_to_string(path)
+                .map_err(|e| Failure::Input(format!("--{flag}: cannot read {path}: {e}")))?
+        } else {
+            text.clone()
+        };
+        // serde_json's message ends with the line and column.
+        serde_json::from_str(&source)
+            .map(Some)
+            .map_err(|e| Failure::Input(format!("--{flag}: invalid JSON: {e}")))
+    };
+    Ok(Parsed {
+        public: parse("public", &values.public)?,
+        private: parse("private", &values.private)?,
+        unsafe_: parse("unsafe", &values.unsafe_)?,
+    })
+}
+
+/// A merge patch must be an object (a protobuf Struct).
+fn structure(flag: &str, value: Option<Value>) -> Result<Option<prost_types::Struct>, Failure> {
+    match value {
+        None => Ok(None),
+        Some(Value::Object(_)) => match proto_from_json(value.as_ref().unwrap()).kind {
+            Some(prost_types::value::Kind::StructValue(s)) => Ok(Some(s)),
+            _ => unreachable!("an object converts to a struct"),
+        },
+        Some(_) => Err(Failure::Input(format!(
+            "--{flag}: a merge patch must be a JSON object"
+        ))),
+    }
+}
+
+fn value(value: Option<Value>) -> Option<prost_types::Value> {
+    value.as_ref().map(proto_from_json)
+}
+
+#[derive(Clone)]
+struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(token) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", token.clone());
+        }
+        Ok(request)
+    }
+}
+
+async fn connect(connection: &Connection) -> Result<(Channel, Bearer), Failure> {
+    let token = match &connection.token {
+        Some(token) => Some(
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| Failure::Input("--token: not a valid header value".into()))?,
+        ),
+        None => None,
+    };
+    let mut endpoint = Endpoint::from_shared(connection.addr.clone())
+        .map_err(|e| Failure::Input(format!("--addr: {e}")))?;
+    if connection.addr.starts_with("https://") {
+        let read = |path: &PathBuf| {
+            std::fs::read(path)
+                .map_err(|e| Failure::Input(format!("cannot read {}: {e}", path.display())))
+        };
+        let ca = connection.ca.as_ref().ok_or_else(|| {
+            Failure::Input("https:// needs --ca (the system store is not used)".into())
+        })?;
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+        if let (Some(cert), Some(key)) = (&connection.client_cert, &connection.client_key) {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| Failure::Connection(format!("TLS: {e}")))?;
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| Failure::Connection(format!("cannot connect to {}: {e}", connection.addr)))?;
+    Ok((channel, Bearer(token)))
+}
+
+async fn execute(kind: Kind, command: ClientCommand) -> Result<(), Failure> {
+    // Every value is parsed before anything is sent.
+    let parsed = match &command.action {
+        Action::Merge { values, .. } | Action::Replace { values, .. } => {
+            Some(parse_values(kind, values)?)
+        }
+        _ => None,
+    };
+    let (channel, bearer) = connect(&command.connection).await?;
+    let pretty = std::io::stdout().is_terminal();
+    match kind {
+        Kind::User => user(command.action, parsed, channel, bearer, pretty).await,
+        Kind::Organization => organization(command.action, parsed, channel, bearer, pretty).await,
+    }
+}
+
+async fn user(
+    action: Action,
+    parsed: Option<Parsed>,
+    channel: Channel,
+    bearer: Bearer,
+    pretty: bool,
+) -> Result<(), Failure> {
+    let mut client = UserMetadataServiceClient::with_interceptor(channel, bearer);
+    let record = match action {
+        Action::Get { id } => client.get(GetUserMetadataRequest { user_id: id }).await?,
+        Action::Merge {
+            id,
+            expected_version,
+            ..
+        } => {
+            let p = parsed.expect("parsed before connecting");
+            let request = MergeUserMetadataRequest {
+                user_id: id,
+                public_metadata: structure("public", p.public)?,
+                private_metadata: structure("private", p.private)?,
+                unsafe_metadata: structure("unsafe", p.unsafe_)?,
+                expected_version,
+            };
+            client.merge(request).await?
+        }
+        Action::Replace {
+            id,
+            expected_version,
+            ..
+        } => {
+            let p = parsed.expect("parsed before connecting");
+            let request = ReplaceUserMetadataRequest {
+                user_id: id,
+                public_metadata: value(p.public),
+                private_metadata: value(p.private),
+                unsafe_metadata: value(p.unsafe_),
+                expected_version,
+            };
+            client.replace(request).await?
+        }
+        Action::Delete {
+            id,
+            expected_version,
+        } => {
+            let request = DeleteUserMetadataRequest {
+                user_id: id,
+                expected_version,
+            };
+            let existed = client.delete(request).await?.into_inner().existed;
+            output::print(&serde_json::json!({ "existed": existed }), pretty);
+            return Ok(());
+        }
+        Action::Watch {
+            ids,
+            from_revision,
+            max_events,
+        } => {
+            let request = WatchUserMetadataRequest {
+                start_revision: from_revision,
+                user_ids: ids,
+                progress_notify: false,
+            };
+            let mut stream = client.watch(request).await?.into_inner();
+            let mut printed = 0;
+            while max_events.is_none_or(|max| printed < max) {
+                let Some(message) = stream.message().await? else {
+                    break;
+                };
+                if let Some(watch_user_metadata_response::Response::Event(event)) = message.response
+                {
+                    output::print(&output::user_event(&event), false);
+                    printed += 1;
+                }
+            }
+            return Ok(());
+        }
+    };
+    output::print(&output::user(&record.into_inner()), pretty);
+    Ok(())
+}
+
+async fn organization(
+    action: Action,
+    parsed: Option<Parsed>,
+    channel: Channel,
+    bearer: Bearer,
+    pretty: bool,
+) -> Result<(), Failure> {
+    let mut client = OrganizationMetadataServiceClient::with_interceptor(channel, bearer);
+    let record = match action {
+        Action::Get { id } => {
+            client
+                .get(GetOrganizationMetadataRequest {
+                    organization_id: id,
+                })
+                .await?
+        }
+        Action::Merge {
+            id,
+            expected_version,
+            ..
+        } => {
+            let p = parsed.expect("parsed before connecting");
+            let request = MergeOrganizationMetadataRequest {
+                organization_id: id,
+                public_metadata: structure("public", p.public)?,
+                private_metadata: structure("private", p.private)?,
+                expected_version,
+            };
+            client.merge(request).await?
+        }
+        Action::Replace {
+            id,
+            expected_version,
+            ..
+        } => {
+            let p = parsed.expect("parsed before connecting");
+            let request = ReplaceOrganizationMetadataRequest {
+                organization_id: id,
+                public_metadata: value(p.public),
+                private_metadata: value(p.private),
+                expected_version,
+            };
+            client.replace(request).await?
+        }
+        Action::Delete {
+            id,
+            expected_version,
+        } => {
+            let request = DeleteOrganizationMetadataRequest {
+                organization_id: id,
+                expected_version,
+            };
+            let existed = client.delete(request).await?.into_inner().existed;
+            output::print(&serde_json::json!({ "existed": existed }), pretty);
+            return Ok(());
+        }
+        Action::Watch {
+            ids,
+            from_revision,
+            max_events,
+        } => {
+            let request = WatchOrganizationMetadataRequest {
+                start_revision: from_revision,
+                organization_ids: ids,
+                progress_notify: false,
+            };
+            let mut stream = client.watch(request).await?.into_inner();
+            let mut printed = 0;
+            while max_events.is_none_or(|max| printed < max) {
+                let Some(message) = stream.message().await? else {
+                    break;
+                };
+                if let Some(watch_organization_metadata_response::Response::Event(event)) =
+                    message.response
+                {
+                    output::print(&output::organization_event(&event), false);
+                    printed += 1;
+                }
+            }
+            return Ok(());
+        }
+    };
+    output::print(&output::organization(&record.into_inner()), pretty);
+    Ok(())
+}
