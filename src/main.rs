@@ -9,17 +9,18 @@ use metadata_service::{cli, logging, server};
 async fn main() -> ExitCode {
     let mut cli = Cli::parse();
     // The client subcommands print results, not logs.
-    match cli.command.take() {
+    let server_command = match cli.command.take() {
         Some(Command::User(command)) => return cli::run(Kind::User, command).await,
         Some(Command::Org(command)) => return cli::run(Kind::Organization, command).await,
-        command => cli.command = command,
-    }
+        Some(Command::Migrate) => ServerCommand::Migrate,
+        Some(Command::Serve) | None => ServerCommand::Serve,
+    };
     let observability = &cli.observability;
     if let Err(err) = logging::init(observability.log_format, &observability.log_filter) {
         eprintln!("error: {err:#}");
         return ExitCode::FAILURE;
     }
-    match run(cli).await {
+    match run(cli, server_command).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // One line with the whole cause chain, no backtrace.
@@ -29,9 +30,15 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command.as_ref().unwrap_or(&Command::Serve) {
-        Command::Migrate => {
+/// What the process itself does, once the client subcommands are set aside.
+enum ServerCommand {
+    Serve,
+    Migrate,
+}
+
+async fn run(cli: Cli, command: ServerCommand) -> anyhow::Result<()> {
+    match command {
+        ServerCommand::Migrate => {
             let options = cli.database.store_options();
             server::open_store(&cli.database.database_url, &options)
                 .await?
@@ -40,8 +47,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!("migrations applied");
             Ok(())
         }
-        Command::User(_) | Command::Org(_) => unreachable!("handled in main"),
-        Command::Serve => {
+        ServerCommand::Serve => {
             let config = cli.server_config()?;
             // Listen for signals before starting, so that one arriving while
             // connecting or migrating stops the start cleanly.
