@@ -8,6 +8,7 @@
 //! (as grpcurl does: INVALID_ARGUMENT is 67, NOT_FOUND 69, ...).
 
 mod output;
+mod records;
 
 use std::error::Error as _;
 use std::io::{IsTerminal, Read};
@@ -16,6 +17,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 use serde_json::Value;
+use tokio_stream::StreamExt;
 use tonic::Status;
 use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
@@ -25,7 +27,7 @@ use crate::convert::proto_from_json;
 use crate::model::Kind;
 use crate::proto::v1::organization_metadata_service_client::OrganizationMetadataServiceClient;
 use crate::proto::v1::user_metadata_service_client::UserMetadataServiceClient;
-use crate::proto::v1::*;
+use records::Records;
 
 #[derive(Debug, Args)]
 pub struct ClientCommand {
@@ -299,174 +301,70 @@ async fn execute(kind: Kind, command: ClientCommand) -> Result<(), Failure> {
     let (channel, bearer) = connect(&command.connection).await?;
     let pretty = std::io::stdout().is_terminal();
     match kind {
-        Kind::User => user(command.action, parsed, channel, bearer, pretty).await,
-        Kind::Organization => organization(command.action, parsed, channel, bearer, pretty).await,
+        Kind::User => {
+            let client = UserMetadataServiceClient::with_interceptor(channel, bearer);
+            perform(client, command.action, parsed, pretty).await
+        }
+        Kind::Organization => {
+            let client = OrganizationMetadataServiceClient::with_interceptor(channel, bearer);
+            perform(client, command.action, parsed, pretty).await
+        }
     }
 }
 
-async fn user(
+/// One flow for both kinds; [`Records`] hides the generated types.
+async fn perform(
+    mut records: impl Records,
     action: Action,
     parsed: Option<Parsed>,
-    channel: Channel,
-    bearer: Bearer,
     pretty: bool,
 ) -> Result<(), Failure> {
-    let mut client = UserMetadataServiceClient::with_interceptor(channel, bearer);
     let record = match action {
-        Action::Get { id } => client.get(GetUserMetadataRequest { user_id: id }).await?,
+        Action::Get { id } => records.get(id).await?,
         Action::Merge {
             id,
             expected_version,
             ..
         } => {
-            let p = parsed.expect("parsed before connecting");
-            let request = MergeUserMetadataRequest {
-                user_id: id,
-                public_metadata: structure("public", p.public)?,
-                private_metadata: structure("private", p.private)?,
-                unsafe_metadata: structure("unsafe", p.unsafe_)?,
-                expected_version,
-            };
-            client.merge(request).await?
+            let fields = parsed.expect("parsed before connecting");
+            records.merge(id, fields, expected_version).await?
         }
         Action::Replace {
             id,
             expected_version,
             ..
         } => {
-            let p = parsed.expect("parsed before connecting");
-            let request = ReplaceUserMetadataRequest {
-                user_id: id,
-                public_metadata: value(p.public),
-                private_metadata: value(p.private),
-                unsafe_metadata: value(p.unsafe_),
-                expected_version,
-            };
-            client.replace(request).await?
+            let fields = parsed.expect("parsed before connecting");
+            records.replace(id, fields, expected_version).await?
         }
         Action::Delete {
             id,
             expected_version,
         } => {
-            let request = DeleteUserMetadataRequest {
-                user_id: id,
-                expected_version,
-            };
-            let existed = client.delete(request).await?.into_inner().existed;
-            output::print(&serde_json::json!({ "existed": existed }), pretty);
-            return Ok(());
+            let existed = records.delete(id, expected_version).await?;
+            serde_json::json!({ "existed": existed })
         }
         Action::Watch {
             ids,
             from_revision,
             max_events,
         } => {
-            let request = WatchUserMetadataRequest {
-                start_revision: from_revision,
-                user_ids: ids,
-                progress_notify: false,
-            };
-            let mut stream = client.watch(request).await?.into_inner();
+            let mut events = records.watch(ids, from_revision).await?;
             let mut printed = 0;
             while max_events.is_none_or(|max| printed < max) {
-                let Some(message) = stream.message().await? else {
-                    break;
-                };
-                if let Some(watch_user_metadata_response::Response::Event(event)) = message.response
-                {
-                    output::print(&output::user_event(&event), false);
-                    printed += 1;
+                match events.next().await.transpose()? {
+                    None => break,
+                    // Progress messages are not printed.
+                    Some(None) => {}
+                    Some(Some(event)) => {
+                        output::print(&event, false);
+                        printed += 1;
+                    }
                 }
             }
             return Ok(());
         }
     };
-    output::print(&output::user(&record.into_inner()), pretty);
-    Ok(())
-}
-
-async fn organization(
-    action: Action,
-    parsed: Option<Parsed>,
-    channel: Channel,
-    bearer: Bearer,
-    pretty: bool,
-) -> Result<(), Failure> {
-    let mut client = OrganizationMetadataServiceClient::with_interceptor(channel, bearer);
-    let record = match action {
-        Action::Get { id } => {
-            client
-                .get(GetOrganizationMetadataRequest {
-                    organization_id: id,
-                })
-                .await?
-        }
-        Action::Merge {
-            id,
-            expected_version,
-            ..
-        } => {
-            let p = parsed.expect("parsed before connecting");
-            let request = MergeOrganizationMetadataRequest {
-                organization_id: id,
-                public_metadata: structure("public", p.public)?,
-                private_metadata: structure("private", p.private)?,
-                expected_version,
-            };
-            client.merge(request).await?
-        }
-        Action::Replace {
-            id,
-            expected_version,
-            ..
-        } => {
-            let p = parsed.expect("parsed before connecting");
-            let request = ReplaceOrganizationMetadataRequest {
-                organization_id: id,
-                public_metadata: value(p.public),
-                private_metadata: value(p.private),
-                expected_version,
-            };
-            client.replace(request).await?
-        }
-        Action::Delete {
-            id,
-            expected_version,
-        } => {
-            let request = DeleteOrganizationMetadataRequest {
-                organization_id: id,
-                expected_version,
-            };
-            let existed = client.delete(request).await?.into_inner().existed;
-            output::print(&serde_json::json!({ "existed": existed }), pretty);
-            return Ok(());
-        }
-        Action::Watch {
-            ids,
-            from_revision,
-            max_events,
-        } => {
-            let request = WatchOrganizationMetadataRequest {
-                start_revision: from_revision,
-                organization_ids: ids,
-                progress_notify: false,
-            };
-            let mut stream = client.watch(request).await?.into_inner();
-            let mut printed = 0;
-            while max_events.is_none_or(|max| printed < max) {
-                let Some(message) = stream.message().await? else {
-                    break;
-                };
-                if let Some(watch_organization_metadata_response::Response::Event(event)) =
-                    message.response
-                {
-                    output::print(&output::organization_event(&event), false);
-                    printed += 1;
-                }
-            }
-            return Ok(());
-        }
-    };
-    output::print(&output::organization(&record.into_inner()), pretty);
+    output::print(&record, pretty);
     Ok(())
 }
