@@ -139,18 +139,101 @@ async fn user_merge_replace_get_delete_watch() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn organization_merge_and_get() {
+async fn organization_merge_replace_get_delete_watch() {
     let s = start(Backend::Sqlite).await.unwrap();
     let merged = json_out(&cli(
         &s,
-        &["org", "merge", "org_1", "--public", r#"{"tier":"pro"}"#],
+        &[
+            "org",
+            "merge",
+            "org_1",
+            "--public",
+            r#"{"tier":"pro","seats":5}"#,
+        ],
         None,
     ));
     assert_eq!(merged["organization_id"], json!("org_1"));
-    assert_eq!(merged["public_metadata"], json!({"tier": "pro"}));
+    assert_eq!(
+        merged["public_metadata"],
+        json!({"tier": "pro", "seats": 5})
+    );
     assert!(merged.get("unsafe_metadata").is_none(), "{merged}");
     let got = json_out(&cli(&s, &["org", "get", "org_1"], None));
     assert_eq!(got, merged);
+
+    let replaced = json_out(&cli(
+        &s,
+        &[
+            "org",
+            "replace",
+            "org_1",
+            "--public",
+            "-",
+            "--expected-version",
+            "1",
+        ],
+        Some(r#"{"tier":"enterprise"}"#),
+    ));
+    assert_eq!(replaced["public_metadata"], json!({"tier": "enterprise"}));
+    assert_eq!(replaced["version"], json!(2));
+
+    let deleted = json_out(&cli(&s, &["org", "delete", "org_1"], None));
+    assert_eq!(deleted, json!({"existed": true}));
+
+    let watched = cli(
+        &s,
+        &[
+            "org",
+            "watch",
+            "org_1",
+            "--from-revision",
+            "1",
+            "--max-events",
+            "3",
+        ],
+        None,
+    );
+    assert!(watched.status.success(), "{watched:?}");
+    let events: Vec<Json> = String::from_utf8_lossy(&watched.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let changes: Vec<&Json> = events.iter().map(|e| &e["change_type"]).collect();
+    assert_eq!(
+        changes,
+        [
+            &json!("CHANGE_TYPE_MERGED"),
+            &json!("CHANGE_TYPE_REPLACED"),
+            &json!("CHANGE_TYPE_DELETED")
+        ]
+    );
+    assert_eq!(
+        events[1]["after"]["public_metadata"],
+        json!({"tier": "enterprise"})
+    );
+}
+
+/// On a terminal (a pseudo-terminal made by util-linux `script`), results
+/// are indented; piped, they are one line (every other test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_are_indented_on_a_terminal() {
+    let s = start(Backend::Sqlite).await.unwrap();
+    let merge = format!(
+        "{BIN} user merge user_1 --public '{{\"a\":{{\"b\":1}}}}' --addr {}",
+        s.url()
+    );
+    let out = Command::new("script")
+        .args(["--quiet", "--return", "--command", &merge, "/dev/null"])
+        .env_remove("METADATA_TOKEN")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run script (util-linux)");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).replace("\r\n", "\n");
+    assert!(text.starts_with("{\n  \""), "{text}");
+    assert!(text.contains("\n  \"user_id\": \"user_1\""), "{text}");
+    let parsed: Json = serde_json::from_str(&text).unwrap();
+    assert_eq!(parsed["public_metadata"], json!({"a": {"b": 1}}));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
