@@ -39,6 +39,8 @@ pub struct Metrics {
     pub db_max_connections: IntGauge,
     /// Time to obtain a pooled connection and begin a write transaction.
     pub db_acquire: Histogram,
+    /// Writes per SQLite transaction (group commit).
+    pub write_group_size: Histogram,
     /// Refreshes gauges from their sources just before each scrape.
     samplers: Mutex<Vec<Sampler>>,
 }
@@ -128,6 +130,15 @@ impl Metrics {
             "Time to obtain a pooled connection and begin a write transaction.",
         ))
         .unwrap();
+        let write_group_size = Histogram::with_opts(
+            HistogramOpts::new(
+                "metadata_sqlite_write_group_size",
+                "Writes taken into one SQLite transaction by group commit; \
+                 empty on Postgres.",
+            )
+            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
+        )
+        .unwrap();
         let build_info = IntGaugeVec::new(
             opts(
                 "metadata_build_info",
@@ -154,6 +165,7 @@ impl Metrics {
             Box::new(db_connections.clone()),
             Box::new(db_max_connections.clone()),
             Box::new(db_acquire.clone()),
+            Box::new(write_group_size.clone()),
             Box::new(build_info),
             // Resident memory, CPU time, open files of this process.
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
@@ -178,6 +190,7 @@ impl Metrics {
             db_connections,
             db_max_connections,
             db_acquire,
+            write_group_size,
             samplers: Mutex::new(Vec::new()),
         })
     }

@@ -123,6 +123,57 @@ async fn counters_move_with_traffic() {
     assert!(open >= 1.0, "{after:?}");
 }
 
+/// Writes that queue while SQLite's write lock is taken are committed
+/// together once it is free: typically 1 write alone (the one already
+/// waiting for the lock), then the rest in one transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_sqlite_writes_share_one_transaction() {
+    use sea_orm::{SqliteTransactionMode, TransactionOptions, TransactionTrait};
+    const WRITES: usize = 12;
+    let (server, metrics) = start().await;
+    // Another connection holds the write lock, as another process could.
+    let other = server.db.connect().await;
+    let options = TransactionOptions {
+        sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+        ..TransactionOptions::default()
+    };
+    let lock = other.begin_with_options(options).await.unwrap();
+
+    let calls: Vec<_> = (0..WRITES)
+        .map(|i| {
+            let mut users = server.users.clone();
+            tokio::spawn(async move { users.merge(merge(&format!("g{i}"))).await })
+        })
+        .collect();
+    let in_flight = r#"grpc_server_in_flight_requests{grpc_method="Merge",grpc_service="metadata.v1.UserMetadataService"}"#;
+    while metrics.value(in_flight).await < WRITES as f64 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // In flight is counted on arrival; give the handlers a moment to reach
+    // the queue (a late one only makes a third, smaller group).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    lock.commit().await.unwrap();
+    for call in calls {
+        call.await.unwrap().expect("every queued write succeeds");
+    }
+
+    let after = metrics.scrape().await;
+    assert_eq!(
+        after["metadata_sqlite_write_group_size_sum"], WRITES as f64,
+        "every write counted once"
+    );
+    // One transaction per write would be WRITES.
+    let groups = after["metadata_sqlite_write_group_size_count"];
+    assert!(
+        groups < WRITES as f64,
+        "{groups} transactions for {WRITES} queued writes"
+    );
+    assert_eq!(
+        after[r#"metadata_events_written_total{kind="user"}"#],
+        WRITES as f64
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_calls_are_counted_with_their_code() {
     use metadata_service::auth::{ApiKeys, Authenticator, hash_key};

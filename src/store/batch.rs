@@ -67,6 +67,9 @@ async fn run(writer: Writer, mut queue: mpsc::UnboundedReceiver<Job>) {
             }
         }
         group.retain(|job| !job.reply.is_closed());
+        if let (Some(sizes), false) = (writer.group_sizes.get(), group.is_empty()) {
+            sizes.observe(group.len() as f64);
+        }
         match group.len() {
             0 => {}
             1 => {

@@ -116,6 +116,7 @@ impl Store {
             db: db.clone(),
             committed: committed.clone(),
             acquire_timer: Arc::new(OnceLock::new()),
+            group_sizes: Arc::new(OnceLock::new()),
         };
         let committer = (db.get_database_backend() == DatabaseBackend::Sqlite)
             .then(|| batch::Committer::start(writer.clone()));
@@ -133,9 +134,15 @@ impl Store {
         })
     }
 
-    /// Records the time each write waits for a connection and its BEGIN.
-    pub fn time_acquire(&mut self, histogram: prometheus::Histogram) {
-        let _ = self.writer.acquire_timer.set(histogram);
+    /// Records the time each write waits for a connection and its BEGIN,
+    /// and how many writes share each SQLite transaction.
+    pub fn instrument(
+        &mut self,
+        acquire: prometheus::Histogram,
+        group_size: prometheus::Histogram,
+    ) {
+        let _ = self.writer.acquire_timer.set(acquire);
+        let _ = self.writer.group_sizes.set(group_size);
     }
 
     pub fn pool_status(&self) -> Option<PoolStatus> {
@@ -281,6 +288,8 @@ pub(crate) struct Writer {
     committed: Arc<Notify>,
     /// Where the time to begin a write transaction is recorded, if anywhere.
     acquire_timer: Arc<OnceLock<prometheus::Histogram>>,
+    /// Where the size of each SQLite write group is recorded, if anywhere.
+    group_sizes: Arc<OnceLock<prometheus::Histogram>>,
 }
 
 impl Writer {
