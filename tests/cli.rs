@@ -219,7 +219,7 @@ async fn organization_merge_replace_get_delete_watch() {
 async fn results_are_indented_on_a_terminal() {
     let s = start(Backend::Sqlite).await.unwrap();
     let merge = format!(
-        "{BIN} user merge user_1 --public '{{\"a\":{{\"b\":1}}}}' --addr {}",
+        "'{BIN}' user merge user_1 --public '{{\"a\":{{\"b\":1}}}}' --addr {}",
         s.url()
     );
     let out = Command::new("script")
@@ -265,6 +265,27 @@ async fn invalid_json_is_reported_with_its_position_before_any_call() {
     );
     let out = cli(&s, &["user", "merge", "user_1", "--public", "[1]"], None);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+    // Checked before connecting: no server needed.
+    let nowhere = ["--addr", "http://127.0.0.1:9"];
+    let merge = ["user", "merge", "user_1", "--public", "[1]"];
+    let out = run(&[&merge[..], &nowhere].concat(), &[], None);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("--public: a merge patch must be a JSON object"),
+        "{out:?}"
+    );
+    let out = run(
+        &[&["user", "get", "user_1"][..], &nowhere].concat(),
+        &[],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1), "no server: {out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .starts_with("error: cannot connect to http://127.0.0.1:9: "),
+        "{out:?}"
+    );
     let out = cli(&s, &["org", "merge", "org_1", "--unsafe", "{}"], None);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
@@ -314,10 +335,16 @@ async fn token_is_sent_as_a_bearer_credential() {
     let env = [("METADATA_ADDR", url.as_str()), ("METADATA_TOKEN", "wrong")];
     let out = run(&["user", "get", "user_1"], &env, None);
     assert_eq!(out.status.code(), Some(64 + 16), "UNAUTHENTICATED: {out:?}");
+    // --help names the variable but never shows its value.
+    let env = [("METADATA_TOKEN", "cli-test-key")];
+    let help = run(&["user", "get", "--help"], &env, None);
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(text.contains("METADATA_TOKEN"), "{text}");
+    assert!(!text.contains("cli-test-key"), "{text}");
 }
 
-/// A TLS server that requires client certificates from `clients`, and the
-/// PEM files a user of the CLI would have.
+/// A TLS server, requiring client certificates from a second CA when
+/// `mtls`, and the PEM files a user of the CLI would have.
 struct TlsSetup {
     _db: TestDb,
     server: RunningServer,
@@ -325,7 +352,7 @@ struct TlsSetup {
 }
 
 impl TlsSetup {
-    async fn start() -> TlsSetup {
+    async fn start(mtls: bool) -> TlsSetup {
         let ca = Ca::new("CLI server CA");
         let clients = Ca::new("CLI clients CA");
         let db = TestDb::create(Backend::Sqlite).await.unwrap();
@@ -334,7 +361,7 @@ impl TlsSetup {
         config.tls = Some(TlsConfig {
             cert: leaf.cert.into_bytes(),
             key: leaf.key.into_bytes(),
-            client_ca: Some(clients.pem.clone().into_bytes()),
+            client_ca: mtls.then(|| clients.pem.clone().into_bytes()),
         });
         let server = server::start(&config).await.expect("TLS server starts");
         let dir = tempfile::tempdir().unwrap();
@@ -389,31 +416,45 @@ const MTLS: [&str; 6] = [
     "client-key.pem",
 ];
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn https_with_a_client_certificate() {
-    let tls = TlsSetup::start().await;
-    let merge = ["user", "merge", "user_1", "--public", r#"{"via":"mtls"}"#];
-    let merged = json_out(&tls.cli("https", &merge, &MTLS));
-    assert_eq!(merged["public_metadata"], json!({"via": "mtls"}));
-    let got = json_out(&tls.cli("https", &["user", "get", "user_1"], &MTLS));
-    assert_eq!(got, merged);
-    let watched = tls.cli(
-        "https",
-        &["org", "watch", "--from-revision", "1", "--max-events", "0"],
-        &MTLS,
-    );
+/// Every subcommand over https with `flags`.
+async fn every_subcommand_over(tls: TlsSetup, flags: &[&str]) {
+    let merge = ["user", "merge", "user_1", "--public", r#"{"via":"tls"}"#];
+    let merged = json_out(&tls.cli("https", &merge, flags));
+    assert_eq!(merged["public_metadata"], json!({"via": "tls"}));
+    let replace = ["user", "replace", "user_1", "--private", r#"{"p":1}"#];
+    let replaced = json_out(&tls.cli("https", &replace, flags));
+    assert_eq!(replaced["version"], json!(2));
+    let got = json_out(&tls.cli("https", &["user", "get", "user_1"], flags));
+    assert_eq!(got, replaced);
+    let deleted = json_out(&tls.cli("https", &["user", "delete", "user_1"], flags));
+    assert_eq!(deleted, json!({"existed": true}));
+    let watch = ["user", "watch", "--from-revision", "1", "--max-events", "3"];
+    let watched = tls.cli("https", &watch, flags);
     assert!(watched.status.success(), "{watched:?}");
+    assert_eq!(String::from_utf8_lossy(&watched.stdout).lines().count(), 3);
     tls.server.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_subcommand_over_tls() {
+    let tls = TlsSetup::start(false).await;
+    every_subcommand_over(tls, &["--ca", "ca.pem"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_subcommand_over_mtls() {
+    let tls = TlsSetup::start(true).await;
+    every_subcommand_over(tls, &MTLS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_refusals_are_reported_and_write_nothing() {
-    let tls = TlsSetup::start().await;
+    let tls = TlsSetup::start(true).await;
     let merge = ["user", "merge", "user_1", "--public", r#"{"a":1}"#];
     // Exit 1, the server could not be reached, with the cause. How a
     // refused client certificate shows on the client is a race (the TLS
     // alert, a closed connection or a broken pipe), hence only its kind.
-    let refused = ["failed: transport error"];
+    let refused = ["cannot connect to https://localhost:"];
     let failed = |out: &Output, what: &str, causes: &[&str]| {
         assert_eq!(out.status.code(), Some(1), "{what}: {out:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);

@@ -4,8 +4,9 @@
 //! printed as JSON (indented on a terminal, one line when piped).
 //!
 //! Exit status: 0 success; 2 bad input (with the position of a JSON error);
-//! 1 connection or TLS trouble; 64 + the gRPC code for an error status
-//! (as grpcurl does: INVALID_ARGUMENT is 67, NOT_FOUND 69, ...).
+//! 1 when the server could not be reached (connection or TLS trouble before
+//! it answered); 64 + the gRPC code for an error status (as grpcurl does:
+//! INVALID_ARGUMENT is 67, NOT_FOUND 69, ...).
 
 mod output;
 mod records;
@@ -50,7 +51,7 @@ pub struct Connection {
     /// Bearer credential: a backend API key or a frontend session token.
     /// Prefer the variable: a flag is visible to other users in `ps`.
     #[arg(long, env = "METADATA_TOKEN", hide_env_values = true, global = true)]
-    pub token: Option<String>,
+    pub token: Option<Token>,
     /// PEM CA certificate to trust for https:// (the system store is not used).
     #[arg(long, global = true)]
     pub ca: Option<PathBuf>,
@@ -60,6 +61,23 @@ pub struct Connection {
     /// PEM private key of --client-cert.
     #[arg(long, requires = "client_cert", global = true)]
     pub client_key: Option<PathBuf>,
+}
+
+/// A bearer credential, kept out of `Debug` output.
+#[derive(Clone)]
+pub struct Token(String);
+
+impl std::str::FromStr for Token {
+    type Err = std::convert::Infallible;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(Token(text.to_string()))
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -114,14 +132,29 @@ pub struct Values {
 }
 
 enum Failure {
+    /// Bad input, found before anything was sent.
     Input(String),
+    /// No connection could be made.
     Connection(String),
+    /// The first call failed on this side of the connection (a status made
+    /// from a transport error): the server never answered. A refused TLS
+    /// client certificate shows up only here.
+    Unreached(Status),
+    /// The server's answer, or a failure after it had answered.
     Rpc(Status),
 }
 
 impl From<Status> for Failure {
     fn from(status: Status) -> Self {
         Failure::Rpc(status)
+    }
+}
+
+/// How the first call failed; see [`Failure::Unreached`].
+fn first_call(status: Status) -> Failure {
+    match status.source() {
+        Some(_) => Failure::Unreached(status),
+        None => Failure::Rpc(status),
     }
 }
 
@@ -142,13 +175,11 @@ pub async fn run(kind: Kind, command: ClientCommand) -> ExitCode {
             eprintln!("error: {message}");
             ExitCode::FAILURE
         }
-        // A status made on this side from a broken connection (a refused
-        // TLS handshake shows up only at the first call): the server never
-        // answered, so it is a connection failure, with its cause.
-        Err(Failure::Rpc(status)) if status.source().is_some() => {
+        Err(Failure::Unreached(status)) => {
+            let cause = status.source().map_or_else(|| status.to_string(), causes);
             eprintln!(
-                "error: connection to {addr} failed: {}{hint}",
-                causes(status.source().unwrap())
+                "error: cannot connect to {addr}: {:?}: {cause}{hint}",
+                status.code()
             );
             ExitCode::FAILURE
         }
@@ -176,14 +207,25 @@ fn causes(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// The parsed values of the three fields, checked before any call.
-struct Parsed {
-    public: Option<Value>,
-    private: Option<Value>,
-    unsafe_: Option<Value>,
+/// The three fields of a write, each given or not.
+struct Fields<T> {
+    public: Option<T>,
+    private: Option<T>,
+    unsafe_: Option<T>,
 }
 
-fn parse_values(kind: Kind, values: &Values) -> Result<Parsed, Failure> {
+impl<T> Fields<T> {
+    fn try_map<U>(self, f: impl Fn(&str, T) -> Result<U, Failure>) -> Result<Fields<U>, Failure> {
+        let one = |flag: &str, value: Option<T>| value.map(|v| f(flag, v)).transpose();
+        Ok(Fields {
+            public: one("public", self.public)?,
+            private: one("private", self.private)?,
+            unsafe_: one("unsafe", self.unsafe_)?,
+        })
+    }
+}
+
+fn parse_values(kind: Kind, values: &Values) -> Result<Fields<Value>, Failure> {
     if kind == Kind::Organization && values.unsafe_.is_some() {
         return Err(Failure::Input(
             "--unsafe: organizations have no unsafe metadata".into(),
@@ -214,7 +256,7 @@ fn parse_values(kind: Kind, values: &Values) -> Result<Parsed, Failure> {
             .map(Some)
             .map_err(|e| Failure::Input(format!("--{flag}: invalid JSON: {e}")))
     };
-    Ok(Parsed {
+    Ok(Fields {
         public: parse("public", &values.public)?,
         private: parse("private", &values.private)?,
         unsafe_: parse("unsafe", &values.unsafe_)?,
@@ -222,21 +264,80 @@ fn parse_values(kind: Kind, values: &Values) -> Result<Parsed, Failure> {
 }
 
 /// A merge patch must be an object (a protobuf Struct).
-fn structure(flag: &str, value: Option<Value>) -> Result<Option<prost_types::Struct>, Failure> {
-    match value {
-        None => Ok(None),
-        Some(Value::Object(_)) => match proto_from_json(value.as_ref().unwrap()).kind {
-            Some(prost_types::value::Kind::StructValue(s)) => Ok(Some(s)),
-            _ => unreachable!("an object converts to a struct"),
-        },
-        Some(_) => Err(Failure::Input(format!(
+fn patch(flag: &str, value: Value) -> Result<prost_types::Struct, Failure> {
+    match proto_from_json(&value).kind {
+        Some(prost_types::value::Kind::StructValue(patch)) => Ok(patch),
+        _ => Err(Failure::Input(format!(
             "--{flag}: a merge patch must be a JSON object"
         ))),
     }
 }
 
-fn value(value: Option<Value>) -> Option<prost_types::Value> {
-    value.as_ref().map(proto_from_json)
+/// A call with every value parsed and converted: what is left can only
+/// fail on the way to the server or there.
+enum Call {
+    Get {
+        id: String,
+    },
+    Merge {
+        id: String,
+        fields: Fields<prost_types::Struct>,
+        expected: Option<u64>,
+    },
+    Replace {
+        id: String,
+        fields: Fields<prost_types::Value>,
+        expected: Option<u64>,
+    },
+    Delete {
+        id: String,
+        expected: Option<u64>,
+    },
+    Watch {
+        ids: Vec<String>,
+        from_revision: u64,
+        max_events: Option<u64>,
+    },
+}
+
+fn prepare(kind: Kind, action: Action) -> Result<Call, Failure> {
+    Ok(match action {
+        Action::Get { id } => Call::Get { id },
+        Action::Merge {
+            id,
+            values,
+            expected_version,
+        } => Call::Merge {
+            id,
+            fields: parse_values(kind, &values)?.try_map(patch)?,
+            expected: expected_version,
+        },
+        Action::Replace {
+            id,
+            values,
+            expected_version,
+        } => Call::Replace {
+            id,
+            fields: parse_values(kind, &values)?.try_map(|_, v| Ok(proto_from_json(&v)))?,
+            expected: expected_version,
+        },
+        Action::Delete {
+            id,
+            expected_version,
+        } => Call::Delete {
+            id,
+            expected: expected_version,
+        },
+        Action::Watch {
+            ids,
+            from_revision,
+            max_events,
+        } => Call::Watch {
+            ids,
+            from_revision,
+            max_events,
+        },
+    })
 }
 
 #[derive(Clone)]
@@ -255,15 +356,13 @@ impl Interceptor for Bearer {
 
 async fn connect(connection: &Connection) -> Result<(Channel, Bearer), Failure> {
     let token = match &connection.token {
-        Some(token) => Some(
-            format!("Bearer {token}")
-                .parse()
-                .map_err(|_| Failure::Input("--token: not a valid header value".into()))?,
-        ),
+        Some(Token(token)) => Some(format!("Bearer {token}").parse().map_err(|_| {
+            Failure::Input("--token/METADATA_TOKEN: not a valid header value".into())
+        })?),
         None => None,
     };
     let mut endpoint = Endpoint::from_shared(connection.addr.clone())
-        .map_err(|e| Failure::Input(format!("--addr: {e}")))?;
+        .map_err(|e| Failure::Input(format!("--addr/METADATA_ADDR: {e}")))?;
     if connection.addr.starts_with("https://") {
         let read = |path: &PathBuf| {
             std::fs::read(path)
@@ -291,65 +390,49 @@ async fn connect(connection: &Connection) -> Result<(Channel, Bearer), Failure> 
 }
 
 async fn execute(kind: Kind, command: ClientCommand) -> Result<(), Failure> {
-    // Every value is parsed before anything is sent.
-    let parsed = match &command.action {
-        Action::Merge { values, .. } | Action::Replace { values, .. } => {
-            Some(parse_values(kind, values)?)
-        }
-        _ => None,
-    };
+    // Every value is parsed and checked before anything is sent.
+    let call = prepare(kind, command.action)?;
     let (channel, bearer) = connect(&command.connection).await?;
     let pretty = std::io::stdout().is_terminal();
     match kind {
         Kind::User => {
             let client = UserMetadataServiceClient::with_interceptor(channel, bearer);
-            perform(client, command.action, parsed, pretty).await
+            perform(client, call, pretty).await
         }
         Kind::Organization => {
             let client = OrganizationMetadataServiceClient::with_interceptor(channel, bearer);
-            perform(client, command.action, parsed, pretty).await
+            perform(client, call, pretty).await
         }
     }
 }
 
 /// One flow for both kinds; [`Records`] hides the generated types.
-async fn perform(
-    mut records: impl Records,
-    action: Action,
-    parsed: Option<Parsed>,
-    pretty: bool,
-) -> Result<(), Failure> {
-    let record = match action {
-        Action::Get { id } => records.get(id).await?,
-        Action::Merge {
+async fn perform(mut records: impl Records, call: Call, pretty: bool) -> Result<(), Failure> {
+    let record = match call {
+        Call::Get { id } => records.get(id).await,
+        Call::Merge {
             id,
-            expected_version,
-            ..
-        } => {
-            let fields = parsed.expect("parsed before connecting");
-            records.merge(id, fields, expected_version).await?
-        }
-        Action::Replace {
+            fields,
+            expected,
+        } => records.merge(id, fields, expected).await,
+        Call::Replace {
             id,
-            expected_version,
-            ..
-        } => {
-            let fields = parsed.expect("parsed before connecting");
-            records.replace(id, fields, expected_version).await?
-        }
-        Action::Delete {
-            id,
-            expected_version,
-        } => {
-            let existed = records.delete(id, expected_version).await?;
-            serde_json::json!({ "existed": existed })
-        }
-        Action::Watch {
+            fields,
+            expected,
+        } => records.replace(id, fields, expected).await,
+        Call::Delete { id, expected } => records
+            .delete(id, expected)
+            .await
+            .map(|existed| serde_json::json!({ "existed": existed })),
+        Call::Watch {
             ids,
             from_revision,
             max_events,
         } => {
-            let mut events = records.watch(ids, from_revision).await?;
+            let mut events = records
+                .watch(ids, from_revision)
+                .await
+                .map_err(first_call)?;
             let mut printed = 0;
             while max_events.is_none_or(|max| printed < max) {
                 match events.next().await.transpose()? {
@@ -365,6 +448,6 @@ async fn perform(
             return Ok(());
         }
     };
-    output::print(&record, pretty);
+    output::print(&record.map_err(first_call)?, pretty);
     Ok(())
 }

@@ -10,7 +10,7 @@ use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-use super::{Bearer, Failure, Parsed, output, structure, value};
+use super::{Bearer, Fields, output};
 use crate::proto::v1::organization_metadata_service_client::OrganizationMetadataServiceClient;
 use crate::proto::v1::user_metadata_service_client::UserMetadataServiceClient;
 use crate::proto::v1::*;
@@ -23,21 +23,23 @@ pub(super) trait Records {
     async fn merge(
         &mut self,
         id: String,
-        fields: Parsed,
+        fields: Patches,
         expected: Option<u64>,
-    ) -> Result<Value, Failure>;
+    ) -> Result<Value, Status>;
     async fn replace(
         &mut self,
         id: String,
-        fields: Parsed,
+        fields: Values,
         expected: Option<u64>,
-    ) -> Result<Value, Failure>;
+    ) -> Result<Value, Status>;
     /// Whether anything was stored.
     async fn delete(&mut self, id: String, expected: Option<u64>) -> Result<bool, Status>;
     async fn watch(&mut self, ids: Vec<String>, from_revision: u64) -> Result<Events, Status>;
 }
 
 type Intercepted = InterceptedService<Channel, Bearer>;
+type Patches = Fields<prost_types::Struct>;
+type Values = Fields<prost_types::Value>;
 
 impl Records for UserMetadataServiceClient<Intercepted> {
     async fn get(&mut self, id: String) -> Result<Value, Status> {
@@ -48,14 +50,14 @@ impl Records for UserMetadataServiceClient<Intercepted> {
     async fn merge(
         &mut self,
         id: String,
-        fields: Parsed,
+        fields: Patches,
         expected: Option<u64>,
-    ) -> Result<Value, Failure> {
+    ) -> Result<Value, Status> {
         let request = MergeUserMetadataRequest {
             user_id: id,
-            public_metadata: structure("public", fields.public)?,
-            private_metadata: structure("private", fields.private)?,
-            unsafe_metadata: structure("unsafe", fields.unsafe_)?,
+            public_metadata: fields.public,
+            private_metadata: fields.private,
+            unsafe_metadata: fields.unsafe_,
             expected_version: expected,
         };
         Ok(output::user(&self.merge(request).await?.into_inner()))
@@ -64,14 +66,14 @@ impl Records for UserMetadataServiceClient<Intercepted> {
     async fn replace(
         &mut self,
         id: String,
-        fields: Parsed,
+        fields: Values,
         expected: Option<u64>,
-    ) -> Result<Value, Failure> {
+    ) -> Result<Value, Status> {
         let request = ReplaceUserMetadataRequest {
             user_id: id,
-            public_metadata: value(fields.public),
-            private_metadata: value(fields.private),
-            unsafe_metadata: value(fields.unsafe_),
+            public_metadata: fields.public,
+            private_metadata: fields.private,
+            unsafe_metadata: fields.unsafe_,
             expected_version: expected,
         };
         Ok(output::user(&self.replace(request).await?.into_inner()))
@@ -114,13 +116,13 @@ impl Records for OrganizationMetadataServiceClient<Intercepted> {
     async fn merge(
         &mut self,
         id: String,
-        fields: Parsed,
+        fields: Patches,
         expected: Option<u64>,
-    ) -> Result<Value, Failure> {
+    ) -> Result<Value, Status> {
         let request = MergeOrganizationMetadataRequest {
             organization_id: id,
-            public_metadata: structure("public", fields.public)?,
-            private_metadata: structure("private", fields.private)?,
+            public_metadata: fields.public,
+            private_metadata: fields.private,
             expected_version: expected,
         };
         Ok(output::organization(
@@ -131,13 +133,13 @@ impl Records for OrganizationMetadataServiceClient<Intercepted> {
     async fn replace(
         &mut self,
         id: String,
-        fields: Parsed,
+        fields: Values,
         expected: Option<u64>,
-    ) -> Result<Value, Failure> {
+    ) -> Result<Value, Status> {
         let request = ReplaceOrganizationMetadataRequest {
             organization_id: id,
-            public_metadata: value(fields.public),
-            private_metadata: value(fields.private),
+            public_metadata: fields.public,
+            private_metadata: fields.private,
             expected_version: expected,
         };
         Ok(output::organization(
