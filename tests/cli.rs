@@ -41,6 +41,27 @@ fn run(args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> Output {
     child.wait_with_output().unwrap()
 }
 
+/// `<kind> watch <id> --from-revision 1 --max-events <count>`: one JSON
+/// object per line.
+fn first_events(s: &TestServer, kind: &str, id: &str, count: u64) -> Vec<Json> {
+    let count = count.to_string();
+    let args = [
+        kind,
+        "watch",
+        id,
+        "--from-revision",
+        "1",
+        "--max-events",
+        &count,
+    ];
+    let watched = cli(s, &args, None);
+    assert!(watched.status.success(), "{watched:?}");
+    String::from_utf8_lossy(&watched.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// The one JSON document printed on stdout (compact: stdout is a pipe).
 fn json_out(output: &Output) -> Json {
     assert!(output.status.success(), "{output:?}");
@@ -108,24 +129,7 @@ async fn user_merge_replace_get_delete_watch() {
     let got = json_out(&cli(&s, &["user", "get", "user_1"], None));
     assert_eq!(got, replaced);
 
-    let watched = cli(
-        &s,
-        &[
-            "user",
-            "watch",
-            "user_1",
-            "--from-revision",
-            "1",
-            "--max-events",
-            "3",
-        ],
-        None,
-    );
-    assert!(watched.status.success(), "{watched:?}");
-    let events: Vec<Json> = String::from_utf8_lossy(&watched.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let events = first_events(&s, "user", "user_1", 3);
     let revisions: Vec<&Json> = events.iter().map(|e| &e["revision"]).collect();
     assert_eq!(revisions, [&json!(1), &json!(2), &json!(3)]);
     assert_eq!(events[2]["change_type"], json!("CHANGE_TYPE_REPLACED"));
@@ -180,24 +184,7 @@ async fn organization_merge_replace_get_delete_watch() {
     let deleted = json_out(&cli(&s, &["org", "delete", "org_1"], None));
     assert_eq!(deleted, json!({"existed": true}));
 
-    let watched = cli(
-        &s,
-        &[
-            "org",
-            "watch",
-            "org_1",
-            "--from-revision",
-            "1",
-            "--max-events",
-            "3",
-        ],
-        None,
-    );
-    assert!(watched.status.success(), "{watched:?}");
-    let events: Vec<Json> = String::from_utf8_lossy(&watched.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let events = first_events(&s, "org", "org_1", 3);
     let changes: Vec<&Json> = events.iter().map(|e| &e["change_type"]).collect();
     assert_eq!(
         changes,
