@@ -22,49 +22,61 @@ fn time(t: &Option<prost_types::Timestamp>) -> Value {
         .map_or(Value::Null, |t| Value::String(t.to_rfc3339()))
 }
 
-fn fields(map: &mut Map<String, Value>, fields: [(&str, &Option<prost_types::Value>); 3]) {
+/// The fields both kinds of record share, after their id and metadata.
+struct Stamps<'a> {
+    version: u64,
+    revision: u64,
+    created_at: &'a Option<prost_types::Timestamp>,
+    updated_at: &'a Option<prost_types::Timestamp>,
+}
+
+fn record(
+    id: (&str, &str),
+    fields: &[(&str, &Option<prost_types::Value>)],
+    stamps: Stamps,
+) -> Value {
+    let mut map = Map::new();
+    map.insert(id.0.into(), json!(id.1));
     for (name, value) in fields {
         // A field the caller may not see is left out, as in the response.
         if let Some(value) = value {
             map.insert(name.to_string(), json_for_display(value));
         }
     }
+    map.insert("version".into(), json!(stamps.version));
+    map.insert("revision".into(), json!(stamps.revision));
+    map.insert("created_at".into(), time(stamps.created_at));
+    map.insert("updated_at".into(), time(stamps.updated_at));
+    Value::Object(map)
 }
 
 pub fn user(m: &UserMetadata) -> Value {
-    let mut map = Map::new();
-    map.insert("user_id".into(), json!(m.user_id));
-    fields(
-        &mut map,
-        [
-            ("public_metadata", &m.public_metadata),
-            ("private_metadata", &m.private_metadata),
-            ("unsafe_metadata", &m.unsafe_metadata),
-        ],
-    );
-    map.insert("version".into(), json!(m.version));
-    map.insert("revision".into(), json!(m.revision));
-    map.insert("created_at".into(), time(&m.created_at));
-    map.insert("updated_at".into(), time(&m.updated_at));
-    Value::Object(map)
+    let fields = [
+        ("public_metadata", &m.public_metadata),
+        ("private_metadata", &m.private_metadata),
+        ("unsafe_metadata", &m.unsafe_metadata),
+    ];
+    let stamps = Stamps {
+        version: m.version,
+        revision: m.revision,
+        created_at: &m.created_at,
+        updated_at: &m.updated_at,
+    };
+    record(("user_id", &m.user_id), &fields, stamps)
 }
 
 pub fn organization(m: &OrganizationMetadata) -> Value {
-    let mut map = Map::new();
-    map.insert("organization_id".into(), json!(m.organization_id));
-    fields(
-        &mut map,
-        [
-            ("public_metadata", &m.public_metadata),
-            ("private_metadata", &m.private_metadata),
-            ("unsafe_metadata", &None),
-        ],
-    );
-    map.insert("version".into(), json!(m.version));
-    map.insert("revision".into(), json!(m.revision));
-    map.insert("created_at".into(), time(&m.created_at));
-    map.insert("updated_at".into(), time(&m.updated_at));
-    Value::Object(map)
+    let fields = [
+        ("public_metadata", &m.public_metadata),
+        ("private_metadata", &m.private_metadata),
+    ];
+    let stamps = Stamps {
+        version: m.version,
+        revision: m.revision,
+        created_at: &m.created_at,
+        updated_at: &m.updated_at,
+    };
+    record(("organization_id", &m.organization_id), &fields, stamps)
 }
 
 fn change(change: i32) -> Value {
