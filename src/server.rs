@@ -139,6 +139,7 @@ pub struct RunningServer {
     stop: oneshot::Sender<()>,
     task: JoinHandle<anyhow::Result<()>>,
     store: Arc<Store>,
+    broker: Arc<Broker>,
     grace: Duration,
 }
 
@@ -154,6 +155,15 @@ impl RunningServer {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Watch streams whose task still runs (a stream whose client left
+    /// counts until its task notices).
+    pub fn broker_open_streams(&self) -> u64 {
+        self.broker
+            .stats
+            .open_streams
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Stops accepting calls, lets in-flight calls finish (for at most the
@@ -265,7 +275,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
     );
     let metadata = Arc::new(Metadata::new(
         store.clone(),
-        broker,
+        broker.clone(),
         config.limits,
         admission,
         metrics.clone(),
@@ -350,6 +360,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         stop,
         task,
         store,
+        broker,
         grace: config.shutdown_grace,
     })
 }

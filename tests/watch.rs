@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use common::json::{field, structure, value};
 use common::{Backend, start, start_with};
+use metadata_service::events::BrokerPauses;
+use metadata_service::store::take_revision_sql;
 use metadata_service::proto::v1::user_metadata_service_client::UserMetadataServiceClient;
 use metadata_service::proto::v1::watch_organization_metadata_response::Response as OrgResponse;
 use metadata_service::proto::v1::watch_user_metadata_response::Response;
@@ -616,7 +618,298 @@ async fn invalid_watch_requests(backend: Backend) {
     assert_eq!(next_event(&mut stream).await.revision, 3);
 }
 
+
+/// A stream that subscribes right after the dispatcher published revision
+/// r, and before anything else moves, still gets r: it cannot see r in its
+/// receiver, so the mark it reads must already include r.
+async fn subscribing_right_after_a_publish_misses_nothing(backend: Backend) {
+    let pauses = BrokerPauses::default();
+    let published = pauses.published.clone();
+    let Some(mut s) = start_with(backend, |c| c.events.broker.pauses = pauses).await else {
+        return;
+    };
+    write(&mut s.users, "u1", json!({"a":1})).await;
+    // Its progress says revision 1 has been published.
+    let mut before = watch(&mut s.users, 0, &[]).await;
+    assert_eq!(expect_progress(&mut before).await, 1);
+
+    published.arm(1);
+    let written = write(&mut s.users, "u1", json!({"b":2})).await;
+    assert_eq!(written.revision, 2);
+    assert!(
+        published.reached(Duration::from_secs(10)).await,
+        "the dispatcher published revision 2"
+    );
+    // The dispatcher is stopped right after publishing 2.
+    let mut stream = watch(&mut s.users, 2, &[]).await;
+    assert_eq!(expect_progress(&mut stream).await, 1);
+    assert_eq!(next_event(&mut stream).await.revision, 2);
+    published.release();
+    write(&mut s.users, "u1", json!({"c":3})).await;
+    assert_eq!(next_event(&mut stream).await.revision, 3);
+    let got = events(&mut before, 2).await;
+    assert_eq!(
+        got.iter().map(|e| e.revision).collect::<Vec<_>>(),
+        vec![2, 3]
+    );
+}
+
+/// Writers run while streams keep opening at the newest revision; each
+/// must receive exactly what a reference stream from revision 1 received
+/// from its start on. The broadcast buffer (4) is far smaller than a table
+/// batch (16), so streams that are not read fall behind it and catch up
+/// from the table while the dispatcher is mid-batch.
+async fn streams_resuming_at_the_newest_revision_under_load(backend: Backend) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let Some(mut s) = start_with(backend, |c| {
+        c.events.broker.buffer = 4;
+        c.events.broker.batch = 16;
+    })
+    .await
+    else {
+        return;
+    };
+    const WRITERS: usize = 4;
+    const WRITES: usize = 50;
+    let mut reference = watch(&mut s.users, 1, &[]).await;
+    assert_eq!(expect_progress(&mut reference).await, 0);
+    let newest = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let mut users = s.users.clone();
+        let newest = newest.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0..WRITES {
+                let id = format!("w{w}_{}", i % 3);
+                let written = write(&mut users, &id, json!({ "i": i })).await;
+                newest.fetch_max(written.revision, Ordering::SeqCst);
+            }
+        }));
+    }
+    let opener = {
+        let mut users = s.users.clone();
+        let newest = newest.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            let mut opened = Vec::new();
+            while !done.load(Ordering::SeqCst) && opened.len() < 60 {
+                let start = newest.load(Ordering::SeqCst).max(1);
+                opened.push((start, watch(&mut users, start, &[]).await));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            opened
+        })
+    };
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    done.store(true, Ordering::SeqCst);
+    let opened = opener.await.unwrap();
+    assert!(opened.len() >= 5, "only {} streams opened", opened.len());
+    let total = WRITERS * WRITES;
+    let expected: Vec<u64> = events(&mut reference, total)
+        .await
+        .iter()
+        .map(|e| e.revision)
+        .collect();
+    assert!(expected.windows(2).all(|w| w[0] < w[1]));
+    let last = *expected.last().unwrap();
+    for (start, mut stream) in opened {
+        let want: Vec<u64> = expected.iter().copied().filter(|r| *r >= start).collect();
+        let got: Vec<u64> = events(&mut stream, want.len())
+            .await
+            .iter()
+            .map(|e| e.revision)
+            .collect();
+        assert_eq!(got, want, "stream from {start} (newest {last})");
+        assert_quiet(&mut stream, Duration::from_millis(50)).await;
+    }
+}
+
+/// Revisions are a database bigint: a start revision above 2^63 - 1 can
+/// never exist and is refused, naming the field.
+async fn impossible_start_revisions_are_refused(backend: Backend) {
+    let Some(mut s) = start(backend).await else {
+        return;
+    };
+    for start_revision in [1u64 << 63, u64::MAX] {
+        let status = s
+            .users
+            .watch(WatchUserMetadataRequest {
+                start_revision,
+                ..Default::default()
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().starts_with("start_revision"),
+            "{}",
+            status.message()
+        );
+    }
+    // The largest possible one waits without work, as any future one does.
+    let mut stream = watch(&mut s.users, (1u64 << 63) - 1, &[]).await;
+    assert_eq!(expect_progress(&mut stream).await, (1u64 << 63) - 2);
+    write(&mut s.users, "u", json!({"a":1})).await;
+    assert_quiet(&mut stream, Duration::from_millis(300)).await;
+}
+
+/// A replay whose filter matches nothing sends nothing; it must still end
+/// when its client leaves, before its next table read.
+async fn a_replay_ends_when_its_client_leaves(backend: Backend) {
+    let pauses = BrokerPauses::default();
+    let replay = pauses.replay_read.clone();
+    let Some(mut s) = start_with(backend, |c| {
+        c.events.broker.pauses = pauses;
+        c.events.broker.batch = 2;
+    })
+    .await
+    else {
+        return;
+    };
+    for i in 0..10 {
+        write(&mut s.users, "u1", json!({ "i": i })).await;
+    }
+    // Published: a stream from 1 reads all ten from the table.
+    assert_eq!(expect_progress(&mut watch(&mut s.users, 0, &[]).await).await, 10);
+    replay.arm(2);
+    let mut stream = watch(&mut s.users, 1, &["nobody"]).await;
+    assert_eq!(expect_progress(&mut stream).await, 0);
+    assert!(replay.reached(Duration::from_secs(10)).await);
+    drop(stream);
+    // The server has seen the client leave once it counted the call.
+    let metrics = s.server().metrics().clone();
+    let cancelled = || {
+        metrics
+            .handled
+            .with_label_values(&["metadata.v1.UserMetadataService", "Watch", "Canceled"])
+            .get()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while cancelled() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "client never left");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    replay.release();
+    assert!(
+        !replay.reached(Duration::from_secs(1)).await,
+        "the replay read on after its client left"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while s.server().broker_open_streams() != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "stream still open");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Events pruned while a stream replays them end the stream with
+/// FAILED_PRECONDITION naming the oldest revision left, never a silent
+/// skip.
+async fn pruning_under_a_catching_up_stream_is_reported(backend: Backend) {
+    let pauses = BrokerPauses::default();
+    let replay = pauses.replay_read.clone();
+    let Some(mut s) = start_with(backend, |c| {
+        c.events.broker.pauses = pauses;
+        c.events.broker.batch = 2;
+        c.events.retention = Duration::from_secs(2);
+        c.events.prune_interval = Duration::from_millis(100);
+    })
+    .await
+    else {
+        return;
+    };
+    for i in 0..6 {
+        write(&mut s.users, "u1", json!({ "i": i })).await;
+    }
+    // Published: a stream from 1 reads all six from the table.
+    assert_eq!(expect_progress(&mut watch(&mut s.users, 0, &[]).await).await, 6);
+    replay.arm(2);
+    let mut stream = watch(&mut s.users, 1, &[]).await;
+    assert_eq!(expect_progress(&mut stream).await, 0);
+    // Stopped before its first read; let it read one batch (1, 2).
+    assert!(replay.reached(Duration::from_secs(10)).await);
+    replay.release();
+    assert!(replay.reached(Duration::from_secs(10)).await);
+    let got = events(&mut stream, 2).await;
+    assert_eq!(got.iter().map(|e| e.revision).collect::<Vec<_>>(), [1, 2]);
+    // Now the rest is pruned under it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !s.db.event_revisions().await.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "not pruned");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    replay.release();
+    let status = timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("the stream answers")
+        .expect_err("the stream ends");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains("oldest available revision is 7"),
+        "{}",
+        status.message()
+    );
+}
+
+/// After FAILED_PRECONDITION, README's recovery ends for every id, one
+/// never written included: Watch from now, take its first progress
+/// revision, Get, and apply only events newer than what Get returned.
+async fn recovery_after_pruning_terminates_for_a_never_written_id(backend: Backend) {
+    let Some(mut s) = start_with(backend, |c| {
+        c.events.retention = Duration::from_millis(300);
+        c.events.prune_interval = Duration::from_millis(100);
+    })
+    .await
+    else {
+        return;
+    };
+    for i in 0..5 {
+        write(&mut s.users, "other", json!({ "i": i })).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !s.db.event_revisions().await.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "not pruned");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = s
+        .users
+        .watch(WatchUserMetadataRequest {
+            start_revision: 1,
+            user_ids: vec!["never".into()],
+            ..Default::default()
+        })
+        .await
+        .expect_err("pruned");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    // The recipe.
+    let mut stream = watch(&mut s.users, 0, &["never"]).await;
+    let from = expect_progress(&mut stream).await;
+    assert_eq!(from, 5);
+    let read = s
+        .users
+        .get(GetUserMetadataRequest {
+            user_id: "never".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(read.version, 0);
+    let written = write(&mut s.users, "never", json!({"now":1})).await;
+    let event = next_event(&mut stream).await;
+    assert!(event.revision > read.revision);
+    assert_eq!(event.after.unwrap(), written);
+}
+
 backend_tests!(
+    subscribing_right_after_a_publish_misses_nothing,
+    streams_resuming_at_the_newest_revision_under_load,
+    impossible_start_revisions_are_refused,
+    a_replay_ends_when_its_client_leaves,
+    pruning_under_a_catching_up_stream_is_reported,
+    recovery_after_pruning_terminates_for_a_never_written_id,
     stream_starts_with_progress_then_follows_live,
     get_then_watch_has_no_gap,
     resume_from_the_middle,
@@ -742,22 +1035,142 @@ async fn postgres_late_commit_is_not_skipped() {
         );
     }
 
-    // A revision taken by a transaction that rolls back leaves a hole that
-    // delivery passes over once the transaction has ended.
+    // A revision taken the way the service takes it, by a transaction that
+    // then rolls back, holds delivery only until that transaction ends.
     let doomed = db.begin().await.unwrap();
-    doomed
-        .execute_unprepared("SELECT pg_current_xact_id()")
+    let taken = doomed
+        .query_one_raw(Statement::from_string(
+            doomed.get_database_backend(),
+            take_revision_sql(),
+        ))
         .await
+        .unwrap()
         .unwrap();
-    doomed
-        .execute_unprepared("SELECT nextval('event_revisions')")
-        .await
-        .unwrap();
+    assert_eq!(taken.try_get::<i64>("", "latest").unwrap(), 4);
+    assert!(taken.try_get::<bool>("", "owned").unwrap());
     let next = write(&mut s.users, "after_hole", json!({"h":1})).await;
     assert_eq!(next.revision, 5);
     assert_quiet(&mut stream, Duration::from_millis(300)).await;
     doomed.rollback().await.unwrap();
     assert_eq!(next_event(&mut stream).await.revision, 5);
+    db.close().await.ok();
+}
+
+/// A revision burned while an unrelated transaction stays open (another
+/// application on the same cluster) is passed over as soon as its own
+/// writer ends; the unrelated one is never waited for. A writer that took
+/// its revision without holding its lock (stalled in between) and tries to
+/// commit it after it was passed over is refused: nothing can appear
+/// behind a delivered revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_burned_revision_waits_only_for_its_writer() {
+    use sea_orm::{ConnectionTrait, Database, Statement, TransactionTrait};
+    let Some(mut s) = start(Backend::Postgres).await else {
+        return;
+    };
+    write(&mut s.users, "warm", json!({"a":1})).await;
+    let mut stream = watch(&mut s.users, 0, &[]).await;
+    assert_eq!(expect_progress(&mut stream).await, 1);
+
+    let unrelated = Database::connect(s.db.url()).await.unwrap();
+    let open = unrelated.begin().await.unwrap();
+    open.execute_unprepared("SELECT pg_current_xact_id()")
+        .await
+        .unwrap();
+
+    let db = Database::connect(s.db.url()).await.unwrap();
+    let burner = db.begin().await.unwrap();
+    let taken = burner
+        .query_one_raw(Statement::from_string(
+            burner.get_database_backend(),
+            take_revision_sql(),
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(taken.try_get::<i64>("", "latest").unwrap(), 2);
+    burner.rollback().await.unwrap();
+
+    // A writer stalled between taking a revision and locking it.
+    let stalled = db.begin().await.unwrap();
+    stalled
+        .execute_unprepared("SELECT nextval('event_revisions')")
+        .await
+        .unwrap();
+
+    let after = write(&mut s.users, "u1", json!({"b":2})).await;
+    assert_eq!(after.revision, 4);
+    let event = next_event(&mut stream).await;
+    assert_eq!(event.revision, 4, "delivered while the unrelated transaction is open");
+    let more = write(&mut s.users, "u1", json!({"c":3})).await;
+    assert_eq!(next_event(&mut stream).await.revision, more.revision);
+
+    let empty = r#"{"public_metadata":{},"private_metadata":{},"unsafe_metadata":{},"version":0,"revision":0,"created_at":null,"updated_at":null}"#;
+    let late = stalled
+        .execute_unprepared(&format!(
+            "INSERT INTO events (revision, kind, id, change_type, changed_fields, before, after, committed_at) \
+             VALUES (3, 'user', 'late', 'merged', '[]', '{empty}', '{empty}', now())"
+        ))
+        .await;
+    assert!(late.is_err(), "revision 3 was passed over and cannot commit");
+    stalled.rollback().await.ok();
+    open.rollback().await.unwrap();
+    assert_eq!(s.db.event_revisions().await, vec![1, 4, 5]);
+    db.close().await.ok();
+    unrelated.close().await.ok();
+}
+
+/// Two first writes to one id: the second waits for the first and builds on
+/// it, with no revision burned (no void, no hole).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_concurrent_first_writes_burn_no_revision() {
+    use sea_orm::{ConnectionTrait, Database, TransactionTrait};
+    let Some(s) = start(Backend::Postgres).await else {
+        return;
+    };
+    let db = Database::connect(s.db.url()).await.unwrap();
+    // A first write in progress, as the service makes it: the empty row.
+    let first = db.begin().await.unwrap();
+    first
+        .execute_unprepared(
+            "INSERT INTO metadata (kind, id, public_metadata, private_metadata, unsafe_metadata, \
+             version, revision, created_at, updated_at) \
+             VALUES ('user', 'new', '{}', '{}', '{}', 0, 0, now(), now())",
+        )
+        .await
+        .unwrap();
+    let mut users = s.users.clone();
+    let second = tokio::spawn(async move { write(&mut users, "new", json!({"second":2})).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!second.is_finished(), "the second first write waits");
+    first.rollback().await.unwrap();
+    let written = second.await.unwrap();
+    assert_eq!((written.version, written.revision), (1, 1));
+    // And two at once, many times over.
+    let mut tasks = Vec::new();
+    for id in 0..10 {
+        for n in 0..3 {
+            let mut users = s.users.clone();
+            tasks.push(tokio::spawn(async move {
+                write(&mut users, &format!("id{id}"), json!({ format!("k{n}"): n })).await
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(s.db.event_revisions().await, (1..=31).collect::<Vec<_>>());
+    let voids = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT count(*) AS n FROM events WHERE change_type = 'void'",
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get::<i64>("", "n")
+        .unwrap();
+    assert_eq!(voids, 0);
     db.close().await.ok();
 }
 

@@ -1,26 +1,39 @@
 //! Fan-out of committed events to Watch streams.
 //!
-//! One dispatcher task per server tails the `events` table (woken by local
+//! One dispatcher task per server tails the event log (woken by local
 //! commits, by Postgres NOTIFY from other replicas, and by a periodic poll
-//! that covers lost notifications) and broadcasts each event once. Every
-//! Watch stream is a task of its own with a cursor: it catches up from the
-//! table, then follows the broadcast; if it falls behind the broadcast
-//! buffer it is counted and goes back to the table, so memory per stream is
-//! bounded and a slow consumer never silently misses an event.
+//! that covers lost notifications) and publishes each revision once, in
+//! order, never past one that is still missing (see `store::events` for how
+//! a missing revision is settled). Every Watch stream is a task of its own
+//! with a cursor, `position`: it catches up from the table, then follows the
+//! broadcast. Whenever what it receives does not continue from its position
+//! (it fell behind the broadcast buffer, a void was passed over, events were
+//! pruned) it reads the missing range from the table, so it never skips a
+//! revision without a word: what the table no longer has ends the stream
+//! with FAILED_PRECONDITION.
+//!
+//! A stream subscribes to the broadcast and reads the high-water mark in one
+//! step, under the lock the dispatcher publishes under: every revision is
+//! then either at or below the mark it reads (and in the table) or in its
+//! receiver.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{Notify, broadcast, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, broadcast, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Event;
-use crate::json::ValidationError;
+use crate::json::{JsonPath, Problem, ValidationError};
 use crate::model::Kind;
-use crate::store::{Snapshot, Store, StoreError};
+use crate::pause::PausePoint;
+use crate::store::{Claim, Logged, Store, StoreError};
+
+/// The largest revision there can be: revisions are a database bigint.
+pub const MAX_REVISION: u64 = i64::MAX as u64;
 
 #[derive(Clone, Debug)]
 pub struct BrokerOptions {
@@ -35,6 +48,20 @@ pub struct BrokerOptions {
     pub batch: u64,
     /// Messages queued per stream before it waits for the client.
     pub stream_queue: usize,
+    /// Table reads of catching-up streams in progress at once, whatever the
+    /// number of streams: replays must not take the connections writes need.
+    pub replay_reads: usize,
+    /// Test-only stopping places; never armed in production.
+    pub pauses: BrokerPauses,
+}
+
+/// Where a test can stop the broker (see [`PausePoint`]).
+#[derive(Clone, Debug, Default)]
+pub struct BrokerPauses {
+    /// The dispatcher, right after it published a revision.
+    pub published: PausePoint,
+    /// A catching-up stream, before each table read.
+    pub replay_read: PausePoint,
 }
 
 impl Default for BrokerOptions {
@@ -45,6 +72,8 @@ impl Default for BrokerOptions {
             progress_interval: Duration::from_secs(10),
             batch: 512,
             stream_queue: 64,
+            replay_reads: 4,
+            pauses: BrokerPauses::default(),
         }
     }
 }
@@ -86,10 +115,48 @@ pub struct BrokerStats {
     pub delivered: AtomicU64,
 }
 
+/// The broadcast and its high-water mark, changed together.
+struct Fanout {
+    /// The last revision published: every revision up to it is in the
+    /// table, and every event above it will be broadcast.
+    head: Mutex<u64>,
+    sender: broadcast::Sender<Arc<Event>>,
+    /// Follows `head`, for those who wait for it to move.
+    moved: watch::Sender<u64>,
+}
+
+impl Fanout {
+    fn head(&self) -> u64 {
+        *self.head.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A receiver of every event published after this call, and the mark
+    /// at that moment.
+    fn subscribe(&self) -> (broadcast::Receiver<Arc<Event>>, u64) {
+        let head = self.head.lock().unwrap_or_else(|e| e.into_inner());
+        (self.sender.subscribe(), *head)
+    }
+
+    /// Publishes `revision`: the mark moves and its event, if it has one
+    /// (a void has none), is broadcast, as one step.
+    fn publish(&self, revision: u64, event: Option<Event>) {
+        {
+            let mut head = self.head.lock().unwrap_or_else(|e| e.into_inner());
+            *head = revision;
+            if let Some(event) = event {
+                // No receiver is not an error: nobody is watching.
+                let _ = self.sender.send(Arc::new(event));
+            }
+        }
+        self.moved.send_replace(revision);
+    }
+}
+
 pub struct Broker {
     store: Arc<Store>,
-    sender: broadcast::Sender<Arc<Event>>,
-    head: watch::Receiver<u64>,
+    fanout: Fanout,
+    /// Permits for the table reads of catching-up streams.
+    replay: Semaphore,
     shutdown: CancellationToken,
     options: BrokerOptions,
     pub stats: BrokerStats,
@@ -105,27 +172,31 @@ impl Broker {
     ) -> Result<Arc<Broker>, StoreError> {
         let settled = store.settled_revision(Duration::from_secs(5)).await?;
         let (sender, _) = broadcast::channel(options.buffer.max(1));
-        let (head_tx, head) = watch::channel(settled);
+        let (moved, _) = watch::channel(settled);
         let wake = store.commit_notifier();
         if let Some(listener) = store.listen_for_commits().await? {
             tokio::spawn(listen(listener, wake.clone(), shutdown.clone()));
         }
         let broker = Arc::new(Broker {
             store,
-            sender,
-            head,
+            fanout: Fanout {
+                head: Mutex::new(settled),
+                sender,
+                moved,
+            },
+            replay: Semaphore::new(options.replay_reads.max(1)),
             shutdown,
             options,
             stats: BrokerStats::default(),
         });
-        tokio::spawn(dispatch(broker.clone(), head_tx, wake));
+        tokio::spawn(dispatch(broker.clone(), wake));
         Ok(broker)
     }
 
     /// The last revision dispatched to live streams: the safe high-water
     /// mark, below which every committed event is known.
     pub fn head(&self) -> u64 {
-        *self.head.borrow()
+        self.fanout.head()
     }
 
     /// The high-water mark, once it has reached what was committed before
@@ -135,8 +206,8 @@ impl Broker {
     /// (its first message says where).
     async fn settle_head(&self) -> Result<u64, StoreError> {
         let newest = self.store.newest_revision().await?;
-        let mut head = self.head.clone();
-        let reached = tokio::time::timeout(Duration::from_secs(1), head.wait_for(|h| *h >= newest));
+        let mut moved = self.fanout.moved.subscribe();
+        let reached = tokio::time::timeout(Duration::from_secs(1), moved.wait_for(|h| *h >= newest));
         let _ = reached.await;
         Ok(self.head())
     }
@@ -147,31 +218,41 @@ impl Broker {
         self: &Arc<Self>,
         request: WatchRequest,
     ) -> Result<mpsc::Receiver<Result<WatchItem, WatchError>>, WatchError> {
+        if request.start_revision > MAX_REVISION {
+            return Err(ValidationError::new(
+                JsonPath::root("start_revision"),
+                Problem::RevisionTooLarge {
+                    limit: MAX_REVISION,
+                },
+            )
+            .into());
+        }
         if self.shutdown.is_cancelled() {
             return Err(WatchError::ShuttingDown);
         }
-        // Subscribe before reading the table, so nothing falls in between.
-        let live = self.sender.subscribe();
-        let compacted = self.store.compacted_revision().await?;
-        let start_after = match request.start_revision {
-            0 => self.settle_head().await?,
-            n if n <= compacted => {
-                return Err(WatchError::TooOld {
-                    requested: n,
-                    oldest: compacted + 1,
-                });
+        let (live, head) = self.fanout.subscribe();
+        let position = match request.start_revision {
+            0 => self.settle_head().await?.max(head),
+            n => {
+                let compacted = self.store.compacted_revision().await?;
+                if n <= compacted {
+                    return Err(WatchError::TooOld {
+                        requested: n,
+                        oldest: compacted + 1,
+                    });
+                }
+                n - 1
             }
-            n => n - 1,
         };
         let (tx, rx) = mpsc::channel(self.options.stream_queue.max(1));
         let stream = Stream {
             broker: self.clone(),
             request,
-            position: start_after,
+            position,
             tx,
             live,
         };
-        tokio::spawn(stream.run());
+        tokio::spawn(stream.run(head));
         Ok(rx)
     }
 }
@@ -195,7 +276,7 @@ impl Drop for OpenStream<'_> {
 struct Stream {
     broker: Arc<Broker>,
     request: WatchRequest,
-    /// Every event up to here has been sent or filtered out.
+    /// Every revision up to here has been sent or filtered out.
     position: u64,
     tx: mpsc::Sender<Result<WatchItem, WatchError>>,
     live: broadcast::Receiver<Arc<Event>>,
@@ -205,22 +286,30 @@ struct Stream {
 enum Stop {
     ClientGone,
     ShuttingDown,
+    /// What it must send next has been pruned.
+    TooOld {
+        requested: u64,
+        oldest: u64,
+    },
     Failed(StoreError),
 }
 
 impl Stream {
-    async fn run(mut self) {
+    /// `head`: the mark when the stream subscribed; everything up to it
+    /// comes from the table, the rest from the broadcast.
+    async fn run(mut self, head: u64) {
         let broker = self.broker.clone();
         let _open = OpenStream::new(&broker.stats);
         let outcome = async {
             self.send(WatchItem::Progress(self.position)).await?;
-            self.catch_up().await?;
+            self.catch_up(head).await?;
             self.follow().await
         }
         .await;
         let error = match outcome {
             Ok(()) | Err(Stop::ClientGone) => return,
             Err(Stop::ShuttingDown) => WatchError::ShuttingDown,
+            Err(Stop::TooOld { requested, oldest }) => WatchError::TooOld { requested, oldest },
             Err(Stop::Failed(err)) => WatchError::Store(err),
         };
         // A client that stopped reading must not hold up shutdown.
@@ -239,6 +328,7 @@ impl Stream {
         }
     }
 
+    /// Sends `event` if it is the stream's next revision and it wants it.
     async fn deliver(&mut self, event: Arc<Event>) -> Result<(), Stop> {
         if event.revision <= self.position {
             return Ok(());
@@ -251,24 +341,60 @@ impl Stream {
         Ok(())
     }
 
-    /// Reads from the table up to the dispatcher's high-water mark (never
-    /// beyond: a revision above it may still have a lower one in flight).
-    async fn catch_up(&mut self) -> Result<(), Stop> {
-        let store = self.broker.store.clone();
-        let head = self.broker.head();
-        loop {
-            let batch = store
-                .events_in(self.position, head, self.broker.options.batch)
-                .await
-                .map_err(Stop::Failed)?;
-            let full = batch.len() as u64 >= self.broker.options.batch;
-            for event in batch {
-                self.deliver(Arc::new(event)).await?;
+    /// Sends every revision after `position` up to `up_to` from the table.
+    /// `up_to` is at most the high-water mark, so the range is complete in
+    /// the table (events and voids) unless it was pruned. Checks for a
+    /// client that left and for shutdown before every read, so a replay
+    /// that sends nothing still ends with its client.
+    async fn catch_up(&mut self, up_to: u64) -> Result<(), Stop> {
+        let broker = self.broker.clone();
+        while self.position < up_to {
+            broker.options.pauses.replay_read.pass().await;
+            let permit = tokio::select! {
+                biased;
+                () = self.tx.closed() => return Err(Stop::ClientGone),
+                () = broker.shutdown.cancelled() => return Err(Stop::ShuttingDown),
+                permit = broker.replay.acquire() => permit.map_err(|_| Stop::ShuttingDown)?,
+            };
+            let read = broker
+                .store
+                .read_log(self.position, up_to, broker.options.batch)
+                .await;
+            drop(permit);
+            let entries = read.map_err(Stop::Failed)?;
+            let expected = self.position + 1;
+            if entries.first().map(|e| e.revision) != Some(expected) {
+                // Pruning removes a prefix of the log in one transaction,
+                // and records how far it went.
+                let compacted = broker
+                    .store
+                    .compacted_revision()
+                    .await
+                    .map_err(Stop::Failed)?;
+                if compacted >= expected {
+                    return Err(Stop::TooOld {
+                        requested: expected,
+                        oldest: compacted + 1,
+                    });
+                }
+                // Not pruned: a hole left before voids were written (an
+                // older version of this service). Nothing was ever there.
             }
-            if !full {
-                return Ok(());
+            if entries.is_empty() {
+                self.position = up_to;
+                break;
+            }
+            for Logged { revision, event } in entries {
+                match event {
+                    Some(event) => self.deliver(Arc::new(event)).await?,
+                    None => self.position = self.position.max(revision),
+                }
+            }
+            if self.tx.is_closed() {
+                return Err(Stop::ClientGone);
             }
         }
+        Ok(())
     }
 
     async fn follow(&mut self) -> Result<(), Stop> {
@@ -286,6 +412,11 @@ impl Stream {
                 received = self.live.recv() => match received {
                     Ok(event) => {
                         let before = self.position;
+                        if event.revision > self.position + 1 {
+                            // A void, or a range this stream missed: the
+                            // table has it (or says it was pruned).
+                            self.catch_up(event.revision - 1).await?;
+                        }
                         self.deliver(event).await?;
                         if self.position != before {
                             idle_until = Instant::now() + interval;
@@ -293,13 +424,17 @@ impl Stream {
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => {
                         self.broker.stats.lagged.fetch_add(1, Ordering::Relaxed);
-                        self.catch_up().await?;
+                        // Everything up to the mark is in the table; what
+                        // is published after it is still in the receiver.
+                        let head = self.broker.head();
+                        self.catch_up(head).await?;
                     }
                     Err(broadcast::error::RecvError::Closed) => return Err(Stop::ShuttingDown),
                 },
                 () = progress => {
-                    // Every broadcast event moves `position`, filtered out or
-                    // not, so it is exactly what this stream has covered.
+                    // Every published revision moves `position`, filtered
+                    // out or not, so it is exactly what this stream has
+                    // covered.
                     self.send(WatchItem::Progress(self.position)).await?;
                     idle_until = Instant::now() + interval;
                 }
@@ -310,50 +445,32 @@ impl Stream {
     }
 }
 
-/// Tails the table and broadcasts each new event once, in revision order,
-/// never past a revision that a transaction still in flight might fill.
-async fn dispatch(broker: Arc<Broker>, head: watch::Sender<u64>, wake: Arc<Notify>) {
-    let mut gap: Option<Gap> = None;
-    let mut last = *head.borrow();
+/// What the dispatcher does after one read of the log.
+enum Next {
+    /// Read again at once: there may be more.
+    More,
+    /// Wait for a wake-up or the poll.
+    Idle,
+    /// A revision is still missing: look again soon.
+    Soon,
+}
+
+/// Tails the log and publishes each revision once, in order, never past
+/// one that a transaction still in flight might fill.
+async fn dispatch(broker: Arc<Broker>, wake: Arc<Notify>) {
+    let mut last = broker.head();
     loop {
-        let mut blocked = false;
-        loop {
-            let read = match broker.store.read_events(last, broker.options.batch).await {
-                Ok(read) => read,
-                Err(err) => {
-                    tracing::warn!(error = %err, "reading events failed; retrying");
-                    break;
-                }
-            };
-            let full = read.events.len() as u64 >= broker.options.batch;
-            for event in read.events {
-                if event.revision != last + 1 {
-                    match Gap::check(&mut gap, last, read.snapshot.as_ref(), &broker.store).await {
-                        Ok(true) => {}
-                        Ok(false) => blocked = true,
-                        Err(err) => {
-                            tracing::warn!(error = %err, "checking an event gap failed; retrying");
-                            blocked = true;
-                        }
-                    }
-                    if blocked {
-                        break;
-                    }
-                }
-                last = event.revision;
-                // No receiver is not an error: nobody is watching.
-                let _ = broker.sender.send(Arc::new(event));
+        let next = match dispatch_once(&broker, &mut last).await {
+            Ok(next) => next,
+            Err(err) => {
+                tracing::warn!(error = %err, "reading events failed; retrying");
+                Next::Soon
             }
-            head.send_replace(last);
-            if blocked || !full {
-                break;
-            }
-        }
-        // A gap is usually a commit a moment away: look again soon.
-        let wait = if blocked {
-            Duration::from_millis(5)
-        } else {
-            broker.options.poll_interval
+        };
+        let wait = match next {
+            Next::More => continue,
+            Next::Idle => broker.options.poll_interval,
+            Next::Soon => Duration::from_millis(20),
         };
         tokio::select! {
             () = wake.notified() => {}
@@ -363,48 +480,54 @@ async fn dispatch(broker: Arc<Broker>, head: watch::Sender<u64>, wake: Arc<Notif
     }
 }
 
-/// A missing revision right after `after`, seen while a later one was
-/// visible in `seen`. Its owner, if any, was running when `seen` was taken;
-/// once every such transaction has ended, a read that still lacks the
-/// revision proves it rolled back and will never appear.
-#[derive(Debug)]
-struct Gap {
-    after: u64,
-    seen: Snapshot,
-    /// A transaction id assigned after `seen` was taken.
-    bound: u64,
+async fn dispatch_once(broker: &Broker, last: &mut u64) -> Result<Next, StoreError> {
+    let batch = broker.options.batch;
+    let entries = broker.store.read_log(*last, u64::MAX, batch).await?;
+    let full = entries.len() as u64 >= batch;
+    for Logged { revision, event } in entries {
+        if revision != *last + 1 {
+            return settle_gap(broker, last, revision).await;
+        }
+        *last = revision;
+        broker.fanout.publish(revision, event);
+        broker.options.pauses.published.pass().await;
+    }
+    Ok(if full { Next::More } else { Next::Idle })
 }
 
-impl Gap {
-    /// Whether the revision after `after` can be passed over for good.
-    async fn check(
-        gap: &mut Option<Gap>,
-        after: u64,
-        snapshot: Option<&Snapshot>,
-        store: &Store,
-    ) -> Result<bool, StoreError> {
-        let Some(snapshot) = snapshot else {
-            // One writer at a time: a revision missing now never appears.
-            return Ok(true);
-        };
-        match gap {
-            Some(known) if known.after == after => {
-                if snapshot.covers(&known.seen, known.bound) {
-                    *gap = None;
-                    return Ok(true);
-                }
-                Ok(false)
-            }
-            _ => {
-                let bound = store.fresh_xid().await?;
-                *gap = Some(Gap {
-                    after,
-                    seen: snapshot.clone(),
-                    bound,
-                });
-                Ok(false)
-            }
-        }
+/// The revision after `last` is missing while `visible`, a later one, is
+/// in the log.
+async fn settle_gap(broker: &Broker, last: &mut u64, visible: u64) -> Result<Next, StoreError> {
+    let missing = *last + 1;
+    let compacted = broker.store.compacted_revision().await?;
+    if compacted >= missing {
+        // Pruned before it was published (the dispatcher was behind by
+        // more than the retention). Streams see the jump and end with
+        // FAILED_PRECONDITION when they reach it.
+        let skipped_to = compacted.min(visible - 1);
+        tracing::warn!(
+            from = missing,
+            to = skipped_to,
+            "events were pruned before they were dispatched"
+        );
+        *last = skipped_to;
+        broker.fanout.publish(skipped_to, None);
+        return Ok(Next::More);
+    }
+    if broker.store.backend() != sea_orm::DatabaseBackend::Postgres {
+        // One writer at a time, revisions dense: a revision missing below
+        // a visible one was never committed and never will be.
+        *last = visible - 1;
+        broker.fanout.publish(*last, None);
+        return Ok(Next::More);
+    }
+    match broker
+        .store
+        .claim_revision(missing, Duration::from_secs(1))
+        .await?
+    {
+        Claim::Settled => Ok(Next::More),
+        Claim::Owned => Ok(Next::Soon),
     }
 }
 

@@ -2,12 +2,13 @@
 //! as the change (the `events` table is the outbox and the source of truth),
 //! then fanned out to Watch streams by the [`Broker`].
 //!
-//! Revisions are taken from a single counter row as the last step of a write
-//! transaction, so they are assigned in commit order: once revision N is
-//! visible, every revision below N is visible too, and a watcher that has
-//! seen N can never miss a lower one committed later. Only the tail of each
-//! write (counter, event insert, commit) is serialized; reading and locking
-//! the metadata row of different ids stays concurrent.
+//! Revisions are taken as the last step of a write transaction: from a
+//! counter row on SQLite (one writer at a time, so dense and in commit
+//! order), from a sequence on Postgres (writers to different ids never wait
+//! for each other, so a lower revision can commit after a higher one). The
+//! dispatcher publishes a revision only once every lower one is settled:
+//! committed, or marked void once its writer has ended without it (see
+//! `store::events`). A watcher that has seen N can never miss a lower one.
 
 mod broker;
 mod retention;
@@ -16,7 +17,10 @@ use chrono::{DateTime, Utc};
 
 pub use retention::prune_periodically;
 
-pub use broker::{Broker, BrokerOptions, BrokerStats, WatchError, WatchItem, WatchRequest};
+pub use broker::{
+    Broker, BrokerOptions, BrokerPauses, BrokerStats, MAX_REVISION, WatchError, WatchItem,
+    WatchRequest,
+};
 
 use crate::model::{Field, Kind, Record};
 

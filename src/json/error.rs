@@ -24,6 +24,8 @@ pub enum Problem {
     TooDeep { depth: usize, limit: usize },
     #[error("is {bytes} bytes as compact JSON, the limit is {limit}")]
     TooLarge { bytes: usize, limit: usize },
+    #[error("is larger than any revision can be (at most {limit})")]
+    RevisionTooLarge { limit: u64 },
 }
 
 /// The location of a value inside a request, e.g. `public_metadata.a.b[2]`.

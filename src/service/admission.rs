@@ -11,6 +11,7 @@ use tonic::Status;
 use tonic::metadata::MetadataMap;
 
 use crate::health::DbHealth;
+use crate::store::Sent;
 
 pub struct Admission {
     permits: Arc<Semaphore>,
@@ -101,11 +102,43 @@ impl Call {
         match tokio::time::timeout(self.budget, work).await {
             Ok(result) => result.map_err(Status::from),
             Err(_) if self.client_deadline => Err(Status::deadline_exceeded("deadline exceeded")),
-            Err(_) => Err(Status::unavailable(format!(
-                "the database did not answer within {:?}; retry later",
+            Err(_) => Err(self.timed_out()),
+        }
+    }
+}
+
+impl Call {
+    /// Runs a write within the call's budget. When the budget runs out,
+    /// the status says whether the write may have happened: UNAVAILABLE
+    /// (retry) only when it certainly did not, DEADLINE_EXCEEDED (gRPC's
+    /// "may have completed": read before retrying) once it may have.
+    pub async fn run_write<T, E>(
+        &self,
+        sent: &Sent,
+        work: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, Status>
+    where
+        Status: From<E>,
+    {
+        // `timeout` has dropped `work` when it returns: a write not yet
+        // marked as sent can no longer be (see `Sent`).
+        match tokio::time::timeout(self.budget, work).await {
+            Ok(result) => result.map_err(Status::from),
+            Err(_) if self.client_deadline => Err(Status::deadline_exceeded("deadline exceeded")),
+            Err(_) if sent.may_have_committed() => Err(Status::deadline_exceeded(format!(
+                "the database did not confirm the write within {:?}; it may have been applied: \
+                 read before retrying",
                 self.db_timeout
             ))),
+            Err(_) => Err(self.timed_out()),
         }
+    }
+
+    fn timed_out(&self) -> Status {
+        Status::unavailable(format!(
+            "the database did not answer within {:?}; retry later",
+            self.db_timeout
+        ))
     }
 }
 

@@ -26,7 +26,7 @@ use crate::events::{Broker, ChangeType, WatchError, WatchItem, WatchRequest};
 use crate::json::{self, Limits};
 use crate::metrics::Metrics;
 use crate::model::{DeleteCommand, Kind, Mode, Record, WriteCommand};
-use crate::store::{Store, StoreError};
+use crate::store::{Sent, Store, StoreError};
 
 /// What both services do, independent of protobuf: validate, then store.
 pub struct Metadata {
@@ -69,10 +69,13 @@ impl Metadata {
         self.store.get(kind, id).await
     }
 
+    /// `sent` says, if the caller gives up, whether the write may still
+    /// have committed.
     pub async fn write(
         &self,
         caller: &Caller,
         command: WriteCommand,
+        sent: Sent,
     ) -> Result<Record, StoreError> {
         json::validate_command(&command, &self.limits)?;
         let WriteCommand {
@@ -92,7 +95,7 @@ impl Metadata {
         });
         let outcome = self
             .store
-            .write(kind, &id, expected_version, change, compute)
+            .write(kind, &id, expected_version, change, compute, sent)
             .await?;
         if outcome.changed {
             self.metrics
@@ -117,11 +120,12 @@ impl Metadata {
         &self,
         caller: &Caller,
         command: DeleteCommand,
+        sent: Sent,
     ) -> Result<bool, StoreError> {
         json::validate_delete(&command)?;
         let existed = self
             .store
-            .delete(command.kind, &command.id, command.expected_version)
+            .delete(command.kind, &command.id, command.expected_version, sent)
             .await?;
         if existed {
             self.metrics

@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 use super::{Metadata, authorize};
 use crate::convert::Shown;
 use crate::events::WatchRequest;
+use crate::store::Sent;
 use crate::model::{DeleteCommand, Kind, WriteCommand};
 use crate::proto::v1::user_metadata_service_server::UserMetadataService;
 use crate::proto::v1::{
@@ -47,7 +48,9 @@ impl UserMetadataService for UserService {
         let (caller, fields) = authorize(&request)?;
         let call = self.metadata.admission.unary(request.metadata())?;
         let command = WriteCommand::try_from(request.into_inner())?;
-        let record = call.run(self.metadata.write(&caller, command)).await?;
+        let sent = Sent::default();
+        let write = self.metadata.write(&caller, command, sent.clone());
+        let record = call.run_write(&sent, write).await?;
         Ok(Response::new(Shown { record, fields }.into()))
     }
 
@@ -58,7 +61,9 @@ impl UserMetadataService for UserService {
         let (caller, fields) = authorize(&request)?;
         let call = self.metadata.admission.unary(request.metadata())?;
         let command = WriteCommand::try_from(request.into_inner())?;
-        let record = call.run(self.metadata.write(&caller, command)).await?;
+        let sent = Sent::default();
+        let write = self.metadata.write(&caller, command, sent.clone());
+        let record = call.run_write(&sent, write).await?;
         Ok(Response::new(Shown { record, fields }.into()))
     }
 
@@ -69,7 +74,9 @@ impl UserMetadataService for UserService {
         let (caller, _) = authorize(&request)?;
         let call = self.metadata.admission.unary(request.metadata())?;
         let command = DeleteCommand::from(request.into_inner());
-        let existed = call.run(self.metadata.delete(&caller, command)).await?;
+        let sent = Sent::default();
+        let delete = self.metadata.delete(&caller, command, sent.clone());
+        let existed = call.run_write(&sent, delete).await?;
         Ok(Response::new(DeleteUserMetadataResponse { existed }))
     }
 

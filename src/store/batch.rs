@@ -9,7 +9,8 @@
 //! - if the group fails as a whole (a database error, a failed commit),
 //!   it is rolled back and each write is run again alone, so each gets the
 //!   error (or success) it would have got alone;
-//! - a write whose caller gave up before the group started is not run.
+//! - a write whose caller gave up before the group started is not run; one
+//!   taken into a group runs whether or not its caller still waits.
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -66,6 +67,11 @@ async fn run(writer: Writer, mut queue: mpsc::UnboundedReceiver<Job>) {
                 Err(_) => break,
             }
         }
+        // Marked before the check: a caller that gives up after this line
+        // must know its write may still happen (see `Sent`).
+        for job in &group {
+            job.op.sent().mark();
+        }
         group.retain(|job| !job.reply.is_closed());
         if let (Some(sizes), false) = (writer.group_sizes.get(), group.is_empty()) {
             sizes.observe(group.len() as f64);
@@ -113,10 +119,11 @@ async fn try_group(
                 wrote = true;
                 results.push(Ok(done));
             }
-            Ok(Step::LostInsertRace) => {
-                // Cannot happen under SQLite's single writer; start over.
+            Ok(Step::StartOver) => {
+                // Cannot happen under SQLite's single writer: it needs a
+                // concurrent writer. Run the group again, each write alone.
                 txn.rollback().await?;
-                return Err(StoreError::Internal("insert race under SQLite".into()));
+                return Err(StoreError::Internal("a write had to start over under SQLite".into()));
             }
             Err(err) if refused(&err) => results.push(Err(err)),
             Err(err) => {

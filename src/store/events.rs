@@ -1,12 +1,24 @@
 //! Reading and writing the event log, and waking watchers.
+//!
+//! The log is dense: every revision up to the dispatcher's high-water mark
+//! is a row, either an event or a *void*, the mark of a revision that was
+//! taken and never committed. On Postgres a writer holds an advisory lock
+//! keyed by its revision from the moment it takes it until it ends, so the
+//! dispatcher, finding a revision missing below a visible one, waits for
+//! that writer alone ([`Store::claim_revision`]) and then, if the revision
+//! is still missing, writes the void itself. The void's row makes a later
+//! commit of that revision impossible (the writer's insert finds it and the
+//! writer starts over with a new revision), so nothing can appear behind a
+//! revision that has been delivered.
 
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use sea_orm::sqlx::postgres::PgListener;
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseTransaction, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, Statement, TransactionTrait,
+    ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseTransaction, DbErr, EntityTrait,
+    QueryFilter, QueryOrder, QuerySelect, RuntimeErr, Statement, TransactionTrait,
+    TryInsertResult,
 };
 use serde_json::{Value, json};
 
@@ -22,7 +34,22 @@ pub(super) const CHANNEL: &str = "metadata_events";
 /// values are then handed out in time order across all sessions.
 pub(super) const SEQUENCE: &str = "event_revisions";
 
-/// A Postgres snapshot (`pg_current_snapshot()`) that events were read in.
+/// The first key of the advisory locks writers hold on their revision (the
+/// second is the revision modulo 2^31): keeps them apart from any other
+/// advisory lock in the database. A collision could only make the
+/// dispatcher wait longer, never skip: voids are what guarantee order.
+const LOCK_CLASS: i32 = 0x6d65_7461; // "meta"
+
+/// `change_type` of a void row.
+const VOID: &str = "void";
+
+/// The advisory lock key of a revision, as SQL arguments.
+fn lock_key(revision: &str) -> String {
+    format!("{LOCK_CLASS}, ({revision} % 2147483648)::int4")
+}
+
+/// A Postgres snapshot (`pg_current_snapshot()`), used once at start to
+/// find a revision below which nothing can still commit.
 ///
 /// Every writer owns a transaction id before it takes its revision, so a
 /// revision missing below a visible one belongs to a transaction that was
@@ -30,7 +57,7 @@ pub(super) const SEQUENCE: &str = "event_revisions";
 /// then means: listed in `xip`, or with an id at or above `xmax` (which is
 /// one past the latest *completed* id, not the next one to be assigned).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Snapshot {
+struct Snapshot {
     xmax: u64,
     xip: Vec<u64>,
 }
@@ -60,63 +87,89 @@ impl Snapshot {
     /// was taken has ended by this snapshot. `bound` is a transaction id
     /// assigned after `earlier` was taken: every transaction running then
     /// has a smaller id.
-    pub fn covers(&self, earlier: &Snapshot, bound: u64) -> bool {
+    fn covers(&self, earlier: &Snapshot, bound: u64) -> bool {
         earlier.xip.iter().all(|x| self.has_finished(*x))
             && (earlier.xmax..bound).all(|x| self.has_finished(x))
     }
 }
 
-/// Events read in one snapshot.
-#[derive(Debug, Default)]
-pub struct EventRead {
-    pub events: Vec<Event>,
-    /// None where there are no concurrent writers (SQLite): revisions then
-    /// become visible strictly in order and a gap is never filled later.
-    pub snapshot: Option<Snapshot>,
+/// One revision of the log.
+#[derive(Debug)]
+pub struct Logged {
+    pub revision: u64,
+    /// None for a void: a revision taken and never committed.
+    pub event: Option<Event>,
+}
+
+/// What [`Store::claim_revision`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The revision is in the log now, as an event or a void.
+    Settled,
+    /// Its writer still runs: look again later.
+    Owned,
 }
 
 /// Takes the next revision, as late as possible in the write transaction.
 ///
 /// Postgres: a sequence, so writers to different ids never wait for each
-/// other; readers deliver only up to a safe high-water mark (see the
-/// dispatcher). The transaction must own a transaction id before it takes
-/// the value, which `has_xid` says it does (it holds a row lock).
+/// other; the advisory lock on the revision, held until the transaction
+/// ends, tells the dispatcher this revision's writer still runs. If the
+/// lock is already taken, the dispatcher is claiming the revision as a
+/// void (it saw a later one commit first): take another. The transaction
+/// owns a transaction id before it takes the value (it holds a row lock),
+/// which the start-up check in [`Store::settled_revision`] relies on.
 /// SQLite: a counter row in the writing transaction; SQLite has one writer
 /// at a time, so revisions are dense and in commit order.
-pub(super) async fn next_revision(
-    txn: &DatabaseTransaction,
-    has_xid: bool,
-) -> Result<u64, StoreError> {
+pub(super) async fn next_revision(txn: &DatabaseTransaction) -> Result<u64, StoreError> {
     let backend = txn.get_database_backend();
-    let sql = match backend {
-        DatabaseBackend::Postgres => {
-            if !has_xid {
-                txn.execute_unprepared("SELECT pg_current_xact_id()")
-                    .await?;
-            }
-            // The notification rides on the same round trip; Postgres
-            // delivers it to every listening replica when (and only if) the
-            // transaction commits.
-            format!("SELECT nextval('{SEQUENCE}') AS latest FROM pg_notify('{CHANNEL}', '')")
+    if backend != DatabaseBackend::Postgres {
+        let sql = "UPDATE revisions SET latest = latest + 1 WHERE id = 1 RETURNING latest";
+        let row = txn
+            .query_one_raw(Statement::from_string(backend, sql))
+            .await?
+            .ok_or_else(|| StoreError::Internal("no revision was returned".into()))?;
+        return Ok(row.try_get::<i64>("", "latest")? as u64);
+    }
+    let sql = take_revision_sql();
+    for _ in 0..8 {
+        let row = txn
+            .query_one_raw(Statement::from_string(backend, sql.clone()))
+            .await?
+            .ok_or_else(|| StoreError::Internal("no revision was returned".into()))?;
+        if row.try_get::<bool>("", "owned")? {
+            return Ok(row.try_get::<i64>("", "latest")? as u64);
         }
-        _ => "UPDATE revisions SET latest = latest + 1 WHERE id = 1 RETURNING latest".to_owned(),
-    };
-    let row = txn
-        .query_one_raw(Statement::from_string(backend, sql))
-        .await?
-        .ok_or_else(|| StoreError::Internal("no revision was returned".into()))?;
-    let latest: i64 = row.try_get("", "latest")?;
-    Ok(latest as u64)
+    }
+    Err(StoreError::unavailable(
+        "could not take a revision",
+        "eight revisions in a row were being claimed as void",
+    ))
 }
 
-/// Appends the event of a change, in the writing transaction.
+/// The statement a Postgres writer takes its revision with: `latest`, and
+/// `owned`, whether it holds the revision's lock. Public so that tests can
+/// play a writer that stalls or rolls back at a chosen moment.
+pub fn take_revision_sql() -> String {
+    // The notification rides on the same round trip; Postgres delivers it
+    // to every listening replica when (and only if) the transaction commits.
+    format!(
+        "SELECT r AS latest, pg_try_advisory_xact_lock({}) AS owned \
+         FROM nextval('{SEQUENCE}') AS r, pg_notify('{CHANNEL}', '')",
+        lock_key("r")
+    )
+}
+
+/// Appends the event of a change, in the writing transaction. False when
+/// the revision was claimed as a void meanwhile (Postgres): the transaction
+/// must not commit, and the write starts over with a new revision.
 pub(super) async fn append(
     txn: &DatabaseTransaction,
     change: ChangeType,
     before: &Record,
     after: &Record,
     committed_at: DateTime<Utc>,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     let fields: Vec<Value> = changed_fields(before, after)
         .into_iter()
         .map(|f| Value::from(f.name()))
@@ -131,10 +184,11 @@ pub(super) async fn append(
         after: snapshot(after),
         committed_at,
     };
-    event::Entity::insert(event::ActiveModel::from(row))
+    let inserted = event::Entity::insert(event::ActiveModel::from(row))
+        .on_conflict_do_nothing_on([event::Column::Revision])
         .exec_without_returning(txn)
         .await?;
-    Ok(())
+    Ok(matches!(inserted, TryInsertResult::Inserted(n) if n > 0))
 }
 
 /// A record as stored in an event: everything but kind and id.
@@ -183,6 +237,12 @@ fn from_snapshot(kind: Kind, id: &str, mut value: Value) -> Result<Record, Store
         time("created_at")?,
         time("updated_at")?,
     ))
+}
+
+fn logged_from_row(row: event::Model) -> Result<Logged, StoreError> {
+    let revision = row.revision as u64;
+    let event = (row.change_type != VOID).then(|| event_from_row(row)).transpose()?;
+    Ok(Logged { revision, event })
 }
 
 fn event_from_row(row: event::Model) -> Result<Event, StoreError> {
@@ -237,6 +297,17 @@ async fn current_snapshot(txn: &DatabaseTransaction) -> Result<Snapshot, StoreEr
         .ok_or_else(|| StoreError::Internal(format!("unreadable snapshot {text:?}")))
 }
 
+/// Whether a statement failed because `lock_timeout` expired (55P03).
+fn lock_timed_out(err: &DbErr) -> bool {
+    match err {
+        DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => e
+            .as_database_error()
+            .and_then(|db| db.code())
+            .is_some_and(|code| code == "55P03"),
+        _ => false,
+    }
+}
+
 /// Wakes a replica whenever any replica commits (Postgres LISTEN).
 pub struct CommitListener(PgListener);
 
@@ -265,56 +336,82 @@ impl Store {
         Ok(row.compacted as u64)
     }
 
-    /// Events with revision > `after`, oldest first, with the snapshot they
-    /// were read in.
-    pub async fn read_events(&self, after: u64, limit: u64) -> Result<EventRead, StoreError> {
-        if self.backend() != DatabaseBackend::Postgres {
-            let events = self
-                .events_between(&self.db, after, u64::MAX, limit)
-                .await?;
-            return Ok(EventRead {
-                events,
-                snapshot: None,
-            });
-        }
-        let txn = self.begin_snapshot().await?;
-        let snapshot = current_snapshot(&txn).await?;
-        let events = self.events_between(&txn, after, u64::MAX, limit).await?;
-        txn.commit().await?;
-        Ok(EventRead {
-            events,
-            snapshot: Some(snapshot),
-        })
-    }
-
-    /// Committed events with `after < revision <= up_to`, oldest first.
-    pub async fn events_in(
+    /// The log with `after < revision <= up_to`, oldest first, at most
+    /// `limit` revisions.
+    pub async fn read_log(
         &self,
         after: u64,
         up_to: u64,
         limit: u64,
-    ) -> Result<Vec<Event>, StoreError> {
-        self.events_between(&self.db, after, up_to, limit).await
-    }
-
-    async fn events_between<C: ConnectionTrait>(
-        &self,
-        db: &C,
-        after: u64,
-        up_to: u64,
-        limit: u64,
-    ) -> Result<Vec<Event>, StoreError> {
+    ) -> Result<Vec<Logged>, StoreError> {
+        // Revisions are below 2^63 (the database's bigint); a bound above
+        // that means "no bound".
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
         let up_to = i64::try_from(up_to).unwrap_or(i64::MAX);
         event::Entity::find()
-            .filter(event::Column::Revision.gt(after as i64))
+            .filter(event::Column::Revision.gt(after))
             .filter(event::Column::Revision.lte(up_to))
             .order_by_asc(event::Column::Revision)
             .limit(limit)
-            .all(db)
+            .all(&self.db)
             .await?
             .into_iter()
-            .map(event_from_row)
+            .map(logged_from_row)
             .collect()
+    }
+
+    /// Postgres: settles a revision found missing below a visible one.
+    /// Waits (at most `wait`) for the writer that took it, and only for
+    /// that writer; if the revision is still missing once it has ended, it
+    /// rolled back (or never took its lock), and a void is written in its
+    /// place so that it can never commit later.
+    pub async fn claim_revision(
+        &self,
+        revision: u64,
+        wait: std::time::Duration,
+    ) -> Result<Claim, StoreError> {
+        let backend = DatabaseBackend::Postgres;
+        let txn = self.db.begin().await?;
+        let timeout = format!("SET LOCAL lock_timeout = '{}ms'", wait.as_millis().max(1));
+        txn.execute_unprepared(&timeout).await?;
+        let lock = format!(
+            "SELECT pg_advisory_xact_lock({})",
+            lock_key(&revision.to_string())
+        );
+        match txn.execute_unprepared(&lock).await {
+            Ok(_) => {}
+            Err(err) if lock_timed_out(&err) => {
+                txn.rollback().await.ok();
+                return Ok(Claim::Owned);
+            }
+            Err(err) => return Err(err.into()),
+        }
+        let present = txn
+            .query_one_raw(Statement::from_string(
+                backend,
+                format!("SELECT 1 AS present FROM events WHERE revision = {revision}"),
+            ))
+            .await?
+            .is_some();
+        if !present {
+            // ON CONFLICT: a writer that never got its lock may have
+            // inserted meanwhile; the insert then waits for its outcome.
+            let void = format!(
+                "INSERT INTO events (revision, kind, id, change_type, changed_fields, before, \
+                 after, committed_at) VALUES ({revision}, '', '', '{VOID}', '[]', 'null', \
+                 'null', now()) ON CONFLICT (revision) DO NOTHING"
+            );
+            match txn.execute_unprepared(&void).await {
+                Ok(_) => {}
+                Err(err) if lock_timed_out(&err) => {
+                    txn.rollback().await.ok();
+                    return Ok(Claim::Owned);
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        txn.commit().await?;
+        Ok(Claim::Settled)
     }
 
     /// The newest committed revision (older ones may still be in flight).
@@ -355,8 +452,7 @@ impl Store {
         }
     }
 
-    /// The current Postgres snapshot.
-    pub async fn current_snapshot(&self) -> Result<Snapshot, StoreError> {
+    async fn current_snapshot(&self) -> Result<Snapshot, StoreError> {
         let txn = self.begin_snapshot().await?;
         let snapshot = current_snapshot(&txn).await?;
         txn.commit().await?;
@@ -365,7 +461,7 @@ impl Store {
 
     /// A new transaction id (Postgres), larger than that of every
     /// transaction running before this call.
-    pub async fn fresh_xid(&self) -> Result<u64, StoreError> {
+    async fn fresh_xid(&self) -> Result<u64, StoreError> {
         let row = self
             .db
             .query_one_raw(Statement::from_string(

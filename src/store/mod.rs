@@ -2,8 +2,9 @@
 //!
 //! Every write is one transaction that reads the row under a lock, computes
 //! the new value with a pure function, and writes it back. Postgres locks the
-//! row (`SELECT ... FOR UPDATE`, and `INSERT ... ON CONFLICT DO NOTHING` for a
-//! first write so concurrent creators neither fail nor lose data); SQLite
+//! row (`SELECT ... FOR UPDATE`; a first write inserts an empty row with
+//! `ON CONFLICT DO NOTHING` before it locks, so concurrent creators queue on
+//! the row instead of racing, and neither fails nor burns a revision); SQLite
 //! uses WAL with `BEGIN IMMEDIATE`, and one committer task per process runs
 //! the writes queued together in one transaction (`batch.rs`), so they wait
 //! in order instead of spinning on the busy handler and share one fsync.
@@ -24,13 +25,13 @@ use sea_orm::sqlx::sqlite::SqliteJournalMode;
 use sea_orm::{
     ActiveModelTrait, ConnectOptions, ConnectionTrait, Database, DatabaseBackend,
     DatabaseConnection, DatabaseTransaction, EntityTrait, IntoActiveModel, QuerySelect,
-    SqliteTransactionMode, TransactionOptions, TransactionTrait, TryInsertResult,
+    SqliteTransactionMode, TransactionOptions, TransactionTrait,
 };
 use sea_orm_migration::MigratorTrait;
 use tokio::sync::Notify;
 
 pub use error::{StoreError, redact_url};
-pub use events::{CommitListener, EventRead, Snapshot};
+pub use events::{Claim, CommitListener, Logged, take_revision_sql};
 
 use crate::events::ChangeType;
 use crate::json::{ValidationError, canonical_numbers};
@@ -55,6 +56,23 @@ impl Default for StoreOptions {
             connect_timeout: Duration::from_secs(5),
             sqlite_busy_timeout: Duration::from_secs(5),
         }
+    }
+}
+
+/// Whether a write may have reached the database: set once its outcome no
+/// longer depends on its caller (SQLite: the committer took it into a
+/// group; Postgres: its COMMIT was sent). A caller that gives up before
+/// that knows the write did not happen; after it, it may have.
+#[derive(Clone, Debug, Default)]
+pub struct Sent(Arc<std::sync::atomic::AtomicBool>);
+
+impl Sent {
+    fn mark(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn may_have_committed(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -206,6 +224,7 @@ impl Store {
         expected_version: Option<u64>,
         change: ChangeType,
         compute: Compute,
+        sent: Sent,
     ) -> Result<WriteOutcome, StoreError> {
         let op = Op::Write {
             kind,
@@ -213,6 +232,7 @@ impl Store {
             expected_version,
             change,
             compute,
+            sent,
         };
         match self.submit(op).await? {
             Done::Written(outcome) => Ok(outcome),
@@ -228,11 +248,13 @@ impl Store {
         kind: Kind,
         id: &str,
         expected_version: Option<u64>,
+        sent: Sent,
     ) -> Result<bool, StoreError> {
         let op = Op::Delete {
             kind,
             id: id.to_owned(),
             expected_version,
+            sent,
         };
         match self.submit(op).await? {
             Done::Deleted(existed) => Ok(existed),
@@ -259,12 +281,22 @@ pub(crate) enum Op {
         expected_version: Option<u64>,
         change: ChangeType,
         compute: Compute,
+        sent: Sent,
     },
     Delete {
         kind: Kind,
         id: String,
         expected_version: Option<u64>,
+        sent: Sent,
     },
+}
+
+impl Op {
+    pub(crate) fn sent(&self) -> &Sent {
+        match self {
+            Op::Write { sent, .. } | Op::Delete { sent, .. } => sent,
+        }
+    }
 }
 
 pub(crate) enum Done {
@@ -277,8 +309,10 @@ enum Step {
     /// Nothing was written (a no-op write, or a delete of nothing).
     Unchanged(Done),
     Written(Done),
-    /// Postgres: another transaction created the row after our read.
-    LostInsertRace,
+    /// Postgres: the dispatcher claimed this transaction's revision as a
+    /// void before its event was written (the writer stalled after taking
+    /// it). Roll back and run again with a new revision.
+    StartOver,
 }
 
 /// Runs operations in write transactions.
@@ -322,11 +356,11 @@ impl Writer {
                     return Ok(done);
                 }
                 Step::Written(done) => {
+                    op.sent().mark();
                     self.commit(txn).await?;
                     return Ok(done);
                 }
-                // Start over, and this time lock the row the other wrote.
-                Step::LostInsertRace => txn.rollback().await?,
+                Step::StartOver => txn.rollback().await?,
             }
         }
     }
@@ -344,6 +378,7 @@ async fn step(txn: &DatabaseTransaction, op: &mut Op) -> Result<Step, StoreError
             expected_version,
             change,
             compute,
+            sent: _,
         } => {
             let row = lock_row(txn, *kind, id).await?;
             let exists = row.is_some();
@@ -356,8 +391,21 @@ async fn step(txn: &DatabaseTransaction, op: &mut Op) -> Result<Step, StoreError
                     changed: false,
                 })));
             }
+            if !exists {
+                // A first write: an empty row to lock, so that concurrent
+                // first writes to this id queue behind this one (the
+                // insert waits for ours) instead of both taking a revision
+                // and one failing. Nothing but the row lock is new: the
+                // fields are still the empty ones `compute` saw.
+                create_row(txn, *kind, id).await?;
+                if lock_row(txn, *kind, id).await?.is_none_or(|row| row.version != 0) {
+                    // Another first write committed before our insert: its
+                    // value is what this one must build on.
+                    return Ok(Step::StartOver);
+                }
+            }
             let now = now();
-            let revision = events::next_revision(txn, exists).await?;
+            let revision = events::next_revision(txn).await?;
             let record = Record {
                 fields,
                 version: current.version + 1,
@@ -366,13 +414,14 @@ async fn step(txn: &DatabaseTransaction, op: &mut Op) -> Result<Step, StoreError
                 revision,
                 ..current.clone()
             };
-            let model = row_from_record(&record, now);
-            if exists {
-                model.into_active_model().reset_all().update(txn).await?;
-            } else if !insert_if_absent(txn, model).await? {
-                return Ok(Step::LostInsertRace);
+            row_from_record(&record, now)
+                .into_active_model()
+                .reset_all()
+                .update(txn)
+                .await?;
+            if !events::append(txn, *change, &current, &record, now).await? {
+                return Ok(Step::StartOver);
             }
-            events::append(txn, *change, &current, &record, now).await?;
             Ok(Step::Written(Done::Written(WriteOutcome {
                 record,
                 changed: true,
@@ -382,6 +431,7 @@ async fn step(txn: &DatabaseTransaction, op: &mut Op) -> Result<Step, StoreError
             kind,
             id,
             expected_version,
+            sent: _,
         } => {
             let current = lock_row(txn, *kind, id)
                 .await?
@@ -391,7 +441,7 @@ async fn step(txn: &DatabaseTransaction, op: &mut Op) -> Result<Step, StoreError
                 return Ok(Step::Unchanged(Done::Deleted(false)));
             }
             let now = now();
-            let revision = events::next_revision(txn, true).await?;
+            let revision = events::next_revision(txn).await?;
             let record = Record {
                 revision,
                 ..Record::empty(*kind, id.to_owned())
@@ -401,7 +451,9 @@ async fn step(txn: &DatabaseTransaction, op: &mut Op) -> Result<Step, StoreError
                 .reset_all()
                 .update(txn)
                 .await?;
-            events::append(txn, ChangeType::Deleted, &current, &record, now).await?;
+            if !events::append(txn, ChangeType::Deleted, &current, &record, now).await? {
+                return Ok(Step::StartOver);
+            }
             Ok(Step::Written(Done::Deleted(true)))
         }
     }
@@ -424,13 +476,16 @@ async fn lock_row(
     Ok(query.one(txn).await?)
 }
 
-/// Returns false when a concurrent transaction inserted the row first.
-async fn insert_if_absent(txn: &DatabaseTransaction, model: Model) -> Result<bool, StoreError> {
-    let result = Entity::insert(model.into_active_model())
+/// Inserts an empty row (version 0, `{}` fields, revision 0) unless one
+/// exists; on Postgres, waits for a concurrent insert of the same id to end.
+async fn create_row(txn: &DatabaseTransaction, kind: Kind, id: &str) -> Result<(), StoreError> {
+    let model = row_from_record(&Record::empty(kind, id.to_owned()), now());
+    // Inserted, or the row is there already: either way there is one to lock.
+    Entity::insert(model.into_active_model())
         .on_conflict_do_nothing_on([entity::Column::Kind, entity::Column::Id])
         .exec_without_returning(txn)
         .await?;
-    Ok(matches!(result, TryInsertResult::Inserted(n) if n > 0))
+    Ok(())
 }
 
 fn check_version(expected: Option<u64>, actual: u64) -> Result<(), StoreError> {

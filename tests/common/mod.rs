@@ -79,14 +79,15 @@ impl TestDb {
             .expect("connect to the test database")
     }
 
-    /// Every revision in the event table, in order.
+    /// Every revision in the event table that is a change (not a void: a
+    /// revision taken and never committed), in order.
     pub async fn event_revisions(&self) -> Vec<u64> {
         use sea_orm::Statement;
         let db = self.connect().await;
         let rows = db
             .query_all_raw(Statement::from_string(
                 db.get_database_backend(),
-                "SELECT revision FROM events ORDER BY revision",
+                "SELECT revision FROM events WHERE change_type <> 'void' ORDER BY revision",
             ))
             .await
             .expect("read the event table");
@@ -240,6 +241,11 @@ impl TestServer {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The running server, for its metrics.
+    pub fn server(&self) -> &RunningServer {
+        self.server.as_ref().expect("the server is running")
     }
 
     /// Where /metrics is served, when the config asked for it.
