@@ -262,6 +262,7 @@ impl DatabaseArgs {
             max_connections: self.db_max_connections,
             connect_timeout: self.db_connect_timeout,
             sqlite_busy_timeout: self.sqlite_busy_timeout,
+            ..StoreOptions::default()
         }
     }
 }

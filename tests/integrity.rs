@@ -284,6 +284,7 @@ async fn concurrent_gets_each_get_their_own_record(backend: Backend) {
 }
 
 backend_tests!(
+    timed_out_writes_say_whether_they_may_have_committed,
     no_lost_updates,
     first_writes_race_without_loss,
     expected_version_race_has_one_winner,
@@ -414,6 +415,62 @@ async fn database_time_budget_and_deadlines() {
         (1, json!({"a":1})),
         "nothing half-written"
     );
+}
+
+/// When the server's own budget runs out, the status tells whether the
+/// write may have happened: UNAVAILABLE (retry) only while it certainly did
+/// not, DEADLINE_EXCEEDED once its COMMIT may have been sent. Both are shown
+/// to be true: the refused write never lands, the other one does.
+async fn timed_out_writes_say_whether_they_may_have_committed(backend: Backend) {
+    use metadata_service::store::StorePauses;
+    let pauses = StorePauses::default();
+    let commit = pauses.commit.clone();
+    let Some(mut s) = start_with(backend, |c| {
+        c.db_timeout = Duration::from_millis(400);
+        c.store.pauses = pauses;
+    })
+    .await
+    else {
+        return;
+    };
+    s.users.merge(merge("u", json!({"a":1}))).await.unwrap();
+
+    // Certainly not: the write waits for a lock before anything is sent.
+    let db = s.db.connect().await;
+    let blocker = match backend {
+        Backend::Sqlite => "BEGIN EXCLUSIVE",
+        Backend::Postgres => "BEGIN; SELECT 1 FROM metadata WHERE id = 'u' FOR UPDATE",
+    };
+    db.execute_unprepared(blocker).await.unwrap();
+    let status = s.users.merge(merge("u", json!({"b":2}))).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    db.execute_unprepared("ROLLBACK").await.unwrap();
+    db.close().await.ok();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = get(&mut s.users, "u").await;
+    assert_eq!(after.version, 1, "the refused write never happened");
+
+    // May have: the write is stopped right before its COMMIT.
+    commit.arm(1);
+    let status = s.users.merge(merge("u", json!({"c":3}))).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status.message().contains("may have been applied"),
+        "{}",
+        status.message()
+    );
+    assert!(commit.reached(Duration::from_secs(5)).await);
+    commit.release();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let after = get(&mut s.users, "u").await;
+        if after.version == 2 {
+            assert_eq!(field(&after.public_metadata), json!({"a":1,"c":3}));
+            break;
+        }
+        assert!(Instant::now() < deadline, "the write did commit in the end");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,11 +7,11 @@ use std::time::Duration;
 use common::json::{field, structure, value};
 use common::{Backend, start, start_with};
 use metadata_service::events::BrokerPauses;
-use metadata_service::store::take_revision_sql;
 use metadata_service::proto::v1::user_metadata_service_client::UserMetadataServiceClient;
 use metadata_service::proto::v1::watch_organization_metadata_response::Response as OrgResponse;
 use metadata_service::proto::v1::watch_user_metadata_response::Response;
 use metadata_service::proto::v1::*;
+use metadata_service::store::take_revision_sql;
 use serde_json::{Value as Json, json};
 use tokio::time::timeout;
 use tonic::Code;
@@ -618,7 +618,6 @@ async fn invalid_watch_requests(backend: Backend) {
     assert_eq!(next_event(&mut stream).await.revision, 3);
 }
 
-
 /// A stream that subscribes right after the dispatcher published revision
 /// r, and before anything else moves, still gets r: it cannot see r in its
 /// receiver, so the mark it reads must already include r.
@@ -773,26 +772,36 @@ async fn a_replay_ends_when_its_client_leaves(backend: Backend) {
     for i in 0..10 {
         write(&mut s.users, "u1", json!({ "i": i })).await;
     }
-    // Published: a stream from 1 reads all ten from the table.
-    assert_eq!(expect_progress(&mut watch(&mut s.users, 0, &[]).await).await, 10);
-    replay.arm(2);
-    let mut stream = watch(&mut s.users, 1, &["nobody"]).await;
-    assert_eq!(expect_progress(&mut stream).await, 0);
-    assert!(replay.reached(Duration::from_secs(10)).await);
-    drop(stream);
-    // The server has seen the client leave once it counted the call.
+    // The server has seen a client leave once it counted the call.
     let metrics = s.server().metrics().clone();
-    let cancelled = || {
+    let cancelled = move || {
         metrics
             .handled
             .with_label_values(&["metadata.v1.UserMetadataService", "Watch", "Canceled"])
             .get()
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while cancelled() == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "client never left");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let until_cancelled = |count| {
+        let cancelled = cancelled.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while cancelled() < count {
+                assert!(tokio::time::Instant::now() < deadline, "client never left");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    // Published: a stream from 1 reads all ten from the table.
+    assert_eq!(
+        expect_progress(&mut watch(&mut s.users, 0, &[]).await).await,
+        10
+    );
+    until_cancelled(1).await;
+    replay.arm(2);
+    let mut stream = watch(&mut s.users, 1, &["nobody"]).await;
+    assert_eq!(expect_progress(&mut stream).await, 0);
+    assert!(replay.reached(Duration::from_secs(10)).await);
+    drop(stream);
+    until_cancelled(2).await;
     replay.release();
     assert!(
         !replay.reached(Duration::from_secs(1)).await,
@@ -825,7 +834,10 @@ async fn pruning_under_a_catching_up_stream_is_reported(backend: Backend) {
         write(&mut s.users, "u1", json!({ "i": i })).await;
     }
     // Published: a stream from 1 reads all six from the table.
-    assert_eq!(expect_progress(&mut watch(&mut s.users, 0, &[]).await).await, 6);
+    assert_eq!(
+        expect_progress(&mut watch(&mut s.users, 0, &[]).await).await,
+        6
+    );
     replay.arm(2);
     let mut stream = watch(&mut s.users, 1, &[]).await;
     assert_eq!(expect_progress(&mut stream).await, 0);
@@ -1101,7 +1113,10 @@ async fn postgres_burned_revision_waits_only_for_its_writer() {
     let after = write(&mut s.users, "u1", json!({"b":2})).await;
     assert_eq!(after.revision, 4);
     let event = next_event(&mut stream).await;
-    assert_eq!(event.revision, 4, "delivered while the unrelated transaction is open");
+    assert_eq!(
+        event.revision, 4,
+        "delivered while the unrelated transaction is open"
+    );
     let more = write(&mut s.users, "u1", json!({"c":3})).await;
     assert_eq!(next_event(&mut stream).await.revision, more.revision);
 
@@ -1112,7 +1127,10 @@ async fn postgres_burned_revision_waits_only_for_its_writer() {
              VALUES (3, 'user', 'late', 'merged', '[]', '{empty}', '{empty}', now())"
         ))
         .await;
-    assert!(late.is_err(), "revision 3 was passed over and cannot commit");
+    assert!(
+        late.is_err(),
+        "revision 3 was passed over and cannot commit"
+    );
     stalled.rollback().await.ok();
     open.rollback().await.unwrap();
     assert_eq!(s.db.event_revisions().await, vec![1, 4, 5]);
@@ -1152,7 +1170,12 @@ async fn postgres_concurrent_first_writes_burn_no_revision() {
         for n in 0..3 {
             let mut users = s.users.clone();
             tasks.push(tokio::spawn(async move {
-                write(&mut users, &format!("id{id}"), json!({ format!("k{n}"): n })).await
+                write(
+                    &mut users,
+                    &format!("id{id}"),
+                    json!({ format!("k{n}"): n }),
+                )
+                .await
             }));
         }
     }

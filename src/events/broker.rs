@@ -207,7 +207,8 @@ impl Broker {
     async fn settle_head(&self) -> Result<u64, StoreError> {
         let newest = self.store.newest_revision().await?;
         let mut moved = self.fanout.moved.subscribe();
-        let reached = tokio::time::timeout(Duration::from_secs(1), moved.wait_for(|h| *h >= newest));
+        let reached =
+            tokio::time::timeout(Duration::from_secs(1), moved.wait_for(|h| *h >= newest));
         let _ = reached.await;
         Ok(self.head())
     }

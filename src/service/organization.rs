@@ -9,7 +9,6 @@ use tonic::{Request, Response, Status};
 use super::{Metadata, authorize};
 use crate::convert::Shown;
 use crate::events::WatchRequest;
-use crate::store::Sent;
 use crate::model::{DeleteCommand, Kind, WriteCommand};
 use crate::proto::v1::organization_metadata_service_server::OrganizationMetadataService;
 use crate::proto::v1::{
@@ -18,6 +17,7 @@ use crate::proto::v1::{
     ReplaceOrganizationMetadataRequest, WatchOrganizationMetadataRequest,
     WatchOrganizationMetadataResponse,
 };
+use crate::store::Sent;
 
 pub struct OrganizationService {
     metadata: Arc<Metadata>,

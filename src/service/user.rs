@@ -9,7 +9,6 @@ use tonic::{Request, Response, Status};
 use super::{Metadata, authorize};
 use crate::convert::Shown;
 use crate::events::WatchRequest;
-use crate::store::Sent;
 use crate::model::{DeleteCommand, Kind, WriteCommand};
 use crate::proto::v1::user_metadata_service_server::UserMetadataService;
 use crate::proto::v1::{
@@ -17,6 +16,7 @@ use crate::proto::v1::{
     MergeUserMetadataRequest, ReplaceUserMetadataRequest, UserMetadata, WatchUserMetadataRequest,
     WatchUserMetadataResponse,
 };
+use crate::store::Sent;
 
 pub struct UserService {
     metadata: Arc<Metadata>,

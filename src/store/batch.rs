@@ -9,8 +9,9 @@
 //! - if the group fails as a whole (a database error, a failed commit),
 //!   it is rolled back and each write is run again alone, so each gets the
 //!   error (or success) it would have got alone;
-//! - a write whose caller gave up before the group started is not run; one
-//!   taken into a group runs whether or not its caller still waits.
+//! - a write whose caller gave up before the group's transaction began is
+//!   not run; once it began, the write runs whether or not its caller
+//!   still waits, and the caller is told it may have happened (`Sent`).
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -67,23 +68,11 @@ async fn run(writer: Writer, mut queue: mpsc::UnboundedReceiver<Job>) {
                 Err(_) => break,
             }
         }
-        // Marked before the check: a caller that gives up after this line
-        // must know its write may still happen (see `Sent`).
-        for job in &group {
-            job.op.sent().mark();
-        }
         group.retain(|job| !job.reply.is_closed());
-        if let (Some(sizes), false) = (writer.group_sizes.get(), group.is_empty()) {
-            sizes.observe(group.len() as f64);
+        if group.is_empty() {
+            continue;
         }
-        match group.len() {
-            0 => {}
-            1 => {
-                let Job { op, reply } = group.pop().unwrap();
-                let _ = reply.send(writer.run_alone(op).await);
-            }
-            _ => run_group(&writer, group).await,
-        }
+        run_group(&writer, group).await;
     }
 }
 
@@ -104,12 +93,23 @@ async fn run_group(writer: &Writer, mut group: Vec<Job>) {
     }
 }
 
-/// Runs the whole group in one transaction; Err leaves nothing committed.
+/// Runs the group in one transaction; Err leaves nothing committed. The
+/// writes whose callers gave up while the transaction began (the write
+/// lock can take a while) are dropped from `group` and not run.
 async fn try_group(
     writer: &Writer,
-    group: &mut [Job],
+    group: &mut Vec<Job>,
 ) -> Result<Vec<Result<Done, StoreError>>, StoreError> {
     let txn = writer.begin().await?;
+    // Marked before the check: a caller that gives up after its mark is
+    // told its write may have happened, and it will (see `Sent`).
+    for job in group.iter() {
+        job.op.sent().mark();
+    }
+    group.retain(|job| !job.reply.is_closed());
+    if let (Some(sizes), false) = (writer.group_sizes.get(), group.is_empty()) {
+        sizes.observe(group.len() as f64);
+    }
     let mut results = Vec::with_capacity(group.len());
     let mut wrote = false;
     for job in group.iter_mut() {
@@ -123,7 +123,9 @@ async fn try_group(
                 // Cannot happen under SQLite's single writer: it needs a
                 // concurrent writer. Run the group again, each write alone.
                 txn.rollback().await?;
-                return Err(StoreError::Internal("a write had to start over under SQLite".into()));
+                return Err(StoreError::Internal(
+                    "a write had to start over under SQLite".into(),
+                ));
             }
             Err(err) if refused(&err) => results.push(Err(err)),
             Err(err) => {

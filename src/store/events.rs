@@ -17,8 +17,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::sqlx::postgres::PgListener;
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseTransaction, DbErr, EntityTrait,
-    QueryFilter, QueryOrder, QuerySelect, RuntimeErr, Statement, TransactionTrait,
-    TryInsertResult,
+    QueryFilter, QueryOrder, QuerySelect, RuntimeErr, Statement, TransactionTrait, TryInsertResult,
 };
 use serde_json::{Value, json};
 
@@ -241,7 +240,9 @@ fn from_snapshot(kind: Kind, id: &str, mut value: Value) -> Result<Record, Store
 
 fn logged_from_row(row: event::Model) -> Result<Logged, StoreError> {
     let revision = row.revision as u64;
-    let event = (row.change_type != VOID).then(|| event_from_row(row)).transpose()?;
+    let event = (row.change_type != VOID)
+        .then(|| event_from_row(row))
+        .transpose()?;
     Ok(Logged { revision, event })
 }
 

@@ -36,6 +36,7 @@ pub use events::{Claim, CommitListener, Logged, take_revision_sql};
 use crate::events::ChangeType;
 use crate::json::{ValidationError, canonical_numbers};
 use crate::model::{Fields, Kind, Record};
+use crate::pause::PausePoint;
 use entities::metadata::{self as entity, Entity, Model};
 use migration::Migrator;
 
@@ -47,6 +48,15 @@ pub struct StoreOptions {
     pub connect_timeout: Duration,
     /// How long SQLite waits on a lock held by another process.
     pub sqlite_busy_timeout: Duration,
+    /// Test-only stopping places; never armed in production.
+    pub pauses: StorePauses,
+}
+
+/// Where a test can stop the store (see [`PausePoint`]).
+#[derive(Clone, Debug, Default)]
+pub struct StorePauses {
+    /// A write transaction, right before its COMMIT is sent.
+    pub commit: PausePoint,
 }
 
 impl Default for StoreOptions {
@@ -55,6 +65,7 @@ impl Default for StoreOptions {
             max_connections: 16,
             connect_timeout: Duration::from_secs(5),
             sqlite_busy_timeout: Duration::from_secs(5),
+            pauses: StorePauses::default(),
         }
     }
 }
@@ -135,6 +146,7 @@ impl Store {
             committed: committed.clone(),
             acquire_timer: Arc::new(OnceLock::new()),
             group_sizes: Arc::new(OnceLock::new()),
+            pauses: options.pauses.clone(),
         };
         let committer = (db.get_database_backend() == DatabaseBackend::Sqlite)
             .then(|| batch::Committer::start(writer.clone()));
@@ -324,6 +336,7 @@ pub(crate) struct Writer {
     acquire_timer: Arc<OnceLock<prometheus::Histogram>>,
     /// Where the size of each SQLite write group is recorded, if anywhere.
     group_sizes: Arc<OnceLock<prometheus::Histogram>>,
+    pauses: StorePauses,
 }
 
 impl Writer {
@@ -340,10 +353,21 @@ impl Writer {
         Ok(transaction)
     }
 
+    /// Commits in a task of its own: once a COMMIT is due, it completes
+    /// even if the caller stops waiting, who is then told that the write
+    /// may have happened (`Sent`); it must not depend on when they left.
     async fn commit(&self, txn: DatabaseTransaction) -> Result<(), StoreError> {
-        txn.commit().await?;
-        self.committed.notify_one();
-        Ok(())
+        let pause = self.pauses.commit.clone();
+        let committed = self.committed.clone();
+        let commit = tokio::spawn(async move {
+            pause.pass().await;
+            txn.commit().await?;
+            committed.notify_one();
+            Ok(())
+        });
+        commit
+            .await
+            .map_err(|err| StoreError::Internal(format!("the commit task failed: {err}")))?
     }
 
     /// One operation in its own transaction.
@@ -398,7 +422,10 @@ async fn step(txn: &DatabaseTransaction, op: &mut Op) -> Result<Step, StoreError
                 // and one failing. Nothing but the row lock is new: the
                 // fields are still the empty ones `compute` saw.
                 create_row(txn, *kind, id).await?;
-                if lock_row(txn, *kind, id).await?.is_none_or(|row| row.version != 0) {
+                if lock_row(txn, *kind, id)
+                    .await?
+                    .is_none_or(|row| row.version != 0)
+                {
                     // Another first write committed before our insert: its
                     // value is what this one must build on.
                     return Ok(Step::StartOver);
