@@ -112,7 +112,18 @@ pub async fn follow(
         Err(status) => return Err(status.into()),
     };
     let mut applied = 0;
-    while let Some(message) = stream.message().await? {
+    loop {
+        let message = match stream.message().await {
+            Ok(Some(message)) => message,
+            Ok(None) => return Ok(()),
+            // A stream can also end this way while it catches up, if the
+            // events it was replaying are pruned under it.
+            Err(status) if status.code() == Code::FailedPrecondition => {
+                stream = resync(&mut users, position, replica).await?;
+                continue;
+            }
+            Err(status) => return Err(status.into()),
+        };
         match message.response {
             Some(Response::Event(event)) => {
                 replica.apply(&event);
@@ -129,7 +140,6 @@ pub async fn follow(
             _ => {}
         }
     }
-    Ok(())
 }
 
 /// Too far behind: watch live from now, then re-read what we know.
