@@ -24,6 +24,10 @@ pub enum Problem {
     TooDeep { depth: usize, limit: usize },
     #[error("is {bytes} bytes as compact JSON, the limit is {limit}")]
     TooLarge { bytes: usize, limit: usize },
+    /// A merge patch too large on its own, whatever is stored: `bytes` is
+    /// the patch without its null members, which the result contains.
+    #[error("would be at least {bytes} bytes as compact JSON, the limit is {limit}")]
+    MergeTooLarge { bytes: usize, limit: usize },
 }
 
 /// The location of a value inside a request, e.g. `public_metadata.a.b[2]`.
