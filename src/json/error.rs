@@ -20,6 +20,8 @@ pub enum Problem {
     NulInKey,
     #[error("string contains U+0000, which cannot be stored")]
     NulInString,
+    #[error("has {count} ids, the limit is {limit}")]
+    TooManyIds { count: usize, limit: usize },
     #[error("nesting depth {depth} exceeds the limit of {limit}")]
     TooDeep { depth: usize, limit: usize },
     #[error("is {bytes} bytes as compact JSON, the limit is {limit}")]

@@ -5,6 +5,10 @@ use crate::model::{DeleteCommand, Kind, Mode, WriteCommand};
 
 pub const MAX_ID_BYTES: usize = 256;
 
+/// Most distinct ids one Watch may filter on: a stream holds its filter for
+/// as long as it is open, and every event is checked against it.
+pub const MAX_WATCH_IDS: usize = 1000;
+
 /// Limits applied to every write, from the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -46,6 +50,25 @@ pub fn validate_id(kind: Kind, id: &str) -> Result<(), ValidationError> {
         ));
     }
     Ok(())
+}
+
+/// The id filter of a Watch: at most [`MAX_WATCH_IDS`], each a valid id.
+pub fn validate_watch_ids<'a, I>(kind: Kind, ids: I) -> Result<(), ValidationError>
+where
+    I: IntoIterator<Item = &'a String>,
+    I::IntoIter: ExactSizeIterator,
+{
+    let ids = ids.into_iter();
+    if ids.len() > MAX_WATCH_IDS {
+        return Err(ValidationError::new(
+            JsonPath::root(kind.ids_field()),
+            Problem::TooManyIds {
+                count: ids.len(),
+                limit: MAX_WATCH_IDS,
+            },
+        ));
+    }
+    ids.into_iter().try_for_each(|id| validate_id(kind, id))
 }
 
 /// Everything that can be checked on the request alone, before any I/O.
@@ -235,6 +258,21 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn watch_filters_have_at_most_1000_ids() {
+        let ids = |n: usize| (0..n).map(|i| format!("id_{i}")).collect::<Vec<_>>();
+        assert!(validate_watch_ids(Kind::User, &ids(1000)).is_ok());
+        let err = validate_watch_ids(Kind::User, &ids(1001)).unwrap_err();
+        assert_eq!(err.to_string(), "user_ids: has 1001 ids, the limit is 1000");
+        let err = validate_watch_ids(Kind::Organization, &ids(1001)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "organization_ids: has 1001 ids, the limit is 1000"
+        );
+        let err = validate_watch_ids(Kind::User, &["ok".into(), "not ok".into()]).unwrap_err();
+        assert_eq!(err.path.to_string(), "user_id");
     }
 
     #[test]

@@ -59,9 +59,7 @@ impl Metadata {
         &self,
         request: WatchRequest,
     ) -> Result<mpsc::Receiver<Result<WatchItem, WatchError>>, WatchError> {
-        for id in &request.ids {
-            json::validate_id(request.kind, id)?;
-        }
+        json::validate_watch_ids(request.kind, &request.ids)?;
         self.broker.watch(request).await
     }
 
