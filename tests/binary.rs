@@ -33,7 +33,7 @@ const USERS: &str = "metadata.v1.UserMetadataService";
 
 /// Settings the binary reads from the environment; cleared so that the
 /// caller's environment cannot change what a test sees.
-const ENV_VARS: [&str; 24] = [
+const ENV_VARS: [&str; 26] = [
     "METADATA_API_KEYS",
     "METADATA_API_KEYS_FILE",
     "METADATA_FRONTEND_JWT_KEY",
@@ -58,6 +58,8 @@ const ENV_VARS: [&str; 24] = [
     "METADATA_MAX_FIELD_BYTES",
     "METADATA_MAX_DEPTH",
     "METADATA_MAX_REQUEST_BYTES",
+    "METADATA_MAX_WATCH_STREAMS",
+    "METADATA_MAX_STREAMS_PER_CONNECTION",
 ];
 
 /// The binary with a clean environment, run in `dir` so that a default

@@ -1,11 +1,12 @@
-//! Limits on Watch. A stream holds its filter for as long as it is open, so
-//! the filter is bounded.
+//! Limits on Watch: ids per filter, open streams per server and calls per
+//! connection. A stream holds memory and a task for as long as it is open,
+//! so each of these is what one client could otherwise grow without end.
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::{Backend, start};
+use common::{Backend, start, start_with};
 use metadata_service::proto::v1::organization_metadata_service_client::OrganizationMetadataServiceClient;
 use metadata_service::proto::v1::user_metadata_service_client::UserMetadataServiceClient;
 use metadata_service::proto::v1::*;
@@ -102,3 +103,103 @@ async fn filters_hold_at_most_1000_ids(backend: Backend) {
 }
 
 backend_tests!(filters_hold_at_most_1000_ids);
+
+fn refused_total(s: &common::TestServer) -> u64 {
+    let text = s.metrics().render();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("metadata_watch_streams_refused_total "))
+        .unwrap_or_else(|| panic!("no refusal counter in\n{text}"));
+    line.rsplit_once(' ').unwrap().1.parse().unwrap()
+}
+
+/// `--max-watch-streams`: past it a Watch is refused at once with
+/// RESOURCE_EXHAUSTED and counted; once a client drops its stream, its
+/// place is free again. Unary calls have their own bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_past_the_bound_are_refused_until_one_ends() {
+    let mut s = start_with(Backend::Sqlite, |c| c.max_watch_streams = 2)
+        .await
+        .unwrap();
+    let first = open(&mut s.users, vec![]).await.expect("first stream");
+    let _second = open_org(&mut s.orgs, vec![]).await.expect("second stream");
+    assert_eq!(refused_total(&s), 0);
+
+    let started = Instant::now();
+    let status = open(&mut s.users, vec![]).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("limit of 2 Watch streams"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused at once"
+    );
+    let status = open_org(&mut s.orgs, vec![]).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(refused_total(&s), 2);
+    s.users
+        .get(GetUserMetadataRequest {
+            user_id: "u".into(),
+        })
+        .await
+        .expect("unary calls are not bound by streams");
+
+    // The client goes away; the server notices when the stream is reset.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut refusals = 2;
+    let _third = loop {
+        match open(&mut s.users, vec![]).await {
+            Ok(stream) => break stream,
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                refusals += 1;
+                assert!(
+                    Instant::now() < deadline,
+                    "the dropped stream's place was not given back within 10 s"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(status) => panic!("{status:?}"),
+        }
+    };
+    assert_eq!(refused_total(&s), refusals);
+}
+
+/// `--max-streams-per-connection` is advertised in HTTP/2 SETTINGS: a
+/// client with that many calls open on one connection queues the next
+/// one (tonic's client does; a client that ignored the setting would get
+/// the stream refused by the server) until one of them ends, while other
+/// connections are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_per_connection_are_bounded() {
+    let s = start_with(Backend::Sqlite, |c| c.max_streams_per_connection = 2)
+        .await
+        .unwrap();
+    let mut users = Users::new(s.channel().await);
+    let first = open(&mut users, vec![]).await.expect("first stream");
+    let _second = open(&mut users, vec![]).await.expect("second stream");
+
+    let mut same_connection = users.clone();
+    let mut third = tokio::spawn(async move { open(&mut same_connection, vec![]).await });
+    assert!(
+        timeout(Duration::from_millis(500), &mut third)
+            .await
+            .is_err(),
+        "a third call started on a connection limited to 2"
+    );
+    let mut other_connection = Users::new(s.channel().await);
+    timeout(Duration::from_secs(5), open(&mut other_connection, vec![]))
+        .await
+        .expect("another connection is not held up")
+        .expect("stream on another connection");
+
+    drop(first);
+    timeout(Duration::from_secs(10), third)
+        .await
+        .expect("the queued call starts once a stream on its connection ends")
+        .unwrap()
+        .expect("third stream");
+}

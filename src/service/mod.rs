@@ -8,7 +8,7 @@ mod requests;
 mod user;
 mod watch;
 
-pub use admission::Admission;
+pub use admission::{Admission, Bounds};
 pub use caller::Authenticate;
 pub use requests::RequestLayer;
 pub use watch::{OrganizationWatch, Routed, UserWatch};
