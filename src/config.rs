@@ -143,6 +143,24 @@ pub struct ServerArgs {
         global = true
     )]
     pub max_concurrent_requests: usize,
+    /// Watch streams open at once; more are refused at once with RESOURCE_EXHAUSTED.
+    #[arg(
+        long,
+        env = "METADATA_MAX_WATCH_STREAMS",
+        default_value_t = 10_000,
+        value_parser = clap::value_parser!(u32).range(1..),
+        global = true
+    )]
+    pub max_watch_streams: u32,
+    /// Calls (HTTP/2 streams) one connection may have open at once; clients queue more.
+    #[arg(
+        long,
+        env = "METADATA_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = 1000,
+        value_parser = clap::value_parser!(u32).range(1..),
+        global = true
+    )]
+    pub max_streams_per_connection: u32,
     /// Time budget of a call's database work; a shorter client deadline wins.
     #[arg(long, env = "METADATA_DB_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, global = true)]
     pub db_timeout: Duration,
@@ -291,6 +309,8 @@ impl Cli {
             },
             shutdown_grace: self.server.shutdown_grace,
             max_concurrent_requests: self.server.max_concurrent_requests,
+            max_watch_streams: self.server.max_watch_streams as usize,
+            max_streams_per_connection: self.server.max_streams_per_connection,
             db_timeout: self.server.db_timeout,
             db_health_interval: self.server.db_health_interval,
             auth: Arc::new(self.security.authenticator()?),
@@ -320,6 +340,28 @@ mod tests {
         assert_eq!(config.listen.to_string(), "127.0.0.1:50051");
         assert_eq!(config.database_url, "sqlite://metadata.db?mode=rwc");
         assert_eq!(config.limits, Limits::default());
+        assert_eq!(config.max_watch_streams, 10_000);
+        assert_eq!(config.max_streams_per_connection, 1000);
+    }
+
+    #[test]
+    fn stream_limits_are_at_least_one() {
+        let cli = Cli::try_parse_from([
+            "metadata-service",
+            "--max-watch-streams",
+            "2",
+            "--max-streams-per-connection",
+            "3",
+        ])
+        .unwrap();
+        let config = cli.server_config().unwrap();
+        assert_eq!(
+            (config.max_watch_streams, config.max_streams_per_connection),
+            (2, 3)
+        );
+        for flag in ["--max-watch-streams", "--max-streams-per-connection"] {
+            assert!(Cli::try_parse_from(["metadata-service", flag, "0"]).is_err());
+        }
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Log output: human-readable text (coloured only on a terminal) or one JSON
-//! object per line, filtered like RUST_LOG.
+//! object per line, filtered like RUST_LOG; and [`Escaped`], the form in
+//! which every request-derived value goes into a log line.
 
+use std::fmt::{self, Write};
 use std::io::IsTerminal;
 
 use clap::ValueEnum;
@@ -32,4 +34,86 @@ pub fn init(format: LogFormat, filter: &str) -> anyhow::Result<()> {
             .try_init(),
     }
     .map_err(|err| anyhow::anyhow!("cannot install the logger: {err}"))
+}
+
+/// A value that came from a request (an id, a token's claim, an error that
+/// may quote input), shown so that it cannot forge log lines or fields: a
+/// newline would start a line of the caller's making, an ANSI sequence
+/// would rewrite the terminal, a space or quote would add a `key=value` of
+/// its own. Printable ASCII stays as it is (valid ids are unchanged), a
+/// backslash or double quote is escaped, everything else is written as
+/// `\n`, `\r`, `\t` or `\u{..}`, and the value is cut after
+/// [`Escaped::MAX_BYTES`] so one call cannot write a megabyte line. Text and
+/// JSON output show the same characters.
+pub struct Escaped<'a>(pub &'a str);
+
+impl Escaped<'_> {
+    pub const MAX_BYTES: usize = 1024;
+}
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = self.0;
+        let mut end = text.len().min(Self::MAX_BYTES);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        for c in text[..end].chars() {
+            match c {
+                '\\' | '"' | '\n' | '\r' | '\t' => write!(f, "{}", c.escape_default())?,
+                '!'..='~' => f.write_char(c)?,
+                _ => write!(f, "\\u{{{:x}}}", u32::from(c))?,
+            }
+        }
+        if end < text.len() {
+            write!(f, "...({} bytes in all)", text.len())?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn escaped(text: &str) -> String {
+        Escaped(text).to_string()
+    }
+
+    #[test]
+    fn printable_ascii_is_unchanged() {
+        assert_eq!(escaped("user_2abc-XYZ.~!'"), "user_2abc-XYZ.~!'");
+        assert_eq!(escaped("backend:billing"), "backend:billing");
+    }
+
+    #[test]
+    fn control_characters_spaces_quotes_and_non_ascii_are_escaped() {
+        assert_eq!(
+            escaped("x\n2026-01-01T00:00:00Z  INFO forged"),
+            "x\\n2026-01-01T00:00:00Z\\u{20}\\u{20}INFO\\u{20}forged"
+        );
+        assert_eq!(escaped("a\rb\tc"), "a\\rb\\tc");
+        assert_eq!(escaped("\u{1b}[31mred"), "\\u{1b}[31mred");
+        assert_eq!(escaped("q\"x\\y"), "q\\\"x\\\\y");
+        assert_eq!(
+            escaped("\0\u{7f}é\u{202e}"),
+            "\\u{0}\\u{7f}\\u{e9}\\u{202e}"
+        );
+        // Nothing escaped is a control character or a space any more.
+        let out = escaped("\u{0}\u{1}\u{1b}\u{7f}\u{85}\u{2028} \n\r");
+        assert!(out.chars().all(|c| c.is_ascii_graphic()), "{out}");
+    }
+
+    #[test]
+    fn long_values_are_cut_on_a_character_boundary() {
+        let long = "é".repeat(Escaped::MAX_BYTES);
+        let out = escaped(&long);
+        assert!(
+            out.ends_with(&format!("...({} bytes in all)", long.len())),
+            "{out}"
+        );
+        assert_eq!(out.matches("\\u{e9}").count(), Escaped::MAX_BYTES / 2);
+        let exact = "a".repeat(Escaped::MAX_BYTES);
+        assert_eq!(escaped(&exact), exact);
+    }
 }

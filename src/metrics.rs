@@ -32,6 +32,8 @@ pub struct Metrics {
     pub events_delivered: IntCounter,
     pub watch_lagged: IntCounter,
     pub watch_streams: IntGauge,
+    /// Watch streams refused at `--max-watch-streams`.
+    pub watch_streams_refused: IntCounter,
     pub latest_revision: IntGauge,
     pub dispatched_revision: IntGauge,
     pub delivery_lag: IntGauge,
@@ -97,6 +99,11 @@ impl Metrics {
         .unwrap();
         let watch_streams =
             IntGauge::new("metadata_watch_streams_open", "Open Watch streams.").unwrap();
+        let watch_streams_refused = IntCounter::new(
+            "metadata_watch_streams_refused_total",
+            "Watch streams refused with RESOURCE_EXHAUSTED at --max-watch-streams.",
+        )
+        .unwrap();
         let latest_revision = IntGauge::new(
             "metadata_events_latest_revision",
             "Newest revision in the event table (any replica).",
@@ -159,6 +166,7 @@ impl Metrics {
             Box::new(events_delivered.clone()),
             Box::new(watch_lagged.clone()),
             Box::new(watch_streams.clone()),
+            Box::new(watch_streams_refused.clone()),
             Box::new(latest_revision.clone()),
             Box::new(dispatched_revision.clone()),
             Box::new(delivery_lag.clone()),
@@ -184,6 +192,7 @@ impl Metrics {
             events_delivered,
             watch_lagged,
             watch_streams,
+            watch_streams_refused,
             latest_revision,
             dispatched_revision,
             delivery_lag,

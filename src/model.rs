@@ -34,6 +34,14 @@ impl Kind {
             Kind::Organization => "organization_id",
         }
     }
+
+    /// Name of the Watch filter's id list, used in error messages.
+    pub const fn ids_field(self) -> &'static str {
+        match self {
+            Kind::User => "user_ids",
+            Kind::Organization => "organization_ids",
+        }
+    }
 }
 
 /// One top-level metadata field.

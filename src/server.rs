@@ -22,8 +22,8 @@ use crate::metrics::Metrics;
 use crate::proto::v1::organization_metadata_service_server::OrganizationMetadataServiceServer;
 use crate::proto::v1::user_metadata_service_server::UserMetadataServiceServer;
 use crate::service::{
-    Admission, Authenticate, Metadata, OrganizationService, OrganizationWatch, RequestLayer,
-    Routed, UserService, UserWatch,
+    Admission, Authenticate, Bounds, Metadata, OrganizationService, OrganizationWatch,
+    RequestLayer, Routed, UserService, UserWatch,
 };
 use crate::store::{Store, StoreOptions};
 
@@ -40,6 +40,11 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Unary calls in progress at once; more are refused with RESOURCE_EXHAUSTED.
     pub max_concurrent_requests: usize,
+    /// Watch streams open at once; more are refused with RESOURCE_EXHAUSTED.
+    pub max_watch_streams: usize,
+    /// HTTP/2 streams (calls) one connection may have open at once; the
+    /// client queues more until one ends.
+    pub max_streams_per_connection: u32,
     /// Time budget of a call's database work (shortened by a client deadline).
     pub db_timeout: Duration,
     /// How often the database is pinged for health.
@@ -208,7 +213,10 @@ const SERVICE_NAMES: &[&str] = &[
 pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
     check_exposure(config)?;
     let metrics = Metrics::new();
-    let mut builder = tonic::transport::Server::builder();
+    // Without it, one connection could open streams until memory runs out;
+    // it is advertised in SETTINGS, so well-behaved clients wait instead.
+    let mut builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(config.max_streams_per_connection);
     if let Some(tls) = &config.tls {
         builder = builder
             .tls_config(tls.server_config())
@@ -267,8 +275,13 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         ),
         None => None,
     };
+    let bounds = Bounds {
+        max_concurrent: config.max_concurrent_requests,
+        max_streams: config.max_watch_streams,
+    };
     let admission = Admission::new(
-        config.max_concurrent_requests,
+        bounds,
+        metrics.watch_streams_refused.clone(),
         config.db_timeout,
         db_health,
         shutdown.clone(),
@@ -392,6 +405,8 @@ fn log_configuration(config: &ServerConfig) {
         max_depth = config.limits.max_depth,
         max_request_bytes = config.max_request_bytes,
         max_concurrent_requests = config.max_concurrent_requests,
+        max_watch_streams = config.max_watch_streams,
+        max_streams_per_connection = config.max_streams_per_connection,
         db_timeout = ?config.db_timeout,
         shutdown_grace = ?config.shutdown_grace,
         event_retention = ?config.events.retention,

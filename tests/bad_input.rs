@@ -100,6 +100,8 @@ async fn every_invalid_request_is_refused_cleanly(backend: Backend) {
 
     let big = "x".repeat(9000);
     let half = "y".repeat(5000);
+    // 8,190 bytes as a patch; with the stored {"keep":{"me":1}}, 8,206.
+    let fits_alone = "z".repeat(8180);
     let cases: Vec<(&str, Call, Code, &str)> = vec![
         (
             "empty id",
@@ -194,13 +196,28 @@ async fn every_invalid_request_is_refused_cleanly(backend: Backend) {
             "the limit is 8192",
         ),
         (
+            "merge patch over the size limit on its own",
+            Call::Merge(merge_public(
+                "target",
+                structure(&json!({"h1": half, "h2": half, "gone": null})),
+            )),
+            Code::InvalidArgument,
+            "public_metadata: would be at least 10017 bytes as compact JSON, the limit is 8192",
+        ),
+        (
             "merge result over the size limit",
             Call::Merge(merge_public(
                 "target",
-                structure(&json!({"h1": half, "h2": half})),
+                structure(&json!({"big": fits_alone})),
             )),
             Code::InvalidArgument,
-            "public_metadata: is 10033 bytes as compact JSON, the limit is 8192",
+            "public_metadata: is 8206 bytes as compact JSON, the limit is 8192",
+        ),
+        (
+            "replace over the size limit",
+            Call::Replace(replace_public(value(&json!({"h1": half, "h2": half})))),
+            Code::InvalidArgument,
+            "public_metadata: is 10017 bytes as compact JSON, the limit is 8192",
         ),
         (
             "replace with a number",
@@ -300,3 +317,65 @@ async fn every_invalid_request_is_refused_cleanly(backend: Backend) {
 }
 
 backend_tests!(every_invalid_request_is_refused_cleanly);
+
+/// An oversized Replace value, or a Merge patch larger than the limit even
+/// without its nulls, is refused before the write queues for the database:
+/// with SQLite's write lock held elsewhere, the refusal still comes at once
+/// (it used to wait for the lock, then fail with UNAVAILABLE), and nothing
+/// is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_writes_are_refused_without_waiting_for_the_database() {
+    use sea_orm::ConnectionTrait;
+
+    let Some(mut s) = start_with(Backend::Sqlite, |_| {}).await else {
+        return;
+    };
+    let get = GetUserMetadataRequest {
+        user_id: "target".into(),
+    };
+    let merged = MergeUserMetadataRequest {
+        user_id: "target".into(),
+        unsafe_metadata: Some(structure(&json!({"a": 1}))),
+        ..Default::default()
+    };
+    s.users.merge(merged).await.unwrap();
+    let before = s.users.get(get.clone()).await.unwrap().into_inner();
+    assert_eq!(before.version, 1);
+
+    let lock = s.db.connect().await;
+    lock.execute_unprepared("BEGIN EXCLUSIVE")
+        .await
+        .expect("take the write lock");
+    // 9 KiB of non-null data, with deletions that cannot bring it under.
+    let patch = json!({"blob": "u".repeat(9 * 1024), "a": null});
+    let cases = [
+        (
+            Call::Merge(MergeUserMetadataRequest {
+                user_id: "target".into(),
+                unsafe_metadata: Some(structure(&patch)),
+                ..Default::default()
+            }),
+            "unsafe_metadata: would be at least 9227 bytes as compact JSON, the limit is 8192",
+        ),
+        (
+            Call::Replace(replace_public(value(&patch))),
+            "public_metadata: is 9236 bytes as compact JSON, the limit is 8192",
+        ),
+    ];
+    for (call, message) in cases {
+        let started = std::time::Instant::now();
+        let status = send(&mut s, call).await.expect_err(message);
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert_eq!(status.message(), message);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "refused after {:?}: it waited for the database",
+            started.elapsed()
+        );
+    }
+    lock.execute_unprepared("ROLLBACK").await.unwrap();
+    lock.close().await.ok();
+    let after = s.users.get(get).await.unwrap().into_inner();
+    assert_eq!(after, before, "nothing written");
+    assert_eq!(s.db.event_revisions().await, vec![1], "no event");
+}

@@ -33,7 +33,7 @@ const USERS: &str = "metadata.v1.UserMetadataService";
 
 /// Settings the binary reads from the environment; cleared so that the
 /// caller's environment cannot change what a test sees.
-const ENV_VARS: [&str; 24] = [
+const ENV_VARS: [&str; 26] = [
     "METADATA_API_KEYS",
     "METADATA_API_KEYS_FILE",
     "METADATA_FRONTEND_JWT_KEY",
@@ -58,6 +58,8 @@ const ENV_VARS: [&str; 24] = [
     "METADATA_MAX_FIELD_BYTES",
     "METADATA_MAX_DEPTH",
     "METADATA_MAX_REQUEST_BYTES",
+    "METADATA_MAX_WATCH_STREAMS",
+    "METADATA_MAX_STREAMS_PER_CONNECTION",
 ];
 
 /// The binary with a clean environment, run in `dir` so that a default
@@ -1021,6 +1023,198 @@ async fn json_logs_are_one_object_per_line() {
             .unwrap()
             .starts_with("sqlite://")
     );
+}
+
+/// Ids and token subjects are whatever the caller sent: a newline, a
+/// carriage return or an ANSI sequence in them must not write a line of
+/// the caller's making, in either log format, whether the call is refused
+/// before validation (permission denied), fails validation, or names its
+/// caller. Each value is logged escaped, and text and JSON show it alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_values_cannot_forge_log_lines() {
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    use metadata_service::auth::hash_key;
+    use metadata_service::logging::Escaped;
+    use metadata_service::proto::v1::organization_metadata_service_client::OrganizationMetadataServiceClient;
+    use metadata_service::proto::v1::{
+        DeleteUserMetadataRequest, GetOrganizationMetadataRequest, WatchUserMetadataRequest,
+    };
+
+    const FORGED: &str =
+        "2026-01-01T00:00:00Z  INFO metadata written caller=backend:billing rpc=Delete id=victim";
+    let ids = [
+        format!("x\n{FORGED}"),
+        format!("x\r{FORGED}"),
+        format!("x\r\n{FORGED}"),
+        "x\u{1b}[31mred\u{1b}[0m\u{1b}[2K".to_string(),
+        format!("{{\"message\":\"x\"}}\n{{\"level\":\"INFO\",\"message\":\"{FORGED}\"}}"),
+    ];
+    let api_key = "forge-test-api-key";
+    let jwt_secret = "forge-test-jwt-secret-0123456789abcdef";
+    let session = |sub: &str| {
+        let claims = json!({"sub": sub, "exp": chrono::Utc::now().timestamp() + 600});
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(jwt_secret.as_bytes()),
+        )
+        .unwrap()
+    };
+    let evil_sub = format!("evil\n{FORGED}\u{1b}[31m\r");
+
+    for format in ["text", "json"] {
+        let dir = tempfile::tempdir().unwrap();
+        let api_keys = format!("billing:{}", hash_key(api_key));
+        let server = Server::start_with(
+            &sqlite_url(dir.path()),
+            dir.path(),
+            &[
+                "--api-keys",
+                &api_keys,
+                "--frontend-jwt-key",
+                jwt_secret,
+                "--log-format",
+                format,
+                "--log-filter",
+                "info",
+            ],
+        )
+        .await;
+        let channel = server.channel().await.unwrap();
+        let mut users = UserMetadataServiceClient::new(channel.clone());
+        let mut orgs = OrganizationMetadataServiceClient::new(channel);
+        let own = session("user_1");
+        let evil = session(&evil_sub);
+        for id in &ids {
+            let get = || GetUserMetadataRequest {
+                user_id: id.clone(),
+            };
+            let merge = || MergeUserMetadataRequest {
+                user_id: id.clone(),
+                unsafe_metadata: Some(structure(&json!({"a": 1}))),
+                ..Default::default()
+            };
+            let delete = || DeleteUserMetadataRequest {
+                user_id: id.clone(),
+                expected_version: None,
+            };
+            let watch = || WatchUserMetadataRequest {
+                user_ids: vec![id.clone()],
+                ..Default::default()
+            };
+            let org = || GetOrganizationMetadataRequest {
+                organization_id: id.clone(),
+            };
+            // A frontend token is refused before the id is validated.
+            for (code, status) in [
+                (
+                    tonic::Code::PermissionDenied,
+                    users.get(bearer(get(), &own)).await.err(),
+                ),
+                (
+                    tonic::Code::PermissionDenied,
+                    users.merge(bearer(merge(), &own)).await.err(),
+                ),
+                (
+                    tonic::Code::PermissionDenied,
+                    users.delete(bearer(delete(), &own)).await.err(),
+                ),
+                (
+                    tonic::Code::PermissionDenied,
+                    users.watch(bearer(watch(), &own)).await.err(),
+                ),
+                (
+                    tonic::Code::PermissionDenied,
+                    orgs.get(bearer(org(), &own)).await.err(),
+                ),
+                // A backend's call fails validation, its span holding the id.
+                (
+                    tonic::Code::InvalidArgument,
+                    users.get(bearer(get(), api_key)).await.err(),
+                ),
+                (
+                    tonic::Code::InvalidArgument,
+                    users.merge(bearer(merge(), api_key)).await.err(),
+                ),
+                (
+                    tonic::Code::InvalidArgument,
+                    users.delete(bearer(delete(), api_key)).await.err(),
+                ),
+                (
+                    tonic::Code::InvalidArgument,
+                    users.watch(bearer(watch(), api_key)).await.err(),
+                ),
+            ] {
+                assert_eq!(status.map(|s| s.code()), Some(code), "{format} {id:?}");
+            }
+        }
+        // A token whose sub forges a line: its own id passes authorization
+        // and fails validation; another id is refused, naming the caller.
+        let status = users
+            .get(bearer(
+                GetUserMetadataRequest {
+                    user_id: evil_sub.clone(),
+                },
+                &evil,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        let status = users
+            .get(bearer(
+                GetUserMetadataRequest {
+                    user_id: "user_1".into(),
+                },
+                &evil,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+
+        let (stdout, stderr) = (server.stdout.clone(), server.stderr.clone());
+        server.stop("TERM").await;
+        let mut output = std::fs::read(&stdout).unwrap();
+        output.extend(std::fs::read(&stderr).unwrap());
+        let output = String::from_utf8(output).expect("logs are UTF-8");
+        for byte in ['\u{1b}', '\r'] {
+            assert!(
+                !output.contains(byte),
+                "{format}: raw {byte:?} in the log:\n{output}"
+            );
+        }
+        for line in output.lines() {
+            assert!(
+                !line.contains("\"message\":\"x\"") && !line.starts_with(FORGED),
+                "{format}: forged line {line:?}"
+            );
+            if format == "json" {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .unwrap_or_else(|e| panic!("{e}: {line}"));
+            }
+        }
+        // Each value is there, escaped, and JSON shows the same characters
+        // as text.
+        let shown = |value: &str| match format {
+            "json" => serde_json::to_string(&Escaped(value).to_string()).unwrap(),
+            _ => Escaped(value).to_string(),
+        };
+        let refused = output
+            .lines()
+            .filter(|l| l.contains("call refused: permission denied"))
+            .collect::<Vec<_>>();
+        for id in &ids {
+            let id = shown(id);
+            assert!(
+                refused.iter().any(|l| l.contains(id.trim_matches('"'))),
+                "{format}: no refusal logged with {id}:\n{output}"
+            );
+        }
+        let evil_caller = shown(&format!("frontend:{evil_sub}"));
+        assert!(
+            output.contains(evil_caller.trim_matches('"')),
+            "{format}: caller {evil_caller} not logged:\n{output}"
+        );
+    }
 }
 
 #[tokio::test]

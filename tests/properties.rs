@@ -72,6 +72,20 @@ fn compact_len(value: &Value) -> usize {
     serde_json::to_string(value).expect("serializable").len()
 }
 
+/// The value with every null member of an object removed, at every level
+/// of objects (nulls in lists are values and stay).
+fn without_null_members(value: &Value) -> Value {
+    match value {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), without_null_members(v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
 fn canonical(value: &Value) -> Value {
     let mut value = value.clone();
     canonical_numbers(&mut value);
@@ -101,6 +115,22 @@ fn field_problems(mode: Mode, value: &Value, limits: &Limits) -> Vec<Problem> {
                     problems.push(Problem::NulInKey);
                 }
                 stack.extend(map.values().map(|item| (item, level + 1)));
+            }
+            _ => {}
+        }
+    }
+    if problems.is_empty() {
+        let limit = limits.max_field_bytes;
+        match mode {
+            Mode::Replace if compact_len(value) > limit => problems.push(Problem::TooLarge {
+                bytes: compact_len(value),
+                limit,
+            }),
+            Mode::Merge if compact_len(&without_null_members(value)) > limit => {
+                problems.push(Problem::MergeTooLarge {
+                    bytes: compact_len(&without_null_members(value)),
+                    limit,
+                })
             }
             _ => {}
         }
@@ -542,6 +572,41 @@ proptest! {
     }
 
     // -- validation ----------------------------------------------------------------
+
+    /// The size check a Merge gets before it reaches the database refuses
+    /// only what `apply` would refuse too, whatever is stored: the patch
+    /// without its null members is never larger than the merged field.
+    #[test]
+    fn merge_size_check_before_io_is_a_lower_bound_of_the_result(
+        (target, patch) in target_and_patch(),
+        max_field_bytes in 0usize..400,
+    ) {
+        let limits = Limits { max_field_bytes, max_depth: 64 };
+        let bound = compact_len(&without_null_members(&patch));
+        let merged = reference_merge(&target, &patch);
+        prop_assert!(bound <= compact_len(&merged), "{} > size of {}", bound, merged);
+        let command = WriteCommand {
+            kind: Kind::User,
+            id: "u".into(),
+            mode: Mode::Merge,
+            values: vec![(Field::Public, patch.clone())],
+            expected_version: None,
+        };
+        match validate_command(&command, &limits) {
+            Err(err) if matches!(err.problem, Problem::MergeTooLarge { .. }) => {
+                prop_assert_eq!(err.problem, Problem::MergeTooLarge { bytes: bound, limit: max_field_bytes });
+                let current = Fields { public: target, ..Fields::default() };
+                let refused = apply(Mode::Merge, &command.values, &current, &limits).unwrap_err();
+                prop_assert!(matches!(refused.problem, Problem::TooLarge { .. }), "{}", refused);
+            }
+            Ok(()) => prop_assert!(bound <= max_field_bytes),
+            // U+0000 somewhere in the patch, found first.
+            Err(err) => prop_assert!(
+                matches!(err.problem, Problem::NulInKey | Problem::NulInString),
+                "{}", err
+            ),
+        }
+    }
 
     /// validate_command never panics, and it refuses exactly what the
     /// oracle finds: a bad id (path = the id field), else the first field

@@ -508,9 +508,15 @@ async fn invalid_input_is_refused_and_nothing_is_written(backend: Backend) {
             "nesting depth 33 exceeds the limit of 32",
         ),
         (
-            "too large",
+            // Small enough alone; too large with the stored {"keep":1}.
+            "result too large",
+            merge("u1", Some(json!({"big":"x".repeat(8180)})), None, None),
+            "public_metadata: is 8199 bytes as compact JSON, the limit is 8192",
+        ),
+        (
+            "patch too large on its own",
             merge("u1", Some(json!({"big":"x".repeat(8200)})), None, None),
-            "public_metadata: is 8219 bytes as compact JSON, the limit is 8192",
+            "public_metadata: would be at least 8210 bytes as compact JSON, the limit is 8192",
         ),
     ];
     for (name, mut request, expected) in cases {

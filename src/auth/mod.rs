@@ -13,6 +13,8 @@ pub use api_keys::{ApiKeys, hash_key};
 pub use frontend::{FrontendConfig, FrontendTokens};
 pub use policy::{Action, Denied, FieldSet, Operation, authorize};
 
+use crate::logging::Escaped;
+
 /// The identity a call was made with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Caller {
@@ -29,12 +31,13 @@ pub enum Caller {
 }
 
 impl fmt::Display for Caller {
-    /// Names the caller in logs; never contains a credential.
+    /// Names the caller in logs; never contains a credential. A token's
+    /// `sub` is whatever its issuer signed, so names are escaped.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Caller::Open => f.write_str("unauthenticated"),
-            Caller::Backend { name } => write!(f, "backend:{name}"),
-            Caller::Frontend { user_id, .. } => write!(f, "frontend:{user_id}"),
+            Caller::Backend { name } => write!(f, "backend:{}", Escaped(name)),
+            Caller::Frontend { user_id, .. } => write!(f, "frontend:{}", Escaped(user_id)),
         }
     }
 }
@@ -194,5 +197,17 @@ mod tests {
             org_id: Some("org_1".into()),
         };
         assert_eq!(frontend.to_string(), "frontend:user_1");
+    }
+
+    #[test]
+    fn display_cannot_start_a_log_line() {
+        let forged = Caller::Frontend {
+            user_id: "u\n2026-01-01T00:00:00Z  INFO x\u{1b}[31m\r".into(),
+            org_id: None,
+        };
+        assert_eq!(
+            forged.to_string(),
+            "frontend:u\\n2026-01-01T00:00:00Z\\u{20}\\u{20}INFO\\u{20}x\\u{1b}[31m\\r"
+        );
     }
 }

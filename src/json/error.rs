@@ -20,12 +20,18 @@ pub enum Problem {
     NulInKey,
     #[error("string contains U+0000, which cannot be stored")]
     NulInString,
+    #[error("has {count} ids, the limit is {limit}")]
+    TooManyIds { count: usize, limit: usize },
     #[error("nesting depth {depth} exceeds the limit of {limit}")]
     TooDeep { depth: usize, limit: usize },
     #[error("is {bytes} bytes as compact JSON, the limit is {limit}")]
     TooLarge { bytes: usize, limit: usize },
     #[error("is larger than any revision can be (at most {limit})")]
     RevisionTooLarge { limit: u64 },
+    /// A merge patch too large on its own, whatever is stored: `bytes` is
+    /// the patch without its null members, which the result contains.
+    #[error("would be at least {bytes} bytes as compact JSON, the limit is {limit}")]
+    MergeTooLarge { bytes: usize, limit: usize },
 }
 
 /// The location of a value inside a request, e.g. `public_metadata.a.b[2]`.

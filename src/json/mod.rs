@@ -12,4 +12,7 @@ pub use error::{JsonPath, Problem, ValidationError};
 pub(crate) use error::{Segment, TreeError, within};
 pub use merge::merge_patch;
 pub use number::{canonical_numbers, json_number};
-pub use validate::{Limits, measure, validate_command, validate_delete, validate_id};
+pub use validate::{
+    Limits, MAX_WATCH_IDS, measure, validate_command, validate_delete, validate_id,
+    validate_watch_ids,
+};

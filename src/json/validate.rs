@@ -5,6 +5,10 @@ use crate::model::{DeleteCommand, Kind, Mode, WriteCommand};
 
 pub const MAX_ID_BYTES: usize = 256;
 
+/// Most distinct ids one Watch may filter on: a stream holds its filter for
+/// as long as it is open, and every event is checked against it.
+pub const MAX_WATCH_IDS: usize = 1000;
+
 /// Limits applied to every write, from the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -48,6 +52,25 @@ pub fn validate_id(kind: Kind, id: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
+/// The id filter of a Watch: at most [`MAX_WATCH_IDS`], each a valid id.
+pub fn validate_watch_ids<'a, I>(kind: Kind, ids: I) -> Result<(), ValidationError>
+where
+    I: IntoIterator<Item = &'a String>,
+    I::IntoIter: ExactSizeIterator,
+{
+    let ids = ids.into_iter();
+    if ids.len() > MAX_WATCH_IDS {
+        return Err(ValidationError::new(
+            JsonPath::root(kind.ids_field()),
+            Problem::TooManyIds {
+                count: ids.len(),
+                limit: MAX_WATCH_IDS,
+            },
+        ));
+    }
+    ids.into_iter().try_for_each(|id| validate_id(kind, id))
+}
+
 /// Everything that can be checked on the request alone, before any I/O.
 pub fn validate_command(command: &WriteCommand, limits: &Limits) -> Result<(), ValidationError> {
     validate_id(command.kind, &command.id)?;
@@ -66,6 +89,23 @@ pub fn validate_command(command: &WriteCommand, limits: &Limits) -> Result<(), V
         check_tree(value, limits).map_err(|(problem, segments)| {
             ValidationError::new(JsonPath::from_reversed(field.name(), &segments), problem)
         })?;
+        // Refused here, before the write queues for the database, rather
+        // than inside its transaction: a write that cannot fit must not hold
+        // up the writes behind it. `apply` still checks the actual result.
+        let limit = limits.max_field_bytes;
+        let problem = match command.mode {
+            Mode::Replace => {
+                let bytes = compact_size(value);
+                (bytes > limit).then_some(Problem::TooLarge { bytes, limit })
+            }
+            Mode::Merge => {
+                let bytes = size_without_nulls(value);
+                (bytes > limit).then_some(Problem::MergeTooLarge { bytes, limit })
+            }
+        };
+        if let Some(problem) = problem {
+            return Err(ValidationError::new(JsonPath::root(field.name()), problem));
+        }
     }
     Ok(())
 }
@@ -77,6 +117,10 @@ pub fn validate_delete(command: &DeleteCommand) -> Result<(), ValidationError> {
 /// Compact JSON size in bytes and nesting depth of a value, without
 /// allocating the serialized form.
 pub fn measure(value: &Value) -> (usize, usize) {
+    (compact_size(value), depth(value))
+}
+
+fn compact_size<T: serde::Serialize + ?Sized>(value: &T) -> usize {
     struct Counter(usize);
     impl std::io::Write for Counter {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -89,7 +133,30 @@ pub fn measure(value: &Value) -> (usize, usize) {
     }
     let mut counter = Counter(0);
     serde_json::to_writer(&mut counter, value).expect("writing to a counter cannot fail");
-    (counter.0, depth(value))
+    counter.0
+}
+
+/// The compact JSON size of a merge patch with its null members left out: a
+/// lower bound of the merged field's size, whatever is stored. A null member
+/// deletes a key, so it may shrink the result; every other member ends up in
+/// it as sent (a scalar or list replaces the stored value, with any nulls
+/// inside a list kept as values), or, for an object, merges into an object
+/// that then holds at least the object's own non-null members, at every
+/// level. Adding members to an object only lengthens its JSON.
+fn size_without_nulls(patch: &Value) -> usize {
+    let Value::Object(map) = patch else {
+        return compact_size(patch);
+    };
+    let members = map.iter().filter(|(_, value)| !value.is_null());
+    let (count, bytes) = members.fold((0usize, 0), |(count, bytes), (key, value)| {
+        // `"key":value`
+        (
+            count + 1,
+            bytes + compact_size(key) + 1 + size_without_nulls(value),
+        )
+    });
+    // Braces, and a comma between members.
+    2 + bytes + count.saturating_sub(1)
 }
 
 fn depth(value: &Value) -> usize {
@@ -157,7 +224,7 @@ fn check_tree(value: &Value, limits: &Limits) -> Result<(), TreeError> {
 mod tests {
     use super::*;
     use crate::model::Field;
-    use serde_json::json;
+    use serde_json::{Map, json};
 
     fn command(mode: Mode, value: Value) -> WriteCommand {
         WriteCommand {
@@ -191,6 +258,21 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn watch_filters_have_at_most_1000_ids() {
+        let ids = |n: usize| (0..n).map(|i| format!("id_{i}")).collect::<Vec<_>>();
+        assert!(validate_watch_ids(Kind::User, &ids(1000)).is_ok());
+        let err = validate_watch_ids(Kind::User, &ids(1001)).unwrap_err();
+        assert_eq!(err.to_string(), "user_ids: has 1001 ids, the limit is 1000");
+        let err = validate_watch_ids(Kind::Organization, &ids(1001)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "organization_ids: has 1001 ids, the limit is 1000"
+        );
+        let err = validate_watch_ids(Kind::User, &["ok".into(), "not ok".into()]).unwrap_err();
+        assert_eq!(err.path.to_string(), "user_id");
     }
 
     #[test]
@@ -248,6 +330,92 @@ mod tests {
         }
         let err = validate_command(&command(Mode::Merge, json!(null)), &limits).unwrap_err();
         assert_eq!(err.problem, Problem::NotAnObject { found: "null" });
+    }
+
+    /// 9 KiB of JSON: `{"k0":"xx...","k1":...}`, each member `null` when
+    /// `nulls` is set.
+    fn nine_kib(nulls: bool) -> Value {
+        let members = (0..100).map(|i| {
+            let value = if nulls {
+                json!(null)
+            } else {
+                json!("x".repeat(85))
+            };
+            (format!("k{i}"), value)
+        });
+        Value::Object(members.collect())
+    }
+
+    #[test]
+    fn oversized_replace_is_refused_before_any_io() {
+        let limits = Limits::default();
+        let value = nine_kib(false);
+        let bytes = measure(&value).0;
+        assert!(bytes > 9 * 1024, "{bytes}");
+        let err = validate_command(&command(Mode::Replace, value), &limits).unwrap_err();
+        assert_eq!(err.problem, Problem::TooLarge { bytes, limit: 8192 });
+        assert_eq!(
+            err.to_string(),
+            format!("public_metadata: is {bytes} bytes as compact JSON, the limit is 8192")
+        );
+    }
+
+    #[test]
+    fn merge_patch_larger_than_the_limit_without_its_nulls_is_refused() {
+        let limits = Limits::default();
+        let patch = nine_kib(false);
+        let bytes = measure(&patch).0;
+        let err = validate_command(&command(Mode::Merge, patch), &limits).unwrap_err();
+        assert_eq!(err.problem, Problem::MergeTooLarge { bytes, limit: 8192 });
+        assert_eq!(err.path.to_string(), "public_metadata");
+        assert!(err.to_string().contains("the limit is 8192"), "{err}");
+        // Nested: the inner object merges into whatever is stored there, and
+        // keeps its own non-null members.
+        let nested = json!({"outer": {"inner": nine_kib(false), "gone": null}});
+        let err = validate_command(&command(Mode::Merge, nested), &limits).unwrap_err();
+        assert!(matches!(err.problem, Problem::MergeTooLarge { .. }));
+    }
+
+    #[test]
+    fn merge_patch_of_mostly_nulls_is_left_to_the_result_check() {
+        let limits = Limits::default();
+        // Deleting many long keys takes a long patch, yet its result may be
+        // small: only the stored value can tell.
+        let mut members: Map<String, Value> = (0..400)
+            .map(|i| (format!("key_to_delete_{i:0>6}"), json!(null)))
+            .collect();
+        members.insert("kept".into(), json!({"a": 1, "b": null}));
+        let patch = Value::Object(members);
+        assert!(measure(&patch).0 > 9 * 1024, "{}", measure(&patch).0);
+        assert!(validate_command(&command(Mode::Merge, patch.clone()), &limits).is_ok());
+        // Replace stores nulls as values, so the same value is too large there.
+        let err = validate_command(&command(Mode::Replace, patch), &limits).unwrap_err();
+        assert!(matches!(err.problem, Problem::TooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn size_without_nulls_is_the_compact_size_of_the_patch_without_null_members() {
+        for (patch, without) in [
+            (json!({}), json!({})),
+            (json!({"a": null}), json!({})),
+            (json!({"a": null, "b": 1}), json!({"b": 1})),
+            (
+                json!({"a": {"b": null, "c": "é"}}),
+                json!({"a": {"c": "é"}}),
+            ),
+            (json!({"a": {"b": null}}), json!({"a": {}})),
+            // Nulls in a list are values: the list replaces the stored one.
+            (
+                json!({"l": [null, {"x": null}]}),
+                json!({"l": [null, {"x": null}]}),
+            ),
+            (json!({"q\"\n": "\u{1}"}), json!({"q\"\n": "\u{1}"})),
+        ] {
+            assert_eq!(size_without_nulls(&patch), measure(&without).0, "{patch}");
+            let mut merged = json!({"a": {"b": [1, 2, 3]}, "z": true});
+            crate::json::merge_patch(&mut merged, &patch);
+            assert!(size_without_nulls(&patch) <= measure(&merged).0, "{patch}");
+        }
     }
 
     #[test]

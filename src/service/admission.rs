@@ -1,11 +1,16 @@
 //! What every call must pass before any work is done, and the time budget
-//! it then works within.
+//! it then works within; a Watch stream also holds a place under the stream
+//! bound for as long as it is open.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use prometheus::IntCounter;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tonic::metadata::MetadataMap;
@@ -13,9 +18,21 @@ use tonic::metadata::MetadataMap;
 use crate::health::DbHealth;
 use crate::store::Sent;
 
+/// How many calls may be in progress at once.
+#[derive(Clone, Copy, Debug)]
+pub struct Bounds {
+    /// Unary calls.
+    pub max_concurrent: usize,
+    /// Watch streams: each holds memory and a task for as long as it is open.
+    pub max_streams: usize,
+}
+
 pub struct Admission {
     permits: Arc<Semaphore>,
-    max_concurrent: usize,
+    streams: Arc<Semaphore>,
+    bounds: Bounds,
+    /// Watch streams refused for want of a place.
+    streams_refused: IntCounter,
     db_timeout: Duration,
     db: Arc<DbHealth>,
     /// Cancelled once the server starts to stop: new calls are refused.
@@ -31,16 +48,24 @@ pub struct Call {
     db_timeout: Duration,
 }
 
+/// A Watch stream's place under the stream bound; given back when dropped.
+pub struct StreamPermit {
+    _permit: OwnedSemaphorePermit,
+}
+
 impl Admission {
     pub fn new(
-        max_concurrent: usize,
+        bounds: Bounds,
+        streams_refused: IntCounter,
         db_timeout: Duration,
         db: Arc<DbHealth>,
         draining: CancellationToken,
     ) -> Self {
         Admission {
-            permits: Arc::new(Semaphore::new(max_concurrent)),
-            max_concurrent,
+            permits: Arc::new(Semaphore::new(bounds.max_concurrent)),
+            streams: Arc::new(Semaphore::new(bounds.max_streams)),
+            bounds,
+            streams_refused,
             db_timeout,
             db,
             draining,
@@ -51,19 +76,36 @@ impl Admission {
     /// be down, and a call past the concurrency bound, each at once rather
     /// than after queueing.
     pub fn unary(&self, metadata: &MetadataMap) -> Result<Call, Status> {
-        let mut call = self.stream(metadata)?;
+        let mut call = self.check(metadata)?;
         let permit = self.permits.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
                 "the server is at its limit of {} concurrent requests; retry with backoff",
-                self.max_concurrent
+                self.bounds.max_concurrent
             ))
         })?;
         call._permit = Some(permit);
         Ok(call)
     }
 
-    /// Admits a streaming call: long-lived, so it holds no permit.
-    pub fn stream(&self, metadata: &MetadataMap) -> Result<Call, Status> {
+    /// Admits a Watch stream. The unary bound does not apply (a stream is
+    /// long-lived and mostly idle); the stream bound does, refused at once
+    /// when full. The stream must hold the permit for as long as it is open
+    /// ([`StreamPermit::hold`]).
+    pub fn stream(&self, metadata: &MetadataMap) -> Result<(Call, StreamPermit), Status> {
+        let call = self.check(metadata)?;
+        let Ok(permit) = self.streams.clone().try_acquire_owned() else {
+            self.streams_refused.inc();
+            return Err(Status::resource_exhausted(format!(
+                "the server is at its limit of {} Watch streams; retry with backoff or on \
+                 another replica",
+                self.bounds.max_streams
+            )));
+        };
+        Ok((call, StreamPermit { _permit: permit }))
+    }
+
+    /// What every call must pass, streams included.
+    fn check(&self, metadata: &MetadataMap) -> Result<Call, Status> {
         let deadline = grpc_timeout(metadata);
         if deadline == Some(Duration::ZERO) {
             return Err(Status::deadline_exceeded(
@@ -90,6 +132,38 @@ impl Admission {
             client_deadline,
             db_timeout: self.db_timeout,
         })
+    }
+}
+
+impl StreamPermit {
+    /// `stream`, holding this permit until the stream is dropped: tonic
+    /// drops a response stream when it ends or when the client goes away.
+    pub fn hold<S: Stream>(self, stream: S) -> Held<S> {
+        Held {
+            stream,
+            _permit: self,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A stream with its [`StreamPermit`].
+    pub struct Held<S> {
+        #[pin]
+        stream: S,
+        _permit: StreamPermit,
+    }
+}
+
+impl<S: Stream> Stream for Held<S> {
+    type Item = S::Item;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        self.project().stream.poll_next(cx)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.stream.size_hint()
     }
 }
 
@@ -185,12 +259,17 @@ mod tests {
         assert_eq!(grpc_timeout(&MetadataMap::new()), None);
     }
 
-    /// One permit; the token starts the drain.
+    /// One permit of each kind; the token starts the drain.
     fn admission(db_timeout: Duration) -> (Admission, CancellationToken) {
         let draining = CancellationToken::new();
         let db = Arc::new(DbHealth::default());
+        let bounds = Bounds {
+            max_concurrent: 1,
+            max_streams: 1,
+        };
+        let refused = IntCounter::new("refused", "refused").unwrap();
         (
-            Admission::new(1, db_timeout, db, draining.clone()),
+            Admission::new(bounds, refused, db_timeout, db, draining.clone()),
             draining,
         )
     }
@@ -228,7 +307,7 @@ mod tests {
         let first = admission.unary(&MetadataMap::new()).unwrap();
         let refused = admission.unary(&MetadataMap::new()).err().unwrap();
         assert_eq!(refused.code(), Code::ResourceExhausted);
-        // Streams do not count against the bound.
+        // Streams do not count against the unary bound.
         assert!(admission.stream(&MetadataMap::new()).is_ok());
         let slow = first
             .run(async {
@@ -239,5 +318,28 @@ mod tests {
         assert_eq!(slow.unwrap_err().code(), Code::Unavailable);
         drop(first);
         assert!(admission.unary(&MetadataMap::new()).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_stream_holds_its_place_until_dropped() {
+        use tokio_stream::StreamExt;
+
+        let admission = admission(Duration::from_secs(5)).0;
+        let (_, permit) = admission.stream(&MetadataMap::new()).unwrap();
+        let mut held = permit.hold(tokio_stream::iter([1, 2]));
+        let refused = admission.stream(&MetadataMap::new()).err().unwrap();
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        assert!(refused.message().contains("limit of 1 Watch streams"));
+        assert_eq!(admission.streams_refused.get(), 1);
+        // Unary calls have a bound of their own.
+        assert!(admission.unary(&MetadataMap::new()).is_ok());
+        // Still held after the stream is exhausted, given back on drop.
+        assert_eq!(held.next().await, Some(1));
+        assert_eq!(held.next().await, Some(2));
+        assert_eq!(held.next().await, None);
+        assert!(admission.stream(&MetadataMap::new()).is_err());
+        drop(held);
+        assert!(admission.stream(&MetadataMap::new()).is_ok());
+        assert_eq!(admission.streams_refused.get(), 2);
     }
 }

@@ -8,7 +8,7 @@ mod requests;
 mod user;
 mod watch;
 
-pub use admission::Admission;
+pub use admission::{Admission, Bounds};
 pub use caller::Authenticate;
 pub use requests::RequestLayer;
 pub use watch::{OrganizationWatch, Routed, UserWatch};
@@ -24,6 +24,7 @@ use tonic::{Request, Status};
 use crate::auth::{self, Caller, FieldSet, Operation};
 use crate::events::{Broker, ChangeType, WatchError, WatchItem, WatchRequest};
 use crate::json::{self, Limits};
+use crate::logging::Escaped;
 use crate::metrics::Metrics;
 use crate::model::{DeleteCommand, Kind, Mode, Record, WriteCommand};
 use crate::store::{Sent, Store, StoreError};
@@ -58,9 +59,7 @@ impl Metadata {
         &self,
         request: WatchRequest,
     ) -> Result<mpsc::Receiver<Result<WatchItem, WatchError>>, WatchError> {
-        for id in &request.ids {
-            json::validate_id(request.kind, id)?;
-        }
+        json::validate_watch_ids(request.kind, &request.ids)?;
         self.broker.watch(request).await
     }
 
@@ -107,7 +106,7 @@ impl Metadata {
                 caller = %caller,
                 rpc = %mode.rpc(),
                 kind = %kind.as_str(),
-                id = %id,
+                id = %Escaped(&id),
                 version = outcome.record.version,
                 revision = outcome.record.revision,
                 "metadata written"
@@ -136,7 +135,7 @@ impl Metadata {
                 caller = %caller,
                 rpc = %"Delete",
                 kind = %command.kind.as_str(),
-                id = %command.id,
+                id = %Escaped(&command.id),
                 version = 0,
                 "metadata deleted"
             );
@@ -153,10 +152,11 @@ where
 {
     let caller = caller::caller(request)?;
     let operation = Operation::from(request.get_ref());
+    // The id is not validated yet: it is escaped wherever it is logged.
     let span = tracing::Span::current();
     span.record("caller", tracing::field::display(&caller));
     if !operation.id.is_empty() {
-        span.record("id", operation.id);
+        span.record("id", tracing::field::display(Escaped(operation.id)));
     }
     match auth::authorize(&caller, &operation) {
         Ok(fields) => Ok((caller, fields)),
@@ -165,7 +165,7 @@ where
                 caller = %caller,
                 rpc = %operation.action.rpc(),
                 kind = %operation.kind.as_str(),
-                id = %operation.id,
+                id = %Escaped(operation.id),
                 "call refused: permission denied"
             );
             Err(denied.into())

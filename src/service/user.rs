@@ -91,11 +91,11 @@ impl UserMetadataService for UserService {
         request: Request<WatchUserMetadataRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         authorize(&request)?;
-        let call = self.metadata.admission.stream(request.metadata())?;
+        let (call, permit) = self.metadata.admission.stream(request.metadata())?;
         let request = WatchRequest::from(request.into_inner());
         let items = call.run(self.metadata.watch(request)).await?;
         let stream =
             ReceiverStream::new(items).map(|item| item.map(Into::into).map_err(Into::into));
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(permit.hold(stream))))
     }
 }

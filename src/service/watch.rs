@@ -156,12 +156,12 @@ impl<K: WatchKind> ServerStreamingService<K::Request> for WatchHandler<K> {
         let metadata = self.metadata.clone();
         Box::pin(async move {
             K::authorize(&request)?;
-            let call = metadata.admission.stream(request.metadata())?;
+            let (call, permit) = metadata.admission.stream(request.metadata())?;
             let request: WatchRequest = request.into_inner().into();
             let items = call.run(metadata.watch(request)).await?;
             let stream =
                 ReceiverStream::new(items).map(|item| item.map(K::encode).map_err(Status::from));
-            Ok(Response::new(Box::pin(stream) as ByteStream))
+            Ok(Response::new(Box::pin(permit.hold(stream)) as ByteStream))
         })
     }
 }

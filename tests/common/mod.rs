@@ -189,6 +189,8 @@ pub fn config(database_url: &str) -> ServerConfig {
         events: Default::default(),
         shutdown_grace: std::time::Duration::from_secs(10),
         max_concurrent_requests: 512,
+        max_watch_streams: 10_000,
+        max_streams_per_connection: 1000,
         db_timeout: std::time::Duration::from_secs(5),
         db_health_interval: std::time::Duration::from_secs(1),
         auth: Default::default(),
@@ -243,9 +245,14 @@ impl TestServer {
         format!("http://{}", self.addr)
     }
 
-    /// The running server, for its metrics.
+    /// The running server, for its metrics and stream counts.
     pub fn server(&self) -> &RunningServer {
         self.server.as_ref().expect("the server is running")
+    }
+
+    /// The running server's metrics, as /metrics would render them.
+    pub fn metrics(&self) -> &std::sync::Arc<metadata_service::metrics::Metrics> {
+        self.server().metrics()
     }
 
     /// Where /metrics is served, when the config asked for it.
