@@ -267,21 +267,32 @@ async fn raw_merge_postgres(
     let created: chrono::DateTime<chrono::Utc> = row.try_get(3)?;
     let after = merged(before.clone(), fields);
     let now = chrono::Utc::now();
-    let revision: i64 = sqlx::query_scalar(
+    // The revision is taken as the service takes it (sequence, advisory
+    // lock on it, notification), so the event stream sees a writer like
+    // any other and the work compared is the same.
+    let taken = sqlx::query(sqlx::AssertSqlSafe(metadata_service::store::take_revision_sql()))
+        .fetch_one(&mut *tx)
+        .await?;
+    let revision: i64 = taken.try_get("latest")?;
+    if !taken.try_get::<bool, _>("owned")? {
+        return Err(sqlx::Error::Protocol("revision claimed as void".into()));
+    }
+    sqlx::query(
         "UPDATE metadata SET public_metadata = $2, version = version + 1, \
-         revision = nextval('event_revisions'), updated_at = $3 \
-         WHERE kind = 'user' AND id = $1 RETURNING revision",
+         revision = $4, updated_at = $3 WHERE kind = 'user' AND id = $1",
     )
     .bind(user_id)
     .bind(sqlx::types::Json(&after))
     .bind(now)
-    .fetch_one(&mut *tx)
+    .bind(revision)
+    .execute(&mut *tx)
     .await?;
     let created = created.to_rfc3339();
     let updated = now.to_rfc3339();
     sqlx::query(
         "INSERT INTO events (revision, kind, id, change_type, changed_fields, before, after, committed_at) \
-         VALUES ($1, 'user', $2, 'merged', '[\"public_metadata\"]', $3, $4, $5)",
+         VALUES ($1, 'user', $2, 'merged', '[\"public_metadata\"]', $3, $4, $5) \
+         ON CONFLICT (revision) DO NOTHING",
     )
     .bind(revision)
     .bind(user_id)
@@ -290,9 +301,6 @@ async fn raw_merge_postgres(
     .bind(now)
     .execute(&mut *tx)
     .await?;
-    sqlx::query("NOTIFY metadata_events")
-        .execute(&mut *tx)
-        .await?;
     tx.commit().await
 }
 
