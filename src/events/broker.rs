@@ -460,8 +460,9 @@ enum Next {
 /// one that a transaction still in flight might fill.
 async fn dispatch(broker: Arc<Broker>, wake: Arc<Notify>) {
     let mut last = broker.head();
+    let mut gap = None;
     loop {
-        let next = match dispatch_once(&broker, &mut last).await {
+        let next = match dispatch_once(&broker, &mut last, &mut gap).await {
             Ok(next) => next,
             Err(err) => {
                 tracing::warn!(error = %err, "reading events failed; retrying");
@@ -471,7 +472,7 @@ async fn dispatch(broker: Arc<Broker>, wake: Arc<Notify>) {
         let wait = match next {
             Next::More => continue,
             Next::Idle => broker.options.poll_interval,
-            Next::Soon => Duration::from_millis(20),
+            Next::Soon => GAP_GRACE,
         };
         tokio::select! {
             () = wake.notified() => {}
@@ -481,12 +482,40 @@ async fn dispatch(broker: Arc<Broker>, wake: Arc<Notify>) {
     }
 }
 
-async fn dispatch_once(broker: &Broker, last: &mut u64) -> Result<Next, StoreError> {
+/// A missing revision, and when the dispatcher first found it missing.
+struct Gap {
+    revision: u64,
+    since: Instant,
+}
+
+/// How long a missing revision may stay missing before the dispatcher
+/// settles it itself. Under load a lower revision often commits a moment
+/// after a higher one; a re-read (woken by that commit) is cheaper than a
+/// claim, which is for writers that stall or roll back.
+const GAP_GRACE: Duration = Duration::from_millis(10);
+
+async fn dispatch_once(
+    broker: &Broker,
+    last: &mut u64,
+    gap: &mut Option<Gap>,
+) -> Result<Next, StoreError> {
     let batch = broker.options.batch;
     let entries = broker.store.read_log(*last, u64::MAX, batch).await?;
     let full = entries.len() as u64 >= batch;
     for Logged { revision, event } in entries {
         if revision != *last + 1 {
+            let missing = *last + 1;
+            match gap {
+                Some(seen) if seen.revision == missing && seen.since.elapsed() >= GAP_GRACE => {}
+                Some(seen) if seen.revision == missing => return Ok(Next::Soon),
+                _ => {
+                    *gap = Some(Gap {
+                        revision: missing,
+                        since: Instant::now(),
+                    });
+                    return Ok(Next::Soon);
+                }
+            }
             return settle_gap(broker, last, revision).await;
         }
         *last = revision;
