@@ -270,9 +270,11 @@ async fn raw_merge_postgres(
     // The revision is taken as the service takes it (sequence, advisory
     // lock on it, notification), so the event stream sees a writer like
     // any other and the work compared is the same.
-    let taken = sqlx::query(sqlx::AssertSqlSafe(metadata_service::store::take_revision_sql()))
-        .fetch_one(&mut *tx)
-        .await?;
+    let taken = sqlx::query(sqlx::AssertSqlSafe(
+        metadata_service::store::take_revision_sql(),
+    ))
+    .fetch_one(&mut *tx)
+    .await?;
     let revision: i64 = taken.try_get("latest")?;
     if !taken.try_get::<bool, _>("owned")? {
         return Err(sqlx::Error::Protocol("revision claimed as void".into()));
