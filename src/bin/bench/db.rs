@@ -60,6 +60,9 @@ pub fn id(n: u64) -> String {
 
 pub const SEED_PUBLIC: &str = r#"{"k1":0,"k2":0,"k3":0,"plan":"free"}"#;
 
+/// The id of the marks in a seeded history (see [`BenchDb::seed_history`]).
+pub const MARK_ID: &str = "bench_replay_mark";
+
 impl BenchDb {
     pub async fn create(backend: Backend, admin_url: &str) -> anyhow::Result<BenchDb> {
         match backend {
@@ -133,6 +136,89 @@ impl BenchDb {
                 .bind(now)
                 .execute(pool)
                 .await?;
+            }
+        }
+        pool.close().await;
+        Ok(())
+    }
+
+    /// Appends an event history of revisions `1..=events` to the (empty)
+    /// log, as the service writes events: merges of the bench's 3-key
+    /// patches into ids `bench_0..bench_{ids-1}`, with before/after
+    /// snapshots, committed now (so retention keeps them). Every
+    /// `mark_every`-th revision, and the last, is an event of [`MARK_ID`]
+    /// instead, so that a stream watching only that id learns how far its
+    /// replay has gone. The revision counter (SQLite) and sequence
+    /// (Postgres) are moved to `events`, so new writes come after the
+    /// history. Run it after [`BenchDb::seed`], with no server running.
+    pub async fn seed_history(&self, events: u64, ids: u64, mark_every: u64) -> anyhow::Result<()> {
+        let pool = self.pool(1).await?;
+        let now = chrono::Utc::now();
+        let stamp = now.to_rfc3339();
+        let (events, ids, mark_every) =
+            (events as i64, ids.max(1) as i64, mark_every.max(1) as i64);
+        match &pool {
+            RawPool::Postgres(pool) => {
+                sqlx::query(
+                    "INSERT INTO events (revision, kind, id, change_type, changed_fields, before, after, committed_at) \
+                     SELECT g, 'user', \
+                       CASE WHEN g % $3 = 0 OR g = $1 THEN $4 ELSE 'bench_' || (g % $2) END, \
+                       'merged', '[\"public_metadata\"]'::jsonb, \
+                       jsonb_build_object('public_metadata', jsonb_build_object('k1', g - 1, 'k2', g - 1, 'k3', g - 1, 'plan', 'free'), \
+                         'private_metadata', '{}'::jsonb, 'unsafe_metadata', '{}'::jsonb, \
+                         'version', g / $2 + 1, 'revision', GREATEST(g - $2, 0), 'created_at', $5::text, 'updated_at', $5::text), \
+                       jsonb_build_object('public_metadata', jsonb_build_object('k1', g, 'k2', g, 'k3', g, 'plan', 'free'), \
+                         'private_metadata', '{}'::jsonb, 'unsafe_metadata', '{}'::jsonb, \
+                         'version', g / $2 + 2, 'revision', g, 'created_at', $5::text, 'updated_at', $5::text), \
+                       $6 \
+                     FROM generate_series(1::bigint, $1::bigint) g",
+                )
+                .bind(events)
+                .bind(ids)
+                .bind(mark_every)
+                .bind(MARK_ID)
+                .bind(&stamp)
+                .bind(now)
+                .execute(pool)
+                .await?;
+                sqlx::query("SELECT setval('event_revisions', $1)")
+                    .bind(events)
+                    .execute(pool)
+                    .await?;
+                sqlx::query("UPDATE revisions SET latest = $1 WHERE id = 1")
+                    .bind(events)
+                    .execute(pool)
+                    .await?;
+                sqlx::query("VACUUM ANALYZE events").execute(pool).await?;
+            }
+            RawPool::Sqlite(pool) => {
+                sqlx::query(
+                    "WITH RECURSIVE s(g) AS (SELECT 1 UNION ALL SELECT g + 1 FROM s WHERE g < ?1) \
+                     INSERT INTO events (revision, kind, id, change_type, changed_fields, before, after, committed_at) \
+                     SELECT g, 'user', \
+                       CASE WHEN g % ?3 = 0 OR g = ?1 THEN ?4 ELSE 'bench_' || (g % ?2) END, \
+                       'merged', '[\"public_metadata\"]', \
+                       json_object('public_metadata', json_object('k1', g - 1, 'k2', g - 1, 'k3', g - 1, 'plan', 'free'), \
+                         'private_metadata', json('{}'), 'unsafe_metadata', json('{}'), \
+                         'version', g / ?2 + 1, 'revision', max(g - ?2, 0), 'created_at', ?5, 'updated_at', ?5), \
+                       json_object('public_metadata', json_object('k1', g, 'k2', g, 'k3', g, 'plan', 'free'), \
+                         'private_metadata', json('{}'), 'unsafe_metadata', json('{}'), \
+                         'version', g / ?2 + 2, 'revision', g, 'created_at', ?5, 'updated_at', ?5), \
+                       ?6 \
+                     FROM s",
+                )
+                .bind(events)
+                .bind(ids)
+                .bind(mark_every)
+                .bind(MARK_ID)
+                .bind(&stamp)
+                .bind(now)
+                .execute(pool)
+                .await?;
+                sqlx::query("UPDATE revisions SET latest = ?1 WHERE id = 1")
+                    .bind(events)
+                    .execute(pool)
+                    .await?;
             }
         }
         pool.close().await;

@@ -7,6 +7,7 @@
 //! and prints a table (or JSON with --json).
 
 mod db;
+mod interference;
 mod load;
 mod process;
 mod watch;
@@ -56,11 +57,12 @@ struct Args {
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     warmup: Duration,
     /// Workloads to run: merge, get, mix (90% get), ping (a health check:
-    /// the gRPC ceiling), watch.
+    /// the gRPC ceiling), watch, interference (small merges alone, while
+    /// Watch streams replay a long history, and while ~1 MB patches arrive).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "merge,get,mix,ping,watch"
+        default_value = "merge,get,mix,ping,watch,interference"
     )]
     workloads: Vec<String>,
     /// Database connections of the server and of the baseline.
@@ -75,6 +77,19 @@ struct Args {
     /// Length of the Watch run.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     watch_duration: Duration,
+    /// Interference: revisions of event history seeded for the replays.
+    #[arg(long, default_value_t = 200_000)]
+    history: u64,
+    /// Interference: Watch streams replaying the history from revision 1.
+    #[arg(long, default_value_t = 50)]
+    replay_streams: usize,
+    /// Interference: clients sending big Merge patches in a closed loop.
+    #[arg(long, default_value_t = 2)]
+    big_writers: usize,
+    /// Interference: compact JSON size of each big patch (the server's
+    /// --max-request-bytes is 1 MiB by default).
+    #[arg(long, default_value_t = 1_000_000)]
+    big_patch_bytes: usize,
     /// Extra arguments for the server.
     #[arg(long, allow_hyphen_values = true)]
     server_arg: Vec<String>,
@@ -133,9 +148,12 @@ struct WatchRow {
 
 #[derive(Debug, Default, Serialize)]
 struct Report {
+    /// The server binary measured.
+    server: String,
     idle_rss_mb: Option<f64>,
     load: Vec<LoadRow>,
     watch: Vec<WatchRow>,
+    interference: Vec<interference::InterferenceRow>,
 }
 
 fn parse_env(text: &str) -> Result<(String, String), String> {
@@ -221,6 +239,7 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
         args.watchers = 50;
         args.write_rate = 50;
         args.watch_duration = Duration::from_secs(2);
+        args.history = 2_000;
     }
     let workloads: Vec<Workload> = args
         .workloads
@@ -234,6 +253,7 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
         })
         .collect();
     let watch = args.workloads.iter().any(|w| w == "watch");
+    let interfere = args.workloads.iter().any(|w| w == "interference");
     let binary = match &args.server_bin {
         Some(path) => path.clone(),
         None => process::sibling_binary()?,
@@ -244,9 +264,15 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
         .into_iter()
         .chain(args.server_arg.iter().cloned())
         .collect();
-    let mut report = Report::default();
+    let mut report = Report {
+        server: binary.display().to_string(),
+        ..Report::default()
+    };
     let result = async {
         for (round, &ids) in args.ids.iter().enumerate() {
+            if workloads.is_empty() && !watch {
+                break;
+            }
             migrate(&binary, db.url()).await?;
             db.seed(ids).await.context("seeding")?;
             let server =
@@ -294,6 +320,31 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
                 }
             }
             server.stop().await?;
+        }
+        if interfere {
+            // A server of its own, started after the history is in place
+            // (its event dispatcher starts from the newest revision).
+            let ids = args.ids[0];
+            migrate(&binary, db.url()).await?;
+            db.seed(ids).await.context("seeding")?;
+            db.seed_history(args.history, ids, interference::MARK_EVERY)
+                .await
+                .context("seeding the event history")?;
+            let server =
+                ServerProcess::start(&binary, db.url(), &server_args, &args.server_env).await?;
+            let settings = interference::Settings {
+                clients: args.clients[0],
+                ids,
+                warmup: args.warmup,
+                duration: args.duration,
+                history: args.history,
+                replay_streams: args.replay_streams,
+                big_writers: args.big_writers,
+                big_patch_bytes: args.big_patch_bytes,
+            };
+            let rows = interference::run(backend.name(), &server, &settings, !args.json).await;
+            server.stop().await?;
+            report.interference = rows?;
         }
         anyhow::Ok(())
     }
@@ -365,6 +416,18 @@ fn print_table(report: &Report) {
     if let Some(idle) = report.idle_rss_mb {
         println!("server idle RSS: {idle:.1} MB\n");
     }
+    if !report.load.is_empty() {
+        print_load(report);
+    }
+    if !report.watch.is_empty() {
+        print_watch(report);
+    }
+    if !report.interference.is_empty() {
+        print_interference(report);
+    }
+}
+
+fn print_load(report: &Report) {
     println!(
         "{:<9} {:>8} {:>7} {:<6} {:<8} {:>9} {:>7} {:>7} {:>7} {:>8} {:>6} {:>5} {:>7}",
         "backend",
@@ -401,39 +464,78 @@ fn print_table(report: &Report) {
             r.server_rss_mb.map_or(String::new(), |x| format!("{x:.1}")),
         );
     }
-    if !report.watch.is_empty() {
+}
+
+fn print_watch(report: &Report) {
+    println!(
+        "\n{:<9} {:>8} {:>11} {:>7} {:>7} {:>10} {:>6} {:>10} {:>7} {:>7} {:>7} {:>7}",
+        "backend",
+        "replicas",
+        "subscribers",
+        "rate/s",
+        "writes",
+        "delivered",
+        "missed",
+        "disordered",
+        "p50ms",
+        "p99ms",
+        "maxms",
+        "rss MB"
+    );
+    for w in &report.watch {
         println!(
-            "\n{:<9} {:>8} {:>11} {:>7} {:>7} {:>10} {:>6} {:>10} {:>7} {:>7} {:>7} {:>7}",
-            "backend",
-            "replicas",
-            "subscribers",
-            "rate/s",
-            "writes",
-            "delivered",
-            "missed",
-            "disordered",
-            "p50ms",
-            "p99ms",
-            "maxms",
-            "rss MB"
+            "{:<9} {:>8} {:>11} {:>7} {:>7} {:>10} {:>6} {:>10} {:>7.2} {:>7.2} {:>7.2} {:>7.1}",
+            w.backend,
+            w.replicas,
+            w.subscribers,
+            w.write_rate,
+            w.writes,
+            w.delivered,
+            w.missed,
+            w.disordered,
+            w.p50_ms,
+            w.p99_ms,
+            w.max_ms,
+            w.server_rss_mb
         );
-        for w in &report.watch {
-            println!(
-                "{:<9} {:>8} {:>11} {:>7} {:>7} {:>10} {:>6} {:>10} {:>7.2} {:>7.2} {:>7.2} {:>7.1}",
-                w.backend,
-                w.replicas,
-                w.subscribers,
-                w.write_rate,
-                w.writes,
-                w.delivered,
-                w.missed,
-                w.disordered,
-                w.p50_ms,
-                w.p99_ms,
-                w.max_ms,
-                w.server_rss_mb
-            );
-        }
+    }
+}
+
+fn print_interference(report: &Report) {
+    println!(
+        "\nsmall merges (3 keys, closed loop) next to other load; server: {}",
+        report.server
+    );
+    println!(
+        "{:<9} {:>7} {:<12} {:>9} {:>7} {:>7} {:>7} {:>8} {:>9} {:>6} {:>5}  background",
+        "backend",
+        "clients",
+        "condition",
+        "ops/s",
+        "p50ms",
+        "p95ms",
+        "p99ms",
+        "maxms",
+        "p99/alone",
+        "errors",
+        "cpu"
+    );
+    for r in &report.interference {
+        println!(
+            "{:<9} {:>7} {:<12} {:>9.0} {:>7.2} {:>7.2} {:>7.2} {:>8.2} {:>9.2} {:>6} {:>5.2}  {}",
+            r.backend,
+            r.clients,
+            r.condition,
+            r.ops_per_second,
+            r.p50_ms,
+            r.p95_ms,
+            r.p99_ms,
+            r.max_ms,
+            r.p99_vs_alone,
+            r.errors,
+            r.server_cpu_cores,
+            r.background()
+        );
     }
 }
 
@@ -456,6 +558,17 @@ async fn main() -> ExitCode {
             if lost > 0 {
                 eprintln!(
                     "error: {lost} Watch deliveries missed or out of order, or writes failed"
+                );
+                return ExitCode::FAILURE;
+            }
+            let failed: u64 = report
+                .interference
+                .iter()
+                .map(|r| r.errors + r.replay.as_ref().map_or(0, |x| x.stream_errors))
+                .sum();
+            if failed > 0 {
+                eprintln!(
+                    "error: {failed} small Merges or replaying streams failed (interference)"
                 );
                 return ExitCode::FAILURE;
             }
