@@ -19,11 +19,9 @@ use crate::health::DbHealth;
 use crate::http::HttpServer;
 use crate::json::Limits;
 use crate::metrics::Metrics;
-use crate::proto::v1::organization_metadata_service_server::OrganizationMetadataServiceServer;
-use crate::proto::v1::user_metadata_service_server::UserMetadataServiceServer;
 use crate::service::{
-    Admission, Authenticate, Bounds, Metadata, OrganizationService, OrganizationWatch,
-    RequestLayer, Routed, UserService, UserWatch,
+    Admission, ApiKind, Authenticate, Bounds, Handlers, Metadata, Organizations, RequestLayer,
+    Routed, Users,
 };
 use crate::store::{Store, StoreOptions};
 
@@ -204,8 +202,8 @@ pub const LIVENESS: &str = "liveness";
 /// Health names that follow the database and shutdown (readiness).
 const SERVICE_NAMES: &[&str] = &[
     "",
-    <UserMetadataServiceServer<UserService> as tonic::server::NamedService>::NAME,
-    <OrganizationMetadataServiceServer<OrganizationService> as tonic::server::NamedService>::NAME,
+    <<Users as ApiKind>::Server as tonic::server::NamedService>::NAME,
+    <<Organizations as ApiKind>::Server as tonic::server::NamedService>::NAME,
 ];
 
 /// Opens the store, binds `config.listen` (port 0 picks a free port) and
@@ -295,24 +293,8 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
     ));
     let authenticate = Authenticate(config.auth.clone());
     let max = config.max_request_bytes;
-    let users = InterceptedService::new(
-        Routed::<_, UserWatch>::new(
-            UserMetadataServiceServer::new(UserService::new(metadata.clone()))
-                .max_decoding_message_size(max),
-            metadata.clone(),
-            max,
-        ),
-        authenticate.clone(),
-    );
-    let organizations = InterceptedService::new(
-        Routed::<_, OrganizationWatch>::new(
-            OrganizationMetadataServiceServer::new(OrganizationService::new(metadata.clone()))
-                .max_decoding_message_size(max),
-            metadata,
-            max,
-        ),
-        authenticate,
-    );
+    let users = mount::<Users>(&metadata, &authenticate, max);
+    let organizations = mount::<Organizations>(&metadata, &authenticate, max);
 
     // grpcurl 1.8 speaks only v1alpha; newer clients use v1.
     let reflection = || {
@@ -376,6 +358,20 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         broker,
         grace: config.shutdown_grace,
     })
+}
+
+/// One kind's service as served: authenticated, Watch routed to the
+/// encode-once path, everything else to the generated server.
+fn mount<K: ApiKind>(
+    metadata: &Arc<Metadata>,
+    authenticate: &Authenticate,
+    max_request_bytes: usize,
+) -> InterceptedService<Routed<K::Server, K>, Authenticate> {
+    let server = K::server(Handlers::new(metadata.clone()), max_request_bytes);
+    InterceptedService::new(
+        Routed::new(server, metadata.clone(), max_request_bytes),
+        authenticate.clone(),
+    )
 }
 
 /// Accepted connections with TCP_NODELAY: tonic sets it only on listeners

@@ -10,6 +10,7 @@ use metadata_service::json::{
 };
 use metadata_service::model::{Field, Fields, Kind, Mode, WriteCommand};
 use metadata_service::proto::v1::{MergeUserMetadataRequest, ReplaceUserMetadataRequest};
+use metadata_service::service::{ApiKind, Users};
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 use prost_types::Struct;
@@ -472,7 +473,7 @@ proptest! {
             unsafe_metadata: fields[2].as_ref().map(structure),
             expected_version,
         };
-        let command = WriteCommand::try_from(request).expect("valid request converts");
+        let command = Users::merge_command(request).expect("valid request converts");
         let expected: Vec<(Field, Value)> = Field::ALL
             .into_iter()
             .zip(&fields)
@@ -509,7 +510,7 @@ proptest! {
             unsafe_metadata: fields[2].as_ref().map(proto_from_json),
             expected_version: None,
         };
-        let command = WriteCommand::try_from(request).expect("finite values convert");
+        let command = Users::replace_command(request).expect("finite values convert");
         let expected: Vec<(Field, Value)> = Field::ALL
             .into_iter()
             .zip(&fields)

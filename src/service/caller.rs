@@ -34,9 +34,8 @@ impl Interceptor for Authenticate {
 
 /// The caller [`Authenticate`] found; a request that did not pass through it
 /// is a wiring mistake, refused rather than trusted.
-pub fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
-    request
-        .extensions()
+pub fn caller(extensions: &tonic::Extensions) -> Result<Caller, Status> {
+    extensions
         .get::<Caller>()
         .cloned()
         .ok_or_else(|| Status::internal("call was not authenticated"))

@@ -1,25 +1,25 @@
 //! The gRPC services: thin translations between protobuf and [`Metadata`].
 
+mod adapters;
 mod admission;
 mod caller;
 mod error;
-mod organization;
+mod handlers;
+mod kind;
 mod requests;
-mod user;
 mod watch;
 
-pub use admission::{Admission, Bounds};
+pub use admission::{Admission, Bounds, StreamPermit};
 pub use caller::Authenticate;
+pub use handlers::Handlers;
+pub use kind::{ApiKind, Organizations, Users, WriteParts};
 pub use requests::RequestLayer;
-pub use watch::{OrganizationWatch, Routed, UserWatch};
+pub use watch::Routed;
 
 use std::sync::Arc;
 
-pub use organization::OrganizationService;
-pub use user::UserService;
-
 use tokio::sync::mpsc;
-use tonic::{Request, Status};
+use tonic::Status;
 
 use crate::auth::{self, Caller, FieldSet, Operation};
 use crate::events::{Broker, ChangeType, WatchError, WatchItem, WatchRequest};
@@ -144,21 +144,23 @@ impl Metadata {
     }
 }
 
-/// The caller of `request` and the fields it may see, or PERMISSION_DENIED
-/// before any work is done.
-fn authorize<T>(request: &Request<T>) -> Result<(Caller, FieldSet), Status>
-where
-    for<'a> Operation<'a>: From<&'a T>,
-{
-    let caller = caller::caller(request)?;
-    let operation = Operation::from(request.get_ref());
+/// What a Watch call receives: its items, until the stream ends.
+pub type WatchItems = mpsc::Receiver<Result<WatchItem, WatchError>>;
+
+/// The caller (from the request's extensions) and the fields it may see,
+/// or PERMISSION_DENIED before any work is done.
+fn authorize(
+    extensions: &tonic::Extensions,
+    operation: &Operation<'_>,
+) -> Result<(Caller, FieldSet), Status> {
+    let caller = caller::caller(extensions)?;
     // The id is not validated yet: it is escaped wherever it is logged.
     let span = tracing::Span::current();
     span.record("caller", tracing::field::display(&caller));
     if !operation.id.is_empty() {
         span.record("id", tracing::field::display(Escaped(operation.id)));
     }
-    match auth::authorize(&caller, &operation) {
+    match auth::authorize(&caller, operation) {
         Ok(fields) => Ok((caller, fields)),
         Err(denied) => {
             tracing::info!(

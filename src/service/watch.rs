@@ -21,58 +21,23 @@ use tonic::codec::{Codec, EncodeBuf, Encoder};
 use tonic::server::{NamedService, ServerStreamingService};
 use tonic::{Request, Response, Status};
 
-use super::{Metadata, authorize};
-use crate::auth::{Caller, FieldSet};
-use crate::events::{WatchItem, WatchRequest};
-use crate::proto::v1::{
-    WatchOrganizationMetadataRequest, WatchOrganizationMetadataResponse, WatchUserMetadataRequest,
-    WatchUserMetadataResponse,
-};
+use super::Metadata;
+use super::handlers::Handlers;
+use super::kind::ApiKind;
+use crate::events::WatchItem;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send>>;
 
-/// What differs between the user and the organization Watch.
-pub trait WatchKind: Send + Sync + 'static {
-    const PATH: &'static str;
-    type Request: Message + Default + Into<WatchRequest> + Send + 'static;
-    type Response: Message + From<WatchItem>;
-
-    fn authorize(request: &Request<Self::Request>) -> Result<(Caller, FieldSet), Status>;
-
-    /// The encoded response for `item`; an event is encoded on first use.
-    fn encode(item: WatchItem) -> Bytes {
-        match &item {
-            WatchItem::Event(event) => event
-                .wire
-                .clone()
-                .get_or_init(|| Self::Response::from(item).encode_to_vec().into()),
-            WatchItem::Progress(_) => Self::Response::from(item).encode_to_vec().into(),
-        }
-    }
-}
-
-pub struct UserWatch;
-
-impl WatchKind for UserWatch {
-    const PATH: &'static str = "/metadata.v1.UserMetadataService/Watch";
-    type Request = WatchUserMetadataRequest;
-    type Response = WatchUserMetadataResponse;
-
-    fn authorize(request: &Request<Self::Request>) -> Result<(Caller, FieldSet), Status> {
-        authorize(request)
-    }
-}
-
-pub struct OrganizationWatch;
-
-impl WatchKind for OrganizationWatch {
-    const PATH: &'static str = "/metadata.v1.OrganizationMetadataService/Watch";
-    type Request = WatchOrganizationMetadataRequest;
-    type Response = WatchOrganizationMetadataResponse;
-
-    fn authorize(request: &Request<Self::Request>) -> Result<(Caller, FieldSet), Status> {
-        authorize(request)
+/// The encoded response for `item`; an event is encoded on first use and
+/// the bytes shared by every stream that sends it.
+fn encode<K: ApiKind>(item: WatchItem) -> Bytes {
+    match &item {
+        WatchItem::Event(event) => event
+            .wire
+            .clone()
+            .get_or_init(|| K::watch_response(item).encode_to_vec().into()),
+        WatchItem::Progress(_) => K::watch_response(item).encode_to_vec().into(),
     }
 }
 
@@ -114,7 +79,7 @@ impl<S, K> tower::Service<http::Request<Body>> for Routed<S, K>
 where
     S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>,
     S::Future: Send + 'static,
-    K: WatchKind,
+    K: ApiKind,
 {
     type Response = http::Response<Body>;
     type Error = Infallible;
@@ -125,14 +90,11 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        if request.uri().path() != K::PATH {
+        if request.uri().path() != K::WATCH_PATH {
             return Box::pin(self.inner.call(request));
         }
-        let handler = WatchHandler::<K> {
-            metadata: self.metadata.clone(),
-            kind: PhantomData,
-        };
-        let codec = PreEncoded::<K::Request>(PhantomData);
+        let handler = WatchHandler::<K>(Arc::new(Handlers::new(self.metadata.clone())));
+        let codec = PreEncoded::<K::Watch>(PhantomData);
         let max = self.max_request_bytes;
         Box::pin(async move {
             let mut grpc =
@@ -142,25 +104,19 @@ where
     }
 }
 
-struct WatchHandler<K> {
-    metadata: Arc<Metadata>,
-    kind: PhantomData<fn() -> K>,
-}
+struct WatchHandler<K>(Arc<Handlers<K>>);
 
-impl<K: WatchKind> ServerStreamingService<K::Request> for WatchHandler<K> {
+impl<K: ApiKind> ServerStreamingService<K::Watch> for WatchHandler<K> {
     type Response = Bytes;
     type ResponseStream = ByteStream;
     type Future = BoxFuture<Result<Response<ByteStream>, Status>>;
 
-    fn call(&mut self, request: Request<K::Request>) -> Self::Future {
-        let metadata = self.metadata.clone();
+    fn call(&mut self, request: Request<K::Watch>) -> Self::Future {
+        let handlers = self.0.clone();
         Box::pin(async move {
-            K::authorize(&request)?;
-            let (call, permit) = metadata.admission.stream(request.metadata())?;
-            let request: WatchRequest = request.into_inner().into();
-            let items = call.run(metadata.watch(request)).await?;
+            let (items, permit) = handlers.open_watch(request).await?;
             let stream =
-                ReceiverStream::new(items).map(|item| item.map(K::encode).map_err(Status::from));
+                ReceiverStream::new(items).map(|item| item.map(encode::<K>).map_err(Status::from));
             Ok(Response::new(Box::pin(permit.hold(stream)) as ByteStream))
         })
     }
@@ -201,6 +157,8 @@ mod tests {
     use super::*;
     use crate::events::Event;
     use crate::model::{Kind, Record};
+    use crate::proto::v1::WatchUserMetadataResponse;
+    use crate::service::kind::Users;
 
     #[test]
     fn an_event_is_encoded_once_and_as_the_generated_code_would() {
@@ -218,18 +176,14 @@ mod tests {
             committed_at: chrono::Utc::now(),
             wire: Default::default(),
         });
-        let expected =
-            WatchUserMetadataResponse::from(WatchItem::Event(event.clone())).encode_to_vec();
-        let first = UserWatch::encode(WatchItem::Event(event.clone()));
-        let second = UserWatch::encode(WatchItem::Event(event.clone()));
+        let expected = Users::watch_response(WatchItem::Event(event.clone())).encode_to_vec();
+        let first = encode::<Users>(WatchItem::Event(event.clone()));
+        let second = encode::<Users>(WatchItem::Event(event.clone()));
         assert_eq!(first.as_ref(), expected.as_slice());
         // The same buffer: encoded once, shared.
         assert_eq!(first.as_ptr(), second.as_ptr());
-        let progress = UserWatch::encode(WatchItem::Progress(3));
+        let progress = encode::<Users>(WatchItem::Progress(3));
         let decoded = WatchUserMetadataResponse::decode(progress).unwrap();
-        assert_eq!(
-            decoded,
-            WatchUserMetadataResponse::from(WatchItem::Progress(3))
-        );
+        assert_eq!(decoded, Users::watch_response(WatchItem::Progress(3)));
     }
 }

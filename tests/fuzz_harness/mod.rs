@@ -4,8 +4,9 @@
 //! panic: every assert here is an invariant of the service.
 
 use metadata_service::json::{Limits, apply, measure, validate_command};
-use metadata_service::model::{Field, Fields, Mode, WriteCommand};
+use metadata_service::model::{Field, Fields, Mode};
 use metadata_service::proto::v1::{MergeUserMetadataRequest, ReplaceUserMetadataRequest};
+use metadata_service::service::{ApiKind, Users};
 use prost::Message;
 use serde_json::json;
 
@@ -38,12 +39,12 @@ pub fn decode_validate_apply(data: &[u8]) -> Outcome {
     };
     let converted = if selector % 2 == 0 {
         match MergeUserMetadataRequest::decode(body) {
-            Ok(request) => WriteCommand::try_from(request),
+            Ok(request) => Users::merge_command(request),
             Err(_) => return Outcome::Undecodable,
         }
     } else {
         match ReplaceUserMetadataRequest::decode(body) {
-            Ok(request) => WriteCommand::try_from(request),
+            Ok(request) => Users::replace_command(request),
             Err(_) => return Outcome::Undecodable,
         }
     };

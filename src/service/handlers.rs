@@ -1,0 +1,142 @@
+//! The handlers of every RPC, written once for both kinds. Each one: take
+//! the request apart (`kind.rs`), authorize the caller for what it asks,
+//! pass admission, then do the work in [`Metadata`] within the call's
+//! budget. The generated tonic traits delegate here (`adapters.rs`).
+
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use super::kind::{ApiKind, WriteParts};
+use super::{Metadata, authorize};
+use crate::auth::{Action, FieldSet, Operation};
+use crate::convert::{Shown, TreeConvert};
+use crate::model::Mode;
+use crate::store::Sent;
+
+/// A stream of one kind's Watch responses, encoded per stream.
+pub type WatchStream<K> =
+    Pin<Box<dyn Stream<Item = Result<<K as ApiKind>::WatchResponse, Status>> + Send>>;
+
+/// One kind's service: the handlers, over [`Metadata`].
+pub struct Handlers<K> {
+    pub(super) metadata: Arc<Metadata>,
+    kind: PhantomData<fn() -> K>,
+}
+
+impl<K> Handlers<K> {
+    pub fn new(metadata: Arc<Metadata>) -> Self {
+        Handlers {
+            metadata,
+            kind: PhantomData,
+        }
+    }
+}
+
+impl<K: ApiKind> Handlers<K> {
+    pub async fn get(&self, request: Request<K::Get>) -> Result<Response<K::Record>, Status> {
+        let (headers, extensions, message) = request.into_parts();
+        let id = K::get(message);
+        let operation = Operation {
+            kind: K::KIND,
+            action: Action::Get,
+            id: &id,
+            written: FieldSet::NONE,
+        };
+        let (_, fields) = authorize(&extensions, &operation)?;
+        let call = self.metadata.admission.unary(&headers)?;
+        let record = call.run(self.metadata.get(K::KIND, &id)).await?;
+        Ok(Response::new(K::record(Shown { record, fields })))
+    }
+
+    pub async fn merge(&self, request: Request<K::Merge>) -> Result<Response<K::Record>, Status> {
+        let (headers, extensions, message) = request.into_parts();
+        self.write(&headers, &extensions, Mode::Merge, K::merge(message))
+            .await
+    }
+
+    pub async fn replace(
+        &self,
+        request: Request<K::Replace>,
+    ) -> Result<Response<K::Record>, Status> {
+        let (headers, extensions, message) = request.into_parts();
+        self.write(&headers, &extensions, Mode::Replace, K::replace(message))
+            .await
+    }
+
+    async fn write<T: TreeConvert>(
+        &self,
+        headers: &tonic::metadata::MetadataMap,
+        extensions: &tonic::Extensions,
+        mode: Mode,
+        parts: WriteParts<T>,
+    ) -> Result<Response<K::Record>, Status> {
+        let action = match mode {
+            Mode::Merge => Action::Merge,
+            Mode::Replace => Action::Replace,
+        };
+        let (caller, fields) = authorize(extensions, &parts.operation(K::KIND, action))?;
+        let call = self.metadata.admission.unary(headers)?;
+        let command = parts.command(K::KIND, mode)?;
+        let sent = Sent::default();
+        let write = self.metadata.write(&caller, command, sent.clone());
+        let record = call.run_write(&sent, write).await?;
+        Ok(Response::new(K::record(Shown { record, fields })))
+    }
+
+    pub async fn delete(
+        &self,
+        request: Request<K::Delete>,
+    ) -> Result<Response<K::Deleted>, Status> {
+        let (headers, extensions, message) = request.into_parts();
+        let command = K::delete(message);
+        let operation = Operation {
+            kind: K::KIND,
+            action: Action::Delete,
+            id: &command.id,
+            written: FieldSet::ALL,
+        };
+        let (caller, _) = authorize(&extensions, &operation)?;
+        let call = self.metadata.admission.unary(&headers)?;
+        let sent = Sent::default();
+        let delete = self.metadata.delete(&caller, command, sent.clone());
+        let existed = call.run_write(&sent, delete).await?;
+        Ok(Response::new(K::deleted(existed)))
+    }
+
+    /// Watch with each message encoded by its own stream: what the
+    /// generated service serves. The server mounts Watch through
+    /// `watch::Routed` instead, which encodes each event once for all.
+    pub async fn watch(
+        &self,
+        request: Request<K::Watch>,
+    ) -> Result<Response<WatchStream<K>>, Status> {
+        let (items, permit) = self.open_watch(request).await?;
+        let stream = ReceiverStream::new(items)
+            .map(|item| item.map(K::watch_response).map_err(Status::from));
+        Ok(Response::new(Box::pin(permit.hold(stream))))
+    }
+
+    /// Authorizes, admits and starts a Watch; the permit must live as long
+    /// as the stream.
+    pub(super) async fn open_watch(
+        &self,
+        request: Request<K::Watch>,
+    ) -> Result<(super::WatchItems, super::StreamPermit), Status> {
+        let (headers, extensions, message) = request.into_parts();
+        let operation = Operation {
+            kind: K::KIND,
+            action: Action::Watch,
+            id: "",
+            written: FieldSet::NONE,
+        };
+        authorize(&extensions, &operation)?;
+        let (call, permit) = self.metadata.admission.stream(&headers)?;
+        let items = call.run(self.metadata.watch(K::watch(message))).await?;
+        Ok((items, permit))
+    }
+}
