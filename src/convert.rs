@@ -9,10 +9,9 @@ use prost_types::{ListValue, Struct, Timestamp, Value as ProtoValue};
 use serde_json::{Map, Value};
 
 use crate::auth::FieldSet;
-use crate::events::ChangeType;
 use crate::json::{JsonPath, Problem, ValidationError, json_number};
 use crate::json::{Segment, TreeError, within};
-use crate::model::{Field, Record};
+use crate::model::{ChangeType, Field, Record};
 use crate::proto::v1 as pb;
 
 fn json_from_proto(value: ProtoValue) -> Result<Value, TreeError> {

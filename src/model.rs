@@ -171,3 +171,59 @@ pub struct DeleteCommand {
     pub id: String,
     pub expected_version: Option<u64>,
 }
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeType {
+    Merged,
+    Replaced,
+    Deleted,
+}
+
+impl ChangeType {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ChangeType::Merged => "merged",
+            ChangeType::Replaced => "replaced",
+            ChangeType::Deleted => "deleted",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "merged" => Some(ChangeType::Merged),
+            "replaced" => Some(ChangeType::Replaced),
+            "deleted" => Some(ChangeType::Deleted),
+            _ => None,
+        }
+    }
+}
+
+/// One committed change.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    pub revision: u64,
+    pub change: ChangeType,
+    /// The fields whose value differs between `before` and `after`.
+    pub changed_fields: Vec<Field>,
+    pub before: Record,
+    pub after: Record,
+    pub committed_at: DateTime<Utc>,
+}
+
+impl Event {
+    pub fn kind(&self) -> Kind {
+        self.after.kind
+    }
+
+    pub fn id(&self) -> &str {
+        &self.after.id
+    }
+}
+
+/// The fields that differ between two records, in field order.
+pub fn changed_fields(before: &Record, after: &Record) -> Vec<Field> {
+    Field::ALL
+        .into_iter()
+        .filter(|f| before.fields.get(*f) != after.fields.get(*f))
+        .collect()
+}

@@ -26,8 +26,9 @@ use tokio::sync::{Notify, Semaphore, broadcast, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::Event;
+use super::SharedEvent;
 use crate::json::{JsonPath, Problem, ValidationError};
+use crate::model::Event;
 use crate::model::Kind;
 use crate::pause::PausePoint;
 use crate::store::{Claim, Logged, Store, StoreError};
@@ -90,7 +91,7 @@ pub struct WatchRequest {
 
 #[derive(Clone, Debug)]
 pub enum WatchItem {
-    Event(Arc<Event>),
+    Event(Arc<SharedEvent>),
     /// Every event up to this revision has been sent.
     Progress(u64),
 }
@@ -120,7 +121,7 @@ struct Fanout {
     /// The last revision published: every revision up to it is in the
     /// table, and every event above it will be broadcast.
     head: Mutex<u64>,
-    sender: broadcast::Sender<Arc<Event>>,
+    sender: broadcast::Sender<Arc<SharedEvent>>,
     /// Follows `head`, for those who wait for it to move.
     moved: watch::Sender<u64>,
 }
@@ -132,7 +133,7 @@ impl Fanout {
 
     /// A receiver of every event published after this call, and the mark
     /// at that moment.
-    fn subscribe(&self) -> (broadcast::Receiver<Arc<Event>>, u64) {
+    fn subscribe(&self) -> (broadcast::Receiver<Arc<SharedEvent>>, u64) {
         let head = self.head.lock().unwrap_or_else(|e| e.into_inner());
         (self.sender.subscribe(), *head)
     }
@@ -145,7 +146,7 @@ impl Fanout {
             *head = revision;
             if let Some(event) = event {
                 // No receiver is not an error: nobody is watching.
-                let _ = self.sender.send(Arc::new(event));
+                let _ = self.sender.send(Arc::new(SharedEvent::new(event)));
             }
         }
         self.moved.send_replace(revision);
@@ -280,7 +281,7 @@ struct Stream {
     /// Every revision up to here has been sent or filtered out.
     position: u64,
     tx: mpsc::Sender<Result<WatchItem, WatchError>>,
-    live: broadcast::Receiver<Arc<Event>>,
+    live: broadcast::Receiver<Arc<SharedEvent>>,
 }
 
 /// Why a stream stops.
@@ -330,7 +331,7 @@ impl Stream {
     }
 
     /// Sends `event` if it is the stream's next revision and it wants it.
-    async fn deliver(&mut self, event: Arc<Event>) -> Result<(), Stop> {
+    async fn deliver(&mut self, event: Arc<SharedEvent>) -> Result<(), Stop> {
         if event.revision <= self.position {
             return Ok(());
         }
@@ -387,7 +388,7 @@ impl Stream {
             }
             for Logged { revision, event } in entries {
                 match event {
-                    Some(event) => self.deliver(Arc::new(event)).await?,
+                    Some(event) => self.deliver(Arc::new(SharedEvent::new(event))).await?,
                     None => self.position = self.position.max(revision),
                 }
             }

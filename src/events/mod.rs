@@ -13,8 +13,6 @@
 mod broker;
 mod retention;
 
-use chrono::{DateTime, Utc};
-
 pub use retention::prune_periodically;
 
 pub use broker::{
@@ -22,85 +20,40 @@ pub use broker::{
     WatchRequest,
 };
 
-use crate::model::{Field, Kind, Record};
+use std::sync::OnceLock;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ChangeType {
-    Merged,
-    Replaced,
-    Deleted,
+use bytes::Bytes;
+
+use crate::model::Event;
+
+/// An event as the broker shares it with every stream that sends it, with
+/// its wire encoding, made by the first stream and reused by the others
+/// (with a thousand subscribers, encoding per stream was most of the
+/// server's CPU). The domain [`Event`] knows nothing of the encoding.
+#[derive(Debug)]
+pub struct SharedEvent {
+    event: Event,
+    encoded: OnceLock<Bytes>,
 }
 
-impl ChangeType {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            ChangeType::Merged => "merged",
-            ChangeType::Replaced => "replaced",
-            ChangeType::Deleted => "deleted",
+impl SharedEvent {
+    pub fn new(event: Event) -> Self {
+        SharedEvent {
+            event,
+            encoded: OnceLock::new(),
         }
     }
 
-    pub fn parse(text: &str) -> Option<Self> {
-        match text {
-            "merged" => Some(ChangeType::Merged),
-            "replaced" => Some(ChangeType::Replaced),
-            "deleted" => Some(ChangeType::Deleted),
-            _ => None,
-        }
+    /// The encoding of this event, made with `encode` on first use.
+    pub fn encoded(&self, encode: impl FnOnce(&Event) -> Bytes) -> Bytes {
+        self.encoded.get_or_init(|| encode(&self.event)).clone()
     }
 }
 
-/// The protobuf encoding of an event, made by the gRPC layer on its first
-/// delivery and shared by every stream that sends it. A cache, not part of
-/// the event's value: any two compare equal.
-#[derive(Clone, Default)]
-pub struct WireCache(std::sync::Arc<std::sync::OnceLock<bytes::Bytes>>);
+impl std::ops::Deref for SharedEvent {
+    type Target = Event;
 
-impl WireCache {
-    pub fn get_or_init(&self, encode: impl FnOnce() -> bytes::Bytes) -> bytes::Bytes {
-        self.0.get_or_init(encode).clone()
+    fn deref(&self) -> &Event {
+        &self.event
     }
-}
-
-impl PartialEq for WireCache {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
-impl std::fmt::Debug for WireCache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("WireCache")
-    }
-}
-
-/// One committed change.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Event {
-    pub revision: u64,
-    pub change: ChangeType,
-    /// The fields whose value differs between `before` and `after`.
-    pub changed_fields: Vec<Field>,
-    pub before: Record,
-    pub after: Record,
-    pub committed_at: DateTime<Utc>,
-    pub wire: WireCache,
-}
-
-impl Event {
-    pub fn kind(&self) -> Kind {
-        self.after.kind
-    }
-
-    pub fn id(&self) -> &str {
-        &self.after.id
-    }
-}
-
-/// The fields that differ between two records, in field order.
-pub fn changed_fields(before: &Record, after: &Record) -> Vec<Field> {
-    Field::ALL
-        .into_iter()
-        .filter(|f| before.fields.get(*f) != after.fields.get(*f))
-        .collect()
 }

@@ -16,9 +16,9 @@ use prost_types::{Struct, Value as ProtoValue};
 use super::handlers::Handlers;
 use crate::auth::{Action, FieldSet, Operation};
 use crate::convert::{Shown, TreeConvert, timestamp};
-use crate::events::{Event, WatchItem, WatchRequest};
+use crate::events::{WatchItem, WatchRequest};
 use crate::json::ValidationError;
-use crate::model::{DeleteCommand, Field, Kind, Mode, WriteCommand};
+use crate::model::{DeleteCommand, Event, Field, Kind, Mode, WriteCommand};
 use crate::proto::v1::{self as pb, WatchProgress};
 
 /// A Merge or Replace request, taken apart: `T` is `Struct` for Merge and

@@ -22,11 +22,11 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::auth::{self, Caller, FieldSet, Operation};
-use crate::events::{Broker, ChangeType, WatchError, WatchItem, WatchRequest};
+use crate::events::{Broker, WatchError, WatchItem, WatchRequest};
 use crate::json::{self, Limits};
 use crate::logging::Escaped;
 use crate::metrics::Metrics;
-use crate::model::{DeleteCommand, Kind, Mode, Record, WriteCommand};
+use crate::model::{ChangeType, DeleteCommand, Kind, Mode, Record, WriteCommand};
 use crate::store::{Sent, Store, StoreError};
 
 /// What both services do, independent of protobuf: validate, then store.

@@ -33,10 +33,9 @@ type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send>>;
 /// the bytes shared by every stream that sends it.
 fn encode<K: ApiKind>(item: WatchItem) -> Bytes {
     match &item {
-        WatchItem::Event(event) => event
-            .wire
-            .clone()
-            .get_or_init(|| K::watch_response(item).encode_to_vec().into()),
+        WatchItem::Event(event) => {
+            event.encoded(|_| K::watch_response(item.clone()).encode_to_vec().into())
+        }
         WatchItem::Progress(_) => K::watch_response(item).encode_to_vec().into(),
     }
 }
@@ -155,7 +154,8 @@ impl Encoder for BytesEncoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::Event;
+    use crate::events::SharedEvent;
+    use crate::model::{ChangeType, Event};
     use crate::model::{Kind, Record};
     use crate::proto::v1::WatchUserMetadataResponse;
     use crate::service::kind::Users;
@@ -167,15 +167,14 @@ mod tests {
             revision: 7,
             ..Record::empty(Kind::User, "user_1".into())
         };
-        let event = Arc::new(Event {
+        let event = Arc::new(SharedEvent::new(Event {
             revision: 7,
-            change: crate::events::ChangeType::Merged,
+            change: ChangeType::Merged,
             changed_fields: vec![],
             before: Record::empty(Kind::User, "user_1".into()),
             after,
             committed_at: chrono::Utc::now(),
-            wire: Default::default(),
-        });
+        }));
         let expected = Users::watch_response(WatchItem::Event(event.clone())).encode_to_vec();
         let first = encode::<Users>(WatchItem::Event(event.clone()));
         let second = encode::<Users>(WatchItem::Event(event.clone()));

@@ -23,8 +23,7 @@ use serde_json::{Value, json};
 
 use super::entities::{event, revision};
 use super::{Store, StoreError, record_from_parts};
-use crate::events::{ChangeType, Event, changed_fields};
-use crate::model::{Field, Fields, Kind, Record};
+use crate::model::{ChangeType, Event, Field, Fields, Kind, Record, changed_fields};
 
 /// Postgres channel on which every commit is announced to all replicas.
 pub(super) const CHANNEL: &str = "metadata_events";
@@ -273,7 +272,6 @@ fn event_from_row(row: event::Model) -> Result<Event, StoreError> {
         before: from_snapshot(kind, &row.id, row.before)?,
         after: from_snapshot(kind, &row.id, row.after)?,
         committed_at: row.committed_at,
-        wire: Default::default(),
     })
 }
 

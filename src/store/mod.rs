@@ -33,9 +33,8 @@ use tokio::sync::Notify;
 pub use error::{StoreError, redact_url};
 pub use events::{Claim, CommitListener, Logged, take_revision_sql};
 
-use crate::events::ChangeType;
 use crate::json::{ValidationError, canonical_numbers};
-use crate::model::{Fields, Kind, Record};
+use crate::model::{ChangeType, Fields, Kind, Record};
 use crate::pause::PausePoint;
 use entities::metadata::{self as entity, Entity, Model};
 use migration::Migrator;
