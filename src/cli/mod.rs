@@ -25,10 +25,11 @@ use tonic::service::Interceptor;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::convert::proto_from_json;
-use crate::model::Kind;
+use crate::model::{Field, Kind};
 use crate::proto::v1::organization_metadata_service_client::OrganizationMetadataServiceClient;
 use crate::proto::v1::user_metadata_service_client::UserMetadataServiceClient;
-use records::Records;
+use crate::service::{ApiKind, Organizations, Users, WriteParts};
+use records::{Calls, Intercepted};
 
 #[derive(Debug, Args)]
 pub struct ClientCommand {
@@ -88,7 +89,7 @@ pub enum Action {
     Merge {
         id: String,
         #[command(flatten)]
-        values: Values,
+        values: FieldFlags,
         /// Only if the stored version is still this one.
         #[arg(long)]
         expected_version: Option<u64>,
@@ -97,7 +98,7 @@ pub enum Action {
     Replace {
         id: String,
         #[command(flatten)]
-        values: Values,
+        values: FieldFlags,
         #[arg(long)]
         expected_version: Option<u64>,
     },
@@ -121,7 +122,7 @@ pub enum Action {
 
 /// JSON for each field: inline, `@file.json`, or `-` for standard input.
 #[derive(Debug, Args)]
-pub struct Values {
+pub struct FieldFlags {
     #[arg(long)]
     pub public: Option<String>,
     #[arg(long)]
@@ -207,32 +208,22 @@ fn causes(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// The three fields of a write, each given or not.
-struct Fields<T> {
-    public: Option<T>,
-    private: Option<T>,
-    unsafe_: Option<T>,
-}
-
-impl<T> Fields<T> {
-    fn try_map<U>(self, f: impl Fn(&str, T) -> Result<U, Failure>) -> Result<Fields<U>, Failure> {
-        let one = |flag: &str, value: Option<T>| value.map(|v| f(flag, v)).transpose();
-        Ok(Fields {
-            public: one("public", self.public)?,
-            private: one("private", self.private)?,
-            unsafe_: one("unsafe", self.unsafe_)?,
-        })
-    }
-}
-
-fn parse_values(kind: Kind, values: &Values) -> Result<Fields<Value>, Failure> {
-    if kind == Kind::Organization && values.unsafe_.is_some() {
-        return Err(Failure::Input(
-            "--unsafe: organizations have no unsafe metadata".into(),
-        ));
+/// The fields a write gives, parsed from their flags and converted with
+/// `convert` (which gets the flag's name for its messages).
+fn write_parts<K: ApiKind, T>(
+    id: String,
+    flags: &FieldFlags,
+    expected_version: Option<u64>,
+    convert: impl Fn(&str, Value) -> Result<T, Failure>,
+) -> Result<WriteParts<T>, Failure> {
+    if flags.unsafe_.is_some() && !K::FIELDS.contains(&Field::Unsafe) {
+        return Err(Failure::Input(format!(
+            "--unsafe: {}s have no unsafe metadata",
+            K::KIND.as_str()
+        )));
     }
     let mut stdin_used = false;
-    let mut parse = |flag: &str, text: &Option<String>| -> Result<Option<Value>, Failure> {
+    let mut parse = |flag: &str, text: &Option<String>| -> Result<Option<T>, Failure> {
         let Some(text) = text else { return Ok(None) };
         let source = if text == "-" {
             if std::mem::replace(&mut stdin_used, true) {
@@ -252,14 +243,16 @@ fn parse_values(kind: Kind, values: &Values) -> Result<Fields<Value>, Failure> {
             text.clone()
         };
         // serde_json's message ends with the line and column.
-        serde_json::from_str(&source)
-            .map(Some)
-            .map_err(|e| Failure::Input(format!("--{flag}: invalid JSON: {e}")))
+        let value = serde_json::from_str(&source)
+            .map_err(|e| Failure::Input(format!("--{flag}: invalid JSON: {e}")))?;
+        convert(flag, value).map(Some)
     };
-    Ok(Fields {
-        public: parse("public", &values.public)?,
-        private: parse("private", &values.private)?,
-        unsafe_: parse("unsafe", &values.unsafe_)?,
+    Ok(WriteParts {
+        id,
+        public: parse("public", &flags.public)?,
+        private: parse("private", &flags.private)?,
+        unsafe_: parse("unsafe", &flags.unsafe_)?,
+        expected_version,
     })
 }
 
@@ -279,16 +272,8 @@ enum Call {
     Get {
         id: String,
     },
-    Merge {
-        id: String,
-        fields: Fields<prost_types::Struct>,
-        expected: Option<u64>,
-    },
-    Replace {
-        id: String,
-        fields: Fields<prost_types::Value>,
-        expected: Option<u64>,
-    },
+    Merge(WriteParts<prost_types::Struct>),
+    Replace(WriteParts<prost_types::Value>),
     Delete {
         id: String,
         expected: Option<u64>,
@@ -300,27 +285,24 @@ enum Call {
     },
 }
 
-fn prepare(kind: Kind, action: Action) -> Result<Call, Failure> {
+fn prepare<K: ApiKind>(action: Action) -> Result<Call, Failure> {
     Ok(match action {
         Action::Get { id } => Call::Get { id },
         Action::Merge {
             id,
             values,
             expected_version,
-        } => Call::Merge {
-            id,
-            fields: parse_values(kind, &values)?.try_map(patch)?,
-            expected: expected_version,
-        },
+        } => Call::Merge(write_parts::<K, _>(id, &values, expected_version, patch)?),
         Action::Replace {
             id,
             values,
             expected_version,
-        } => Call::Replace {
+        } => Call::Replace(write_parts::<K, _>(
             id,
-            fields: parse_values(kind, &values)?.try_map(|_, v| Ok(proto_from_json(&v)))?,
-            expected: expected_version,
-        },
+            &values,
+            expected_version,
+            |_, v| Ok(proto_from_json(&v)),
+        )?),
         Action::Delete {
             id,
             expected_version,
@@ -390,64 +372,53 @@ async fn connect(connection: &Connection) -> Result<(Channel, Bearer), Failure> 
 }
 
 async fn execute(kind: Kind, command: ClientCommand) -> Result<(), Failure> {
-    // Every value is parsed and checked before anything is sent.
-    let call = prepare(kind, command.action)?;
-    let (channel, bearer) = connect(&command.connection).await?;
-    let pretty = std::io::stdout().is_terminal();
     match kind {
-        Kind::User => {
-            let client = UserMetadataServiceClient::with_interceptor(channel, bearer);
-            perform(client, call, pretty).await
-        }
+        Kind::User => execute_as::<Users, UserMetadataServiceClient<Intercepted>>(command).await,
         Kind::Organization => {
-            let client = OrganizationMetadataServiceClient::with_interceptor(channel, bearer);
-            perform(client, call, pretty).await
+            execute_as::<Organizations, OrganizationMetadataServiceClient<Intercepted>>(command)
+                .await
         }
     }
 }
 
-/// One flow for both kinds; [`Records`] hides the generated types.
-async fn perform(mut records: impl Records, call: Call, pretty: bool) -> Result<(), Failure> {
-    let record = match call {
-        Call::Get { id } => records.get(id).await,
-        Call::Merge {
-            id,
-            fields,
-            expected,
-        } => records.merge(id, fields, expected).await,
-        Call::Replace {
-            id,
-            fields,
-            expected,
-        } => records.replace(id, fields, expected).await,
-        Call::Delete { id, expected } => records
-            .delete(id, expected)
+/// One flow for both kinds: [`ApiKind`] builds and reads the messages,
+/// [`Calls`] makes the calls.
+async fn execute_as<K: ApiKind, C: Calls<K>>(command: ClientCommand) -> Result<(), Failure> {
+    // Every value is parsed and checked before anything is sent.
+    let call = prepare::<K>(command.action)?;
+    let (channel, bearer) = connect(&command.connection).await?;
+    let pretty = std::io::stdout().is_terminal();
+    let mut client = C::connect(channel, bearer);
+    let printed = |record: K::Record| output::record(K::KIND, &K::record_view(record));
+    let result = match call {
+        Call::Get { id } => client.get(K::get_request(id)).await.map(printed),
+        Call::Merge(parts) => client.merge(K::merge_request(parts)).await.map(printed),
+        Call::Replace(parts) => client.replace(K::replace_request(parts)).await.map(printed),
+        Call::Delete { id, expected } => client
+            .delete(K::delete_request(id, expected))
             .await
-            .map(|existed| serde_json::json!({ "existed": existed })),
+            .map(|deleted| serde_json::json!({ "existed": K::existed(deleted) })),
         Call::Watch {
             ids,
             from_revision,
             max_events,
         } => {
-            let mut events = records
-                .watch(ids, from_revision)
-                .await
-                .map_err(first_call)?;
+            let request = K::watch_request(from_revision, ids, false);
+            let mut responses = client.watch(request).await.map_err(first_call)?;
             let mut printed = 0;
             while max_events.is_none_or(|max| printed < max) {
-                match events.next().await.transpose()? {
-                    None => break,
-                    // Progress messages are not printed.
-                    Some(None) => {}
-                    Some(Some(event)) => {
-                        output::print(&event, false);
-                        printed += 1;
-                    }
+                let Some(response) = responses.next().await.transpose()? else {
+                    break;
+                };
+                // Progress messages are not printed.
+                if let Some(event) = K::event_view(response) {
+                    output::print(&output::event(K::KIND, &event), false);
+                    printed += 1;
                 }
             }
             return Ok(());
         }
     };
-    output::print(&record.map_err(first_call)?, pretty);
+    output::print(&result.map_err(first_call)?, pretty);
     Ok(())
 }

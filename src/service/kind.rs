@@ -6,9 +6,10 @@
 //! here. Everything else, the handlers included, is written once for both
 //! kinds (`handlers.rs`), over the kind-neutral parts below.
 //!
-//! Organizations have no unsafe metadata: their messages have no such
-//! field, and [`Organizations`] is the one place that says so (its parts
-//! carry `unsafe_: None`, its records and events leave it out).
+//! Both implementations come from one macro, `api_kind!`, given each
+//! kind's message and field names. Organizations have no unsafe metadata:
+//! their invocation is the one place that says so (it names no unsafe
+//! field, so their parts carry `unsafe_: None` and their records none).
 
 use prost::Message;
 use prost_types::{Struct, Value as ProtoValue};
@@ -20,6 +21,7 @@ use crate::events::{WatchItem, WatchRequest};
 use crate::json::ValidationError;
 use crate::model::{DeleteCommand, Event, Field, Kind, Mode, WriteCommand};
 use crate::proto::v1::{self as pb, WatchProgress};
+use prost_types::Timestamp;
 
 /// A Merge or Replace request, taken apart: `T` is `Struct` for Merge and
 /// `Value` for Replace.
@@ -78,9 +80,35 @@ impl<T> WriteParts<T> {
     }
 }
 
+/// A record as received, whatever its kind: for printing it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RecordView {
+    pub id: String,
+    /// Each field this kind has, and its value if the caller may see it.
+    pub fields: Vec<(Field, Option<ProtoValue>)>,
+    pub version: u64,
+    pub revision: u64,
+    pub created_at: Option<Timestamp>,
+    pub updated_at: Option<Timestamp>,
+}
+
+/// An event as received, whatever its kind.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EventView {
+    pub revision: u64,
+    pub change_type: i32,
+    pub id: String,
+    pub changed_fields: Vec<String>,
+    pub before: Option<RecordView>,
+    pub after: Option<RecordView>,
+    pub committed_at: Option<Timestamp>,
+}
+
 /// One kind's API. Implemented by [`Users`] and [`Organizations`].
 pub trait ApiKind: Sized + Send + Sync + 'static {
     const KIND: Kind;
+    /// The metadata fields this kind has.
+    const FIELDS: &'static [Field];
     /// The gRPC path of Watch (served by `watch::Routed`).
     const WATCH_PATH: &'static str;
 
@@ -96,10 +124,6 @@ pub trait ApiKind: Sized + Send + Sync + 'static {
         + Sync
         + 'static;
 
-    /// The generated server over `handlers`, refusing requests larger than
-    /// `max_request_bytes` before decoding them.
-    fn server(handlers: Handlers<Self>, max_request_bytes: usize) -> Self::Server;
-
     type Record: Message + Send + 'static;
     type Get: Message + Default + Send + 'static;
     type Merge: Message + Default + Send + 'static;
@@ -109,16 +133,34 @@ pub trait ApiKind: Sized + Send + Sync + 'static {
     type Watch: Message + Default + Send + 'static;
     type WatchResponse: Message + Send + 'static;
 
+    /// The generated server over `handlers`, refusing requests larger than
+    /// `max_request_bytes` before decoding them.
+    fn server(handlers: Handlers<Self>, max_request_bytes: usize) -> Self::Server;
+
+    // Requests taken apart (the server).
     fn get(request: Self::Get) -> String;
     fn merge(request: Self::Merge) -> WriteParts<Struct>;
     fn replace(request: Self::Replace) -> WriteParts<ProtoValue>;
     fn delete(request: Self::Delete) -> DeleteCommand;
     fn watch(request: Self::Watch) -> WatchRequest;
 
+    // Responses built (the server).
     fn deleted(existed: bool) -> Self::Deleted;
     /// A record as the caller may see it.
     fn record(shown: Shown) -> Self::Record;
     fn watch_response(item: WatchItem) -> Self::WatchResponse;
+
+    // Requests built and responses taken apart (the client).
+    fn get_request(id: String) -> Self::Get;
+    /// `parts.unsafe_` is dropped for a kind without unsafe metadata.
+    fn merge_request(parts: WriteParts<Struct>) -> Self::Merge;
+    fn replace_request(parts: WriteParts<ProtoValue>) -> Self::Replace;
+    fn delete_request(id: String, expected_version: Option<u64>) -> Self::Delete;
+    fn watch_request(start_revision: u64, ids: Vec<String>, progress_notify: bool) -> Self::Watch;
+    fn existed(response: Self::Deleted) -> bool;
+    fn record_view(record: Self::Record) -> RecordView;
+    /// The event of a Watch response; None for progress.
+    fn event_view(response: Self::WatchResponse) -> Option<EventView>;
 
     /// A Merge request as the command it asks for.
     fn merge_command(request: Self::Merge) -> Result<WriteCommand, ValidationError> {
@@ -149,247 +191,284 @@ fn change_type(event: &Event) -> i32 {
     pb::ChangeType::from(event.change).into()
 }
 
-impl ApiKind for Users {
-    type Server = pb::user_metadata_service_server::UserMetadataServiceServer<Handlers<Self>>;
-
-    fn server(handlers: Handlers<Self>, max_request_bytes: usize) -> Self::Server {
-        pb::user_metadata_service_server::UserMetadataServiceServer::new(handlers)
-            .max_decoding_message_size(max_request_bytes)
-    }
-
-    const KIND: Kind = Kind::User;
-    const WATCH_PATH: &'static str = "/metadata.v1.UserMetadataService/Watch";
-
-    type Record = pb::UserMetadata;
-    type Get = pb::GetUserMetadataRequest;
-    type Merge = pb::MergeUserMetadataRequest;
-    type Replace = pb::ReplaceUserMetadataRequest;
-    type Delete = pb::DeleteUserMetadataRequest;
-    type Deleted = pb::DeleteUserMetadataResponse;
-    type Watch = pb::WatchUserMetadataRequest;
-    type WatchResponse = pb::WatchUserMetadataResponse;
-
-    fn get(request: Self::Get) -> String {
-        let pb::GetUserMetadataRequest { user_id } = request;
-        user_id
-    }
-
-    fn merge(request: Self::Merge) -> WriteParts<Struct> {
-        let pb::MergeUserMetadataRequest {
-            user_id,
-            public_metadata,
-            private_metadata,
-            unsafe_metadata,
-            expected_version,
-        } = request;
-        WriteParts {
-            id: user_id,
-            public: public_metadata,
-            private: private_metadata,
-            unsafe_: unsafe_metadata,
-            expected_version,
-        }
-    }
-
-    fn replace(request: Self::Replace) -> WriteParts<ProtoValue> {
-        let pb::ReplaceUserMetadataRequest {
-            user_id,
-            public_metadata,
-            private_metadata,
-            unsafe_metadata,
-            expected_version,
-        } = request;
-        WriteParts {
-            id: user_id,
-            public: public_metadata,
-            private: private_metadata,
-            unsafe_: unsafe_metadata,
-            expected_version,
-        }
-    }
-
-    fn delete(request: Self::Delete) -> DeleteCommand {
-        let pb::DeleteUserMetadataRequest {
-            user_id,
-            expected_version,
-        } = request;
-        DeleteCommand {
-            kind: Self::KIND,
-            id: user_id,
-            expected_version,
-        }
-    }
-
-    fn watch(request: Self::Watch) -> WatchRequest {
-        let pb::WatchUserMetadataRequest {
-            start_revision,
-            user_ids,
-            progress_notify,
-        } = request;
-        WatchRequest {
-            kind: Self::KIND,
-            start_revision,
-            ids: user_ids.into_iter().collect(),
-            progress_notify,
-        }
-    }
-
-    fn deleted(existed: bool) -> Self::Deleted {
-        pb::DeleteUserMetadataResponse { existed }
-    }
-
-    fn record(shown: Shown) -> Self::Record {
-        pb::UserMetadata {
-            public_metadata: shown.field(Field::Public),
-            private_metadata: shown.field(Field::Private),
-            unsafe_metadata: shown.field(Field::Unsafe),
-            user_id: shown.record.id,
-            version: shown.record.version,
-            created_at: shown.record.created_at.map(timestamp),
-            updated_at: shown.record.updated_at.map(timestamp),
-            revision: shown.record.revision,
-        }
-    }
-
-    fn watch_response(item: WatchItem) -> Self::WatchResponse {
-        use pb::watch_user_metadata_response::Response;
-        let response = match item {
-            WatchItem::Event(event) => Response::Event(pb::UserMetadataEvent {
-                revision: event.revision,
-                change_type: change_type(&event),
-                user_id: event.id().to_owned(),
-                changed_fields: changed_fields(&event),
-                before: Some(Self::record(Shown::all(event.before.clone()))),
-                after: Some(Self::record(Shown::all(event.after.clone()))),
-                committed_at: Some(timestamp(event.committed_at)),
-            }),
-            WatchItem::Progress(revision) => Response::Progress(WatchProgress { revision }),
-        };
-        pb::WatchUserMetadataResponse {
-            response: Some(response),
-        }
-    }
+/// `Field::Unsafe`, for a kind that names its unsafe field.
+macro_rules! unsafe_field {
+    ($name:ident) => {
+        Field::Unsafe
+    };
 }
 
-impl ApiKind for Organizations {
-    type Server =
-        pb::organization_metadata_service_server::OrganizationMetadataServiceServer<Handlers<Self>>;
+/// Implements [`ApiKind`] for `$api` from its names. Every message is
+/// destructured or built with all its fields named: a field added to the
+/// proto is a compile error (E0027 or E0063) here until it is handled.
+macro_rules! api_kind {
+    (
+        $api:ident, $kind:expr, $watch_path:literal, $server_module:ident :: $server:ident,
+        record: $record:ident, get: $get:ident, merge: $merge:ident, replace: $replace:ident,
+        delete: $delete:ident, deleted: $deleted:ident, watch: $watch:ident,
+        watch_response: $watch_response:ident :: $response_module:ident, event: $event:ident,
+        id: $id:ident, ids: $ids:ident $(, unsafe: $unsafe:ident)?
+    ) => {
+        impl ApiKind for $api {
+            const KIND: Kind = $kind;
+            const FIELDS: &'static [Field] =
+                &[Field::Public, Field::Private $(, unsafe_field!($unsafe))?];
+            const WATCH_PATH: &'static str = $watch_path;
 
-    fn server(handlers: Handlers<Self>, max_request_bytes: usize) -> Self::Server {
-        pb::organization_metadata_service_server::OrganizationMetadataServiceServer::new(handlers)
-            .max_decoding_message_size(max_request_bytes)
-    }
+            type Server = pb::$server_module::$server<Handlers<Self>>;
+            type Record = pb::$record;
+            type Get = pb::$get;
+            type Merge = pb::$merge;
+            type Replace = pb::$replace;
+            type Delete = pb::$delete;
+            type Deleted = pb::$deleted;
+            type Watch = pb::$watch;
+            type WatchResponse = pb::$watch_response;
 
-    const KIND: Kind = Kind::Organization;
-    const WATCH_PATH: &'static str = "/metadata.v1.OrganizationMetadataService/Watch";
+            fn server(handlers: Handlers<Self>, max_request_bytes: usize) -> Self::Server {
+                pb::$server_module::$server::new(handlers)
+                    .max_decoding_message_size(max_request_bytes)
+            }
 
-    type Record = pb::OrganizationMetadata;
-    type Get = pb::GetOrganizationMetadataRequest;
-    type Merge = pb::MergeOrganizationMetadataRequest;
-    type Replace = pb::ReplaceOrganizationMetadataRequest;
-    type Delete = pb::DeleteOrganizationMetadataRequest;
-    type Deleted = pb::DeleteOrganizationMetadataResponse;
-    type Watch = pb::WatchOrganizationMetadataRequest;
-    type WatchResponse = pb::WatchOrganizationMetadataResponse;
+            fn get(request: Self::Get) -> String {
+                let pb::$get { $id } = request;
+                $id
+            }
 
-    fn get(request: Self::Get) -> String {
-        let pb::GetOrganizationMetadataRequest { organization_id } = request;
-        organization_id
-    }
+            fn merge(request: Self::Merge) -> WriteParts<Struct> {
+                let pb::$merge {
+                    $id,
+                    public_metadata,
+                    private_metadata,
+                    $($unsafe,)?
+                    expected_version,
+                } = request;
+                WriteParts {
+                    id: $id,
+                    public: public_metadata,
+                    private: private_metadata,
+                    unsafe_: None $(.or($unsafe))?,
+                    expected_version,
+                }
+            }
 
-    fn merge(request: Self::Merge) -> WriteParts<Struct> {
-        let pb::MergeOrganizationMetadataRequest {
-            organization_id,
-            public_metadata,
-            private_metadata,
-            expected_version,
-        } = request;
-        WriteParts {
-            id: organization_id,
-            public: public_metadata,
-            private: private_metadata,
-            unsafe_: None,
-            expected_version,
+            fn replace(request: Self::Replace) -> WriteParts<ProtoValue> {
+                let pb::$replace {
+                    $id,
+                    public_metadata,
+                    private_metadata,
+                    $($unsafe,)?
+                    expected_version,
+                } = request;
+                WriteParts {
+                    id: $id,
+                    public: public_metadata,
+                    private: private_metadata,
+                    unsafe_: None $(.or($unsafe))?,
+                    expected_version,
+                }
+            }
+
+            fn delete(request: Self::Delete) -> DeleteCommand {
+                let pb::$delete { $id, expected_version } = request;
+                DeleteCommand {
+                    kind: Self::KIND,
+                    id: $id,
+                    expected_version,
+                }
+            }
+
+            fn watch(request: Self::Watch) -> WatchRequest {
+                let pb::$watch {
+                    start_revision,
+                    $ids,
+                    progress_notify,
+                } = request;
+                WatchRequest {
+                    kind: Self::KIND,
+                    start_revision,
+                    ids: $ids.into_iter().collect(),
+                    progress_notify,
+                }
+            }
+
+            fn deleted(existed: bool) -> Self::Deleted {
+                pb::$deleted { existed }
+            }
+
+            fn record(shown: Shown) -> Self::Record {
+                pb::$record {
+                    public_metadata: shown.field(Field::Public),
+                    private_metadata: shown.field(Field::Private),
+                    $($unsafe: shown.field(Field::Unsafe),)?
+                    $id: shown.record.id,
+                    version: shown.record.version,
+                    created_at: shown.record.created_at.map(timestamp),
+                    updated_at: shown.record.updated_at.map(timestamp),
+                    revision: shown.record.revision,
+                }
+            }
+
+            fn watch_response(item: WatchItem) -> Self::WatchResponse {
+                use pb::$response_module::Response;
+                let response = match item {
+                    WatchItem::Event(event) => Response::Event(pb::$event {
+                        revision: event.revision,
+                        change_type: change_type(&event),
+                        $id: event.id().to_owned(),
+                        changed_fields: changed_fields(&event),
+                        before: Some(Self::record(Shown::all(event.before.clone()))),
+                        after: Some(Self::record(Shown::all(event.after.clone()))),
+                        committed_at: Some(timestamp(event.committed_at)),
+                    }),
+                    WatchItem::Progress(revision) => {
+                        Response::Progress(WatchProgress { revision })
+                    }
+                };
+                pb::$watch_response {
+                    response: Some(response),
+                }
+            }
+
+            fn get_request(id: String) -> Self::Get {
+                pb::$get { $id: id }
+            }
+
+            fn merge_request(parts: WriteParts<Struct>) -> Self::Merge {
+                let WriteParts {
+                    id,
+                    public,
+                    private,
+                    unsafe_,
+                    expected_version,
+                } = parts;
+                let _ = &unsafe_;
+                pb::$merge {
+                    $id: id,
+                    public_metadata: public,
+                    private_metadata: private,
+                    $($unsafe: unsafe_,)?
+                    expected_version,
+                }
+            }
+
+            fn replace_request(parts: WriteParts<ProtoValue>) -> Self::Replace {
+                let WriteParts {
+                    id,
+                    public,
+                    private,
+                    unsafe_,
+                    expected_version,
+                } = parts;
+                let _ = &unsafe_;
+                pb::$replace {
+                    $id: id,
+                    public_metadata: public,
+                    private_metadata: private,
+                    $($unsafe: unsafe_,)?
+                    expected_version,
+                }
+            }
+
+            fn delete_request(id: String, expected_version: Option<u64>) -> Self::Delete {
+                pb::$delete {
+                    $id: id,
+                    expected_version,
+                }
+            }
+
+            fn watch_request(
+                start_revision: u64,
+                ids: Vec<String>,
+                progress_notify: bool,
+            ) -> Self::Watch {
+                pb::$watch {
+                    start_revision,
+                    $ids: ids,
+                    progress_notify,
+                }
+            }
+
+            fn existed(response: Self::Deleted) -> bool {
+                let pb::$deleted { existed } = response;
+                existed
+            }
+
+            fn record_view(record: Self::Record) -> RecordView {
+                let pb::$record {
+                    $id,
+                    public_metadata,
+                    private_metadata,
+                    $($unsafe,)?
+                    version,
+                    created_at,
+                    updated_at,
+                    revision,
+                } = record;
+                let fields = vec![
+                    (Field::Public, public_metadata),
+                    (Field::Private, private_metadata),
+                    $((Field::Unsafe, $unsafe),)?
+                ];
+                RecordView {
+                    id: $id,
+                    fields,
+                    version,
+                    revision,
+                    created_at,
+                    updated_at,
+                }
+            }
+
+            fn event_view(response: Self::WatchResponse) -> Option<EventView> {
+                use pb::$response_module::Response;
+                let pb::$watch_response { response } = response;
+                let Some(Response::Event(event)) = response else {
+                    return None;
+                };
+                let pb::$event {
+                    revision,
+                    change_type,
+                    $id,
+                    changed_fields,
+                    before,
+                    after,
+                    committed_at,
+                } = event;
+                Some(EventView {
+                    revision,
+                    change_type,
+                    id: $id,
+                    changed_fields,
+                    before: before.map(Self::record_view),
+                    after: after.map(Self::record_view),
+                    committed_at,
+                })
+            }
         }
-    }
-
-    fn replace(request: Self::Replace) -> WriteParts<ProtoValue> {
-        let pb::ReplaceOrganizationMetadataRequest {
-            organization_id,
-            public_metadata,
-            private_metadata,
-            expected_version,
-        } = request;
-        WriteParts {
-            id: organization_id,
-            public: public_metadata,
-            private: private_metadata,
-            unsafe_: None,
-            expected_version,
-        }
-    }
-
-    fn delete(request: Self::Delete) -> DeleteCommand {
-        let pb::DeleteOrganizationMetadataRequest {
-            organization_id,
-            expected_version,
-        } = request;
-        DeleteCommand {
-            kind: Self::KIND,
-            id: organization_id,
-            expected_version,
-        }
-    }
-
-    fn watch(request: Self::Watch) -> WatchRequest {
-        let pb::WatchOrganizationMetadataRequest {
-            start_revision,
-            organization_ids,
-            progress_notify,
-        } = request;
-        WatchRequest {
-            kind: Self::KIND,
-            start_revision,
-            ids: organization_ids.into_iter().collect(),
-            progress_notify,
-        }
-    }
-
-    fn deleted(existed: bool) -> Self::Deleted {
-        pb::DeleteOrganizationMetadataResponse { existed }
-    }
-
-    fn record(shown: Shown) -> Self::Record {
-        pb::OrganizationMetadata {
-            public_metadata: shown.field(Field::Public),
-            private_metadata: shown.field(Field::Private),
-            organization_id: shown.record.id,
-            version: shown.record.version,
-            created_at: shown.record.created_at.map(timestamp),
-            updated_at: shown.record.updated_at.map(timestamp),
-            revision: shown.record.revision,
-        }
-    }
-
-    fn watch_response(item: WatchItem) -> Self::WatchResponse {
-        use pb::watch_organization_metadata_response::Response;
-        let response = match item {
-            WatchItem::Event(event) => Response::Event(pb::OrganizationMetadataEvent {
-                revision: event.revision,
-                change_type: change_type(&event),
-                organization_id: event.id().to_owned(),
-                changed_fields: changed_fields(&event),
-                before: Some(Self::record(Shown::all(event.before.clone()))),
-                after: Some(Self::record(Shown::all(event.after.clone()))),
-                committed_at: Some(timestamp(event.committed_at)),
-            }),
-            WatchItem::Progress(revision) => Response::Progress(WatchProgress { revision }),
-        };
-        pb::WatchOrganizationMetadataResponse {
-            response: Some(response),
-        }
-    }
+    };
 }
+
+api_kind!(
+    Users, Kind::User, "/metadata.v1.UserMetadataService/Watch",
+    user_metadata_service_server::UserMetadataServiceServer,
+    record: UserMetadata, get: GetUserMetadataRequest, merge: MergeUserMetadataRequest,
+    replace: ReplaceUserMetadataRequest, delete: DeleteUserMetadataRequest,
+    deleted: DeleteUserMetadataResponse, watch: WatchUserMetadataRequest,
+    watch_response: WatchUserMetadataResponse::watch_user_metadata_response,
+    event: UserMetadataEvent, id: user_id, ids: user_ids, unsafe: unsafe_metadata
+);
+
+api_kind!(
+    Organizations, Kind::Organization, "/metadata.v1.OrganizationMetadataService/Watch",
+    organization_metadata_service_server::OrganizationMetadataServiceServer,
+    record: OrganizationMetadata, get: GetOrganizationMetadataRequest,
+    merge: MergeOrganizationMetadataRequest, replace: ReplaceOrganizationMetadataRequest,
+    delete: DeleteOrganizationMetadataRequest, deleted: DeleteOrganizationMetadataResponse,
+    watch: WatchOrganizationMetadataRequest,
+    watch_response: WatchOrganizationMetadataResponse::watch_organization_metadata_response,
+    event: OrganizationMetadataEvent, id: organization_id, ids: organization_ids
+);
 
 #[cfg(test)]
 mod tests {

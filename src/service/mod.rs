@@ -12,7 +12,7 @@ mod watch;
 pub use admission::{Admission, Bounds, StreamPermit};
 pub use caller::Authenticate;
 pub use handlers::Handlers;
-pub use kind::{ApiKind, Organizations, Users, WriteParts};
+pub use kind::{ApiKind, EventView, Organizations, RecordView, Users, WriteParts};
 pub use requests::RequestLayer;
 pub use watch::Routed;
 
