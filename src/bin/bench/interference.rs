@@ -12,7 +12,9 @@
 //!   revision 1, so every stream is replaying for the whole measured time.
 //! - Each big-patch sender merges one patch of ~1 MB of JSON (1,000 keys of
 //!   ~1 KB strings, in public_metadata) into a random id, in a closed loop,
-//!   and counts the outcomes by status code.
+//!   and counts the outcomes by status code; then again paced to a fixed
+//!   rate (`--big-rate`), so that a server that refuses them sooner does
+//!   not simply receive more of them.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -35,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::db::{MARK_ID, id};
 use crate::load::{self, Measured, Workload, latency_histogram};
-use crate::process::{ServerProcess, channel};
+use crate::process::{ServerProcess, Usage, channel};
 
 /// A mark every this many revisions of the seeded history.
 pub const MARK_EVERY: u64 = 1000;
@@ -48,19 +50,22 @@ const STREAMS_PER_CONNECTION: usize = 10;
 const BIG_PATCH_KEYS: usize = 1000;
 
 /// What runs next to the small Merges.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Condition {
     Alone,
     Replay,
-    BigPatches,
+    /// Big patches as fast as the senders can (closed loop), or at most
+    /// this many per second in all.
+    BigPatches(Option<f64>),
 }
 
 impl Condition {
-    fn name(self) -> &'static str {
+    fn name(self) -> String {
         match self {
-            Condition::Alone => "alone",
-            Condition::Replay => "replay",
-            Condition::BigPatches => "big-patches",
+            Condition::Alone => "alone".into(),
+            Condition::Replay => "replay".into(),
+            Condition::BigPatches(None) => "big-max".into(),
+            Condition::BigPatches(Some(rate)) => format!("big-{rate}/s"),
         }
     }
 }
@@ -77,6 +82,8 @@ pub struct Settings {
     pub big_writers: usize,
     /// Compact JSON size of each big patch.
     pub big_patch_bytes: usize,
+    /// Also run the big patches paced to this many per second in all.
+    pub big_rate: Option<f64>,
 }
 
 /// What the replaying streams did during the measured time.
@@ -102,6 +109,8 @@ pub struct ReplayCounts {
 #[derive(Debug, Serialize)]
 pub struct BigPatchCounts {
     pub senders: usize,
+    /// None: closed loop.
+    pub rate_limit: Option<f64>,
     pub patch_json_bytes: usize,
     pub request_bytes: usize,
     pub sent: u64,
@@ -116,7 +125,7 @@ pub struct BigPatchCounts {
 pub struct InterferenceRow {
     pub backend: &'static str,
     pub clients: usize,
-    pub condition: &'static str,
+    pub condition: String,
     pub ops: u64,
     pub errors: u64,
     pub first_error: Option<String>,
@@ -128,6 +137,8 @@ pub struct InterferenceRow {
     /// p99 / p99 of the "alone" row.
     pub p99_vs_alone: f64,
     pub server_cpu_cores: f64,
+    /// CPU of the bench process itself (all its clients), in cores.
+    pub bench_cpu_cores: f64,
     pub replay: Option<ReplayCounts>,
     pub big_patches: Option<BigPatchCounts>,
 }
@@ -158,13 +169,18 @@ impl InterferenceRow {
         if let Some(b) = &self.big_patches {
             let outcomes: Vec<String> =
                 b.outcomes.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            let pace = match b.rate_limit {
+                Some(rate) => format!("at most {rate}/s"),
+                None => "closed loop".into(),
+            };
             return format!(
-                "{} senders of {} B patches: {} sent ({:.0}/s, p50 {:.1} ms): {}",
+                "{} senders of {} B patches, {pace}: {} sent ({:.0}/s, p50 {:.1} ms, p99 {:.1} ms): {}",
                 b.senders,
                 b.patch_json_bytes,
                 b.sent,
                 b.per_second,
                 b.p50_ms,
+                b.p99_ms,
                 outcomes.join(", ")
             );
         }
@@ -185,7 +201,15 @@ pub async fn run(
         channels.push(channel(server.addr).await?);
     }
     let mut rows: Vec<InterferenceRow> = Vec::new();
-    for condition in [Condition::Alone, Condition::Replay, Condition::BigPatches] {
+    let mut conditions = vec![
+        Condition::Alone,
+        Condition::Replay,
+        Condition::BigPatches(None),
+    ];
+    if let Some(rate) = settings.big_rate {
+        conditions.push(Condition::BigPatches(Some(rate)));
+    }
+    for condition in conditions {
         let mut replay = None;
         let mut big = None;
         match condition {
@@ -193,8 +217,8 @@ pub async fn run(
             Condition::Replay => {
                 replay = Some(Replayers::start(server.addr, settings).await?);
             }
-            Condition::BigPatches => {
-                big = Some(BigWriters::start(server.addr, settings).await?);
+            Condition::BigPatches(rate) => {
+                big = Some(BigWriters::start(server.addr, settings, rate).await?);
             }
         }
         merges(&channels, settings, settings.warmup).await;
@@ -207,8 +231,10 @@ pub async fn run(
             b.stats.measuring.store(true, Ordering::SeqCst);
         }
         let before = server.usage()?;
+        let bench_before = Usage::of(std::process::id())?;
         let measured = merges(&channels, settings, settings.duration).await;
         let after = server.usage()?;
+        let bench_after = Usage::of(std::process::id())?;
         let replay = match replay {
             Some(r) => Some(r.stop(sampler.expect("sampler"), measured.elapsed).await),
             None => None,
@@ -233,6 +259,7 @@ pub async fn run(
             max_ms: crate::ms(measured.latency.max()),
             p99_vs_alone: q(0.99) / alone_p99,
             server_cpu_cores: crate::cpu_cores(before, after, measured.elapsed),
+            bench_cpu_cores: crate::cpu_cores(bench_before, bench_after, measured.elapsed),
             replay,
             big_patches: big,
         };
@@ -486,6 +513,7 @@ struct BigWriters {
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     senders: usize,
+    rate_limit: Option<f64>,
     patch_json_bytes: usize,
     request_bytes: usize,
 }
@@ -512,7 +540,14 @@ fn big_patch(bytes: usize, keys: usize) -> (Struct, usize) {
 }
 
 impl BigWriters {
-    async fn start(server: SocketAddr, settings: &Settings) -> anyhow::Result<BigWriters> {
+    /// `rate`: at most this many patches per second in all (each sender
+    /// its share, waiting for its reply before the next); None: as fast as
+    /// replies come.
+    async fn start(
+        server: SocketAddr,
+        settings: &Settings,
+        rate: Option<f64>,
+    ) -> anyhow::Result<BigWriters> {
         let (patch, patch_json_bytes) = big_patch(settings.big_patch_bytes, BIG_PATCH_KEYS);
         let probe = MergeUserMetadataRequest {
             user_id: id(settings.ids.saturating_sub(1)),
@@ -533,8 +568,20 @@ impl BigWriters {
             let users = UserMetadataServiceClient::new(channel(server).await?);
             let (stats, cancel, patch) = (stats.clone(), cancel.clone(), patch.clone());
             let ids = settings.ids;
+            let mut pace = rate.map(|rate| {
+                let every = Duration::from_secs_f64(settings.big_writers as f64 / rate);
+                let mut ticks = tokio::time::interval(every);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                ticks
+            });
             tasks.push(tokio::spawn(async move {
                 while !cancel.is_cancelled() {
+                    if let Some(ticks) = &mut pace {
+                        tokio::select! {
+                            _ = ticks.tick() => {}
+                            () = cancel.cancelled() => return,
+                        }
+                    }
                     let user_id = id(rand::rng().random_range(0..ids));
                     let request = MergeUserMetadataRequest {
                         user_id,
@@ -574,6 +621,7 @@ impl BigWriters {
             cancel,
             tasks,
             senders: settings.big_writers,
+            rate_limit: rate,
             patch_json_bytes,
             request_bytes,
         })
@@ -589,6 +637,7 @@ impl BigWriters {
         let latency = self.stats.latency.lock().unwrap();
         BigPatchCounts {
             senders: self.senders,
+            rate_limit: self.rate_limit,
             patch_json_bytes: self.patch_json_bytes,
             request_bytes: self.request_bytes,
             sent,

@@ -90,6 +90,10 @@ struct Args {
     /// --max-request-bytes is 1 MiB by default).
     #[arg(long, default_value_t = 1_000_000)]
     big_patch_bytes: usize,
+    /// Interference: big patches per second (in all) of the paced run that
+    /// follows the closed-loop one; 0: no paced run.
+    #[arg(long, default_value_t = 50.0)]
+    big_rate: f64,
     /// Extra arguments for the server.
     #[arg(long, allow_hyphen_values = true)]
     server_arg: Vec<String>,
@@ -341,6 +345,7 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
                 replay_streams: args.replay_streams,
                 big_writers: args.big_writers,
                 big_patch_bytes: args.big_patch_bytes,
+                big_rate: (args.big_rate > 0.0).then_some(args.big_rate),
             };
             let rows = interference::run(backend.name(), &server, &settings, !args.json).await;
             server.stop().await?;
@@ -507,7 +512,7 @@ fn print_interference(report: &Report) {
         report.server
     );
     println!(
-        "{:<9} {:>7} {:<12} {:>9} {:>7} {:>7} {:>7} {:>8} {:>9} {:>6} {:>5}  background",
+        "{:<9} {:>7} {:<11} {:>7} {:>7} {:>7} {:>7} {:>8} {:>9} {:>6} {:>5} {:>5}  background",
         "backend",
         "clients",
         "condition",
@@ -518,11 +523,12 @@ fn print_interference(report: &Report) {
         "maxms",
         "p99/alone",
         "errors",
-        "cpu"
+        "cpu",
+        "bench"
     );
     for r in &report.interference {
         println!(
-            "{:<9} {:>7} {:<12} {:>9.0} {:>7.2} {:>7.2} {:>7.2} {:>8.2} {:>9.2} {:>6} {:>5.2}  {}",
+            "{:<9} {:>7} {:<11} {:>7.0} {:>7.2} {:>7.2} {:>7.2} {:>8.2} {:>9.2} {:>6} {:>5.2} {:>5.2}  {}",
             r.backend,
             r.clients,
             r.condition,
@@ -534,6 +540,7 @@ fn print_interference(report: &Report) {
             r.p99_vs_alone,
             r.errors,
             r.server_cpu_cores,
+            r.bench_cpu_cores,
             r.background()
         );
     }
