@@ -52,3 +52,104 @@ macro_rules! delegate {
 
 delegate!(UserMetadataService for Users);
 delegate!(OrganizationMetadataService for Organizations);
+
+#[cfg(test)]
+mod tests {
+    //! The server serves Watch through `watch::Routed`; these check that the
+    //! generated traits' own Watch serves too, for both kinds.
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio_stream::StreamExt;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::auth::Caller;
+    use crate::events::{Broker, BrokerOptions};
+    use crate::health::DbHealth;
+    use crate::json::Limits;
+    use crate::metrics::Metrics;
+    use crate::service::{Admission, Bounds, Metadata, WriteParts};
+    use crate::store::{Store, StoreOptions};
+
+    async fn metadata(dir: &tempfile::TempDir) -> Arc<Metadata> {
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("m.db").display());
+        let store = Store::connect(&url, &StoreOptions::default())
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        let store = Arc::new(store);
+        let shutdown = CancellationToken::new();
+        let broker = Broker::start(store.clone(), BrokerOptions::default(), shutdown.clone())
+            .await
+            .unwrap();
+        let metrics = Metrics::new();
+        let bounds = Bounds {
+            max_concurrent: 8,
+            max_streams: 8,
+        };
+        let admission = Admission::new(
+            bounds,
+            metrics.watch_streams_refused.clone(),
+            Duration::from_secs(5),
+            Arc::new(DbHealth::default()),
+            shutdown,
+        );
+        Arc::new(Metadata::new(
+            store,
+            broker,
+            Limits::default(),
+            admission,
+            metrics,
+        ))
+    }
+
+    fn request<T>(message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request.extensions_mut().insert(Caller::Open);
+        request
+    }
+
+    #[tokio::test]
+    async fn the_generated_watch_serves_both_kinds() {
+        let dir = tempfile::tempdir().unwrap();
+        let metadata = metadata(&dir).await;
+        let users = Handlers::<Users>::new(metadata.clone());
+        let organizations = Handlers::<Organizations>::new(metadata);
+
+        let watch = Users::watch_request(0, vec![], false);
+        let mut user_stream = UserMetadataService::watch(&users, request(watch))
+            .await
+            .unwrap()
+            .into_inner();
+        let watch = Organizations::watch_request(0, vec![], false);
+        let mut org_stream = OrganizationMetadataService::watch(&organizations, request(watch))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = user_stream.next().await.unwrap().unwrap();
+        assert_eq!(Users::event_view(first), None, "progress first");
+        org_stream.next().await.unwrap().unwrap();
+
+        let merge = Organizations::merge_request(WriteParts {
+            id: "org_1".into(),
+            public: Some(prost_types::Struct::default()),
+            private: Some(prost_types::Struct {
+                fields: [("a".to_owned(), prost_types::Value::from(1.0))].into(),
+            }),
+            unsafe_: None,
+            expected_version: None,
+        });
+        OrganizationMetadataService::merge(&organizations, request(merge))
+            .await
+            .unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(10), org_stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let event = Organizations::event_view(next).expect("an event");
+        assert_eq!((event.revision, event.id.as_str()), (1, "org_1"));
+    }
+}
