@@ -69,9 +69,9 @@ pub enum Command {
     /// Apply the database migrations, then exit.
     Migrate,
     /// Call a running server: user metadata (get, merge, replace, delete, watch).
-    User(crate::cli::ClientCommand),
+    User(crate::client::ClientCommand),
     /// Call a running server: organization metadata.
-    Org(crate::cli::ClientCommand),
+    Org(crate::client::ClientCommand),
 }
 
 #[derive(Debug, Args)]

@@ -6,7 +6,7 @@
 //! rules.
 
 pub mod auth;
-pub mod cli;
+pub mod client;
 pub mod config;
 pub mod convert;
 pub mod events;

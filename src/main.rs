@@ -3,15 +3,15 @@ use std::process::ExitCode;
 use clap::Parser;
 use metadata_service::config::{Cli, Command};
 use metadata_service::model::Kind;
-use metadata_service::{cli, logging, server};
+use metadata_service::{client, logging, server};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let mut cli = Cli::parse();
     // The client subcommands print results, not logs.
     let server_command = match cli.command.take() {
-        Some(Command::User(command)) => return cli::run(Kind::User, command).await,
-        Some(Command::Org(command)) => return cli::run(Kind::Organization, command).await,
+        Some(Command::User(command)) => return client::run(Kind::User, command).await,
+        Some(Command::Org(command)) => return client::run(Kind::Organization, command).await,
         Some(Command::Migrate) => ServerCommand::Migrate,
         Some(Command::Serve) | None => ServerCommand::Serve,
     };

@@ -20,8 +20,8 @@ use crate::http::HttpServer;
 use crate::json::Limits;
 use crate::metrics::Metrics;
 use crate::service::{
-    Admission, ApiKind, Authenticate, Bounds, Handlers, Metadata, Organizations, RequestLayer,
-    Routed, Users,
+    Admission, ApiKind, Authenticate, Bounds, Core, Handlers, Organizations, RequestLayer, Routed,
+    Users,
 };
 use crate::store::{Store, StoreOptions};
 
@@ -284,7 +284,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         db_health,
         shutdown.clone(),
     );
-    let metadata = Arc::new(Metadata::new(
+    let core = Arc::new(Core::new(
         store.clone(),
         broker.clone(),
         config.limits,
@@ -293,8 +293,8 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
     ));
     let authenticate = Authenticate(config.auth.clone());
     let max = config.max_request_bytes;
-    let users = mount::<Users>(&metadata, &authenticate, max);
-    let organizations = mount::<Organizations>(&metadata, &authenticate, max);
+    let users = mount::<Users>(&core, &authenticate, max);
+    let organizations = mount::<Organizations>(&core, &authenticate, max);
 
     // grpcurl 1.8 speaks only v1alpha; newer clients use v1.
     let reflection = || {
@@ -363,13 +363,13 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
 /// One kind's service as served: authenticated, Watch routed to the
 /// encode-once path, everything else to the generated server.
 fn mount<K: ApiKind>(
-    metadata: &Arc<Metadata>,
+    core: &Arc<Core>,
     authenticate: &Authenticate,
     max_request_bytes: usize,
 ) -> InterceptedService<Routed<K::Server, K>, Authenticate> {
-    let server = K::server(Handlers::new(metadata.clone()), max_request_bytes);
+    let server = K::server(Handlers::new(core.clone()), max_request_bytes);
     InterceptedService::new(
-        Routed::new(server, metadata.clone(), max_request_bytes),
+        Routed::new(server, core.clone(), max_request_bytes),
         authenticate.clone(),
     )
 }

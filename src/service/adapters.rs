@@ -70,10 +70,10 @@ mod tests {
     use crate::health::DbHealth;
     use crate::json::Limits;
     use crate::metrics::Metrics;
-    use crate::service::{Admission, Bounds, Metadata, WriteParts};
+    use crate::service::{Admission, Bounds, Core, WriteParts};
     use crate::store::{Store, StoreOptions};
 
-    async fn metadata(dir: &tempfile::TempDir) -> Arc<Metadata> {
+    async fn core(dir: &tempfile::TempDir) -> Arc<Core> {
         let url = format!("sqlite://{}?mode=rwc", dir.path().join("m.db").display());
         let store = Store::connect(&url, &StoreOptions::default())
             .await
@@ -96,7 +96,7 @@ mod tests {
             Arc::new(DbHealth::default()),
             shutdown,
         );
-        Arc::new(Metadata::new(
+        Arc::new(Core::new(
             store,
             broker,
             Limits::default(),
@@ -114,9 +114,9 @@ mod tests {
     #[tokio::test]
     async fn the_generated_watch_serves_both_kinds() {
         let dir = tempfile::tempdir().unwrap();
-        let metadata = metadata(&dir).await;
-        let users = Handlers::<Users>::new(metadata.clone());
-        let organizations = Handlers::<Organizations>::new(metadata);
+        let core = core(&dir).await;
+        let users = Handlers::<Users>::new(core.clone());
+        let organizations = Handlers::<Organizations>::new(core);
 
         let watch = Users::watch_request(0, vec![], false);
         let mut user_stream = UserMetadataService::watch(&users, request(watch))

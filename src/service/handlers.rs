@@ -1,6 +1,6 @@
 //! The handlers of every RPC, written once for both kinds. Each one: take
 //! the request apart (`kind.rs`), authorize the caller for what it asks,
-//! pass admission, then do the work in [`Metadata`] within the call's
+//! pass admission, then do the work in [`Core`] within the call's
 //! budget. The generated tonic traits delegate here (`adapters.rs`).
 
 use std::marker::PhantomData;
@@ -12,7 +12,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::kind::{ApiKind, WriteParts};
-use super::{Metadata, authorize};
+use super::{Core, authorize};
 use crate::auth::{Action, FieldSet, Operation};
 use crate::convert::{Shown, TreeConvert};
 use crate::model::Mode;
@@ -22,16 +22,16 @@ use crate::store::Sent;
 pub type WatchStream<K> =
     Pin<Box<dyn Stream<Item = Result<<K as ApiKind>::WatchResponse, Status>> + Send>>;
 
-/// One kind's service: the handlers, over [`Metadata`].
+/// One kind's service: the handlers, over [`Core`].
 pub struct Handlers<K> {
-    pub(super) metadata: Arc<Metadata>,
+    pub(super) core: Arc<Core>,
     kind: PhantomData<fn() -> K>,
 }
 
 impl<K> Handlers<K> {
-    pub fn new(metadata: Arc<Metadata>) -> Self {
+    pub fn new(core: Arc<Core>) -> Self {
         Handlers {
-            metadata,
+            core,
             kind: PhantomData,
         }
     }
@@ -48,8 +48,8 @@ impl<K: ApiKind> Handlers<K> {
             written: FieldSet::NONE,
         };
         let (_, fields) = authorize(&extensions, &operation)?;
-        let call = self.metadata.admission.unary(&headers)?;
-        let record = call.run(self.metadata.get(K::KIND, &id)).await?;
+        let call = self.core.admission.unary(&headers)?;
+        let record = call.run(self.core.get(K::KIND, &id)).await?;
         Ok(Response::new(K::record(Shown { record, fields })))
     }
 
@@ -80,10 +80,10 @@ impl<K: ApiKind> Handlers<K> {
             Mode::Replace => Action::Replace,
         };
         let (caller, fields) = authorize(extensions, &parts.operation(K::KIND, action))?;
-        let call = self.metadata.admission.unary(headers)?;
+        let call = self.core.admission.unary(headers)?;
         let command = parts.command(K::KIND, mode)?;
         let sent = Sent::default();
-        let write = self.metadata.write(&caller, command, sent.clone());
+        let write = self.core.write(&caller, command, sent.clone());
         let record = call.run_write(&sent, write).await?;
         Ok(Response::new(K::record(Shown { record, fields })))
     }
@@ -101,9 +101,9 @@ impl<K: ApiKind> Handlers<K> {
             written: FieldSet::ALL,
         };
         let (caller, _) = authorize(&extensions, &operation)?;
-        let call = self.metadata.admission.unary(&headers)?;
+        let call = self.core.admission.unary(&headers)?;
         let sent = Sent::default();
-        let delete = self.metadata.delete(&caller, command, sent.clone());
+        let delete = self.core.delete(&caller, command, sent.clone());
         let existed = call.run_write(&sent, delete).await?;
         Ok(Response::new(K::deleted(existed)))
     }
@@ -135,8 +135,8 @@ impl<K: ApiKind> Handlers<K> {
             written: FieldSet::NONE,
         };
         authorize(&extensions, &operation)?;
-        let (call, permit) = self.metadata.admission.stream(&headers)?;
-        let items = call.run(self.metadata.watch(K::watch(message))).await?;
+        let (call, permit) = self.core.admission.stream(&headers)?;
+        let items = call.run(self.core.watch(K::watch(message))).await?;
         Ok((items, permit))
     }
 }

@@ -21,7 +21,7 @@ use tonic::codec::{Codec, EncodeBuf, Encoder};
 use tonic::server::{NamedService, ServerStreamingService};
 use tonic::{Request, Response, Status};
 
-use super::Metadata;
+use super::Core;
 use super::handlers::Handlers;
 use super::kind::ApiKind;
 use crate::events::WatchItem;
@@ -43,16 +43,16 @@ fn encode<K: ApiKind>(item: WatchItem) -> Bytes {
 /// A generated server with its Watch path served by [`WatchHandler`].
 pub struct Routed<S, K> {
     inner: S,
-    metadata: Arc<Metadata>,
+    core: Arc<Core>,
     max_request_bytes: usize,
     kind: PhantomData<fn() -> K>,
 }
 
 impl<S, K> Routed<S, K> {
-    pub fn new(inner: S, metadata: Arc<Metadata>, max_request_bytes: usize) -> Self {
+    pub fn new(inner: S, core: Arc<Core>, max_request_bytes: usize) -> Self {
         Routed {
             inner,
-            metadata,
+            core,
             max_request_bytes,
             kind: PhantomData,
         }
@@ -63,7 +63,7 @@ impl<S: Clone, K> Clone for Routed<S, K> {
     fn clone(&self) -> Self {
         Routed {
             inner: self.inner.clone(),
-            metadata: self.metadata.clone(),
+            core: self.core.clone(),
             max_request_bytes: self.max_request_bytes,
             kind: PhantomData,
         }
@@ -92,7 +92,7 @@ where
         if request.uri().path() != K::WATCH_PATH {
             return Box::pin(self.inner.call(request));
         }
-        let handler = WatchHandler::<K>(Arc::new(Handlers::new(self.metadata.clone())));
+        let handler = WatchHandler::<K>(Arc::new(Handlers::new(self.core.clone())));
         let codec = PreEncoded::<K::Watch>(PhantomData);
         let max = self.max_request_bytes;
         Box::pin(async move {
