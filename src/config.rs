@@ -26,6 +26,77 @@ use crate::store::StoreOptions;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// With no subcommand, the server runs with these (as `serve` would).
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// What the process does, once the command line is read.
+#[derive(Debug)]
+pub enum Run {
+    Server(ServerRun),
+    Client(crate::model::Kind, crate::client::ClientCommand),
+}
+
+/// The process as a server: it logs, and serves or migrates.
+#[derive(Debug)]
+pub enum ServerRun {
+    Serve(Box<ServeArgs>),
+    Migrate(MigrateArgs),
+}
+
+impl ServerRun {
+    pub fn observability(&self) -> &ObservabilityArgs {
+        match self {
+            ServerRun::Serve(args) => &args.observability,
+            ServerRun::Migrate(args) => &args.observability,
+        }
+    }
+}
+
+impl Cli {
+    /// Reads the command line. The server's options belong to `serve` (the
+    /// default) and `migrate`; given before another subcommand they would
+    /// be ignored, so that is refused rather than done silently.
+    pub fn read() -> Run {
+        use clap::{CommandFactory, FromArgMatches};
+        let mut command = Cli::command();
+        let matches = command.get_matches_mut();
+        let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut command).exit());
+        if let Some((name, _)) = matches.subcommand() {
+            let given = command
+                .get_arguments()
+                .map(|arg| arg.get_id().as_str().to_owned())
+                .find(|id| {
+                    matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+                });
+            if let Some(id) = given {
+                let flag = id.replace('_', "-");
+                command
+                    .error(
+                        clap::error::ErrorKind::ArgumentConflict,
+                        format!("--{flag} goes after the subcommand: `{name} --{flag} ...`"),
+                    )
+                    .exit();
+            }
+        }
+        cli.into_run()
+    }
+
+    pub fn into_run(self) -> Run {
+        match self.command {
+            None => Run::Server(ServerRun::Serve(Box::new(self.serve))),
+            Some(Command::Serve(args)) => Run::Server(ServerRun::Serve(args)),
+            Some(Command::Migrate(args)) => Run::Server(ServerRun::Migrate(args)),
+            Some(Command::User(command)) => Run::Client(crate::model::Kind::User, command),
+            Some(Command::Org(command)) => Run::Client(crate::model::Kind::Organization, command),
+        }
+    }
+}
+
+/// The server's options.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
     #[command(flatten)]
     pub database: DatabaseArgs,
     #[command(flatten)]
@@ -36,16 +107,25 @@ pub struct Cli {
     pub observability: ObservabilityArgs,
 }
 
+/// What `migrate` needs: the database, and where its log lines go.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub observability: ObservabilityArgs,
+}
+
 #[derive(Debug, Args)]
 pub struct ObservabilityArgs {
     /// Log lines as text or as one JSON object per line.
-    #[arg(long, env = "METADATA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    #[arg(long, env = "METADATA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// Which log lines to keep, in RUST_LOG syntax (e.g. `info,metadata_service=debug`).
-    #[arg(long, env = "RUST_LOG", default_value = "info", global = true)]
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_filter: String,
     /// Plain-HTTP address for /metrics (Prometheus), /healthz and /readyz; `off` disables it.
-    #[arg(long, env = "METADATA_METRICS_LISTEN", default_value = "127.0.0.1:9090", value_parser = parse_optional_addr, global = true)]
+    #[arg(long, env = "METADATA_METRICS_LISTEN", default_value = "127.0.0.1:9090", value_parser = parse_optional_addr)]
     pub metrics_listen: OptionalAddr,
 }
 
@@ -65,9 +145,9 @@ fn parse_optional_addr(text: &str) -> Result<OptionalAddr, String> {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gRPC server (the default).
-    Serve,
+    Serve(Box<ServeArgs>),
     /// Apply the database migrations, then exit.
-    Migrate,
+    Migrate(MigrateArgs),
     /// Call a running server: user metadata (get, merge, replace, delete, watch).
     User(crate::client::ClientCommand),
     /// Call a running server: organization metadata.
@@ -81,94 +161,74 @@ pub struct DatabaseArgs {
         long,
         env = "DATABASE_URL",
         default_value = "sqlite://metadata.db?mode=rwc",
-        global = true,
         hide_env_values = true
     )]
     pub database_url: String,
     /// Largest number of open database connections.
-    #[arg(
-        long,
-        env = "METADATA_DB_MAX_CONNECTIONS",
-        default_value_t = 16,
-        global = true
-    )]
+    #[arg(long, env = "METADATA_DB_MAX_CONNECTIONS", default_value_t = 16)]
     pub db_max_connections: u32,
     /// How long to wait for a database connection, at start and per call.
-    #[arg(long, env = "METADATA_DB_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, global = true)]
+    #[arg(long, env = "METADATA_DB_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub db_connect_timeout: Duration,
     /// SQLite: how long a write waits for a lock held by another process.
-    #[arg(long, env = "METADATA_SQLITE_BUSY_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, global = true)]
+    #[arg(long, env = "METADATA_SQLITE_BUSY_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub sqlite_busy_timeout: Duration,
 }
 
 #[derive(Debug, Args)]
 pub struct ServerArgs {
     /// Address to listen on for gRPC.
-    #[arg(
-        long,
-        env = "METADATA_LISTEN",
-        default_value = "127.0.0.1:50051",
-        global = true
-    )]
+    #[arg(long, env = "METADATA_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
     /// Largest metadata field, as compact JSON, after the write is applied.
-    #[arg(long, env = "METADATA_MAX_FIELD_BYTES", default_value_t = Limits::default().max_field_bytes, global = true)]
+    #[arg(long, env = "METADATA_MAX_FIELD_BYTES", default_value_t = Limits::default().max_field_bytes)]
     pub max_field_bytes: usize,
     /// Deepest nesting of objects and lists in a field (the field is level 1).
-    #[arg(long, env = "METADATA_MAX_DEPTH", default_value_t = Limits::default().max_depth, global = true)]
+    #[arg(long, env = "METADATA_MAX_DEPTH", default_value_t = Limits::default().max_depth)]
     pub max_depth: usize,
     /// Largest request message; bigger ones are refused before decoding.
-    #[arg(long, env = "METADATA_MAX_REQUEST_BYTES", default_value_t = 1024 * 1024, global = true)]
+    #[arg(long, env = "METADATA_MAX_REQUEST_BYTES", default_value_t = 1024 * 1024)]
     pub max_request_bytes: usize,
     /// Idle time after which a Watch stream that asked for it gets a progress message.
-    #[arg(long, env = "METADATA_WATCH_PROGRESS_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    #[arg(long, env = "METADATA_WATCH_PROGRESS_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub watch_progress_interval: Duration,
     /// How often the event table is polled when no notification arrives.
-    #[arg(long, env = "METADATA_WATCH_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration, global = true)]
+    #[arg(long, env = "METADATA_WATCH_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub watch_poll_interval: Duration,
     /// Events kept in memory for live Watch streams; slower streams read the table.
-    #[arg(long, env = "METADATA_WATCH_BUFFER", default_value_t = BrokerOptions::default().buffer, global = true)]
+    #[arg(long, env = "METADATA_WATCH_BUFFER", default_value_t = BrokerOptions::default().buffer)]
     pub watch_buffer: usize,
     /// Events older than this are pruned; Watch from a pruned revision is FAILED_PRECONDITION.
-    #[arg(long, env = "METADATA_EVENT_RETENTION", default_value = "7days", value_parser = humantime::parse_duration, global = true)]
+    #[arg(long, env = "METADATA_EVENT_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
     pub event_retention: Duration,
     /// How often old events are pruned.
-    #[arg(long, env = "METADATA_EVENT_PRUNE_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration, global = true)]
+    #[arg(long, env = "METADATA_EVENT_PRUNE_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
     pub event_prune_interval: Duration,
     /// Unary calls in progress at once; more are refused at once with RESOURCE_EXHAUSTED.
-    #[arg(
-        long,
-        env = "METADATA_MAX_CONCURRENT_REQUESTS",
-        default_value_t = 512,
-        global = true
-    )]
+    #[arg(long, env = "METADATA_MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
     pub max_concurrent_requests: usize,
     /// Watch streams open at once; more are refused at once with RESOURCE_EXHAUSTED.
     #[arg(
         long,
         env = "METADATA_MAX_WATCH_STREAMS",
         default_value_t = 10_000,
-        value_parser = clap::value_parser!(u32).range(1..),
-        global = true
-    )]
+        value_parser = clap::value_parser!(u32).range(1..))]
     pub max_watch_streams: u32,
     /// Calls (HTTP/2 streams) one connection may have open at once; clients queue more.
     #[arg(
         long,
         env = "METADATA_MAX_STREAMS_PER_CONNECTION",
         default_value_t = 1000,
-        value_parser = clap::value_parser!(u32).range(1..),
-        global = true
-    )]
+        value_parser = clap::value_parser!(u32).range(1..))]
     pub max_streams_per_connection: u32,
     /// Time budget of a call's database work; a shorter client deadline wins.
-    #[arg(long, env = "METADATA_DB_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration, global = true)]
+    #[arg(long, env = "METADATA_DB_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub db_timeout: Duration,
     /// How often the database is pinged; while it fails, health is NOT_SERVING and calls fail fast.
-    #[arg(long, env = "METADATA_DB_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration, global = true)]
+    #[arg(long, env = "METADATA_DB_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub db_health_interval: Duration,
     /// On SIGTERM/SIGINT, how long open calls may take to finish.
-    #[arg(long, env = "METADATA_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration, global = true)]
+    #[arg(long, env = "METADATA_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 }
 
@@ -176,48 +236,38 @@ pub struct ServerArgs {
 pub struct SecurityArgs {
     /// File of backend API keys: one `name:sha256-hex` entry per line, the
     /// SHA-256 of each key (never the key itself).
-    #[arg(long, env = "METADATA_API_KEYS_FILE", global = true)]
+    #[arg(long, env = "METADATA_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
     /// Backend API keys as `name:sha256-hex` entries separated by commas or newlines.
-    #[arg(long, env = "METADATA_API_KEYS", global = true, hide_env_values = true)]
+    #[arg(long, env = "METADATA_API_KEYS", hide_env_values = true)]
     pub api_keys: Option<String>,
     /// Key of frontend session tokens (JWT): an HMAC secret of at least 32
     /// bytes, or a PEM public key (RSA, EC P-256/P-384, Ed25519); `@path` reads a file.
-    #[arg(
-        long,
-        env = "METADATA_FRONTEND_JWT_KEY",
-        global = true,
-        hide_env_values = true
-    )]
+    #[arg(long, env = "METADATA_FRONTEND_JWT_KEY", hide_env_values = true)]
     pub frontend_jwt_key: Option<String>,
     /// Required `iss` claim of frontend tokens.
-    #[arg(long, env = "METADATA_FRONTEND_JWT_ISSUER", global = true)]
+    #[arg(long, env = "METADATA_FRONTEND_JWT_ISSUER")]
     pub frontend_jwt_issuer: Option<String>,
     /// Required `aud` claim of frontend tokens.
-    #[arg(long, env = "METADATA_FRONTEND_JWT_AUDIENCE", global = true)]
+    #[arg(long, env = "METADATA_FRONTEND_JWT_AUDIENCE")]
     pub frontend_jwt_audience: Option<String>,
     /// Clock skew allowed when checking `exp` and `nbf` of frontend tokens.
-    #[arg(long, env = "METADATA_FRONTEND_JWT_LEEWAY", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    #[arg(long, env = "METADATA_FRONTEND_JWT_LEEWAY", default_value = "30s", value_parser = humantime::parse_duration)]
     pub frontend_jwt_leeway: Duration,
     /// Serve with no credentials configured on a non-loopback address.
-    #[arg(long, env = "METADATA_ALLOW_UNAUTHENTICATED", value_parser = BoolishValueParser::new(), global = true)]
+    #[arg(long, env = "METADATA_ALLOW_UNAUTHENTICATED", value_parser = BoolishValueParser::new())]
     pub allow_unauthenticated: bool,
     /// Do not serve gRPC reflection.
-    #[arg(long, env = "METADATA_DISABLE_REFLECTION", value_parser = BoolishValueParser::new(), global = true)]
+    #[arg(long, env = "METADATA_DISABLE_REFLECTION", value_parser = BoolishValueParser::new())]
     pub disable_reflection: bool,
     /// PEM certificate chain to serve TLS with.
-    #[arg(long, env = "METADATA_TLS_CERT", requires = "tls_key", global = true)]
+    #[arg(long, env = "METADATA_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert.
-    #[arg(long, env = "METADATA_TLS_KEY", requires = "tls_cert", global = true)]
+    #[arg(long, env = "METADATA_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// PEM CA certificates; clients must present a certificate they signed (mTLS).
-    #[arg(
-        long,
-        env = "METADATA_TLS_CLIENT_CA",
-        requires = "tls_cert",
-        global = true
-    )]
+    #[arg(long, env = "METADATA_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 }
 
@@ -285,7 +335,7 @@ impl DatabaseArgs {
     }
 }
 
-impl Cli {
+impl ServeArgs {
     /// The server's configuration, with every key and certificate file read.
     pub fn server_config(&self) -> anyhow::Result<ServerConfig> {
         Ok(ServerConfig {
@@ -335,8 +385,8 @@ mod tests {
     #[test]
     fn defaults_serve_sqlite_on_loopback() {
         let cli = Cli::try_parse_from(["metadata-service"]).unwrap();
-        let config = cli.server_config().unwrap();
         assert!(cli.command.is_none());
+        let config = cli.serve.server_config().unwrap();
         assert_eq!(config.listen.to_string(), "127.0.0.1:50051");
         assert_eq!(config.database_url, "sqlite://metadata.db?mode=rwc");
         assert_eq!(config.limits, Limits::default());
@@ -354,7 +404,7 @@ mod tests {
             "3",
         ])
         .unwrap();
-        let config = cli.server_config().unwrap();
+        let config = cli.serve.server_config().unwrap();
         assert_eq!(
             (config.max_watch_streams, config.max_streams_per_connection),
             (2, 3)
@@ -373,7 +423,46 @@ mod tests {
             "postgres://x/y",
         ])
         .unwrap();
-        assert!(matches!(cli.command, Some(Command::Migrate)));
-        assert_eq!(cli.database.database_url, "postgres://x/y");
+        let Run::Server(ServerRun::Migrate(args)) = cli.into_run() else {
+            panic!("migrate");
+        };
+        assert_eq!(args.database.database_url, "postgres://x/y");
+    }
+
+    #[test]
+    fn serve_takes_the_server_options_as_the_default_does() {
+        let explicit = ["metadata-service", "serve", "--listen", "127.0.0.1:7"];
+        let Run::Server(ServerRun::Serve(args)) = Cli::try_parse_from(explicit).unwrap().into_run()
+        else {
+            panic!("serve");
+        };
+        assert_eq!(
+            args.server_config().unwrap().listen.to_string(),
+            "127.0.0.1:7"
+        );
+    }
+
+    #[test]
+    fn the_client_help_shows_only_the_client() {
+        let mut command = Cli::command();
+        let user = command.find_subcommand_mut("user").unwrap();
+        let help = user.render_long_help().to_string();
+        for client in ["--addr", "--token", "--ca", "--client-cert", "--client-key"] {
+            assert!(help.contains(client), "{client} missing from:\n{help}");
+        }
+        for server in [
+            "--database-url",
+            "--db-max-connections",
+            "--tls-cert",
+            "--listen",
+        ] {
+            assert!(!help.contains(server), "{server} in:\n{help}");
+        }
+        let merge = user.find_subcommand_mut("merge").unwrap();
+        let help = merge.render_long_help().to_string();
+        assert!(
+            help.contains("--addr") && !help.contains("--database-url"),
+            "{help}"
+        );
     }
 }

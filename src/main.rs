@@ -1,26 +1,21 @@
 use std::process::ExitCode;
 
-use clap::Parser;
-use metadata_service::config::{Cli, Command};
-use metadata_service::model::Kind;
+use metadata_service::config::{Cli, Run, ServerRun};
 use metadata_service::{client, logging, server};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let mut cli = Cli::parse();
-    // The client subcommands print results, not logs.
-    let server_command = match cli.command.take() {
-        Some(Command::User(command)) => return client::run(Kind::User, command).await,
-        Some(Command::Org(command)) => return client::run(Kind::Organization, command).await,
-        Some(Command::Migrate) => ServerCommand::Migrate,
-        Some(Command::Serve) | None => ServerCommand::Serve,
+    let run = match Cli::read() {
+        // The client subcommands print results, not logs.
+        Run::Client(kind, command) => return client::run(kind, command).await,
+        Run::Server(run) => run,
     };
-    let observability = &cli.observability;
+    let observability = run.observability();
     if let Err(err) = logging::init(observability.log_format, &observability.log_filter) {
         eprintln!("error: {err:#}");
         return ExitCode::FAILURE;
     }
-    match run(cli, server_command).await {
+    match server_process(run).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // One line with the whole cause chain, no backtrace.
@@ -30,25 +25,19 @@ async fn main() -> ExitCode {
     }
 }
 
-/// What the process itself does, once the client subcommands are set aside.
-enum ServerCommand {
-    Serve,
-    Migrate,
-}
-
-async fn run(cli: Cli, command: ServerCommand) -> anyhow::Result<()> {
-    match command {
-        ServerCommand::Migrate => {
-            let options = cli.database.store_options();
-            server::open_store(&cli.database.database_url, &options)
+async fn server_process(run: ServerRun) -> anyhow::Result<()> {
+    match run {
+        ServerRun::Migrate(args) => {
+            let options = args.database.store_options();
+            server::open_store(&args.database.database_url, &options)
                 .await?
                 .close()
                 .await?;
             tracing::info!("migrations applied");
             Ok(())
         }
-        ServerCommand::Serve => {
-            let config = cli.server_config()?;
+        ServerRun::Serve(args) => {
+            let config = args.server_config()?;
             // Listen for signals before starting, so that one arriving while
             // connecting or migrating stops the start cleanly.
             let stop = shutdown_signal()?;
