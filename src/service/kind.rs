@@ -6,6 +6,22 @@
 //! here. Everything else, the handlers included, is written once for both
 //! kinds (`handlers.rs`), over the kind-neutral parts below.
 //!
+//! The check is the compiler's: a pattern that leaves out a field of the
+//! message (here `expected_version`, as a field added to the proto would
+//! be) is error E0027.
+//!
+//! ```compile_fail,E0027
+//! use metadata_service::proto::v1::MergeUserMetadataRequest;
+//! fn parts(request: MergeUserMetadataRequest) {
+//!     let MergeUserMetadataRequest {
+//!         user_id,
+//!         public_metadata,
+//!         private_metadata,
+//!         unsafe_metadata,
+//!     } = request;
+//! }
+//! ```
+//!
 //! Both implementations come from one macro, `api_kind!`, given each
 //! kind's message and field names. Organizations have no unsafe metadata:
 //! their invocation is the one place that says so (it names no unsafe
