@@ -214,6 +214,48 @@ macro_rules! unsafe_field {
     };
 }
 
+/// A Merge or Replace request of type `$message` taken apart.
+macro_rules! write_parts {
+    ($message:path, $request:expr, $id:ident $(, $unsafe:ident)?) => {{
+        let $message {
+            $id,
+            public_metadata,
+            private_metadata,
+            $($unsafe,)?
+            expected_version,
+        } = $request;
+        WriteParts {
+            id: $id,
+            public: public_metadata,
+            private: private_metadata,
+            unsafe_: None $(.or($unsafe))?,
+            expected_version,
+        }
+    }};
+}
+
+/// A Merge or Replace request of type `$message` built from its parts; a
+/// kind without unsafe metadata drops `unsafe_`.
+macro_rules! write_request {
+    ($message:path, $parts:expr, $id:ident $(, $unsafe:ident)?) => {{
+        let WriteParts {
+            id,
+            public,
+            private,
+            unsafe_,
+            expected_version,
+        } = $parts;
+        let _ = &unsafe_;
+        $message {
+            $id: id,
+            public_metadata: public,
+            private_metadata: private,
+            $($unsafe: unsafe_,)?
+            expected_version,
+        }
+    }};
+}
+
 /// Implements [`ApiKind`] for `$api` from its names. Every message is
 /// destructured or built with all its fields named: a field added to the
 /// proto is a compile error (E0027 or E0063) here until it is handled.
@@ -252,37 +294,11 @@ macro_rules! api_kind {
             }
 
             fn merge(request: Self::Merge) -> WriteParts<Struct> {
-                let pb::$merge {
-                    $id,
-                    public_metadata,
-                    private_metadata,
-                    $($unsafe,)?
-                    expected_version,
-                } = request;
-                WriteParts {
-                    id: $id,
-                    public: public_metadata,
-                    private: private_metadata,
-                    unsafe_: None $(.or($unsafe))?,
-                    expected_version,
-                }
+                write_parts!(pb::$merge, request, $id $(, $unsafe)?)
             }
 
             fn replace(request: Self::Replace) -> WriteParts<ProtoValue> {
-                let pb::$replace {
-                    $id,
-                    public_metadata,
-                    private_metadata,
-                    $($unsafe,)?
-                    expected_version,
-                } = request;
-                WriteParts {
-                    id: $id,
-                    public: public_metadata,
-                    private: private_metadata,
-                    unsafe_: None $(.or($unsafe))?,
-                    expected_version,
-                }
+                write_parts!(pb::$replace, request, $id $(, $unsafe)?)
             }
 
             fn delete(request: Self::Delete) -> DeleteCommand {
@@ -351,39 +367,11 @@ macro_rules! api_kind {
             }
 
             fn merge_request(parts: WriteParts<Struct>) -> Self::Merge {
-                let WriteParts {
-                    id,
-                    public,
-                    private,
-                    unsafe_,
-                    expected_version,
-                } = parts;
-                let _ = &unsafe_;
-                pb::$merge {
-                    $id: id,
-                    public_metadata: public,
-                    private_metadata: private,
-                    $($unsafe: unsafe_,)?
-                    expected_version,
-                }
+                write_request!(pb::$merge, parts, $id $(, $unsafe)?)
             }
 
             fn replace_request(parts: WriteParts<ProtoValue>) -> Self::Replace {
-                let WriteParts {
-                    id,
-                    public,
-                    private,
-                    unsafe_,
-                    expected_version,
-                } = parts;
-                let _ = &unsafe_;
-                pb::$replace {
-                    $id: id,
-                    public_metadata: public,
-                    private_metadata: private,
-                    $($unsafe: unsafe_,)?
-                    expected_version,
-                }
+                write_request!(pb::$replace, parts, $id $(, $unsafe)?)
             }
 
             fn delete_request(id: String, expected_version: Option<u64>) -> Self::Delete {
