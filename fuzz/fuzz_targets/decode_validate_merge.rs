@@ -1,7 +1,7 @@
 //! Untrusted bytes as a MergeUserMetadataRequest (first byte even) or a
 //! ReplaceUserMetadataRequest (odd): decode, convert, validate with the
 //! default limits, apply to a fixed stored value. Must never panic.
-//! The same harness runs on a fixed corpus in `tests/fuzz_corpus.rs`.
+//! The same harness runs on a fixed corpus in `tests/in_process/fuzz_corpus.rs`.
 
 #![no_main]
 

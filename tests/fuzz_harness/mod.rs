@@ -1,6 +1,6 @@
 //! decode -> convert -> validate -> apply on untrusted bytes. Shared by the
 //! cargo-fuzz target (`fuzz/fuzz_targets/decode_validate_merge.rs`) and the
-//! corpus replay test that CI runs (`tests/fuzz_corpus.rs`). It must never
+//! corpus replay test that CI runs (`tests/in_process/fuzz_corpus.rs`). It must never
 //! panic: every assert here is an invariant of the service.
 
 use metadata_service::json::{Limits, apply, measure, validate_command};

@@ -5,16 +5,16 @@
 //! overrides the binary. Without it the tests print a note and pass, unless
 //! METADATA_REQUIRE_GRPCURL is set, in which case they fail.
 
-mod common;
-
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use chrono::{DateTime, FixedOffset};
-use common::{Backend, TestServer};
 use serde_json::{Value as Json, json};
+
+use crate::common::{self, Backend};
+use crate::served::{self, TestServer};
 
 /// Bound on one grpcurl run, on top of its own `-max-time`.
 const RUN_LIMIT: Duration = Duration::from_secs(30);
@@ -47,7 +47,7 @@ impl std::fmt::Debug for Run {
 impl Grpcurl {
     /// The binary, or None after printing why the test is skipped.
     async fn find() -> Option<Grpcurl> {
-        common::grpcurl::locate().map(|program| Grpcurl { program })
+        crate::programs::grpcurl().map(|program| Grpcurl { program })
     }
 
     async fn run(&self, args: &[&str]) -> Run {
@@ -110,7 +110,7 @@ async fn run_bounded(program: &OsString, args: &[OsString]) -> std::io::Result<R
 
 async fn setup() -> Option<(Grpcurl, TestServer)> {
     let grpcurl = Grpcurl::find().await?;
-    let server = common::start(Backend::Sqlite)
+    let server = served::start(Backend::Sqlite)
         .await
         .expect("SQLite is always available");
     Some((grpcurl, server))
@@ -501,7 +501,7 @@ async fn secured_setup() -> Option<(Grpcurl, TestServer)> {
     })
     .unwrap();
     let auth = std::sync::Arc::new(Authenticator::new(keys, Some(frontend)));
-    let server = common::start_with(Backend::Sqlite, |c| c.auth = auth)
+    let server = served::start_with(Backend::Sqlite, |c| c.auth = auth)
         .await
         .unwrap();
     Some((grpcurl, server))
@@ -569,7 +569,7 @@ async fn reflection_can_be_switched_off() {
     let Some(grpcurl) = Grpcurl::find().await else {
         return;
     };
-    let s = common::start_with(Backend::Sqlite, |c| c.reflection = false)
+    let s = served::start_with(Backend::Sqlite, |c| c.reflection = false)
         .await
         .unwrap();
     let run = grpcurl.at(s.addr, &[], &["list"]).await;

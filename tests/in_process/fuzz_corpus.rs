@@ -5,6 +5,7 @@
 //! bytes. `cargo +nightly fuzz run decode_validate_merge` explores further
 //! (see fuzz/README.md).
 
+#[path = "../fuzz_harness/mod.rs"]
 mod fuzz_harness;
 
 use std::collections::BTreeMap;

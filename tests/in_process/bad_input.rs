@@ -1,17 +1,17 @@
 //! Every kind of invalid request, each with its exact status code; after
 //! each one, nothing changed and no event was written.
 
-mod common;
-
 use std::time::Duration;
 
-use common::json::{structure, value};
-use common::{Backend, TestServer, start_with};
 use metadata_service::proto::v1::*;
 use prost_types::value::Kind as ProtoKind;
 use prost_types::{ListValue, Struct, Value as ProtoValue};
 use serde_json::json;
 use tonic::{Code, Request};
+
+use crate::common::Backend;
+use crate::common::json::{structure, value};
+use crate::harness::{TestServer, start_with};
 
 enum Call {
     Merge(MergeUserMetadataRequest),

@@ -2,15 +2,11 @@
 //! failures, `migrate`, serving, signals and `--help`. Every child process is
 //! bounded in time and killed when its handle is dropped.
 
-mod common;
-
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use common::json::{field, structure};
-use common::{Backend, TestDb};
 use metadata_service::proto::v1::user_metadata_service_client::UserMetadataServiceClient;
 use metadata_service::proto::v1::{GetUserMetadataRequest, MergeUserMetadataRequest};
 use sea_orm::{ConnectionTrait, Database, Statement};
@@ -21,7 +17,10 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-const BIN: &str = env!("CARGO_BIN_EXE_metadata-service");
+use crate::common::json::{field, structure};
+use crate::common::{self, Backend, TestDb};
+use crate::programs::BIN;
+
 /// Longest any run of the binary may take before it is killed.
 const RUN_LIMIT: Duration = Duration::from_secs(30);
 /// How long a started server may take to answer SERVING.

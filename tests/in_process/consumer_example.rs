@@ -1,17 +1,18 @@
 //! The consumer example (`examples/consumer/`) across a server restart and
 //! after its position was pruned: nothing missed, nothing repeated.
 
-mod common;
-#[path = "../examples/consumer/consumer.rs"]
+#[path = "../../examples/consumer/consumer.rs"]
 mod consumer;
 
 use std::time::Duration;
 
-use common::json::structure;
-use common::{Backend, TestServer, start, start_with};
 use consumer::{Position, Replica, follow};
 use metadata_service::proto::v1::*;
 use serde_json::json;
+
+use crate::common::Backend;
+use crate::common::json::structure;
+use crate::harness::{TestServer, start, start_with};
 
 async fn write(s: &TestServer, id: &str, n: u64) -> UserMetadata {
     let request = MergeUserMetadataRequest {

@@ -2,17 +2,17 @@
 //! connection. A stream holds memory and a task for as long as it is open,
 //! so each of these is what one client could otherwise grow without end.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{Backend, start, start_with};
 use metadata_service::proto::v1::organization_metadata_service_client::OrganizationMetadataServiceClient;
 use metadata_service::proto::v1::user_metadata_service_client::UserMetadataServiceClient;
 use metadata_service::proto::v1::*;
 use tokio::time::timeout;
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
+
+use crate::common::{self, Backend};
+use crate::harness::{start, start_with};
 
 type Users = UserMetadataServiceClient<Channel>;
 type Orgs = OrganizationMetadataServiceClient<Channel>;
@@ -104,7 +104,7 @@ async fn filters_hold_at_most_1000_ids(backend: Backend) {
 
 backend_tests!(filters_hold_at_most_1000_ids);
 
-fn refused_total(s: &common::TestServer) -> u64 {
+fn refused_total(s: &crate::harness::TestServer) -> u64 {
     let text = s.metrics().render();
     let line = text
         .lines()

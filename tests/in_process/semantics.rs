@@ -1,13 +1,13 @@
 //! The semantics of every RPC, run against SQLite and Postgres through the
 //! generated client on a real server.
 
-mod common;
-
-use common::json::{field, structure, value};
-use common::{Backend, TestServer, start};
 use metadata_service::proto::v1::*;
 use serde_json::{Value as Json, json};
 use tonic::Code;
+
+use crate::common::Backend;
+use crate::common::json::{field, structure, value};
+use crate::harness::{TestServer, start};
 
 fn merge(
     id: &str,

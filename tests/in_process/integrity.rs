@@ -1,12 +1,8 @@
 //! Integrity under concurrency, overload and database trouble: nothing lost,
 //! every error clear, recovery without a restart.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::json::{field, structure};
-use common::{Backend, TestServer, start, start_with};
 use metadata_service::proto::v1::user_metadata_service_client::UserMetadataServiceClient;
 use metadata_service::proto::v1::*;
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
@@ -16,6 +12,10 @@ use tonic::{Code, Request};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+
+use crate::common::json::{field, structure};
+use crate::common::{self, Backend};
+use crate::harness::{TestServer, start, start_with};
 
 type Users = UserMetadataServiceClient<Channel>;
 
@@ -300,7 +300,8 @@ async fn postgres_no_lost_updates_across_servers() {
         return;
     };
     let other = s.another_server().await;
-    let other_users = UserMetadataServiceClient::new(common::connect(other.local_addr()).await);
+    let other_users =
+        UserMetadataServiceClient::new(crate::harness::connect(other.local_addr()).await);
     merge_storm(&[s.users.clone(), other_users], "hot").await;
     let m = get(&mut s.users, "hot").await;
     let Json::Object(keys) = field(&m.public_metadata) else {
@@ -508,7 +509,8 @@ async fn sqlite_read_only_database_is_a_clear_error() {
     let server = metadata_service::server::start(&config)
         .await
         .expect("serves a read-only file");
-    let mut users = UserMetadataServiceClient::new(common::connect(server.local_addr()).await);
+    let mut users =
+        UserMetadataServiceClient::new(crate::harness::connect(server.local_addr()).await);
     assert_eq!(get(&mut users, "u").await.version, 1, "reads work");
     let status = users.merge(merge("u", json!({"b":2}))).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
@@ -557,7 +559,7 @@ async fn postgres_outage_and_recovery() {
         .await
         .unwrap()
         .into_inner();
-    let database = s.db.postgres().name().to_owned();
+    let database = s.db.postgres().name.clone();
     let admin = s.db.postgres().admin().await;
     let sql = |text: String| Statement::from_string(admin.get_database_backend(), text);
 

@@ -29,8 +29,6 @@
 //!   instead (helm: `.ci/check-helm`), so a new kind of command in README
 //!   fails this test until it is handled.
 
-mod common;
-
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -40,7 +38,9 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
-const BIN: &str = env!("CARGO_BIN_EXE_metadata-service");
+use crate::common;
+use crate::programs::BIN;
+
 /// Longest one README command may run.
 const RUN_LIMIT: Duration = Duration::from_secs(30);
 /// How long a server may take to log that it serves, and to stop.
@@ -168,9 +168,9 @@ fn role(text: &str) -> Option<Role> {
         ["metadata-service", flag, ..] if flag.starts_with('-') && !prefixed => Role::Server,
         ["cargo", "run", "--release"] if !prefixed => Role::DefaultServer,
         ["cargo", "test"] => Role::Elsewhere("the test command: this test is part of it"),
-        ["cargo", "run", "--example", "consumer", ..] => {
-            Role::Elsewhere("tests/consumer_example.rs runs the consumer against a live server")
-        }
+        ["cargo", "run", "--example", "consumer", ..] => Role::Elsewhere(
+            "tests/in_process/consumer_example.rs runs the consumer against a live server",
+        ),
         ["helm", ..] => Role::Elsewhere(".ci/check-helm renders, validates and lints the chart"),
         ["kubectl", ..] => Role::Elsewhere("needs a Kubernetes cluster"),
         ["echo", ..] => Role::Shell,
@@ -387,7 +387,7 @@ impl Reader {
         std::fs::write(files.join("private.json"), r#"{"stripe_id":"cus_1"}"#).unwrap();
         std::fs::write(
             files.join("clerk-public.pem"),
-            include_str!("fixtures/jwt-rsa-public.pem"),
+            include_str!("../fixtures/jwt-rsa-public.pem"),
         )
         .unwrap();
         let ca = common::tls::Ca::new("README CA");
@@ -604,7 +604,7 @@ async fn feed_stdin(child: &mut Child) {
 /// with the key pair whose public half is `clerk-public.pem`.
 fn session_jwt() -> String {
     use jsonwebtoken::{Algorithm, EncodingKey, Header};
-    let key = EncodingKey::from_rsa_pem(include_bytes!("fixtures/jwt-rsa-private.pem")).unwrap();
+    let key = EncodingKey::from_rsa_pem(include_bytes!("../fixtures/jwt-rsa-private.pem")).unwrap();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -626,7 +626,7 @@ fn cast(snippets: &[Snippet]) -> Result<Vec<Role>, String> {
             let at = |why: &str| format!("README line {}: `{}` {why}", snippet.line, snippet.text);
             let role = role(&snippet.text).ok_or_else(|| {
                 at(
-                    "is neither run by tests/readme.rs nor listed as checked elsewhere; \
+                    "is neither run by tests/real_binary/readme.rs nor listed as checked elsewhere; \
                     teach `role` about it",
                 )
             })?;
@@ -711,7 +711,7 @@ async fn play(markdown: &str, grpcurl: &Path) -> Result<Report, String> {
 
 /// The grpcurl to run, as an absolute path.
 fn grpcurl() -> Option<PathBuf> {
-    let program = PathBuf::from(common::grpcurl::locate()?);
+    let program = PathBuf::from(crate::programs::grpcurl()?);
     if program.components().count() > 1 {
         return Some(program);
     }
@@ -723,7 +723,7 @@ fn grpcurl() -> Option<PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_command_in_readme_works() {
     let Some(grpcurl) = grpcurl() else { return };
-    let readme = include_str!("../README.md");
+    let readme = include_str!("../../README.md");
     let report = play(readme, &grpcurl)
         .await
         .unwrap_or_else(|e| panic!("{e}"));

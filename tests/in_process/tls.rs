@@ -1,17 +1,16 @@
 //! TLS and mutual TLS, with certificates made in the test.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::tls::{Ca, Leaf};
-use common::{Backend, TestDb};
 use metadata_service::proto::v1::GetUserMetadataRequest;
 use metadata_service::proto::v1::user_metadata_service_client::UserMetadataServiceClient;
 use metadata_service::server::{self, RunningServer, TlsConfig};
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use crate::common::tls::{Ca, Leaf};
+use crate::common::{self, Backend, TestDb};
 
 async fn start(tls: TlsConfig) -> (TestDb, RunningServer) {
     let db = TestDb::create(Backend::Sqlite).await.unwrap();

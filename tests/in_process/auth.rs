@@ -2,15 +2,11 @@
 //! identity x RPC x field matrix, every way a frontend token is refused, and
 //! the safe default for servers with no credentials.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use common::json::{json, structure, value};
-use common::{Backend, TestServer, start_with};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use metadata_service::auth::{ApiKeys, Authenticator, FrontendConfig, FrontendTokens, hash_key};
 use metadata_service::model::Field;
@@ -19,10 +15,14 @@ use metadata_service::server::{self, ServerConfig};
 use serde_json::{Value as Json, json};
 use tonic::{Code, Request, Status};
 
+use crate::common::json::{json, structure, value};
+use crate::common::{self, Backend};
+use crate::harness::{TestServer, start_with};
+
 const BACKEND_KEY: &str = "test-backend-key-5b1c0f3e9a7d";
 const SECRET: &[u8] = b"test-frontend-secret-0123456789abcdef";
-const RSA_PRIVATE: &[u8] = include_bytes!("fixtures/jwt-rsa-private.pem");
-const RSA_PUBLIC: &[u8] = include_bytes!("fixtures/jwt-rsa-public.pem");
+const RSA_PRIVATE: &[u8] = include_bytes!("../fixtures/jwt-rsa-private.pem");
+const RSA_PUBLIC: &[u8] = include_bytes!("../fixtures/jwt-rsa-public.pem");
 
 const USER: &str = "user_1";
 const ORG: &str = "org_1";

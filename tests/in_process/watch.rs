@@ -1,11 +1,7 @@
 //! Change events and the Watch stream, on SQLite and Postgres.
 
-mod common;
-
 use std::time::Duration;
 
-use common::json::{field, structure, value};
-use common::{Backend, start, start_with};
 use metadata_service::events::BrokerPauses;
 use metadata_service::proto::v1::user_metadata_service_client::UserMetadataServiceClient;
 use metadata_service::proto::v1::watch_organization_metadata_response::Response as OrgResponse;
@@ -17,6 +13,10 @@ use tokio::time::timeout;
 use tonic::Code;
 use tonic::Streaming;
 use tonic::transport::Channel;
+
+use crate::common::Backend;
+use crate::common::json::{field, structure, value};
+use crate::harness::{start, start_with};
 
 type Users = UserMetadataServiceClient<Channel>;
 
@@ -944,7 +944,7 @@ async fn postgres_replicas_deliver_every_event() {
         return;
     };
     let replica = s.another_server().await;
-    let replica_channel = common::connect(replica.local_addr()).await;
+    let replica_channel = crate::harness::connect(replica.local_addr()).await;
     let mut clients = [
         s.users.clone(),
         UserMetadataServiceClient::new(replica_channel),
@@ -1212,7 +1212,7 @@ async fn postgres_watch_survives_lost_connections() {
     };
     let replica = s.another_server().await;
     let mut replica_users =
-        UserMetadataServiceClient::new(common::connect(replica.local_addr()).await);
+        UserMetadataServiceClient::new(crate::harness::connect(replica.local_addr()).await);
     let mut here = watch(&mut s.users, 0, &[]).await;
     let mut there = watch(&mut replica_users, 0, &[]).await;
     expect_progress(&mut here).await;
@@ -1220,7 +1220,7 @@ async fn postgres_watch_survives_lost_connections() {
     write(&mut s.users, "u1", json!({"before":1})).await;
 
     let admin = s.db.postgres().admin().await;
-    let database = s.db.postgres().name().to_owned();
+    let database = s.db.postgres().name.clone();
     let killed = admin
         .query_all_raw(Statement::from_string(
             admin.get_database_backend(),

@@ -1,0 +1,44 @@
+//! Integration tests that run the server inside the test process
+//! (`metadata_service::server::start` on 127.0.0.1:0, a fresh database per
+//! test, generated clients), and tests of the library's pure parts. One
+//! test binary: the harness and the dependencies are compiled and linked
+//! once.
+
+/// Declares each listed `async fn name(backend: Backend)` as two tests,
+/// `sqlite::name` and `postgres::name`.
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+#[path = "../common/mod.rs"]
+mod common;
+mod harness;
+
+mod auth;
+mod bad_input;
+mod consumer_example;
+mod fuzz_corpus;
+mod integrity;
+mod metrics;
+mod properties;
+mod semantics;
+mod tls;
+mod watch;
+mod watch_limits;
