@@ -3,6 +3,10 @@
 //! test, generated clients), and tests of the library's pure parts. One
 //! test binary: the harness and the dependencies are compiled and linked
 //! once.
+//!
+//! A test's name says where it runs: `watch::sqlite::name` on SQLite
+//! (`backend_tests!`), `semantics::organizations::postgres::name` for
+//! organizations on Postgres (`kind_tests!` in `kinds.rs`).
 
 /// Declares each listed `async fn name(backend: Backend)` as two tests,
 /// `sqlite::name` and `postgres::name`.
@@ -30,6 +34,8 @@ macro_rules! backend_tests {
 #[path = "../common/mod.rs"]
 mod common;
 mod harness;
+#[macro_use]
+mod kinds;
 
 mod auth;
 mod bad_input;
