@@ -1,6 +1,7 @@
-//! Authentication and per-field authorization on a running server: the
-//! identity x RPC x field matrix, every way a frontend token is refused, and
-//! the safe default for servers with no credentials.
+//! Authentication and per-field authorization on a running server, for
+//! users and organizations: the identity x RPC x field matrix of each kind,
+//! every way a frontend token is refused, and the safe default for servers
+//! with no credentials.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,14 +11,14 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use metadata_service::auth::{ApiKeys, Authenticator, FrontendConfig, FrontendTokens, hash_key};
 use metadata_service::model::Field;
-use metadata_service::proto::v1::*;
 use metadata_service::server::{self, ServerConfig};
 use serde_json::{Value as Json, json};
 use tonic::{Code, Request, Status};
 
-use crate::common::json::{json, structure, value};
+use crate::common::json::json;
 use crate::common::{self, Backend};
 use crate::harness::{TestServer, start_with};
+use crate::kinds::{Delete, Get, Kind, Merge, Record, Replace, Watch, WatchMessage};
 
 const BACKEND_KEY: &str = "test-backend-key-5b1c0f3e9a7d";
 const SECRET: &[u8] = b"test-frontend-secret-0123456789abcdef";
@@ -99,266 +100,184 @@ impl Identity {
     }
 }
 
+/// An RPC of either kind; a write provides one field.
 #[derive(Clone, Copy, Debug)]
 enum Op {
-    UserGet,
-    UserMerge(Field),
-    UserReplace(Field),
-    UserDelete,
-    UserWatch,
-    OrgGet,
-    OrgMerge(Field),
-    OrgReplace(Field),
-    OrgDelete,
-    OrgWatch,
+    Get,
+    Merge(Field),
+    Replace(Field),
+    Delete,
+    Watch,
 }
 
 use Field::{Private, Public, Unsafe};
-use Op::*;
 
-const OPS: [Op; 16] = [
-    UserGet,
-    UserMerge(Public),
-    UserMerge(Private),
-    UserMerge(Unsafe),
-    UserReplace(Public),
-    UserReplace(Private),
-    UserReplace(Unsafe),
-    UserDelete,
-    UserWatch,
-    OrgGet,
-    OrgMerge(Public),
-    OrgMerge(Private),
-    OrgReplace(Public),
-    OrgReplace(Private),
-    OrgDelete,
-    OrgWatch,
+/// Every RPC of a kind, with a write of each of its fields on its own.
+#[rustfmt::skip]
+const USER_OPS: [Op; 9] = [
+    Op::Get, Op::Merge(Public), Op::Merge(Private), Op::Merge(Unsafe),
+    Op::Replace(Public), Op::Replace(Private), Op::Replace(Unsafe), Op::Delete, Op::Watch,
+];
+#[rustfmt::skip]
+const ORG_OPS: [Op; 7] = [
+    Op::Get, Op::Merge(Public), Op::Merge(Private),
+    Op::Replace(Public), Op::Replace(Private), Op::Delete, Op::Watch,
 ];
 
 const OK: Code = Code::Ok;
 const UNAUTH: Code = Code::Unauthenticated;
 const DENIED: Code = Code::PermissionDenied;
 
-/// The expected code of every cell, written out by hand (columns as in OPS).
+/// The expected code of every cell, written out by hand (columns as in
+/// USER_OPS and ORG_OPS).
 #[rustfmt::skip]
-const MATRIX: [(Identity, [Code; 16]); 6] = [
-    //                             user: Get  M.pub   M.priv  M.unsafe R.pub  R.priv  R.unsafe Delete Watch   org: Get  M.pub   M.priv  R.pub   R.priv  Delete  Watch
-    (Identity::None,              [UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH]),
-    (Identity::BadKey,            [UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH]),
-    (Identity::BackendKey,        [OK,     OK,     OK,     OK,     OK,     OK,     OK,     OK,     OK,     OK,     OK,     OK,     OK,     OK,     OK,     OK]),
-    (Identity::FrontendOwnUser,   [OK,     DENIED, DENIED, OK,     DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED]),
-    (Identity::FrontendOtherUser, [DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED]),
-    (Identity::FrontendWithOrg,   [OK,     DENIED, DENIED, OK,     DENIED, DENIED, DENIED, DENIED, DENIED, OK,     DENIED, DENIED, DENIED, DENIED, DENIED, DENIED]),
+const USER_MATRIX: [(Identity, [Code; 9]); 6] = [
+    //                             Get     M.pub   M.priv  M.unsafe R.pub  R.priv  R.unsafe Delete Watch
+    (Identity::None,              [UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH]),
+    (Identity::BadKey,            [UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH]),
+    (Identity::BackendKey,        [OK,     OK,     OK,     OK,     OK,     OK,     OK,     OK,     OK]),
+    (Identity::FrontendOwnUser,   [OK,     DENIED, DENIED, OK,     DENIED, DENIED, DENIED, DENIED, DENIED]),
+    (Identity::FrontendOtherUser, [DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED]),
+    (Identity::FrontendWithOrg,   [OK,     DENIED, DENIED, OK,     DENIED, DENIED, DENIED, DENIED, DENIED]),
 ];
+#[rustfmt::skip]
+const ORG_MATRIX: [(Identity, [Code; 7]); 6] = [
+    //                             Get     M.pub   M.priv  R.pub   R.priv  Delete  Watch
+    (Identity::None,              [UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH]),
+    (Identity::BadKey,            [UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH]),
+    (Identity::BackendKey,        [OK,     OK,     OK,     OK,     OK,     OK,     OK]),
+    (Identity::FrontendOwnUser,   [DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED]),
+    (Identity::FrontendOtherUser, [DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED]),
+    (Identity::FrontendWithOrg,   [OK,     DENIED, DENIED, DENIED, DENIED, DENIED, DENIED]),
+];
+
+/// The ops of `kind` and, for each identity, the expected code of each.
+fn matrix(kind: Kind) -> (Vec<Op>, Vec<(Identity, Vec<Code>)>) {
+    fn rows<const N: usize>(rows: [(Identity, [Code; N]); 6]) -> Vec<(Identity, Vec<Code>)> {
+        rows.into_iter()
+            .map(|(i, codes)| (i, codes.to_vec()))
+            .collect()
+    }
+    match kind {
+        Kind::User => (USER_OPS.to_vec(), rows(USER_MATRIX)),
+        Kind::Organization => (ORG_OPS.to_vec(), rows(ORG_MATRIX)),
+    }
+}
 
 /// What a successful call returned: the metadata fields present in the
 /// returned record (None for Delete and Watch).
 type Outcome = Result<Option<Vec<Field>>, Status>;
 
-fn present(fields: [(Field, &Option<prost_types::Value>); 3]) -> Option<Vec<Field>> {
+fn present(record: &Record) -> Option<Vec<Field>> {
     Some(
-        fields
+        Field::ALL
             .into_iter()
-            .filter(|(_, v)| v.is_some())
-            .map(|(f, _)| f)
+            .filter(|f| record.field(*f).is_some())
             .collect(),
     )
 }
 
-fn user_fields(m: &UserMetadata) -> Option<Vec<Field>> {
-    present([
-        (Public, &m.public_metadata),
-        (Private, &m.private_metadata),
-        (Unsafe, &m.unsafe_metadata),
-    ])
+/// The id of `kind` every call of the matrix is about.
+fn id(kind: Kind) -> &'static str {
+    match kind {
+        Kind::User => USER,
+        Kind::Organization => ORG,
+    }
 }
 
-fn org_fields(m: &OrganizationMetadata) -> Option<Vec<Field>> {
-    present([
-        (Public, &m.public_metadata),
-        (Private, &m.private_metadata),
-        (Unsafe, &None),
-    ])
-}
-
-fn patch(op_field: Field, field: Field) -> Option<prost_types::Struct> {
-    (op_field == field).then(|| structure(&json!({"written": "by the test"})))
-}
-
-fn whole(op_field: Field, field: Field) -> Option<prost_types::Value> {
-    (op_field == field).then(|| value(&json!({"written": "by the test"})))
-}
-
-async fn call(server: &TestServer, op: Op, token: Option<&str>) -> Outcome {
-    let mut users = server.users.clone();
-    let mut orgs = server.orgs.clone();
-    let user_id = USER.to_string();
-    let organization_id = ORG.to_string();
+/// Calls `op` on `kind` with `token`, after `seeded` was written.
+async fn call(
+    server: &TestServer,
+    kind: Kind,
+    op: Op,
+    token: Option<&str>,
+    seeded: &(Record, Record),
+) -> Outcome {
+    let mut client = kind.client(server);
+    let id = id(kind);
+    let written = json!({"written": "by the test"});
     Ok(match op {
-        UserGet => {
-            let r = users.get(with_token(GetUserMetadataRequest { user_id }, token));
-            user_fields(&r.await?.into_inner())
+        Op::Get => present(&client.get(with_token(Get::new(id), token)).await?),
+        Op::Merge(f) => {
+            let request = Merge::new(id).json(f, written);
+            present(&client.merge(with_token(request, token)).await?)
         }
-        UserMerge(f) => {
-            let request = MergeUserMetadataRequest {
-                user_id,
-                public_metadata: patch(f, Public),
-                private_metadata: patch(f, Private),
-                unsafe_metadata: patch(f, Unsafe),
-                expected_version: None,
-            };
-            user_fields(&users.merge(with_token(request, token)).await?.into_inner())
+        Op::Replace(f) => {
+            let request = Replace::new(id).json(f, written);
+            present(&client.replace(with_token(request, token)).await?)
         }
-        UserReplace(f) => {
-            let request = ReplaceUserMetadataRequest {
-                user_id,
-                public_metadata: whole(f, Public),
-                private_metadata: whole(f, Private),
-                unsafe_metadata: whole(f, Unsafe),
-                expected_version: None,
-            };
-            user_fields(
-                &users
-                    .replace(with_token(request, token))
-                    .await?
-                    .into_inner(),
-            )
-        }
-        UserDelete => {
-            let request = DeleteUserMetadataRequest {
-                user_id,
-                expected_version: None,
-            };
-            assert!(
-                users
-                    .delete(with_token(request, token))
-                    .await?
-                    .into_inner()
-                    .existed
-            );
+        Op::Delete => {
+            assert!(client.delete(with_token(Delete::new(id), token)).await?);
             None
         }
-        UserWatch => {
-            let request = WatchUserMetadataRequest::default();
-            let stream = users.watch(with_token(request, token)).await?;
-            assert_opened(stream.into_inner()).await;
-            None
-        }
-        OrgGet => {
-            let r = orgs.get(with_token(
-                GetOrganizationMetadataRequest { organization_id },
-                token,
-            ));
-            org_fields(&r.await?.into_inner())
-        }
-        OrgMerge(f) => {
-            let request = MergeOrganizationMetadataRequest {
-                organization_id,
-                public_metadata: patch(f, Public),
-                private_metadata: patch(f, Private),
-                expected_version: None,
-            };
-            org_fields(&orgs.merge(with_token(request, token)).await?.into_inner())
-        }
-        OrgReplace(f) => {
-            let request = ReplaceOrganizationMetadataRequest {
-                organization_id,
-                public_metadata: whole(f, Public),
-                private_metadata: whole(f, Private),
-                expected_version: None,
-            };
-            org_fields(&orgs.replace(with_token(request, token)).await?.into_inner())
-        }
-        OrgDelete => {
-            let request = DeleteOrganizationMetadataRequest {
-                organization_id,
-                expected_version: None,
-            };
-            assert!(
-                orgs.delete(with_token(request, token))
-                    .await?
-                    .into_inner()
-                    .existed
-            );
-            None
-        }
-        OrgWatch => {
-            let request = WatchOrganizationMetadataRequest::default();
-            let stream = orgs.watch(with_token(request, token)).await?;
-            assert_opened(stream.into_inner()).await;
+        Op::Watch => {
+            let mut stream = client.watch(with_token(Watch, token)).await?;
+            // A stream that was let in starts with a progress message, after
+            // the newest revision.
+            let newest = seeded.0.revision.max(seeded.1.revision);
+            let first = tokio::time::timeout(Duration::from_secs(10), stream.message()).await;
+            match first {
+                Ok(Ok(Some(WatchMessage::Progress(revision)))) if revision >= newest => {}
+                Ok(Ok(Some(WatchMessage::Event(revision)))) => {
+                    panic!("{kind:?} watch: an event at {revision} before any progress")
+                }
+                other => panic!("{kind:?} watch, first message: {other:?}, newest {newest}"),
+            }
             None
         }
     })
 }
 
-/// A Watch stream that was let in starts with a progress message.
-async fn assert_opened<T: std::fmt::Debug>(mut stream: tonic::Streaming<T>) {
-    let first = tokio::time::timeout(Duration::from_secs(10), stream.message()).await;
-    assert!(
-        matches!(first, Ok(Ok(Some(_)))),
-        "first watch message: {first:?}"
-    );
-}
-
 /// Writes known values to every field of USER and ORG as the backend, and
-/// returns both versions.
-async fn seed(server: &TestServer) -> (UserMetadata, OrganizationMetadata) {
+/// returns both records.
+async fn seed(server: &TestServer) -> (Record, Record) {
     let backend = Some(BACKEND_KEY);
-    let user = ReplaceUserMetadataRequest {
-        user_id: USER.into(),
-        public_metadata: Some(value(&json!({"seeded": "public"}))),
-        private_metadata: Some(value(&json!({"seeded": "private"}))),
-        unsafe_metadata: Some(value(&json!({"seeded": "unsafe"}))),
-        expected_version: None,
-    };
-    let org = ReplaceOrganizationMetadataRequest {
-        organization_id: ORG.into(),
-        public_metadata: Some(value(&json!({"seeded": "public"}))),
-        private_metadata: Some(value(&json!({"seeded": "private"}))),
-        expected_version: None,
-    };
-    let (mut users, mut orgs) = (server.users.clone(), server.orgs.clone());
+    let user = Replace::new(USER)
+        .public(json!({"seeded": "public"}))
+        .private(json!({"seeded": "private"}))
+        .unsafe_(json!({"seeded": "unsafe"}));
+    let org = Replace::new(ORG)
+        .public(json!({"seeded": "public"}))
+        .private(json!({"seeded": "private"}));
+    let mut users = Kind::User.client(server);
+    let mut orgs = Kind::Organization.client(server);
     let user = users.replace(with_token(user, backend)).await.unwrap();
     let org = orgs.replace(with_token(org, backend)).await.unwrap();
-    (user.into_inner(), org.into_inner())
+    (user, org)
 }
 
-async fn stored(server: &TestServer) -> (UserMetadata, OrganizationMetadata) {
+async fn stored(server: &TestServer) -> (Record, Record) {
     let backend = Some(BACKEND_KEY);
-    let user = GetUserMetadataRequest {
-        user_id: USER.into(),
-    };
-    let org = GetOrganizationMetadataRequest {
-        organization_id: ORG.into(),
-    };
-    let (mut users, mut orgs) = (server.users.clone(), server.orgs.clone());
-    let user = users.get(with_token(user, backend)).await.unwrap();
-    let org = orgs.get(with_token(org, backend)).await.unwrap();
-    (user.into_inner(), org.into_inner())
+    let mut users = Kind::User.client(server);
+    let mut orgs = Kind::Organization.client(server);
+    let user = users.get(with_token(Get::new(USER), backend)).await;
+    let org = orgs.get(with_token(Get::new(ORG), backend)).await;
+    (user.unwrap(), org.unwrap())
 }
 
 /// The fields each identity sees in a returned record.
-fn visible(identity: Identity, op: Op) -> Vec<Field> {
-    let org = matches!(op, OrgGet | OrgMerge(_) | OrgReplace(_));
-    match (identity, org) {
-        (Identity::BackendKey, false) => vec![Public, Private, Unsafe],
-        (Identity::BackendKey, true) => vec![Public, Private],
-        (_, false) => vec![Public, Unsafe],
-        (_, true) => vec![Public],
+fn visible(identity: Identity, kind: Kind) -> Vec<Field> {
+    match (identity, kind) {
+        (Identity::BackendKey, Kind::User) => vec![Public, Private, Unsafe],
+        (Identity::BackendKey, Kind::Organization) => vec![Public, Private],
+        (_, Kind::User) => vec![Public, Unsafe],
+        (_, Kind::Organization) => vec![Public],
     }
 }
 
-async fn identity_rpc_field_matrix(backend: Backend) {
+async fn identity_rpc_field_matrix(backend: Backend, kind: Kind) {
     let auth = authenticator(SECRET);
     let Some(server) = start_with(backend, |c| c.auth = auth).await else {
         return;
     };
+    let (ops, matrix) = matrix(kind);
     let mut failures = Vec::new();
-    for (identity, codes) in MATRIX {
+    for (identity, codes) in matrix {
+        assert_eq!(codes.len(), ops.len(), "{identity:?}: a code per op");
         let token = identity.token();
-        for (op, expected) in OPS.into_iter().zip(codes) {
+        for (op, expected) in ops.iter().copied().zip(codes) {
             let before = seed(&server).await;
-            let outcome = call(&server, op, token.as_deref()).await;
+            let outcome = call(&server, kind, op, token.as_deref(), &before).await;
             let code = outcome.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
             if code != expected {
                 failures.push(format!(
@@ -367,7 +286,7 @@ async fn identity_rpc_field_matrix(backend: Backend) {
                 continue;
             }
             match outcome {
-                Ok(Some(fields)) if fields != visible(identity, op) => {
+                Ok(Some(fields)) if fields != visible(identity, kind) => {
                     failures.push(format!("{identity:?} {op:?}: response shows {fields:?}"));
                 }
                 Ok(_) => {}
@@ -375,6 +294,7 @@ async fn identity_rpc_field_matrix(backend: Backend) {
                     if status.message().is_empty() {
                         failures.push(format!("{identity:?} {op:?}: status without a message"));
                     }
+                    // Of neither kind.
                     let after = stored(&server).await;
                     if (after.0.version, after.1.version) != (before.0.version, before.1.version) {
                         failures.push(format!("{identity:?} {op:?}: refused but written"));
@@ -383,136 +303,159 @@ async fn identity_rpc_field_matrix(backend: Backend) {
             }
         }
     }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(failures.is_empty(), "{kind:?}:\n{}", failures.join("\n"));
 }
-
-backend_tests!(identity_rpc_field_matrix);
 
 #[tokio::test]
 async fn frontend_sees_the_values_it_may_see() {
     let server = secured(SECRET).await;
     seed(&server).await;
     let token = session(USER, Some(ORG));
-    let request = GetUserMetadataRequest {
-        user_id: USER.into(),
-    };
-    let (mut users, mut orgs) = (server.users.clone(), server.orgs.clone());
-    let user = users.get(with_token(request, Some(&token))).await;
-    let user = user.unwrap().into_inner();
+    let mut users = Kind::User.client(&server);
+    let mut orgs = Kind::Organization.client(&server);
+    let user = users.get(with_token(Get::new(USER), Some(&token))).await;
+    let user = user.unwrap();
     assert_eq!(
-        json(user.public_metadata.as_ref().unwrap()),
+        json(user.public.as_ref().unwrap()),
         json!({"seeded": "public"})
     );
     assert_eq!(
-        json(user.unsafe_metadata.as_ref().unwrap()),
+        json(user.unsafe_.as_ref().unwrap()),
         json!({"seeded": "unsafe"})
     );
-    assert_eq!(user.private_metadata, None);
+    assert_eq!(user.private, None);
 
-    let merge = MergeUserMetadataRequest {
-        user_id: USER.into(),
-        unsafe_metadata: Some(structure(&json!({"theme": "dark", "seeded": null}))),
-        ..Default::default()
-    };
+    let merge = Merge::new(USER).unsafe_(json!({"theme": "dark", "seeded": null}));
     let merged = users.merge(with_token(merge, Some(&token))).await;
-    let merged = merged.unwrap().into_inner();
+    let merged = merged.unwrap();
     assert_eq!(
-        json(merged.unsafe_metadata.as_ref().unwrap()),
+        json(merged.unsafe_.as_ref().unwrap()),
         json!({"theme": "dark"})
     );
-    assert_eq!(merged.private_metadata, None);
+    assert_eq!(merged.private, None);
     assert_eq!(merged.version, user.version + 1);
 
     let (user, org) = stored(&server).await;
     assert_eq!(
-        json(user.private_metadata.as_ref().unwrap()),
+        json(user.private.as_ref().unwrap()),
         json!({"seeded": "private"})
     );
-    let request = GetOrganizationMetadataRequest {
-        organization_id: ORG.into(),
-    };
-    let seen = orgs.get(with_token(request, Some(&token))).await;
-    let seen = seen.unwrap().into_inner();
-    assert_eq!(seen.public_metadata, org.public_metadata);
-    assert_eq!(seen.private_metadata, None);
+    let seen = orgs.get(with_token(Get::new(ORG), Some(&token))).await;
+    let seen = seen.unwrap();
+    assert_eq!(seen.public, org.public);
+    assert_eq!(seen.private, None);
 }
 
-#[tokio::test]
-async fn refusals_name_what_is_allowed() {
+/// A refused frontend call says what the token may do instead: a write
+/// names the field it may write (users) or who may write (organizations),
+/// a read of another id names the claim that decides; no token at all is
+/// told what to send.
+async fn refusals_name_what_is_allowed(kind: Kind) {
     let server = secured(SECRET).await;
-    let token = session(USER, None);
-    let merge = MergeUserMetadataRequest {
-        user_id: USER.into(),
-        public_metadata: Some(structure(&json!({"plan": "pro"}))),
-        unsafe_metadata: Some(structure(&json!({"theme": "dark"}))),
-        ..Default::default()
+    // A session of USER; for the organization, in ORG.
+    let (token, write, other_id, write_says, read_says): (_, _, _, &[&str], &[&str]) = match kind {
+        Kind::User => (
+            session(USER, None),
+            Merge::new(USER)
+                .public(json!({"plan": "pro"}))
+                .unsafe_(json!({"theme": "dark"})),
+            "user_2",
+            &["public_metadata", "only unsafe_metadata"],
+            &["only its own user", "sub"],
+        ),
+        Kind::Organization => (
+            session(USER, Some(ORG)),
+            Merge::new(ORG).public(json!({"plan": "pro"})),
+            "org_2",
+            &["Merge", "backend callers only"],
+            &["only the organization in its org_id claim"],
+        ),
     };
-    let err = server
-        .users
-        .clone()
-        .merge(with_token(merge, Some(&token)))
+    let mut client = kind.client(&server);
+    let err = client
+        .merge(with_token(write, Some(&token)))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
-    assert!(err.message().contains("public_metadata"), "{err:?}");
-    assert!(err.message().contains("only unsafe_metadata"), "{err:?}");
+    for says in write_says {
+        assert!(err.message().contains(says), "{err:?} lacks {says:?}");
+    }
 
-    let err = server
-        .users
-        .clone()
-        .get(with_token(GetUserMetadataRequest::default(), None))
+    let err = client
+        .get(with_token(Get::new(other_id), Some(&token)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    for says in read_says {
+        assert!(err.message().contains(says), "{err:?} lacks {says:?}");
+    }
+
+    let err = client
+        .get(with_token(Get::new(""), None))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
     assert!(err.message().contains("authorization"), "{err:?}");
 }
 
-/// Asks for USER with `token` and returns the code and message.
-async fn get_with(server: &TestServer, token: &str) -> (Code, String) {
-    let request = GetUserMetadataRequest {
-        user_id: USER.into(),
-    };
-    match server
-        .users
-        .clone()
-        .get(with_token(request, Some(token)))
-        .await
-    {
+kind_tests!(
+    identity_rpc_field_matrix;
+    kind_only: refusals_name_what_is_allowed,
+);
+
+/// Claims a frontend may Get both USER and ORG with.
+fn claims() -> Json {
+    json!({"sub": USER, "org_id": ORG, "exp": now() + 600})
+}
+
+/// Asks for USER or ORG with `token` and returns the code and message.
+async fn get_with(server: &TestServer, kind: Kind, token: &str) -> (Code, String) {
+    let request = with_token(Get::new(id(kind)), Some(token));
+    match kind.client(server).get(request).await {
         Ok(_) => (Code::Ok, String::new()),
         Err(status) => (status.code(), status.message().to_string()),
     }
 }
 
+/// `token` lets its holder Get both USER and ORG.
+async fn assert_accepted(server: &TestServer, token: &str) {
+    for kind in Kind::ALL {
+        let (code, message) = get_with(server, kind, token).await;
+        assert_eq!(code, Code::Ok, "{kind:?}: {message}");
+    }
+}
+
+/// `token` is refused for `reason` by both kinds' services.
 async fn assert_refused(server: &TestServer, token: &str, reason: &str) {
-    let (code, message) = get_with(server, token).await;
-    assert_eq!(code, Code::Unauthenticated, "{message}");
-    assert!(
-        message.contains(reason),
-        "expected {reason:?} in {message:?}"
-    );
-    assert!(!message.contains(token), "the message repeats the token");
+    for kind in Kind::ALL {
+        let (code, message) = get_with(server, kind, token).await;
+        assert_eq!(code, Code::Unauthenticated, "{kind:?}: {message}");
+        assert!(
+            message.contains(reason),
+            "{kind:?}: expected {reason:?} in {message:?}"
+        );
+        assert!(!message.contains(token), "the message repeats the token");
+    }
 }
 
 #[tokio::test]
 async fn token_with_alg_none_is_refused() {
     let server = secured(SECRET).await;
     let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
-    let claims = json!({"sub": USER, "exp": now() + 600});
-    let claims = URL_SAFE_NO_PAD.encode(claims.to_string());
+    let claims = URL_SAFE_NO_PAD.encode(claims().to_string());
     assert_refused(&server, &format!("{header}.{claims}."), "invalid token").await;
     // The same claims, correctly signed, are accepted.
-    assert_eq!(get_with(&server, &session(USER, None)).await.0, Code::Ok);
+    assert_accepted(&server, &session(USER, Some(ORG))).await;
 }
 
 #[tokio::test]
 async fn token_signed_with_another_key_is_refused() {
     let server = secured(SECRET).await;
-    let claims = json!({"sub": USER, "exp": now() + 600});
     let other = EncodingKey::from_secret(b"another-secret-of-enough-length-0123456789");
-    let token = sign(Algorithm::HS256, &other, &claims);
+    let token = sign(Algorithm::HS256, &other, &claims());
     assert_refused(&server, &token, "bad signature").await;
     // A valid token whose signature was altered.
-    let mut token = session(USER, None);
+    let mut token = session(USER, Some(ORG));
     let last = token.pop().unwrap();
     token.push(if last == 'A' { 'B' } else { 'A' });
     assert_refused(&server, &token, "invalid token").await;
@@ -523,29 +466,27 @@ async fn hmac_token_keyed_with_the_rsa_public_key_is_refused() {
     // The classic algorithm-confusion attack: the server holds an RSA public
     // key, and the attacker signs HS256 with that (public) key as the secret.
     let server = secured(RSA_PUBLIC).await;
-    let claims = json!({"sub": USER, "exp": now() + 600});
     let forged = sign(
         Algorithm::HS256,
         &EncodingKey::from_secret(RSA_PUBLIC),
-        &claims,
+        &claims(),
     );
     assert_refused(&server, &forged, "algorithm not accepted").await;
     let genuine = sign(
         Algorithm::RS256,
         &EncodingKey::from_rsa_pem(RSA_PRIVATE).unwrap(),
-        &claims,
+        &claims(),
     );
-    assert_eq!(get_with(&server, &genuine).await.0, Code::Ok);
+    assert_accepted(&server, &genuine).await;
 }
 
 #[tokio::test]
 async fn rsa_token_on_an_hmac_server_is_refused() {
     let server = secured(SECRET).await;
-    let claims = json!({"sub": USER, "exp": now() + 600});
     let token = sign(
         Algorithm::RS256,
         &EncodingKey::from_rsa_pem(RSA_PRIVATE).unwrap(),
-        &claims,
+        &claims(),
     );
     assert_refused(&server, &token, "algorithm not accepted").await;
 }
@@ -553,22 +494,25 @@ async fn rsa_token_on_an_hmac_server_is_refused() {
 #[tokio::test]
 async fn expired_token_is_refused() {
     let server = secured(SECRET).await;
-    let token = hs256(json!({"sub": USER, "exp": now() - 5}));
-    assert_refused(&server, &token, "expired").await;
+    let mut claims = claims();
+    claims["exp"] = json!(now() - 5);
+    assert_refused(&server, &hs256(claims), "expired").await;
 }
 
 #[tokio::test]
 async fn token_not_valid_yet_is_refused() {
     let server = secured(SECRET).await;
-    let token = hs256(json!({"sub": USER, "exp": now() + 600, "nbf": now() + 300}));
-    assert_refused(&server, &token, "not valid yet").await;
+    let mut claims = claims();
+    claims["nbf"] = json!(now() + 300);
+    assert_refused(&server, &hs256(claims), "not valid yet").await;
 }
 
 #[tokio::test]
 async fn token_without_subject_is_refused() {
     let server = secured(SECRET).await;
-    let token = hs256(json!({"exp": now() + 600}));
-    assert_refused(&server, &token, "missing the sub claim").await;
+    let mut claims = claims();
+    claims.as_object_mut().unwrap().remove("sub");
+    assert_refused(&server, &hs256(claims), "missing the sub claim").await;
 }
 
 #[tokio::test]
@@ -585,8 +529,10 @@ async fn issuer_and_audience_are_checked_when_configured() {
     let server = start_with(Backend::Sqlite, |c| c.auth = auth)
         .await
         .unwrap();
-    let good = json!({"sub": USER, "exp": now() + 600, "iss": "https://clerk.example.com", "aud": "metadata"});
-    assert_eq!(get_with(&server, &hs256(good.clone())).await.0, Code::Ok);
+    let mut good = claims();
+    good["iss"] = json!("https://clerk.example.com");
+    good["aud"] = json!("metadata");
+    assert_accepted(&server, &hs256(good.clone())).await;
     let mut wrong_issuer = good.clone();
     wrong_issuer["iss"] = json!("https://evil.example.com");
     assert_refused(&server, &hs256(wrong_issuer), "wrong issuer").await;
@@ -616,12 +562,11 @@ async fn rsa_ec_and_ed25519_public_keys_are_accepted() {
         ed.public_key_pem().into_bytes(),
         EncodingKey::from_ed_pem(ed.serialize_pem().as_bytes()).unwrap(),
     );
-    let claims = json!({"sub": USER, "exp": now() + 600});
     for (algorithm, public, private) in [rsa, ec, ed] {
         let server = secured(&public).await;
-        let token = sign(algorithm, &private, &claims);
-        assert_eq!(get_with(&server, &token).await.0, Code::Ok, "{algorithm:?}");
-        let hmac = hs256(claims.clone());
+        let token = sign(algorithm, &private, &claims());
+        assert_accepted(&server, &token).await;
+        let hmac = hs256(claims());
         assert_refused(&server, &hmac, "algorithm not accepted").await;
     }
 }
@@ -630,17 +575,23 @@ async fn rsa_ec_and_ed25519_public_keys_are_accepted() {
 async fn health_needs_no_credentials() {
     let server = secured(SECRET).await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
-    let reply = health
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: "metadata.v1.UserMetadataService".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        reply.status(),
-        tonic_health::pb::health_check_response::ServingStatus::Serving
-    );
+    for service in [
+        "metadata.v1.UserMetadataService",
+        "metadata.v1.OrganizationMetadataService",
+    ] {
+        let reply = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            reply.status(),
+            tonic_health::pb::health_check_response::ServingStatus::Serving,
+            "{service}"
+        );
+    }
 }
 
 fn open_config(listen: &str) -> (tempfile::TempDir, ServerConfig) {
@@ -687,13 +638,11 @@ async fn open_server_starts_on_a_public_address_when_allowed_or_secured() {
 #[tokio::test]
 async fn open_server_on_loopback_lets_everyone_in() {
     let server = start_with(Backend::Sqlite, |_| {}).await.unwrap();
-    let merge = MergeUserMetadataRequest {
-        user_id: USER.into(),
-        private_metadata: Some(structure(&json!({"k": 1}))),
-        ..Default::default()
-    };
-    let merged = server.users.clone().merge(with_token(merge, None)).await;
-    assert_eq!(merged.unwrap().into_inner().version, 1);
+    for kind in Kind::ALL {
+        let merge = Merge::new(id(kind)).private(json!({"k": 1}));
+        let merged = kind.client(&server).merge(with_token(merge, None)).await;
+        assert_eq!(merged.unwrap().version, 1, "{kind:?}");
+    }
     // A token is ignored rather than refused: nothing is configured to check it.
-    assert_eq!(get_with(&server, "anything").await.0, Code::Ok);
+    assert_accepted(&server, "anything").await;
 }

@@ -16,7 +16,7 @@ use metadata_service::proto::v1::*;
 use prost_types::{Struct, Timestamp, Value};
 use serde_json::Value as Json;
 use tonic::transport::Channel;
-use tonic::{IntoRequest, Request, Status};
+use tonic::{IntoRequest, Request, Status, Streaming};
 
 use crate::common::json::{json, structure, value};
 use crate::harness::TestServer;
@@ -28,6 +28,8 @@ pub enum Kind {
 }
 
 impl Kind {
+    pub const ALL: [Kind; 2] = [Kind::User, Kind::Organization];
+
     /// The request and response field that names the record, as error
     /// messages name it.
     pub fn id_field(self) -> &'static str {
@@ -93,6 +95,17 @@ impl Record {
             Kind::Organization => None,
         };
         (set(&self.public), set(&self.private), unsafe_)
+    }
+
+    /// The value of `field` as returned: None when the response leaves it
+    /// out (a caller that may not see it), and for `unsafe` on an
+    /// organization.
+    pub fn field(&self, field: Field) -> Option<&Value> {
+        match field {
+            Field::Public => self.public.as_ref(),
+            Field::Private => self.private.as_ref(),
+            Field::Unsafe => self.unsafe_.as_ref(),
+        }
     }
 }
 
@@ -297,6 +310,10 @@ impl Delete {
     }
 }
 
+/// Watch of either kind, from the newest revision, of every id.
+#[derive(Clone, Debug, Default)]
+pub struct Watch;
+
 fn no_unsafe<T>(unsafe_: Option<T>) {
     assert!(
         unsafe_.is_none(),
@@ -453,6 +470,69 @@ impl KindClient {
                 Ok(existed)
             }
         }
+    }
+
+    pub async fn watch(&mut self, request: impl IntoRequest<Watch>) -> Result<WatchStream, Status> {
+        let request = request.into_request();
+        match self {
+            KindClient::User(c) => {
+                let request = request.map(|Watch| WatchUserMetadataRequest {
+                    start_revision: 0,
+                    user_ids: Vec::new(),
+                    progress_notify: false,
+                });
+                Ok(WatchStream::User(c.watch(request).await?.into_inner()))
+            }
+            KindClient::Organization(c) => {
+                let request = request.map(|Watch| WatchOrganizationMetadataRequest {
+                    start_revision: 0,
+                    organization_ids: Vec::new(),
+                    progress_notify: false,
+                });
+                Ok(WatchStream::Organization(
+                    c.watch(request).await?.into_inner(),
+                ))
+            }
+        }
+    }
+}
+
+/// A Watch stream of either kind.
+pub enum WatchStream {
+    User(Streaming<WatchUserMetadataResponse>),
+    Organization(Streaming<WatchOrganizationMetadataResponse>),
+}
+
+/// What a Watch stream sends, by revision.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WatchMessage {
+    Progress(u64),
+    Event(u64),
+}
+
+impl WatchStream {
+    /// The next message; None when the stream ended.
+    pub async fn message(&mut self) -> Result<Option<WatchMessage>, Status> {
+        use watch_organization_metadata_response::Response as Org;
+        use watch_user_metadata_response::Response as User;
+        Ok(match self {
+            WatchStream::User(s) => {
+                s.message()
+                    .await?
+                    .map(|m| match m.response.expect("response set") {
+                        User::Progress(p) => WatchMessage::Progress(p.revision),
+                        User::Event(e) => WatchMessage::Event(e.revision),
+                    })
+            }
+            WatchStream::Organization(s) => {
+                s.message()
+                    .await?
+                    .map(|m| match m.response.expect("response set") {
+                        Org::Progress(p) => WatchMessage::Progress(p.revision),
+                        Org::Event(e) => WatchMessage::Event(e.revision),
+                    })
+            }
+        })
     }
 }
 
