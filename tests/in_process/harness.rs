@@ -6,17 +6,23 @@ use std::net::SocketAddr;
 
 use metadata_service::proto::v1::organization_metadata_service_client::OrganizationMetadataServiceClient;
 use metadata_service::proto::v1::user_metadata_service_client::UserMetadataServiceClient;
+use metadata_service::proto::v1::{MergeUserMetadataRequest, UserMetadata};
 use metadata_service::server::{self, RunningServer, ServerConfig};
 use sea_orm::{ConnectionTrait, Database};
+use serde_json::Value as Json;
 use tonic::transport::Channel;
 
+use crate::common::json::structure;
 use crate::common::{self, Backend, PgDatabase, TestDb};
+
+pub type Users = UserMetadataServiceClient<Channel>;
+pub type Orgs = OrganizationMetadataServiceClient<Channel>;
 
 /// A running server with clients connected to it.
 pub struct TestServer {
     pub addr: SocketAddr,
-    pub users: UserMetadataServiceClient<Channel>,
-    pub orgs: OrganizationMetadataServiceClient<Channel>,
+    pub users: Users,
+    pub orgs: Orgs,
     pub config: ServerConfig,
     server: Option<RunningServer>,
     // Declared last: the database outlives the server using it.
@@ -95,6 +101,24 @@ impl TestServer {
         self.orgs = OrganizationMetadataServiceClient::new(channel);
         self.server = Some(server);
     }
+}
+
+/// A user Merge of `public` into the public metadata of `id`.
+pub fn merge(id: &str, public: Json) -> MergeUserMetadataRequest {
+    MergeUserMetadataRequest {
+        user_id: id.into(),
+        public_metadata: Some(structure(&public)),
+        ..Default::default()
+    }
+}
+
+/// [`merge`], which must succeed; the record it returns.
+pub async fn write(users: &mut Users, id: &str, public: Json) -> UserMetadata {
+    users
+        .merge(merge(id, public))
+        .await
+        .expect("merge")
+        .into_inner()
 }
 
 pub async fn connect(addr: SocketAddr) -> Channel {

@@ -15,21 +15,7 @@ use tonic_health::pb::health_client::HealthClient;
 
 use crate::common::json::{field, structure};
 use crate::common::{self, Backend};
-use crate::harness::{TestServer, start, start_with};
-
-type Users = UserMetadataServiceClient<Channel>;
-
-fn merge(id: &str, public: Json) -> MergeUserMetadataRequest {
-    MergeUserMetadataRequest {
-        user_id: id.into(),
-        public_metadata: Some(structure(&public)),
-        ..Default::default()
-    }
-}
-
-async fn merge_ok(users: &mut Users, id: &str, public: Json) -> UserMetadata {
-    users.merge(merge(id, public)).await.unwrap().into_inner()
-}
+use crate::harness::{TestServer, Users, merge, start, start_with, write};
 
 async fn get(users: &mut Users, id: &str) -> UserMetadata {
     users
@@ -183,8 +169,8 @@ async fn concurrent_writes_keep_their_own_outcomes(backend: Backend) {
         return;
     };
     let big = "x".repeat(5000);
-    merge_ok(&mut s.users, "big", json!({ "a": big })).await;
-    merge_ok(&mut s.users, "contended", json!({ "seed": true })).await;
+    write(&mut s.users, "big", json!({ "a": big })).await;
+    write(&mut s.users, "contended", json!({ "seed": true })).await;
     let mut tasks = Vec::new();
     for c in 0..48u64 {
         let mut users = s.users.clone();
@@ -241,7 +227,7 @@ async fn concurrent_gets_each_get_their_own_record(backend: Backend) {
         return;
     };
     for n in 0..10u64 {
-        merge_ok(&mut s.users, &format!("reader{n}"), json!({ "n": n })).await;
+        write(&mut s.users, &format!("reader{n}"), json!({ "n": n })).await;
         let org = MergeOrganizationMetadataRequest {
             organization_id: format!("reader{n}"),
             public_metadata: Some(structure(&json!({ "org": n }))),

@@ -12,29 +12,10 @@ use serde_json::{Value as Json, json};
 use tokio::time::timeout;
 use tonic::Code;
 use tonic::Streaming;
-use tonic::transport::Channel;
 
 use crate::common::Backend;
 use crate::common::json::{field, structure, value};
-use crate::harness::{start, start_with};
-
-type Users = UserMetadataServiceClient<Channel>;
-
-fn merge(id: &str, public: Json) -> MergeUserMetadataRequest {
-    MergeUserMetadataRequest {
-        user_id: id.into(),
-        public_metadata: Some(structure(&public)),
-        ..Default::default()
-    }
-}
-
-async fn write(users: &mut Users, id: &str, public: Json) -> UserMetadata {
-    users
-        .merge(merge(id, public))
-        .await
-        .expect("merge")
-        .into_inner()
-}
+use crate::harness::{Users, merge, start, start_with, write};
 
 async fn watch(
     users: &mut Users,

@@ -4,18 +4,12 @@
 
 use std::time::{Duration, Instant};
 
-use metadata_service::proto::v1::organization_metadata_service_client::OrganizationMetadataServiceClient;
-use metadata_service::proto::v1::user_metadata_service_client::UserMetadataServiceClient;
 use metadata_service::proto::v1::*;
 use tokio::time::timeout;
-use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
 use crate::common::{self, Backend};
-use crate::harness::{start, start_with};
-
-type Users = UserMetadataServiceClient<Channel>;
-type Orgs = OrganizationMetadataServiceClient<Channel>;
+use crate::harness::{Orgs, Users, start, start_with};
 
 fn ids(count: usize) -> Vec<String> {
     (0..count).map(|i| format!("id_{i:04}")).collect()
