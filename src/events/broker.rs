@@ -343,9 +343,10 @@ impl Stream {
         Ok(())
     }
 
-    /// Sends every revision after `position` up to `up_to` from the table.
-    /// `up_to` is at most the high-water mark, so the range is complete in
-    /// the table (events and voids) unless it was pruned. Checks for a
+    /// Sends every event after `position` up to `up_to` that the stream
+    /// wants, from the table (filtered there). `up_to` is at most the
+    /// high-water mark, so the range is complete in the table unless it
+    /// was pruned, which ends the stream. Checks for a
     /// client that left and for shutdown before every read, so a replay
     /// that sends nothing still ends with its client.
     async fn catch_up(&mut self, up_to: u64) -> Result<(), Stop> {
@@ -358,40 +359,44 @@ impl Stream {
                 () = broker.shutdown.cancelled() => return Err(Stop::ShuttingDown),
                 permit = broker.replay.acquire() => permit.map_err(|_| Stop::ShuttingDown)?,
             };
+            let batch = broker.options.batch;
             let read = broker
                 .store
-                .read_log(self.position, up_to, broker.options.batch)
+                .read_events_of(
+                    self.request.kind,
+                    &self.request.ids,
+                    self.position,
+                    up_to,
+                    batch,
+                )
                 .await;
             drop(permit);
-            let entries = read.map_err(Stop::Failed)?;
+            let events = read.map_err(Stop::Failed)?;
+            // Pruning removes a prefix of the log and records how far it
+            // went, in one transaction: read after the events, a mark below
+            // the position proves the read was complete.
             let expected = self.position + 1;
-            if entries.first().map(|e| e.revision) != Some(expected) {
-                // Pruning removes a prefix of the log in one transaction,
-                // and records how far it went.
-                let compacted = broker
-                    .store
-                    .compacted_revision()
-                    .await
-                    .map_err(Stop::Failed)?;
-                if compacted >= expected {
-                    return Err(Stop::TooOld {
-                        requested: expected,
-                        oldest: compacted + 1,
-                    });
-                }
-                // Not pruned: a hole left before voids were written (an
-                // older version of this service). Nothing was ever there.
+            let compacted = broker
+                .store
+                .compacted_revision()
+                .await
+                .map_err(Stop::Failed)?;
+            if compacted >= expected {
+                return Err(Stop::TooOld {
+                    requested: expected,
+                    oldest: compacted + 1,
+                });
             }
-            if entries.is_empty() {
-                self.position = up_to;
-                break;
+            // A short read covered the whole range; a full one, up to its
+            // last event.
+            let covered = match events.last() {
+                Some(last) if events.len() as u64 >= batch => last.revision,
+                _ => up_to,
+            };
+            for event in events {
+                self.deliver(Arc::new(SharedEvent::new(event))).await?;
             }
-            for Logged { revision, event } in entries {
-                match event {
-                    Some(event) => self.deliver(Arc::new(SharedEvent::new(event))).await?,
-                    None => self.position = self.position.max(revision),
-                }
-            }
+            self.position = self.position.max(covered);
             if self.tx.is_closed() {
                 return Err(Stop::ClientGone);
             }

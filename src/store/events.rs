@@ -359,6 +359,38 @@ impl Store {
             .collect()
     }
 
+    /// The events of `kind` (and of `ids`, unless empty) with
+    /// `after < revision <= up_to`, oldest first, at most `limit`. The
+    /// filter runs in the database: a replay that wants a few ids out of a
+    /// long history does not decode the rest.
+    pub async fn read_events_of(
+        &self,
+        kind: Kind,
+        ids: &std::collections::HashSet<String>,
+        after: u64,
+        up_to: u64,
+        limit: u64,
+    ) -> Result<Vec<Event>, StoreError> {
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let up_to = i64::try_from(up_to).unwrap_or(i64::MAX);
+        let mut query = event::Entity::find()
+            .filter(event::Column::Revision.gt(after))
+            .filter(event::Column::Revision.lte(up_to))
+            .filter(event::Column::Kind.eq(kind.as_str()))
+            .filter(event::Column::ChangeType.ne(VOID));
+        if !ids.is_empty() {
+            query = query.filter(event::Column::Id.is_in(ids.iter().cloned()));
+        }
+        query
+            .order_by_asc(event::Column::Revision)
+            .limit(limit)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(event_from_row)
+            .collect()
+    }
+
     /// Postgres: settles a revision found missing below a visible one.
     /// Waits (at most `wait`) for the writer that took it, and only for
     /// that writer; if the revision is still missing once it has ended, it
