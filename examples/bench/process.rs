@@ -23,11 +23,18 @@ pub struct ServerProcess {
 
 /// The `metadata-service` binary next to this one (same cargo profile).
 pub fn sibling_binary() -> anyhow::Result<PathBuf> {
+    // The bench is an example: target/<profile>/examples/bench, the
+    // server target/<profile>/metadata-service.
     let me = std::env::current_exe()?;
-    let path = me.with_file_name("metadata-service");
+    let profile_dir = me
+        .parent()
+        .and_then(|examples| examples.parent())
+        .ok_or_else(|| anyhow::anyhow!("cannot place {}", me.display()))?;
+    let path = profile_dir.join("metadata-service");
     if !path.exists() {
         bail!(
-            "{} not found: build it first (cargo build --release --bins) or pass --server-bin",
+            "{} not found: build it first (cargo build --release --bins --example bench) \
+             or pass --server-bin",
             path.display()
         );
     }
