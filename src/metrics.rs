@@ -37,6 +37,8 @@ pub struct Metrics {
     pub latest_revision: IntGauge,
     pub dispatched_revision: IntGauge,
     pub delivery_lag: IntGauge,
+    /// Postgres: this server's NOTIFYs to other replicas, by outcome.
+    pub commit_notifications: IntCounterVec,
     pub db_connections: IntGaugeVec,
     pub db_max_connections: IntGauge,
     /// Time to obtain a pooled connection and begin a write transaction.
@@ -119,6 +121,15 @@ impl Metrics {
             "How many revisions this server's event delivery is behind the newest one.",
         )
         .unwrap();
+        let commit_notifications = IntCounterVec::new(
+            opts(
+                "metadata_commit_notifications_total",
+                "Postgres NOTIFYs telling other replicas of this server's commits (each covers \
+                 every commit since the previous one), by outcome (sent, failed).",
+            ),
+            &["outcome"],
+        )
+        .unwrap();
         let db_connections = IntGaugeVec::new(
             opts(
                 "metadata_db_pool_connections",
@@ -170,6 +181,7 @@ impl Metrics {
             Box::new(latest_revision.clone()),
             Box::new(dispatched_revision.clone()),
             Box::new(delivery_lag.clone()),
+            Box::new(commit_notifications.clone()),
             Box::new(db_connections.clone()),
             Box::new(db_max_connections.clone()),
             Box::new(db_acquire.clone()),
@@ -196,6 +208,7 @@ impl Metrics {
             latest_revision,
             dispatched_revision,
             delivery_lag,
+            commit_notifications,
             db_connections,
             db_max_connections,
             db_acquire,
@@ -234,8 +247,15 @@ impl Metrics {
                     .set(pool.size as i64 - pool.idle as i64);
                 m.db_max_connections.set(pool.max as i64);
             }
-            let stats = &broker.stats;
             use std::sync::atomic::Ordering::Relaxed;
+            let announced = store.announcer_stats();
+            for (outcome, total) in [("sent", &announced.sent), ("failed", &announced.failed)] {
+                catch_up(
+                    &m.commit_notifications.with_label_values(&[outcome]),
+                    total.load(Relaxed),
+                );
+            }
+            let stats = &broker.stats;
             m.watch_streams.set(stats.open_streams.load(Relaxed) as i64);
             catch_up(&m.events_delivered, stats.delivered.load(Relaxed));
             catch_up(&m.watch_lagged, stats.lagged.load(Relaxed));

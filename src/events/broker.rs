@@ -178,6 +178,9 @@ impl Broker {
         if let Some(listener) = store.listen_for_commits().await? {
             tokio::spawn(listen(listener, wake.clone(), shutdown.clone()));
         }
+        if let Some(announcer) = store.commit_announcer() {
+            tokio::spawn(announcer.run(shutdown.clone()));
+        }
         let broker = Arc::new(Broker {
             store,
             fanout: Fanout {

@@ -22,11 +22,9 @@ use sea_orm::{
 use serde_json::{Value, json};
 
 use super::entities::{event, revision};
+use super::notifications::{AnnouncerStats, CHANNEL, CommitAnnouncer, CommitListener};
 use super::{Store, StoreError, record_from_parts};
 use crate::model::{ChangeType, Event, Field, Fields, Kind, Record, changed_fields};
-
-/// Postgres channel on which every commit is announced to all replicas.
-pub(super) const CHANNEL: &str = "metadata_events";
 
 /// Postgres sequence the revisions come from. Its default CACHE 1 matters:
 /// values are then handed out in time order across all sessions.
@@ -149,11 +147,10 @@ pub(super) async fn next_revision(txn: &DatabaseTransaction) -> Result<u64, Stor
 /// `owned`, whether it holds the revision's lock. Public so that tests can
 /// play a writer that stalls or rolls back at a chosen moment.
 pub fn take_revision_sql() -> String {
-    // The notification rides on the same round trip; Postgres delivers it
-    // to every listening replica when (and only if) the transaction commits.
+    // No NOTIFY here: it would serialize every commit (notifications.rs).
     format!(
         "SELECT r AS latest, pg_try_advisory_xact_lock({}) AS owned \
-         FROM nextval('{SEQUENCE}') AS r, pg_notify('{CHANNEL}', '')",
+         FROM nextval('{SEQUENCE}') AS r",
         lock_key("r")
     )
 }
@@ -304,24 +301,6 @@ fn lock_timed_out(err: &DbErr) -> bool {
             .and_then(|db| db.code())
             .is_some_and(|code| code == "55P03"),
         _ => false,
-    }
-}
-
-/// Wakes a replica whenever any replica commits (Postgres LISTEN).
-pub struct CommitListener(PgListener);
-
-impl CommitListener {
-    /// Ok(()) for a notification or a lost-and-restored connection (after
-    /// which the caller must re-read the table: notifications sent
-    /// meanwhile are gone).
-    pub async fn next(&mut self) -> Result<(), StoreError> {
-        match self.0.try_recv().await {
-            Ok(_) => Ok(()),
-            Err(err) => Err(StoreError::unavailable(
-                "event notifications interrupted",
-                err,
-            )),
-        }
     }
 }
 
@@ -555,7 +534,26 @@ impl Store {
 
     /// The in-process signal raised after every commit of this store.
     pub fn commit_notifier(&self) -> Arc<tokio::sync::Notify> {
-        self.committed.clone()
+        self.commits.local.clone()
+    }
+
+    /// On Postgres, the task that tells other replicas of this store's
+    /// commits (run it with [`CommitAnnouncer::run`]).
+    pub fn commit_announcer(&self) -> Option<CommitAnnouncer> {
+        if self.backend() != DatabaseBackend::Postgres {
+            return None;
+        }
+        Some(CommitAnnouncer::new(
+            &self.db.get_postgres_connection_pool().connect_options(),
+            self.commits.announce.clone(),
+            self.announcer_stats.clone(),
+            self.writer.pauses.announce.clone(),
+        ))
+    }
+
+    /// Counts of the commit announcer's notifications (zero on SQLite).
+    pub fn announcer_stats(&self) -> &AnnouncerStats {
+        &self.announcer_stats
     }
 
     /// On Postgres, a listener for commits made by any replica.

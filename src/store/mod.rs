@@ -15,6 +15,7 @@ mod entities;
 mod error;
 mod events;
 mod migration;
+mod notifications;
 mod reads;
 
 use std::sync::{Arc, OnceLock};
@@ -28,16 +29,19 @@ use sea_orm::{
     SqliteTransactionMode, TransactionOptions, TransactionTrait,
 };
 use sea_orm_migration::MigratorTrait;
-use tokio::sync::Notify;
 
 pub use error::{StoreError, redact_url};
-pub use events::{Claim, CommitListener, Logged, take_revision_sql};
+pub use events::{Claim, Logged, take_revision_sql};
+pub use notifications::{
+    ANNOUNCER_APPLICATION_NAME, AnnouncerStats, CommitAnnouncer, CommitListener,
+};
 
 use crate::json::{ValidationError, canonical_numbers};
 use crate::model::{ChangeType, Fields, Kind, Record};
 use crate::pause::PausePoint;
 use entities::metadata::{self as entity, Entity, Model};
 use migration::Migrator;
+use notifications::Commits;
 
 /// Connection settings, from the command line.
 #[derive(Clone, Debug)]
@@ -56,6 +60,8 @@ pub struct StoreOptions {
 pub struct StorePauses {
     /// A write transaction, right before its COMMIT is sent.
     pub commit: PausePoint,
+    /// The commit announcer (Postgres), right before it sends a NOTIFY.
+    pub announce: PausePoint,
 }
 
 impl Default for StoreOptions {
@@ -102,8 +108,10 @@ pub struct Store {
     committer: Option<batch::Committer>,
     reader: reads::Reader,
     writer: Writer,
-    /// Raised after every commit, to wake the event dispatcher at once.
-    committed: Arc<Notify>,
+    /// Raised after every commit: wakes the event dispatcher at once, and
+    /// the announcer that tells other replicas.
+    commits: Commits,
+    announcer_stats: Arc<AnnouncerStats>,
     max_connections: u32,
 }
 
@@ -139,10 +147,10 @@ impl Store {
         let db = Database::connect(connect)
             .await
             .map_err(|err| StoreError::from(err).redacting(url))?;
-        let committed = Arc::new(Notify::new());
+        let commits = Commits::default();
         let writer = Writer {
             db: db.clone(),
-            committed: committed.clone(),
+            commits: commits.clone(),
             acquire_timer: Arc::new(OnceLock::new()),
             group_sizes: Arc::new(OnceLock::new()),
             pauses: options.pauses.clone(),
@@ -158,7 +166,8 @@ impl Store {
             committer,
             reader,
             writer,
-            committed,
+            commits,
+            announcer_stats: Arc::default(),
             max_connections: options.max_connections,
         })
     }
@@ -330,7 +339,7 @@ enum Step {
 #[derive(Clone)]
 pub(crate) struct Writer {
     db: DatabaseConnection,
-    committed: Arc<Notify>,
+    commits: Commits,
     /// Where the time to begin a write transaction is recorded, if anywhere.
     acquire_timer: Arc<OnceLock<prometheus::Histogram>>,
     /// Where the size of each SQLite write group is recorded, if anywhere.
@@ -357,11 +366,11 @@ impl Writer {
     /// may have happened (`Sent`); it must not depend on when they left.
     async fn commit(&self, txn: DatabaseTransaction) -> Result<(), StoreError> {
         let pause = self.pauses.commit.clone();
-        let committed = self.committed.clone();
+        let commits = self.commits.clone();
         let commit = tokio::spawn(async move {
             pause.pass().await;
             txn.commit().await?;
-            committed.notify_one();
+            commits.committed();
             Ok(())
         });
         commit

@@ -79,9 +79,23 @@ impl TestServer {
 
     /// A second server process-equivalent on the same database.
     pub async fn another_server(&self) -> RunningServer {
-        server::start(&self.config)
-            .await
-            .expect("second server starts")
+        self.another_server_with(|_| {}).await
+    }
+
+    /// A second server on the same database, its configuration changed.
+    pub async fn another_server_with(
+        &self,
+        customize: impl FnOnce(&mut ServerConfig),
+    ) -> RunningServer {
+        let mut config = self.config.clone();
+        customize(&mut config);
+        server::start(&config).await.expect("second server starts")
+    }
+
+    /// The value of one series of the server's metrics, as /metrics shows
+    /// it (`name` or `name{label="value"}`).
+    pub fn metric(&self, series: &str) -> f64 {
+        metric(&self.metrics().render(), series)
     }
 
     pub async fn stop(&mut self) {
@@ -101,6 +115,15 @@ impl TestServer {
         self.orgs = OrganizationMetadataServiceClient::new(channel);
         self.server = Some(server);
     }
+}
+
+/// The value of `series` in a Prometheus text exposition.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+        .parse()
+        .expect("a number")
 }
 
 /// A user Merge of `public` into the public metadata of `id`.

@@ -43,6 +43,7 @@ mod consumer_example;
 mod fuzz_corpus;
 mod integrity;
 mod metrics;
+mod notifications;
 mod properties;
 mod semantics;
 mod tls;

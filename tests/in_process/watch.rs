@@ -17,7 +17,7 @@ use crate::common::Backend;
 use crate::common::json::{field, structure, value};
 use crate::harness::{Users, merge, start, start_with, write};
 
-async fn watch(
+pub(crate) async fn watch(
     users: &mut Users,
     start_revision: u64,
     ids: &[&str],
@@ -44,14 +44,16 @@ async fn next(stream: &mut Streaming<WatchUserMetadataResponse>) -> Response {
         .expect("response set")
 }
 
-async fn next_event(stream: &mut Streaming<WatchUserMetadataResponse>) -> UserMetadataEvent {
+pub(crate) async fn next_event(
+    stream: &mut Streaming<WatchUserMetadataResponse>,
+) -> UserMetadataEvent {
     match next(stream).await {
         Response::Event(event) => event,
         Response::Progress(p) => panic!("expected an event, got progress {}", p.revision),
     }
 }
 
-async fn expect_progress(stream: &mut Streaming<WatchUserMetadataResponse>) -> u64 {
+pub(crate) async fn expect_progress(stream: &mut Streaming<WatchUserMetadataResponse>) -> u64 {
     match next(stream).await {
         Response::Progress(p) => p.revision,
         Response::Event(e) => panic!("expected progress, got event {}", e.revision),
@@ -59,7 +61,7 @@ async fn expect_progress(stream: &mut Streaming<WatchUserMetadataResponse>) -> u
 }
 
 /// `count` events, skipping progress messages.
-async fn events(
+pub(crate) async fn events(
     stream: &mut Streaming<WatchUserMetadataResponse>,
     count: usize,
 ) -> Vec<UserMetadataEvent> {
@@ -73,7 +75,10 @@ async fn events(
 }
 
 /// Nothing but (optional) progress arrives within `wait`.
-async fn assert_quiet(stream: &mut Streaming<WatchUserMetadataResponse>, wait: Duration) {
+pub(crate) async fn assert_quiet(
+    stream: &mut Streaming<WatchUserMetadataResponse>,
+    wait: Duration,
+) {
     let deadline = tokio::time::Instant::now() + wait;
     while let Ok(message) = tokio::time::timeout_at(deadline, stream.message()).await {
         if let Some(Response::Event(e)) = message.expect("stream healthy").and_then(|m| m.response)

@@ -99,12 +99,7 @@ async fn filters_hold_at_most_1000_ids(backend: Backend) {
 backend_tests!(filters_hold_at_most_1000_ids);
 
 fn refused_total(s: &crate::harness::TestServer) -> u64 {
-    let text = s.metrics().render();
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("metadata_watch_streams_refused_total "))
-        .unwrap_or_else(|| panic!("no refusal counter in\n{text}"));
-    line.rsplit_once(' ').unwrap().1.parse().unwrap()
+    s.metric("metadata_watch_streams_refused_total") as u64
 }
 
 /// `--max-watch-streams`: past it a Watch is refused at once with

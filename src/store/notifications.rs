@@ -1,0 +1,178 @@
+//! How replicas on one Postgres database learn of each other's commits:
+//! LISTEN on one channel, and NOTIFY on it after commits, never inside them.
+//!
+//! A `NOTIFY` inside a write transaction makes Postgres take a
+//! database-wide lock at commit and hold it through the commit record's
+//! flush, so notifying transactions commit one at a time and lose group
+//! commit (half the write rate on the database alone, BENCHMARKS.md). So
+//! writers only raise [`Commits`]; one [`CommitAnnouncer`] per server sends
+//! at most one `NOTIFY` at a time, on a connection of its own with
+//! `synchronous_commit = off` (its transaction writes nothing worth a flush),
+//! covering every commit since its previous one. A lost notification costs
+//! latency, never an event: every dispatcher also reads the log at least
+//! every `--watch-poll-interval` (1 s), and re-reads it after reconnecting.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use sea_orm::sqlx::postgres::{PgConnectOptions, PgListener};
+use sea_orm::sqlx::{Connection, Executor, PgConnection};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::StoreError;
+use crate::pause::PausePoint;
+
+/// Postgres channel on which commits are announced to all replicas.
+pub(super) const CHANNEL: &str = "metadata_events";
+
+/// `application_name` of the announcer's connection, so that an operator
+/// (or a test) can find it in `pg_stat_activity`.
+pub const ANNOUNCER_APPLICATION_NAME: &str = "metadata-service notifier";
+
+/// Raised after every commit of this store: wakes this server's event
+/// dispatcher, and its announcer (Postgres) which tells the other replicas.
+/// Each is a `Notify` holding at most one pending wake-up, so a burst of
+/// commits while either is busy costs it one more round, not one per commit.
+#[derive(Clone, Default)]
+pub(crate) struct Commits {
+    pub(super) local: Arc<Notify>,
+    pub(super) announce: Arc<Notify>,
+}
+
+impl Commits {
+    pub(super) fn committed(&self) {
+        self.local.notify_one();
+        self.announce.notify_one();
+    }
+}
+
+/// Counts of the announcer's `NOTIFY`s, for the metrics.
+#[derive(Debug, Default)]
+pub struct AnnouncerStats {
+    pub sent: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+/// Tells the other replicas, after this server's commits, that the log
+/// moved: one `NOTIFY` at a time, each covering every commit since the
+/// previous one.
+pub struct CommitAnnouncer {
+    options: PgConnectOptions,
+    commits: Arc<Notify>,
+    stats: Arc<AnnouncerStats>,
+    connection: Option<PgConnection>,
+    pause: PausePoint,
+}
+
+/// The first retry after a failed `NOTIFY` is at once (the usual cause is a
+/// connection that died while idle); later ones back off up to the poll's
+/// order of magnitude, since the poll covers a lost notification anyway.
+const RETRY_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(1));
+
+impl CommitAnnouncer {
+    pub(super) fn new(
+        pool_options: &PgConnectOptions,
+        commits: Arc<Notify>,
+        stats: Arc<AnnouncerStats>,
+        pause: PausePoint,
+    ) -> Self {
+        let options = pool_options
+            .clone()
+            .application_name(ANNOUNCER_APPLICATION_NAME)
+            .options([("synchronous_commit", "off")]);
+        CommitAnnouncer {
+            options,
+            commits,
+            stats,
+            connection: None,
+            pause,
+        }
+    }
+
+    /// Announces commits until `shutdown`.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut failures = 0u32;
+        loop {
+            tokio::select! {
+                () = self.commits.notified() => {}
+                () = shutdown.cancelled() => return,
+            }
+            tokio::select! {
+                () = self.pause.pass() => {}
+                () = shutdown.cancelled() => return,
+            }
+            match self.announce().await {
+                Ok(()) => {
+                    failures = 0;
+                    self.stats.sent.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(err) => {
+                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                    self.connection = None;
+                    if failures == 0 {
+                        tracing::debug!(error = %err, "commit notification failed; reconnecting");
+                    } else {
+                        tracing::warn!(error = %err, "commit notifications failing; replicas fall back to polling");
+                    }
+                    // Try again for the commits this one was to announce.
+                    self.commits.notify_one();
+                    let backoff = match failures {
+                        0 => Duration::ZERO,
+                        n => (RETRY_BACKOFF.0 * 2u32.saturating_pow(n - 1)).min(RETRY_BACKOFF.1),
+                    };
+                    failures = failures.saturating_add(1);
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = shutdown.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn announce(&mut self) -> Result<(), sea_orm::sqlx::Error> {
+        let connection = match &mut self.connection {
+            Some(connection) => connection,
+            None => self
+                .connection
+                .insert(PgConnection::connect_with(&self.options).await?),
+        };
+        // A statement of its own, outside any write: Postgres delivers it
+        // when this one-statement transaction commits.
+        connection.execute(sea_orm::sqlx::raw_sql(NOTIFY)).await?;
+        Ok(())
+    }
+}
+
+/// `NOTIFY` takes an identifier, which cannot be a bound parameter.
+const NOTIFY: &str = "NOTIFY metadata_events";
+
+/// Wakes a replica whenever any replica commits (Postgres LISTEN).
+pub struct CommitListener(pub(super) PgListener);
+
+impl CommitListener {
+    /// Ok(()) for a notification or a lost-and-restored connection (after
+    /// which the caller must re-read the table: notifications sent
+    /// meanwhile are gone).
+    pub async fn next(&mut self) -> Result<(), StoreError> {
+        match self.0.try_recv().await {
+            Ok(_) => Ok(()),
+            Err(err) => Err(StoreError::unavailable(
+                "event notifications interrupted",
+                err,
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_notify_statement_names_the_listened_channel() {
+        assert_eq!(NOTIFY, format!("NOTIFY {CHANNEL}"));
+    }
+}

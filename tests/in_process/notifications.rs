@@ -1,0 +1,158 @@
+//! How a replica on the same Postgres database learns of another's commits:
+//! not from the write transaction (no NOTIFY in it), but from the writer's
+//! commit announcer after the commit; and, when that notification is lost,
+//! from its own poll of the log.
+
+use std::time::Duration;
+
+use metadata_service::proto::v1::user_metadata_service_client::UserMetadataServiceClient;
+use metadata_service::server::RunningServer;
+use metadata_service::store::{ANNOUNCER_APPLICATION_NAME, StorePauses};
+use sea_orm::{ConnectionTrait, Statement};
+use serde_json::json;
+
+use crate::common::Backend;
+use crate::harness::{TestServer, Users, connect, start_with, write};
+use crate::watch::{assert_quiet, events, expect_progress, next_event, watch};
+
+/// Long enough that a test never sees the replica's poll.
+const NEVER: Duration = Duration::from_secs(3600);
+
+/// A second replica that learns of commits only from notifications (its
+/// poll is `poll`), and a Watch stream on it from now.
+async fn replica(
+    s: &TestServer,
+    poll: Duration,
+) -> (
+    RunningServer,
+    tonic::Streaming<metadata_service::proto::v1::WatchUserMetadataResponse>,
+) {
+    let replica = s
+        .another_server_with(|c| {
+            c.store.pauses = StorePauses::default();
+            c.events.broker.poll_interval = poll;
+        })
+        .await;
+    let mut users: Users = UserMetadataServiceClient::new(connect(replica.local_addr()).await);
+    let mut stream = watch(&mut users, 0, &[]).await;
+    expect_progress(&mut stream).await;
+    (replica, stream)
+}
+
+/// A write commits without notifying anyone: the replica, which does not
+/// poll, hears of it only once the writer's announcer sends its NOTIFY.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_commits_are_announced_after_the_write_not_in_it() {
+    let pauses = StorePauses::default();
+    let announce = pauses.announce.clone();
+    let Some(mut s) = start_with(Backend::Postgres, |c| c.store.pauses = pauses).await else {
+        return;
+    };
+    let (replica, mut there) = replica(&s, NEVER).await;
+
+    announce.arm(1);
+    let first = write(&mut s.users, "u1", json!({"n": 1})).await;
+    assert!(
+        announce.reached(Duration::from_secs(10)).await,
+        "the commit woke the announcer"
+    );
+    // Committed and acknowledged; had its transaction notified, the
+    // replica would deliver it within milliseconds.
+    assert_quiet(&mut there, Duration::from_millis(500)).await;
+    announce.release();
+    assert_eq!(next_event(&mut there).await.revision, first.revision);
+
+    // Unpaused, every later commit reaches the replica too.
+    let mut written = Vec::new();
+    for n in 2..=4 {
+        written.push(write(&mut s.users, "u1", json!({ "n": n })).await.revision);
+    }
+    let got = events(&mut there, written.len()).await;
+    assert_eq!(got.iter().map(|e| e.revision).collect::<Vec<_>>(), written);
+    assert!(s.metric(r#"metadata_commit_notifications_total{outcome="sent"}"#) >= 2.0);
+    replica.shutdown().await.unwrap();
+}
+
+/// The announcer's connection is killed: its next NOTIFY fails, is counted,
+/// and is sent again on a new connection; the replica, which does not poll,
+/// still receives every event, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_killed_announcer_connection_loses_no_event() {
+    let Some(mut s) = start_with(Backend::Postgres, |_| {}).await else {
+        return;
+    };
+    let (replica, mut there) = replica(&s, NEVER).await;
+    // The announcer connects on the first commit it announces.
+    let first = write(&mut s.users, "u1", json!({"n": 0})).await;
+    assert_eq!(next_event(&mut there).await.revision, first.revision);
+
+    let admin = s.db.postgres().admin().await;
+    let killed = admin
+        .query_all_raw(Statement::from_string(
+            admin.get_database_backend(),
+            format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = '{}' AND application_name = '{ANNOUNCER_APPLICATION_NAME}'",
+                s.db.postgres().name
+            ),
+        ))
+        .await
+        .unwrap();
+    admin.close().await.ok();
+    assert_eq!(killed.len(), 1, "one announcer had connected: the writer's");
+
+    // The first commit after the kill: its NOTIFY fails, and only the
+    // announcer's retry can tell the replica (no later commit will).
+    let second = write(&mut s.users, "u1", json!({"n": 1})).await;
+    assert_eq!(next_event(&mut there).await.revision, second.revision);
+    assert_eq!(
+        s.metric(r#"metadata_commit_notifications_total{outcome="failed"}"#),
+        1.0,
+        "the NOTIFY on the killed connection failed once, and was sent again"
+    );
+    let mut written = vec![first.revision, second.revision];
+    for n in 2..=3 {
+        written.push(write(&mut s.users, "u1", json!({ "n": n })).await.revision);
+    }
+    let got = events(&mut there, 2).await;
+    assert_eq!(
+        got.iter().map(|e| e.revision).collect::<Vec<_>>(),
+        written[2..]
+    );
+    assert_eq!(s.db.event_revisions().await, written);
+    assert_quiet(&mut there, Duration::from_millis(200)).await;
+    replica.shutdown().await.unwrap();
+}
+
+/// No notification arrives at all (the announcer is stopped before its
+/// NOTIFY, for good): the replica's poll still delivers every event, in
+/// order, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_lost_notifications_are_covered_by_the_poll() {
+    let pauses = StorePauses::default();
+    let announce = pauses.announce.clone();
+    let Some(mut s) = start_with(Backend::Postgres, |c| c.store.pauses = pauses).await else {
+        return;
+    };
+    let (replica, mut there) = replica(&s, Duration::from_millis(200)).await;
+    announce.arm(1);
+    let mut written = Vec::new();
+    for n in 0..5 {
+        written.push(
+            write(&mut s.users, &format!("u{}", n % 2), json!({ "n": n }))
+                .await
+                .revision,
+        );
+    }
+    assert!(announce.reached(Duration::from_secs(10)).await);
+    let got = events(&mut there, written.len()).await;
+    assert_eq!(got.iter().map(|e| e.revision).collect::<Vec<_>>(), written);
+    assert_eq!(
+        s.metric(r#"metadata_commit_notifications_total{outcome="sent"}"#),
+        0.0,
+        "every notification was held back"
+    );
+    assert_quiet(&mut there, Duration::from_millis(300)).await;
+    replica.shutdown().await.unwrap();
+    s.stop().await;
+}
