@@ -248,7 +248,7 @@ impl Metrics {
                 m.db_max_connections.set(pool.max as i64);
             }
             use std::sync::atomic::Ordering::Relaxed;
-            let announced = store.announcer_stats();
+            let announced = store.announcer_state();
             for (outcome, total) in [("sent", &announced.sent), ("failed", &announced.failed)] {
                 catch_up(
                     &m.commit_notifications.with_label_values(&[outcome]),

@@ -16,14 +16,15 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use sea_orm::sqlx::postgres::PgListener;
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseTransaction, DbErr, EntityTrait,
-    QueryFilter, QueryOrder, QuerySelect, RuntimeErr, Statement, TransactionTrait, TryInsertResult,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseTransaction, DbErr,
+    EntityTrait, IntoActiveModel, QueryFilter, QueryOrder, QuerySelect, RuntimeErr, Statement,
+    TransactionTrait, TryInsertResult,
 };
 use serde_json::{Value, json};
 
 use super::entities::{event, revision};
-use super::notifications::{AnnouncerStats, CHANNEL, CommitAnnouncer, CommitListener};
-use super::{Store, StoreError, record_from_parts};
+use super::notifications::{AnnouncerState, CHANNEL, CommitAnnouncer, CommitListener};
+use super::{Store, StoreError, record_from_parts, row_from_record};
 use crate::model::{ChangeType, Event, Field, Fields, Kind, Record, changed_fields};
 
 /// Postgres sequence the revisions come from. Its default CACHE 1 matters:
@@ -106,41 +107,114 @@ pub enum Claim {
     Owned,
 }
 
-/// Takes the next revision, as late as possible in the write transaction.
+/// Stores `next` as the row's new state and appends the change's event,
+/// under a new revision, in the writing transaction (the row is locked).
+/// None when the revision was claimed as a void meanwhile (Postgres): the
+/// transaction must not commit, and the write starts over.
 ///
-/// Postgres: a sequence, so writers to different ids never wait for each
-/// other; the advisory lock on the revision, held until the transaction
-/// ends, tells the dispatcher this revision's writer still runs. If the
-/// lock is already taken, the dispatcher is claiming the revision as a
-/// void (it saw a later one commit first): take another. The transaction
-/// owns a transaction id before it takes the value (it holds a row lock),
-/// which the start-up check in [`Store::settled_revision`] relies on.
-/// SQLite: a counter row in the writing transaction; SQLite has one writer
-/// at a time, so revisions are dense and in commit order.
-pub(super) async fn next_revision(txn: &DatabaseTransaction) -> Result<u64, StoreError> {
+/// Revisions. Postgres: a sequence, so writers to different ids never wait
+/// for each other; the advisory lock on the revision, held until the
+/// transaction ends, tells the dispatcher this revision's writer still
+/// runs. If the lock is already taken, or a void already holds the
+/// revision, the dispatcher saw a later one commit first and claimed this
+/// one. The transaction owns a transaction id before it takes the value (it
+/// holds a row lock), which the start-up check in
+/// [`Store::settled_revision`] relies on. SQLite: a counter row in the
+/// writing transaction; SQLite has one writer at a time, so revisions are
+/// dense and in commit order.
+pub(super) async fn write_change(
+    txn: &DatabaseTransaction,
+    change: ChangeType,
+    before: &Record,
+    mut next: Record,
+    at: DateTime<Utc>,
+) -> Result<Option<Record>, StoreError> {
     let backend = txn.get_database_backend();
-    if backend != DatabaseBackend::Postgres {
-        let sql = "UPDATE revisions SET latest = latest + 1 WHERE id = 1 RETURNING latest";
-        let row = txn
-            .query_one_raw(Statement::from_string(backend, sql))
-            .await?
-            .ok_or_else(|| StoreError::Internal("no revision was returned".into()))?;
-        return Ok(row.try_get::<i64>("", "latest")? as u64);
+    if backend == DatabaseBackend::Postgres {
+        return write_change_postgres(txn, change, before, next, at).await;
     }
-    let sql = take_revision_sql();
-    for _ in 0..8 {
-        let row = txn
-            .query_one_raw(Statement::from_string(backend, sql.clone()))
-            .await?
-            .ok_or_else(|| StoreError::Internal("no revision was returned".into()))?;
-        if row.try_get::<bool>("", "owned")? {
-            return Ok(row.try_get::<i64>("", "latest")? as u64);
-        }
+    let sql = "UPDATE revisions SET latest = latest + 1 WHERE id = 1 RETURNING latest";
+    let row = txn
+        .query_one_raw(Statement::from_string(backend, sql))
+        .await?
+        .ok_or_else(|| StoreError::Internal("no revision was returned".into()))?;
+    next.revision = row.try_get::<i64>("", "latest")? as u64;
+    row_from_record(&next, at)
+        .into_active_model()
+        .reset_all()
+        .update(txn)
+        .await?;
+    Ok(append(txn, change, before, &next, at)
+        .await?
+        .then_some(next))
+}
+
+/// The Postgres write in one statement: revision, row and event, where a
+/// statement each would cost two more round trips per write (on 2 cores,
+/// round trips are most of a write's CPU).
+async fn write_change_postgres(
+    txn: &DatabaseTransaction,
+    change: ChangeType,
+    before: &Record,
+    mut next: Record,
+    at: DateTime<Utc>,
+) -> Result<Option<Record>, StoreError> {
+    // `taken` is MATERIALIZED (it would be anyway: nextval is volatile), so
+    // the row, the event and the answer share one revision. The event's
+    // `after` snapshot gets its revision in SQL, the one value Rust cannot
+    // know in advance. Data-modifying CTEs run whether read or not; both
+    // are read, to check that the row was there and the event went in.
+    let sql = format!(
+        "WITH taken AS MATERIALIZED ({take}), \
+         stored AS (UPDATE metadata SET public_metadata = $3, private_metadata = $4, \
+             unsafe_metadata = $5, version = $6, revision = taken.latest, created_at = $7, \
+             updated_at = $8 \
+           FROM taken WHERE taken.owned AND metadata.kind = $1 AND metadata.id = $2 \
+           RETURNING 1), \
+         appended AS (INSERT INTO events (revision, kind, id, change_type, changed_fields, \
+             before, after, committed_at) \
+           SELECT taken.latest, $1, $2, $9, $10, $11, \
+             jsonb_set($12, '{{revision}}', to_jsonb(taken.latest)), $8 \
+           FROM taken WHERE taken.owned \
+           ON CONFLICT (revision) DO NOTHING RETURNING 1) \
+         SELECT taken.latest, taken.owned, \
+           (SELECT count(*) FROM stored) AS stored, (SELECT count(*) FROM appended) AS appended \
+         FROM taken",
+        take = take_revision_sql()
+    );
+    let row = row_from_record(&next, at);
+    let values: Vec<sea_orm::Value> = vec![
+        row.kind.into(),
+        row.id.into(),
+        row.public_metadata.into(),
+        row.private_metadata.into(),
+        row.unsafe_metadata.into(),
+        row.version.into(),
+        row.created_at.into(),
+        row.updated_at.into(),
+        change.as_str().into(),
+        changed_fields_json(before, &next).into(),
+        snapshot(before).into(),
+        snapshot(&next).into(),
+    ];
+    let answer = txn
+        .query_one_raw(Statement::from_sql_and_values(
+            DatabaseBackend::Postgres,
+            sql,
+            values,
+        ))
+        .await?
+        .ok_or_else(|| StoreError::Internal("no revision was returned".into()))?;
+    if !answer.try_get::<bool>("", "owned")? || answer.try_get::<i64>("", "appended")? == 0 {
+        return Ok(None);
     }
-    Err(StoreError::unavailable(
-        "could not take a revision",
-        "eight revisions in a row were being claimed as void",
-    ))
+    if answer.try_get::<i64>("", "stored")? != 1 {
+        return Err(StoreError::Internal(
+            "the locked row was not updated".into(),
+        ));
+    }
+    next.revision = answer.try_get::<i64>("", "latest")? as u64;
+    Ok(Some(next))
 }
 
 /// The statement a Postgres writer takes its revision with: `latest`, and
@@ -155,26 +229,31 @@ pub fn take_revision_sql() -> String {
     )
 }
 
-/// Appends the event of a change, in the writing transaction. False when
-/// the revision was claimed as a void meanwhile (Postgres): the transaction
-/// must not commit, and the write starts over with a new revision.
-pub(super) async fn append(
+/// The names of the fields a change touched, as stored in its event.
+fn changed_fields_json(before: &Record, after: &Record) -> Value {
+    Value::Array(
+        changed_fields(before, after)
+            .into_iter()
+            .map(|f| Value::from(f.name()))
+            .collect(),
+    )
+}
+
+/// Appends the event of a change, in the writing transaction (SQLite). False
+/// when the revision is taken already: the write must start over.
+async fn append(
     txn: &DatabaseTransaction,
     change: ChangeType,
     before: &Record,
     after: &Record,
     committed_at: DateTime<Utc>,
 ) -> Result<bool, StoreError> {
-    let fields: Vec<Value> = changed_fields(before, after)
-        .into_iter()
-        .map(|f| Value::from(f.name()))
-        .collect();
     let row = event::Model {
         revision: after.revision as i64,
         kind: after.kind.as_str().to_owned(),
         id: after.id.clone(),
         change_type: change.as_str().to_owned(),
-        changed_fields: Value::Array(fields),
+        changed_fields: changed_fields_json(before, after),
         before: snapshot(before),
         after: snapshot(after),
         committed_at,
@@ -546,14 +625,14 @@ impl Store {
         Some(CommitAnnouncer::new(
             &self.db.get_postgres_connection_pool().connect_options(),
             self.commits.announce.clone(),
-            self.announcer_stats.clone(),
+            self.announcer_state.clone(),
             self.writer.pauses.announce.clone(),
         ))
     }
 
-    /// Counts of the commit announcer's notifications (zero on SQLite).
-    pub fn announcer_stats(&self) -> &AnnouncerStats {
-        &self.announcer_stats
+    /// The commit announcer's counts of notifications (zero on SQLite).
+    pub fn announcer_state(&self) -> &AnnouncerState {
+        &self.announcer_state
     }
 
     /// On Postgres, a listener for commits made by any replica.
@@ -568,7 +647,10 @@ impl Store {
             .listen(CHANNEL)
             .await
             .map_err(|e| StoreError::unavailable("cannot listen for events", e))?;
-        Ok(Some(CommitListener(listener)))
+        Ok(Some(CommitListener {
+            listener,
+            own: self.announcer_state.clone(),
+        }))
     }
 }
 

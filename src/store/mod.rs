@@ -24,16 +24,16 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sea_orm::sqlx::sqlite::SqliteJournalMode;
 use sea_orm::{
-    ActiveModelTrait, ConnectOptions, ConnectionTrait, Database, DatabaseBackend,
-    DatabaseConnection, DatabaseTransaction, EntityTrait, IntoActiveModel, QuerySelect,
-    SqliteTransactionMode, TransactionOptions, TransactionTrait,
+    ConnectOptions, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection,
+    DatabaseTransaction, EntityTrait, IntoActiveModel, QuerySelect, SqliteTransactionMode,
+    TransactionOptions, TransactionTrait,
 };
 use sea_orm_migration::MigratorTrait;
 
 pub use error::{StoreError, redact_url};
 pub use events::{Claim, Logged, take_revision_sql};
 pub use notifications::{
-    ANNOUNCER_APPLICATION_NAME, AnnouncerStats, CommitAnnouncer, CommitListener,
+    ANNOUNCER_APPLICATION_NAME, AnnouncerState, CommitAnnouncer, CommitListener,
 };
 
 use crate::json::{ValidationError, canonical_numbers};
@@ -111,7 +111,7 @@ pub struct Store {
     /// Raised after every commit: wakes the event dispatcher at once, and
     /// the announcer that tells other replicas.
     commits: Commits,
-    announcer_stats: Arc<AnnouncerStats>,
+    announcer_state: Arc<AnnouncerState>,
     max_connections: u32,
 }
 
@@ -167,7 +167,7 @@ impl Store {
             reader,
             writer,
             commits,
-            announcer_stats: Arc::default(),
+            announcer_state: Arc::default(),
             max_connections: options.max_connections,
         })
     }
@@ -440,23 +440,17 @@ async fn step(txn: &DatabaseTransaction, op: &mut Op) -> Result<Step, StoreError
                 }
             }
             let now = now();
-            let revision = events::next_revision(txn).await?;
-            let record = Record {
+            let next = Record {
                 fields,
                 version: current.version + 1,
                 created_at: Some(current.created_at.unwrap_or(now)),
                 updated_at: Some(now),
-                revision,
                 ..current.clone()
             };
-            row_from_record(&record, now)
-                .into_active_model()
-                .reset_all()
-                .update(txn)
-                .await?;
-            if !events::append(txn, *change, &current, &record, now).await? {
+            let Some(record) = events::write_change(txn, *change, &current, next, now).await?
+            else {
                 return Ok(Step::StartOver);
-            }
+            };
             Ok(Step::Written(Done::Written(WriteOutcome {
                 record,
                 changed: true,
@@ -475,18 +469,11 @@ async fn step(txn: &DatabaseTransaction, op: &mut Op) -> Result<Step, StoreError
             if current.version == 0 {
                 return Ok(Step::Unchanged(Done::Deleted(false)));
             }
-            let now = now();
-            let revision = events::next_revision(txn).await?;
-            let record = Record {
-                revision,
-                ..Record::empty(*kind, id.to_owned())
-            };
-            row_from_record(&record, now)
-                .into_active_model()
-                .reset_all()
-                .update(txn)
-                .await?;
-            if !events::append(txn, ChangeType::Deleted, &current, &record, now).await? {
+            let next = Record::empty(*kind, id.to_owned());
+            if events::write_change(txn, ChangeType::Deleted, &current, next, now())
+                .await?
+                .is_none()
+            {
                 return Ok(Step::StartOver);
             }
             Ok(Step::Written(Done::Deleted(true)))

@@ -13,7 +13,7 @@
 //! every `--watch-poll-interval` (1 s), and re-reads it after reconnecting.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use sea_orm::sqlx::postgres::{PgConnectOptions, PgListener};
@@ -48,11 +48,14 @@ impl Commits {
     }
 }
 
-/// Counts of the announcer's `NOTIFY`s, for the metrics.
+/// The announcer's counts of `NOTIFY`s, for the metrics, and the backend
+/// of its connection, whose notifications this server's listener skips.
 #[derive(Debug, Default)]
-pub struct AnnouncerStats {
+pub struct AnnouncerState {
     pub sent: AtomicU64,
     pub failed: AtomicU64,
+    /// 0 while not connected.
+    backend_pid: AtomicU32,
 }
 
 /// Tells the other replicas, after this server's commits, that the log
@@ -61,7 +64,7 @@ pub struct AnnouncerStats {
 pub struct CommitAnnouncer {
     options: PgConnectOptions,
     commits: Arc<Notify>,
-    stats: Arc<AnnouncerStats>,
+    stats: Arc<AnnouncerState>,
     connection: Option<PgConnection>,
     pause: PausePoint,
 }
@@ -75,7 +78,7 @@ impl CommitAnnouncer {
     pub(super) fn new(
         pool_options: &PgConnectOptions,
         commits: Arc<Notify>,
-        stats: Arc<AnnouncerStats>,
+        stats: Arc<AnnouncerState>,
         pause: PausePoint,
     ) -> Self {
         let options = pool_options
@@ -135,9 +138,15 @@ impl CommitAnnouncer {
     async fn announce(&mut self) -> Result<(), sea_orm::sqlx::Error> {
         let connection = match &mut self.connection {
             Some(connection) => connection,
-            None => self
-                .connection
-                .insert(PgConnection::connect_with(&self.options).await?),
+            None => {
+                self.stats.backend_pid.store(0, Ordering::Relaxed);
+                let mut connection = PgConnection::connect_with(&self.options).await?;
+                let (pid,): (i32,) = sea_orm::sqlx::query_as("SELECT pg_backend_pid()")
+                    .fetch_one(&mut connection)
+                    .await?;
+                self.stats.backend_pid.store(pid as u32, Ordering::Relaxed);
+                self.connection.insert(connection)
+            }
         };
         // A statement of its own, outside any write: Postgres delivers it
         // when this one-statement transaction commits.
@@ -149,20 +158,33 @@ impl CommitAnnouncer {
 /// `NOTIFY` takes an identifier, which cannot be a bound parameter.
 const NOTIFY: &str = "NOTIFY metadata_events";
 
-/// Wakes a replica whenever any replica commits (Postgres LISTEN).
-pub struct CommitListener(pub(super) PgListener);
+/// Wakes a replica whenever another replica commits (Postgres LISTEN).
+pub struct CommitListener {
+    pub(super) listener: PgListener,
+    /// This server's own announcer, whose commits woke the dispatcher in
+    /// process already: a second wake-up would cost a second read of the
+    /// log for nothing.
+    pub(super) own: Arc<AnnouncerState>,
+}
 
 impl CommitListener {
-    /// Ok(()) for a notification or a lost-and-restored connection (after
-    /// which the caller must re-read the table: notifications sent
-    /// meanwhile are gone).
+    /// Ok(()) for another server's notification or a lost-and-restored
+    /// connection (after which the caller must re-read the table:
+    /// notifications sent meanwhile are gone).
     pub async fn next(&mut self) -> Result<(), StoreError> {
-        match self.0.try_recv().await {
-            Ok(_) => Ok(()),
-            Err(err) => Err(StoreError::unavailable(
-                "event notifications interrupted",
-                err,
-            )),
+        loop {
+            match self.listener.try_recv().await {
+                Ok(Some(notification))
+                    if notification.process_id()
+                        == self.own.backend_pid.load(Ordering::Relaxed) => {}
+                Ok(_) => return Ok(()),
+                Err(err) => {
+                    return Err(StoreError::unavailable(
+                        "event notifications interrupted",
+                        err,
+                    ));
+                }
+            }
         }
     }
 }
