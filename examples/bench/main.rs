@@ -7,6 +7,7 @@
 //! and prints a table (or JSON with --json).
 
 mod db;
+mod etcd;
 mod interference;
 mod load;
 mod process;
@@ -58,14 +59,15 @@ struct Args {
     warmup: Duration,
     /// Workloads to run: merge, merge2 (merge with the clients spread over
     /// two replicas on one database; Postgres), ping (a health check: the
-    /// gRPC ceiling), get, mix (90% get), watch, interference
+    /// gRPC ceiling), get, mix (90% get), etcd (a single-node etcd side by
+    /// side: read-modify-write, Gets, Watch fan-out), watch, interference
     /// (small merges alone, while Watch streams replay a long history, and
     /// while ~1 MB patches arrive). The load workloads run in that order
     /// whatever the order given, since merge2 and get read earlier rows.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "merge,merge2,ping,get,mix,watch,interference"
+        default_value = "merge,merge2,ping,get,mix,etcd,watch,interference"
     )]
     workloads: Vec<String>,
     /// Database connections of the server and of the baseline.
@@ -176,6 +178,8 @@ struct Report {
     load: Vec<LoadRow>,
     watch: Vec<WatchRow>,
     interference: Vec<interference::InterferenceRow>,
+    /// The etcd side by side (workload etcd), or why it was skipped.
+    etcd: Option<etcd::EtcdReport>,
 }
 
 fn parse_env(text: &str) -> Result<(String, String), String> {
@@ -308,6 +312,7 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
         }
     }
     let watch = args.workloads.iter().any(|w| w == "watch");
+    let with_etcd = args.workloads.iter().any(|w| w == "etcd");
     let interfere = args.workloads.iter().any(|w| w == "interference");
     let binary = match &args.server_bin {
         Some(path) => path.clone(),
@@ -448,6 +453,31 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
             }
             server.stop().await?;
         }
+        if with_etcd {
+            let settings = etcd::Settings {
+                ids: args.ids.clone(),
+                clients: args.clients.clone(),
+                warmup: args.warmup,
+                duration: args.duration,
+                watchers: args.watchers,
+                write_rate: args.write_rate,
+                watch_duration: args.watch_duration,
+                progress: !args.json,
+            };
+            let mut etcd = etcd::run(&settings).await?;
+            for row in &mut etcd.load {
+                let service = find(
+                    &report.load,
+                    row.ids,
+                    row.clients,
+                    row.counterpart(),
+                    "service",
+                );
+                row.service_ops_per_second = service.map(|s| s.ops_per_second);
+                row.service_ratio = service.map(|s| s.ops_per_second / row.ops_per_second);
+            }
+            report.etcd = Some(etcd);
+        }
         if interfere {
             // A server of its own, started after the history is in place
             // (its event dispatcher starts from the newest revision).
@@ -549,6 +579,9 @@ fn print_table(report: &Report) {
     }
     if !report.watch.is_empty() {
         print_watch(&report.watch);
+    }
+    if let Some(etcd) = &report.etcd {
+        etcd::print(etcd);
     }
     if !report.interference.is_empty() {
         print_interference(report);
@@ -700,6 +733,13 @@ async fn main() -> ExitCode {
                     "error: {lost} Watch deliveries missed or out of order, or writes failed"
                 );
                 return ExitCode::FAILURE;
+            }
+            // etcd's losses are etcd's: worth seeing, not failing the run.
+            let etcd_lost = report.etcd.as_ref().map_or(0, |e| e.lost());
+            if etcd_lost > 0 {
+                eprintln!(
+                    "warning: etcd: {etcd_lost} Watch deliveries missed or out of order, or writes failed"
+                );
             }
             let failed: u64 = report
                 .interference
