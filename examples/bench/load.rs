@@ -27,6 +27,8 @@ pub enum Workload {
     /// grpc.health.v1 Check: a call with no database work, the ceiling of
     /// gRPC calls this machine can make (its baseline is `SELECT 1`).
     Ping,
+    /// Merge, its clients spread over two replicas on one database.
+    Merge2,
 }
 
 impl Workload {
@@ -36,12 +38,13 @@ impl Workload {
             Workload::Get => "get",
             Workload::Mix => "mix",
             Workload::Ping => "ping",
+            Workload::Merge2 => "merge2",
         }
     }
 
     fn merges(self, rng: &mut SmallRng) -> bool {
         match self {
-            Workload::Merge => true,
+            Workload::Merge | Workload::Merge2 => true,
             Workload::Get | Workload::Ping => false,
             Workload::Mix => rng.random_range(0..10) == 0,
         }
@@ -71,7 +74,7 @@ impl Measured {
 
 /// Runs `clients` loops of `op` for `duration` and merges their results.
 /// Each client gets its own index (for its own connection or id range).
-async fn closed_loop<F, Fut>(clients: usize, duration: Duration, op: F) -> Measured
+pub async fn closed_loop<F, Fut>(clients: usize, duration: Duration, op: F) -> Measured
 where
     F: Fn(usize, &mut SmallRng) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), String>> + Send,
@@ -130,7 +133,7 @@ fn number(n: f64) -> ProtoValue {
 }
 
 /// The patch every Merge sends: three keys with fresh values.
-fn patch(rng: &mut SmallRng) -> [(String, i64); 3] {
+pub fn patch(rng: &mut SmallRng) -> [(String, i64); 3] {
     ["k1", "k2", "k3"].map(|k| (k.to_string(), rng.random_range(0..1_000_000)))
 }
 
@@ -181,12 +184,17 @@ pub async fn service(
     .await
 }
 
+/// The baseline. `notify`: Postgres merges also `pg_notify` the service's
+/// channel before they commit, as writers did when replicas learned of
+/// new revisions that way, so that the cost of an in-transaction NOTIFY
+/// stays measured next to the floor.
 pub async fn raw(
     pool: RawPool,
     workload: Workload,
     clients: usize,
     ids: u64,
     duration: Duration,
+    notify: bool,
 ) -> Measured {
     // SQLite has one writer at a time; like the service, queue writers in
     // the process rather than let them spin on SQLITE_BUSY.
@@ -206,7 +214,7 @@ pub async fn raw(
                     sqlx::query("SELECT 1").execute(pool).await.map(drop)
                 }
                 (RawPool::Postgres(pool), true) => {
-                    raw_merge_postgres(pool, &user_id, &fields).await
+                    raw_merge_postgres(pool, &user_id, &fields, notify).await
                 }
                 (RawPool::Sqlite(pool), true) => {
                     let _gate = gate.lock().await;
@@ -222,7 +230,13 @@ pub async fn raw(
 }
 
 /// The stored state and the event snapshots, as the service writes them.
-fn snapshot(public: &Value, version: i64, revision: i64, created: &str, updated: &str) -> Value {
+pub fn snapshot(
+    public: &Value,
+    version: i64,
+    revision: i64,
+    created: &str,
+    updated: &str,
+) -> Value {
     json!({
         "public_metadata": public,
         "private_metadata": {},
@@ -234,7 +248,7 @@ fn snapshot(public: &Value, version: i64, revision: i64, created: &str, updated:
     })
 }
 
-fn merged(mut public: Value, fields: &[(String, i64); 3]) -> Value {
+pub fn merged(mut public: Value, fields: &[(String, i64); 3]) -> Value {
     if let Value::Object(map) = &mut public {
         for (k, v) in fields {
             map.insert(k.clone(), json!(v));
@@ -246,11 +260,12 @@ fn merged(mut public: Value, fields: &[(String, i64); 3]) -> Value {
 type RawResult = Result<(), sqlx::Error>;
 
 /// Lock the row, compute the merge, write the row, take a revision, append
-/// the event with before/after, notify, commit.
+/// the event with before/after, (notify,) commit.
 async fn raw_merge_postgres(
     pool: &sqlx::PgPool,
     user_id: &str,
     fields: &[(String, i64); 3],
+    notify: bool,
 ) -> RawResult {
     use sqlx::Row;
     let mut tx = pool.begin().await?;
@@ -267,9 +282,9 @@ async fn raw_merge_postgres(
     let created: chrono::DateTime<chrono::Utc> = row.try_get(3)?;
     let after = merged(before.clone(), fields);
     let now = chrono::Utc::now();
-    // The revision is taken as the service takes it (sequence, advisory
-    // lock on it, notification), so the event stream sees a writer like
-    // any other and the work compared is the same.
+    // The revision is taken as the service takes it (sequence and the
+    // advisory lock on it), so the event stream sees a writer like any
+    // other and the work compared is the same.
     let taken = sqlx::query(sqlx::AssertSqlSafe(
         metadata_service::store::take_revision_sql(),
     ))
@@ -303,6 +318,13 @@ async fn raw_merge_postgres(
     .bind(now)
     .execute(&mut *tx)
     .await?;
+    if notify {
+        // The service's channel (src/store/events.rs), so that its
+        // listeners, if any, wake as they would for a service write.
+        sqlx::query("SELECT pg_notify('metadata_events', '')")
+            .execute(&mut *tx)
+            .await?;
+    }
     tx.commit().await
 }
 

@@ -7,6 +7,7 @@
 //! and prints a table (or JSON with --json).
 
 mod db;
+mod etcd;
 mod interference;
 mod load;
 mod process;
@@ -56,13 +57,17 @@ struct Args {
     /// Unmeasured time before each run.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     warmup: Duration,
-    /// Workloads to run: merge, get, mix (90% get), ping (a health check:
-    /// the gRPC ceiling), watch, interference (small merges alone, while
-    /// Watch streams replay a long history, and while ~1 MB patches arrive).
+    /// Workloads to run: merge, merge2 (merge with the clients spread over
+    /// two replicas on one database; Postgres), ping (a health check: the
+    /// gRPC ceiling), get, mix (90% get), etcd (a single-node etcd side by
+    /// side: read-modify-write, Gets, Watch fan-out), watch, interference
+    /// (small merges alone, while Watch streams replay a long history, and
+    /// while ~1 MB patches arrive). The load workloads run in that order
+    /// whatever the order given, since merge2 and get read earlier rows.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "merge,get,mix,ping,watch,interference"
+        default_value = "merge,merge2,ping,get,mix,etcd,watch,interference"
     )]
     workloads: Vec<String>,
     /// Database connections of the server and of the baseline.
@@ -115,7 +120,9 @@ struct LoadRow {
     ids: u64,
     clients: usize,
     workload: &'static str,
-    /// "service" or "raw-sql".
+    /// "service", "raw-sql" (the floor: the same data work), or, for
+    /// Postgres merges, "raw-sql+notify" (the same plus `pg_notify` before
+    /// COMMIT).
     target: &'static str,
     ops: u64,
     errors: u64,
@@ -124,11 +131,24 @@ struct LoadRow {
     p95_ms: f64,
     p99_ms: f64,
     max_ms: f64,
-    /// Service throughput / raw-SQL throughput (service rows only).
+    /// This row's throughput / the raw-SQL (no notify) throughput of the
+    /// same workload (service and raw-sql+notify rows; merge2: of merge).
     ratio: Option<f64>,
-    /// Server CPU in cores (1.0 = one core busy), service rows only.
+    /// Server CPU in cores (1.0 = one core busy), service rows only; merge2:
+    /// both replicas'.
     server_cpu_cores: Option<f64>,
+    /// merge2: both replicas' together.
     server_rss_mb: Option<f64>,
+    /// merge2: throughput / the service merge's on one replica.
+    ratio_to_one_replica: Option<f64>,
+    /// Service get: what a Get could reach if it cost a gRPC call (the
+    /// service's ping) plus the database's point select (raw-SQL get) and
+    /// nothing else, 1 / (1/ping + 1/raw get), at the same clients.
+    bound_ops_per_second: Option<f64>,
+    /// Service get: ping p50 + raw-SQL get p50 (the bound at one client).
+    bound_p50_ms: Option<f64>,
+    /// Service get: throughput / bound_ops_per_second.
+    ratio_to_bound: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -158,6 +178,8 @@ struct Report {
     load: Vec<LoadRow>,
     watch: Vec<WatchRow>,
     interference: Vec<interference::InterferenceRow>,
+    /// The etcd side by side (workload etcd), or why it was skipped.
+    etcd: Option<etcd::EtcdReport>,
 }
 
 fn parse_env(text: &str) -> Result<(String, String), String> {
@@ -199,7 +221,24 @@ fn row(
         ratio: None,
         server_cpu_cores: None,
         server_rss_mb: None,
+        ratio_to_one_replica: None,
+        bound_ops_per_second: None,
+        bound_p50_ms: None,
+        ratio_to_bound: None,
     }
+}
+
+/// A row measured earlier in this run.
+fn find<'a>(
+    rows: &'a [LoadRow],
+    ids: u64,
+    clients: usize,
+    workload: &str,
+    target: &str,
+) -> Option<&'a LoadRow> {
+    rows.iter().find(|r| {
+        r.ids == ids && r.clients == clients && r.workload == workload && r.target == target
+    })
 }
 
 async fn connections(server: &ServerProcess, n: usize) -> anyhow::Result<Vec<Channel>> {
@@ -245,18 +284,35 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
         args.watch_duration = Duration::from_secs(2);
         args.history = 2_000;
     }
-    let workloads: Vec<Workload> = args
+    let mut workloads: Vec<Workload> = args
         .workloads
         .iter()
         .filter_map(|w| match w.as_str() {
             "merge" => Some(Workload::Merge),
+            "merge2" => Some(Workload::Merge2),
+            "ping" => Some(Workload::Ping),
             "get" => Some(Workload::Get),
             "mix" => Some(Workload::Mix),
-            "ping" => Some(Workload::Ping),
             _ => None,
         })
         .collect();
+    // merge2 is read against merge, get against ping: measure those first.
+    workloads.sort_by_key(|w| match w {
+        Workload::Merge => 0,
+        Workload::Merge2 => 1,
+        Workload::Ping => 2,
+        Workload::Get => 3,
+        Workload::Mix => 4,
+    });
+    workloads.dedup();
+    if args.backend != Backend::Postgres && workloads.contains(&Workload::Merge2) {
+        workloads.retain(|w| *w != Workload::Merge2);
+        if !args.json {
+            eprintln!("merge2: two replicas need a shared database server (Postgres); skipped");
+        }
+    }
     let watch = args.workloads.iter().any(|w| w == "watch");
+    let with_etcd = args.workloads.iter().any(|w| w == "etcd");
     let interfere = args.workloads.iter().any(|w| w == "interference");
     let binary = match &args.server_bin {
         Some(path) => path.clone(),
@@ -289,6 +345,44 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
             for &clients in &args.clients {
                 let channels = connections(&server, clients).await?;
                 for &workload in &workloads {
+                    if workload == Workload::Merge2 {
+                        // A second server on the same database, started
+                        // for this run only (so that it does not share the
+                        // machine with the other rows); every other
+                        // client's connection goes to it.
+                        let replica =
+                            ServerProcess::start(&binary, db.url(), &server_args, &args.server_env)
+                                .await?;
+                        let mut spread = Vec::with_capacity(clients);
+                        for (n, channel) in channels.iter().enumerate() {
+                            spread.push(match n % 2 {
+                                0 => channel.clone(),
+                                _ => process::channel(replica.addr).await?,
+                            });
+                        }
+                        load::service(spread.clone(), workload, clients, ids, args.warmup).await;
+                        let before = [server.usage()?, replica.usage()?];
+                        let service =
+                            load::service(spread, workload, clients, ids, args.duration).await;
+                        let after = [server.usage()?, replica.usage()?];
+                        replica.stop().await?;
+                        check(&service, "service on two replicas")?;
+                        let mut both = row(backend, ids, clients, workload, "service", &service);
+                        both.server_cpu_cores = Some(
+                            cpu_cores(before[0], after[0], service.elapsed)
+                                + cpu_cores(before[1], after[1], service.elapsed),
+                        );
+                        both.server_rss_mb = Some(mb(after[0].rss_bytes + after[1].rss_bytes));
+                        let merge = |target| {
+                            find(&report.load, ids, clients, "merge", target)
+                                .map(|r| service.throughput() / r.ops_per_second)
+                        };
+                        both.ratio = merge("raw-sql");
+                        both.ratio_to_one_replica = merge("service");
+                        progress(&both, args.json);
+                        report.load.push(both);
+                        continue;
+                    }
                     load::service(channels.clone(), workload, clients, ids, args.warmup).await;
                     let before = server.usage()?;
                     let service =
@@ -296,18 +390,52 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
                             .await;
                     let after = server.usage()?;
                     check(&service, "service")?;
-                    load::raw(pool.clone(), workload, clients, ids, args.warmup).await;
-                    let raw = load::raw(pool.clone(), workload, clients, ids, args.duration).await;
-                    check(&raw, "raw SQL")?;
+                    let (warmup, duration) = (args.warmup, args.duration);
+                    let raw = |notify| {
+                        let pool = pool.clone();
+                        async move {
+                            load::raw(pool.clone(), workload, clients, ids, warmup, notify).await;
+                            load::raw(pool, workload, clients, ids, duration, notify).await
+                        }
+                    };
+                    let floor = raw(false).await;
+                    check(&floor, "raw SQL")?;
+                    // Only where the service's writers once notified in
+                    // the transaction: Postgres merges.
+                    let notified = if workload == Workload::Merge && backend == Backend::Postgres {
+                        let notified = raw(true).await;
+                        check(&notified, "raw SQL with pg_notify")?;
+                        Some(notified)
+                    } else {
+                        None
+                    };
                     let mut service_row = row(backend, ids, clients, workload, "service", &service);
-                    service_row.ratio = Some(service.throughput() / raw.throughput());
+                    service_row.ratio = Some(service.throughput() / floor.throughput());
                     service_row.server_cpu_cores = Some(cpu_cores(before, after, service.elapsed));
                     service_row.server_rss_mb = Some(mb(after.rss_bytes));
+                    if workload == Workload::Get
+                        && let Some(ping) = find(&report.load, ids, clients, "ping", "service")
+                    {
+                        // A Get is a gRPC call plus a point select: were
+                        // their costs simply added, per call and on the
+                        // same two cores, this is the rate they'd allow.
+                        let bound = 1.0 / (1.0 / ping.ops_per_second + 1.0 / floor.throughput());
+                        service_row.bound_ops_per_second = Some(bound);
+                        service_row.ratio_to_bound = Some(service.throughput() / bound);
+                        service_row.bound_p50_ms =
+                            Some(ping.p50_ms + ms(floor.latency.value_at_quantile(0.5)));
+                    }
                     progress(&service_row, args.json);
                     report.load.push(service_row);
                     report
                         .load
-                        .push(row(backend, ids, clients, workload, "raw-sql", &raw));
+                        .push(row(backend, ids, clients, workload, "raw-sql", &floor));
+                    if let Some(notified) = notified {
+                        let mut notify_row =
+                            row(backend, ids, clients, workload, "raw-sql+notify", &notified);
+                        notify_row.ratio = Some(notified.throughput() / floor.throughput());
+                        report.load.push(notify_row);
+                    }
                 }
             }
             pool.close().await;
@@ -324,6 +452,31 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
                 }
             }
             server.stop().await?;
+        }
+        if with_etcd {
+            let settings = etcd::Settings {
+                ids: args.ids.clone(),
+                clients: args.clients.clone(),
+                warmup: args.warmup,
+                duration: args.duration,
+                watchers: args.watchers,
+                write_rate: args.write_rate,
+                watch_duration: args.watch_duration,
+                progress: !args.json,
+            };
+            let mut etcd = etcd::run(&settings).await?;
+            for row in &mut etcd.load {
+                let service = find(
+                    &report.load,
+                    row.ids,
+                    row.clients,
+                    row.counterpart(),
+                    "service",
+                );
+                row.service_ops_per_second = service.map(|s| s.ops_per_second);
+                row.service_ratio = service.map(|s| s.ops_per_second / row.ops_per_second);
+            }
+            report.etcd = Some(etcd);
         }
         if interfere {
             // A server of its own, started after the history is in place
@@ -425,7 +578,10 @@ fn print_table(report: &Report) {
         print_load(report);
     }
     if !report.watch.is_empty() {
-        print_watch(report);
+        print_watch(&report.watch);
+    }
+    if let Some(etcd) = &report.etcd {
+        etcd::print(etcd);
     }
     if !report.interference.is_empty() {
         print_interference(report);
@@ -434,7 +590,7 @@ fn print_table(report: &Report) {
 
 fn print_load(report: &Report) {
     println!(
-        "{:<9} {:>8} {:>7} {:<6} {:<8} {:>9} {:>7} {:>7} {:>7} {:>8} {:>6} {:>5} {:>7}",
+        "{:<9} {:>8} {:>7} {:<6} {:<14} {:>9} {:>7} {:>7} {:>7} {:>8} {:>6} {:>5} {:>7}  note",
         "backend",
         "ids",
         "clients",
@@ -450,8 +606,17 @@ fn print_load(report: &Report) {
         "rss MB"
     );
     for r in &report.load {
+        let note = match (r.ratio_to_one_replica, r.bound_ops_per_second) {
+            (Some(x), _) => format!("{:.0}% of merge on 1 replica", x * 100.0),
+            (_, Some(bound)) => format!(
+                "{:.0}% of bound {bound:.0}/s (ping + raw-sql get; p50 {:.2} ms)",
+                r.ratio_to_bound.unwrap_or(f64::NAN) * 100.0,
+                r.bound_p50_ms.unwrap_or(f64::NAN)
+            ),
+            _ => String::new(),
+        };
         println!(
-            "{:<9} {:>8} {:>7} {:<6} {:<8} {:>9.0} {:>7.2} {:>7.2} {:>7.2} {:>8.2} {:>6} {:>5} {:>7}",
+            "{:<9} {:>8} {:>7} {:<6} {:<14} {:>9.0} {:>7.2} {:>7.2} {:>7.2} {:>8.2} {:>6} {:>5} {:>7}  {}",
             r.backend,
             r.ids,
             r.clients,
@@ -467,11 +632,12 @@ fn print_load(report: &Report) {
             r.server_cpu_cores
                 .map_or(String::new(), |x| format!("{x:.2}")),
             r.server_rss_mb.map_or(String::new(), |x| format!("{x:.1}")),
+            note
         );
     }
 }
 
-fn print_watch(report: &Report) {
+fn print_watch(rows: &[WatchRow]) {
     println!(
         "\n{:<9} {:>8} {:>11} {:>7} {:>7} {:>10} {:>6} {:>10} {:>7} {:>7} {:>7} {:>7}",
         "backend",
@@ -487,7 +653,7 @@ fn print_watch(report: &Report) {
         "maxms",
         "rss MB"
     );
-    for w in &report.watch {
+    for w in rows {
         println!(
             "{:<9} {:>8} {:>11} {:>7} {:>7} {:>10} {:>6} {:>10} {:>7.2} {:>7.2} {:>7.2} {:>7.1}",
             w.backend,
@@ -567,6 +733,13 @@ async fn main() -> ExitCode {
                     "error: {lost} Watch deliveries missed or out of order, or writes failed"
                 );
                 return ExitCode::FAILURE;
+            }
+            // etcd's losses are etcd's: worth seeing, not failing the run.
+            let etcd_lost = report.etcd.as_ref().map_or(0, |e| e.lost());
+            if etcd_lost > 0 {
+                eprintln!(
+                    "warning: etcd: {etcd_lost} Watch deliveries missed or out of order, or writes failed"
+                );
             }
             let failed: u64 = report
                 .interference

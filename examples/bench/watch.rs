@@ -1,8 +1,11 @@
 //! Watch fan-out: S subscribers on one or more replicas while a writer makes
 //! W changes per second; delivery latency from commit (the event's
 //! committed_at) to receipt, and a check that every subscriber received
-//! every revision once, in order.
+//! every revision once, in order. The subscriber and writer plumbing is
+//! shared with etcd's Watch (etcd.rs), so both are held to the same
+//! accounting.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,13 +21,14 @@ use prost_types::{Struct, Value as ProtoValue};
 use rand::Rng;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
+use tokio_stream::{Stream, StreamExt};
 
 use crate::db::id;
 use crate::load::latency_histogram;
 use crate::process::channel;
 
 /// Streams per HTTP/2 connection, as a client library would multiplex them.
-const STREAMS_PER_CONNECTION: usize = 100;
+pub const STREAMS_PER_CONNECTION: usize = 100;
 
 pub struct WatchOutcome {
     pub subscribers: usize,
@@ -37,7 +41,16 @@ pub struct WatchOutcome {
     pub latency: Histogram<u64>,
 }
 
-struct Received {
+/// One event as a subscriber received it.
+pub struct Delivery {
+    pub revision: u64,
+    /// When the change was committed (or, where the store does not say,
+    /// sent): the start of its delivery latency.
+    pub committed: Option<SystemTime>,
+}
+
+/// What one subscriber received.
+pub struct Received {
     revisions: Vec<u64>,
     latency: Histogram<u64>,
 }
@@ -48,22 +61,109 @@ pub struct Subscribers {
     last: watch::Sender<u64>,
 }
 
+/// Counts the subscribers whose stream is registered, so that the writer
+/// starts only once every subscriber is bound to see every write.
+#[derive(Clone)]
+pub struct Ready {
+    registered: Arc<AtomicUsize>,
+    all: Arc<Notify>,
+    of: usize,
+}
+
+impl Ready {
+    pub fn done(&self) {
+        if self.registered.fetch_add(1, Ordering::SeqCst) + 1 == self.of {
+            self.all.notify_one();
+        }
+    }
+}
+
+impl Subscribers {
+    /// Spawns `count` subscribers and returns once each has called
+    /// [`Ready::done`]. `subscriber(n, ready, last)` opens stream n, says
+    /// when it is registered, then [`receive`]s until `last`.
+    pub async fn spawn<F, Fut>(count: usize, subscriber: F) -> anyhow::Result<Subscribers>
+    where
+        F: Fn(usize, Ready, watch::Receiver<u64>) -> Fut,
+        Fut: Future<Output = anyhow::Result<Received>> + Send + 'static,
+    {
+        let (last, last_rx) = watch::channel(u64::MAX);
+        let ready = Ready {
+            registered: Arc::new(AtomicUsize::new(0)),
+            all: Arc::new(Notify::new()),
+            of: count,
+        };
+        let tasks = (0..count)
+            .map(|n| tokio::spawn(subscriber(n, ready.clone(), last_rx.clone())))
+            .collect();
+        let wait_ready = async {
+            while ready.registered.load(Ordering::SeqCst) < count {
+                ready.all.notified().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), wait_ready)
+            .await
+            .context("subscribers not ready within 60s")?;
+        Ok(Subscribers { tasks, last })
+    }
+}
+
+/// Records `deliveries` (batches, as the stream's messages carry them)
+/// until the writer's last revision, once [`Subscribers::finish`] has set
+/// it, has arrived.
+pub async fn receive<S>(
+    mut last: watch::Receiver<u64>,
+    mut deliveries: S,
+) -> anyhow::Result<Received>
+where
+    S: Stream<Item = anyhow::Result<Vec<Delivery>>> + Unpin,
+{
+    let mut received = Received {
+        revisions: Vec::new(),
+        latency: latency_histogram(),
+    };
+    loop {
+        let last_revision = *last.borrow_and_update();
+        if last_revision == 0
+            || received
+                .revisions
+                .last()
+                .is_some_and(|r| *r >= last_revision)
+        {
+            return Ok(received);
+        }
+        let batch = tokio::select! {
+            batch = deliveries.next() => batch,
+            _ = last.changed() => continue,
+        };
+        let Some(batch) = batch else {
+            bail!("stream ended");
+        };
+        let now = SystemTime::now();
+        for delivery in batch? {
+            if let Some(committed) = delivery.committed {
+                let micros = now
+                    .duration_since(committed)
+                    .unwrap_or_default()
+                    .as_micros();
+                received.latency.saturating_record(micros as u64);
+            }
+            received.revisions.push(delivery.revision);
+        }
+    }
+}
+
 /// Opens `count` live Watch streams, spread over `servers`, and returns once
 /// each has received its first message (so the stream is registered).
 pub async fn subscribe(servers: &[SocketAddr], count: usize) -> anyhow::Result<Subscribers> {
-    let (last, last_rx) = watch::channel(u64::MAX);
-    let ready = Arc::new(AtomicUsize::new(0));
-    let all_ready = Arc::new(Notify::new());
     let mut channels = Vec::new();
     for n in 0..count.div_ceil(STREAMS_PER_CONNECTION) {
         channels.push(channel(servers[n % servers.len()]).await?);
     }
-    let mut tasks = Vec::with_capacity(count);
-    for n in 0..count {
+    Subscribers::spawn(count, |n, ready, last| {
         let mut users =
             UserMetadataServiceClient::new(channels[n / STREAMS_PER_CONNECTION].clone());
-        let (mut last, ready, all_ready) = (last_rx.clone(), ready.clone(), all_ready.clone());
-        tasks.push(tokio::spawn(async move {
+        async move {
             let mut stream = users
                 .watch(WatchUserMetadataRequest::default())
                 .await
@@ -73,55 +173,23 @@ pub async fn subscribe(servers: &[SocketAddr], count: usize) -> anyhow::Result<S
             if !matches!(first.response, Some(Response::Progress(_))) {
                 bail!("the first message is not a progress message");
             }
-            if ready.fetch_add(1, Ordering::SeqCst) + 1 == count {
-                all_ready.notify_one();
-            }
-            let mut received = Received {
-                revisions: Vec::new(),
-                latency: latency_histogram(),
-            };
-            loop {
-                let last_revision = *last.borrow_and_update();
-                if last_revision == 0
-                    || received
-                        .revisions
-                        .last()
-                        .is_some_and(|r| *r >= last_revision)
-                {
-                    return Ok(received);
-                }
-                let message = tokio::select! {
-                    message = stream.message() => message?,
-                    _ = last.changed() => continue,
-                };
-                let Some(message) = message else {
-                    bail!("stream ended");
-                };
-                if let Some(Response::Event(event)) = message.response {
-                    let now = SystemTime::now();
-                    if let Some(committed) = event.committed_at {
-                        let committed = SystemTime::UNIX_EPOCH
-                            + Duration::new(committed.seconds as u64, committed.nanos as u32);
-                        let micros = now
-                            .duration_since(committed)
-                            .unwrap_or_default()
-                            .as_micros();
-                        received.latency.saturating_record(micros as u64);
-                    }
-                    received.revisions.push(event.revision);
-                }
-            }
-        }));
-    }
-    let wait_ready = async {
-        while ready.load(Ordering::SeqCst) < count {
-            all_ready.notified().await;
+            ready.done();
+            let deliveries = stream.map(|message| {
+                Ok(match message?.response {
+                    Some(Response::Event(event)) => vec![Delivery {
+                        revision: event.revision,
+                        committed: event.committed_at.map(|at| {
+                            SystemTime::UNIX_EPOCH
+                                + Duration::new(at.seconds as u64, at.nanos as u32)
+                        }),
+                    }],
+                    _ => Vec::new(),
+                })
+            });
+            receive(last, deliveries).await
         }
-    };
-    tokio::time::timeout(Duration::from_secs(60), wait_ready)
-        .await
-        .context("subscribers not ready within 60s")?;
-    Ok(Subscribers { tasks, last })
+    })
+    .await
 }
 
 /// What the writer did: the revisions of its acknowledged writes, and how
@@ -133,8 +201,41 @@ pub struct Written {
     pub first_error: Option<String>,
 }
 
-/// Merges at `rate` per second for `duration` through `server` (an open
-/// loop: a slow server makes writes pile up, not the rate drop).
+/// Calls `write` (which returns the revision it wrote) at `rate` per
+/// second for `duration`: an open loop, so a slow store makes writes pile
+/// up, not the rate drop.
+pub async fn open_loop<F, Fut>(
+    rate: u32,
+    duration: Duration,
+    mut write: F,
+) -> anyhow::Result<Written>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<u64, String>> + Send + 'static,
+{
+    let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let end = Instant::now() + duration;
+    let mut writes = Vec::new();
+    while Instant::now() < end {
+        ticks.tick().await;
+        writes.push(tokio::spawn(write()));
+    }
+    let mut written = Written::default();
+    for write in writes {
+        match write.await? {
+            Ok(revision) => written.revisions.push(revision),
+            Err(err) => {
+                written.failed += 1;
+                written.first_error.get_or_insert(err);
+            }
+        }
+    }
+    written.revisions.sort_unstable();
+    Ok(written)
+}
+
+/// Merges at `rate` per second for `duration` through `server`.
 pub async fn write(
     server: SocketAddr,
     rate: u32,
@@ -142,12 +243,7 @@ pub async fn write(
     ids: u64,
 ) -> anyhow::Result<Written> {
     let users = UserMetadataServiceClient::new(channel(server).await?);
-    let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let end = Instant::now() + duration;
-    let mut writes = Vec::new();
-    while Instant::now() < end {
-        ticks.tick().await;
+    open_loop(rate, duration, || {
         let mut users = users.clone();
         let (user_id, value) = {
             let mut rng = rand::rng();
@@ -156,7 +252,7 @@ pub async fn write(
                 rng.random_range(0..1_000_000) as f64,
             )
         };
-        writes.push(tokio::spawn(async move {
+        async move {
             let patch = Struct {
                 fields: [(
                     "watched".to_string(),
@@ -171,23 +267,14 @@ pub async fn write(
                 public_metadata: Some(patch),
                 ..Default::default()
             };
-            users.merge(request).await.map(|r| r.into_inner().revision)
-        }));
-    }
-    let mut written = Written::default();
-    for write in writes {
-        match write.await? {
-            Ok(revision) => written.revisions.push(revision),
-            Err(status) => {
-                written.failed += 1;
-                written
-                    .first_error
-                    .get_or_insert_with(|| format!("{:?}: {}", status.code(), status.message()));
-            }
+            users
+                .merge(request)
+                .await
+                .map(|r| r.into_inner().revision)
+                .map_err(|status| format!("{:?}: {}", status.code(), status.message()))
         }
-    }
-    written.revisions.sort_unstable();
-    Ok(written)
+    })
+    .await
 }
 
 impl Subscribers {
