@@ -149,23 +149,37 @@ pub(super) async fn write_change(
         .then_some(next))
 }
 
-/// The Postgres write in one statement: revision, row and event, where a
-/// statement each would cost two more round trips per write (on 2 cores,
-/// round trips are most of a write's CPU).
-async fn write_change_postgres(
-    txn: &DatabaseTransaction,
+/// The Postgres write in one statement: the row, still at `before`'s
+/// revision, locked; a revision taken; the row written; the event appended.
+/// A statement each would cost three more round trips per write, and on 2
+/// cores round trips are most of a write's CPU. It runs inside a transaction
+/// that locked the row already, or alone (its own transaction, see
+/// [`super::Writer::write_alone`]), after an unlocked read: then the lock
+/// and the revision check are what make it safe. None when nothing was
+/// written: the row moved on since `before` was read (its revision is
+/// unique to each write, so this cannot be fooled the way a version
+/// could, by a delete and new writes), another transaction holds its lock
+/// (NOWAIT: the caller then waits for the lock in a transaction, before
+/// anything is sent), or the revision taken was claimed as a void.
+pub(super) async fn write_change_postgres(
+    db: &impl ConnectionTrait,
     change: ChangeType,
     before: &Record,
     mut next: Record,
     at: DateTime<Utc>,
 ) -> Result<Option<Record>, StoreError> {
-    // `taken` is MATERIALIZED (it would be anyway: nextval is volatile), so
-    // the row, the event and the answer share one revision. The event's
-    // `after` snapshot gets its revision in SQL, the one value Rust cannot
-    // know in advance. Data-modifying CTEs run whether read or not; both
-    // are read, to check that the row was there and the event went in.
+    // Every CTE is MATERIALIZED, so the revision is taken once, and only if
+    // the row was locked (`rev` reads `locked`). The event's `after`
+    // snapshot gets its revision in SQL, the one value Rust cannot know in
+    // advance. Data-modifying CTEs run whether read or not; both are read,
+    // to check that the row was there. A void already at the revision
+    // fails the event's insert, and with it the whole statement.
     let sql = format!(
-        "WITH taken AS MATERIALIZED ({take}), \
+        "WITH locked AS MATERIALIZED (SELECT 1 FROM metadata \
+             WHERE kind = $1 AND id = $2 AND revision = $13 FOR UPDATE NOWAIT), \
+         rev AS MATERIALIZED (SELECT nextval('{SEQUENCE}') AS r FROM locked), \
+         taken AS MATERIALIZED (SELECT r AS latest, pg_try_advisory_xact_lock({lock}) AS owned \
+             FROM rev), \
          stored AS (UPDATE metadata SET public_metadata = $3, private_metadata = $4, \
              unsafe_metadata = $5, version = $6, revision = taken.latest, created_at = $7, \
              updated_at = $8 \
@@ -175,12 +189,11 @@ async fn write_change_postgres(
              before, after, committed_at) \
            SELECT taken.latest, $1, $2, $9, $10, $11, \
              jsonb_set($12, '{{revision}}', to_jsonb(taken.latest)), $8 \
-           FROM taken WHERE taken.owned \
-           ON CONFLICT (revision) DO NOTHING RETURNING 1) \
+           FROM taken WHERE taken.owned RETURNING 1) \
          SELECT taken.latest, taken.owned, \
            (SELECT count(*) FROM stored) AS stored, (SELECT count(*) FROM appended) AS appended \
          FROM taken",
-        take = take_revision_sql()
+        lock = lock_key("r")
     );
     let row = row_from_record(&next, at);
     let values: Vec<sea_orm::Value> = vec![
@@ -196,21 +209,22 @@ async fn write_change_postgres(
         changed_fields_json(before, &next).into(),
         snapshot(before).into(),
         snapshot(&next).into(),
+        (before.revision as i64).into(),
     ];
-    let answer = txn
-        .query_one_raw(Statement::from_sql_and_values(
-            DatabaseBackend::Postgres,
-            sql,
-            values,
-        ))
-        .await?
-        .ok_or_else(|| StoreError::Internal("no revision was returned".into()))?;
-    if !answer.try_get::<bool>("", "owned")? || answer.try_get::<i64>("", "appended")? == 0 {
+    let statement = Statement::from_sql_and_values(DatabaseBackend::Postgres, sql, values);
+    let answer = match db.query_one_raw(statement).await {
+        Ok(Some(answer)) => answer,
+        // The row moved on (or is not there).
+        Ok(None) => return Ok(None),
+        Err(err) if lock_not_available(&err) || revision_taken(&err) => return Ok(None),
+        Err(err) => return Err(err.into()),
+    };
+    if !answer.try_get::<bool>("", "owned")? {
         return Ok(None);
     }
-    if answer.try_get::<i64>("", "stored")? != 1 {
+    if answer.try_get::<i64>("", "stored")? != 1 || answer.try_get::<i64>("", "appended")? != 1 {
         return Err(StoreError::Internal(
-            "the locked row was not updated".into(),
+            "a write locked its row but did not store it".into(),
         ));
     }
     next.revision = answer.try_get::<i64>("", "latest")? as u64;
@@ -372,15 +386,24 @@ async fn current_snapshot(txn: &DatabaseTransaction) -> Result<Snapshot, StoreEr
         .ok_or_else(|| StoreError::Internal(format!("unreadable snapshot {text:?}")))
 }
 
-/// Whether a statement failed because `lock_timeout` expired (55P03).
-fn lock_timed_out(err: &DbErr) -> bool {
+/// The SQLSTATE of a statement's failure, if the database gave one.
+fn sqlstate(err: &DbErr) -> Option<std::borrow::Cow<'_, str>> {
     match err {
-        DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => e
-            .as_database_error()
-            .and_then(|db| db.code())
-            .is_some_and(|code| code == "55P03"),
-        _ => false,
+        DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => {
+            e.as_database_error().and_then(|db| db.code())
+        }
+        _ => None,
     }
+}
+
+/// A lock was not available: `lock_timeout` expired, or NOWAIT (55P03).
+fn lock_not_available(err: &DbErr) -> bool {
+    sqlstate(err).is_some_and(|code| code == "55P03")
+}
+
+/// An event row already holds the revision: a void claimed it (23505).
+fn revision_taken(err: &DbErr) -> bool {
+    sqlstate(err).is_some_and(|code| code == "23505")
 }
 
 impl Store {
@@ -469,7 +492,7 @@ impl Store {
         );
         match txn.execute_unprepared(&lock).await {
             Ok(_) => {}
-            Err(err) if lock_timed_out(&err) => {
+            Err(err) if lock_not_available(&err) => {
                 txn.rollback().await.ok();
                 return Ok(Claim::Owned);
             }
@@ -492,7 +515,7 @@ impl Store {
             );
             match txn.execute_unprepared(&void).await {
                 Ok(_) => {}
-                Err(err) if lock_timed_out(&err) => {
+                Err(err) if lock_not_available(&err) => {
                     txn.rollback().await.ok();
                     return Ok(Claim::Owned);
                 }

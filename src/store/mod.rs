@@ -1,10 +1,14 @@
 //! Storage behind sea-orm: SQLite (embedded default) or Postgres.
 //!
-//! Every write is one transaction that reads the row under a lock, computes
-//! the new value with a pure function, and writes it back. Postgres locks the
-//! row (`SELECT ... FOR UPDATE`; a first write inserts an empty row with
-//! `ON CONFLICT DO NOTHING` before it locks, so concurrent creators queue on
-//! the row instead of racing, and neither fails nor burns a revision); SQLite
+//! Every write reads the row, computes the new value with a pure function,
+//! and writes it back with its event, atomically. On Postgres a write to an
+//! existing row first tries the short way (`Store::write_unlocked`): a
+//! batched read without a lock, then one statement that writes only if the
+//! row is still at the revision read. Otherwise, and for every other write,
+//! a transaction locks the row (`SELECT ... FOR UPDATE`; a first write
+//! inserts an empty row with `ON CONFLICT DO NOTHING` before it locks, so
+//! concurrent creators queue on the row instead of racing, and neither fails
+//! nor burns a revision) and runs the same statement; SQLite
 //! uses WAL with `BEGIN IMMEDIATE`, and one committer task per process runs
 //! the writes queued together in one transaction (`batch.rs`), so they wait
 //! in order instead of spinning on the busy handler and share one fsync.
@@ -85,6 +89,12 @@ pub struct Sent(Arc<std::sync::atomic::AtomicBool>);
 impl Sent {
     fn mark(&self) {
         self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The write was sent on its own and is known not to have been applied:
+    /// it goes on in a transaction that has sent nothing yet.
+    fn unmark(&self) {
+        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     pub fn may_have_committed(&self) -> bool {
@@ -282,11 +292,71 @@ impl Store {
         }
     }
 
-    async fn submit(&self, op: Op) -> Result<Done, StoreError> {
+    async fn submit(&self, mut op: Op) -> Result<Done, StoreError> {
         match &self.committer {
             Some(committer) => committer.submit(op).await,
-            None => self.writer.run_alone(op).await,
+            None => {
+                if let Some(done) = self.write_unlocked(&mut op).await? {
+                    return Ok(done);
+                }
+                self.writer.run_alone(op).await
+            }
         }
+    }
+
+    /// Postgres: a Merge or Replace of a row that exists, in two round
+    /// trips instead of four: a batched read with no lock, then one
+    /// statement, its own transaction, that writes only if the row is
+    /// still at the revision read (`events::write_change_postgres`). None
+    /// when it did not write: the caller runs the write in a transaction
+    /// that locks the row first (a first write, a row that moved on or is
+    /// locked by another writer), so a busy row costs a retry, never a lost
+    /// update.
+    async fn write_unlocked(&self, op: &mut Op) -> Result<Option<Done>, StoreError> {
+        let Op::Write {
+            kind,
+            id,
+            expected_version,
+            change,
+            compute,
+            sent,
+        } = op
+        else {
+            return Ok(None);
+        };
+        let current = self.reader.get(*kind, id).await?;
+        if current.revision == 0 {
+            // Never written: the row is created under a lock.
+            return Ok(None);
+        }
+        // A read issued after the call arrived: a refusal or a no-op
+        // decided on it is one at that moment, as for a Get.
+        check_version(*expected_version, current.version)?;
+        let fields = compute(&current.fields)?;
+        if fields == current.fields {
+            return Ok(Some(Done::Written(WriteOutcome {
+                record: current,
+                changed: false,
+            })));
+        }
+        let now = now();
+        let next = Record {
+            fields,
+            version: current.version + 1,
+            created_at: Some(current.created_at.unwrap_or(now)),
+            updated_at: Some(now),
+            ..current.clone()
+        };
+        let written = self
+            .writer
+            .write_alone(*change, current, next, now, sent)
+            .await?;
+        Ok(written.map(|record| {
+            Done::Written(WriteOutcome {
+                record,
+                changed: true,
+            })
+        }))
     }
 }
 
@@ -376,6 +446,37 @@ impl Writer {
         commit
             .await
             .map_err(|err| StoreError::Internal(format!("the commit task failed: {err}")))?
+    }
+
+    /// The Postgres write statement on its own (its own transaction), in a
+    /// task of its own like a COMMIT (see [`Writer::commit`]).
+    async fn write_alone(
+        &self,
+        change: ChangeType,
+        before: Record,
+        next: Record,
+        at: DateTime<Utc>,
+        sent: &Sent,
+    ) -> Result<Option<Record>, StoreError> {
+        sent.mark();
+        let db = self.db.clone();
+        let pause = self.pauses.commit.clone();
+        let commits = self.commits.clone();
+        let write = tokio::spawn(async move {
+            pause.pass().await;
+            let written = events::write_change_postgres(&db, change, &before, next, at).await?;
+            if written.is_some() {
+                commits.committed();
+            }
+            Ok::<_, StoreError>(written)
+        });
+        let written = write
+            .await
+            .map_err(|err| StoreError::Internal(format!("the write task failed: {err}")))??;
+        if written.is_none() {
+            sent.unmark();
+        }
+        Ok(written)
     }
 
     /// One operation in its own transaction.

@@ -298,6 +298,82 @@ async fn postgres_no_lost_updates_across_servers() {
     other.shutdown().await.unwrap();
 }
 
+/// Postgres writes to an existing row read it without a lock and write in
+/// one statement if it has not moved on. Here another write lands between
+/// the read and that statement (the first is stopped right before it): the
+/// first must see that, and build on the other's result in a locked
+/// transaction instead; an `expected_version` read before the other write
+/// must then refuse. Nothing is lost, each version has one event whose
+/// `before` is the previous one's `after`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_write_overtaken_after_its_read_builds_on_the_newer_row() {
+    use metadata_service::store::StorePauses;
+    let pauses = StorePauses::default();
+    let commit = pauses.commit.clone();
+    let Some(mut s) = start_with(Backend::Postgres, |c| c.store.pauses = pauses).await else {
+        return;
+    };
+    write(&mut s.users, "u", json!({"base": 0})).await;
+
+    commit.arm(1);
+    let mut first = s.users.clone();
+    let overtaken = tokio::spawn(async move { first.merge(merge("u", json!({"first": 1}))).await });
+    assert!(commit.reached(Duration::from_secs(10)).await);
+    // Not stopped (the pause was armed for one pass): lands first.
+    let second = write(&mut s.users, "u", json!({"second": 2})).await;
+    assert_eq!(second.version, 2);
+    commit.release();
+    let first = overtaken.await.unwrap().expect("the overtaken write lands");
+    let first = first.into_inner();
+    assert_eq!(first.version, 3);
+    assert_eq!(
+        field(&first.public_metadata),
+        json!({"base": 0, "first": 1, "second": 2})
+    );
+    assert_one_event_per_version(&s, "u", 3).await;
+    let db = s.db.connect().await;
+    let chained = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT bool_and(e.before = p.after) AS chained FROM events e \
+             JOIN events p ON p.id = e.id AND (p.after->>'version')::int + 1 = (e.after->>'version')::int \
+             WHERE e.id = 'u'",
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get::<bool>("", "chained")
+        .unwrap();
+    db.close().await.ok();
+    assert!(chained, "each event's before is the previous one's after");
+
+    // The same race with a version check decided before the other write.
+    commit.arm(1);
+    let mut checked = s.users.clone();
+    let refused = tokio::spawn(async move {
+        checked
+            .replace(ReplaceUserMetadataRequest {
+                user_id: "u".into(),
+                public_metadata: Some(crate::common::json::value(&json!({"replaced": true}))),
+                expected_version: Some(3),
+                ..Default::default()
+            })
+            .await
+    });
+    assert!(commit.reached(Duration::from_secs(10)).await);
+    write(&mut s.users, "u", json!({"third": 3})).await;
+    commit.release();
+    let status = refused.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    let now = get(&mut s.users, "u").await;
+    assert_eq!(now.version, 4);
+    assert_eq!(
+        field(&now.public_metadata),
+        json!({"base": 0, "first": 1, "second": 2, "third": 3})
+    );
+    assert_one_event_per_version(&s, "u", 4).await;
+}
+
 /// Holds SQLite's write lock from another connection until dropped.
 struct SqliteLock(DatabaseConnection);
 
