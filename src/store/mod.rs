@@ -167,10 +167,7 @@ impl Store {
         };
         let committer = (db.get_database_backend() == DatabaseBackend::Sqlite)
             .then(|| batch::Committer::start(writer.clone()));
-        // A quarter of the pool reads in batches; the rest is for writes,
-        // Watch catch-up and health.
-        let reader =
-            reads::Reader::start(db.clone(), (options.max_connections as usize / 4).max(1));
+        let reader = reads::Reader::start(db.clone());
         Ok(Store {
             db,
             committer,

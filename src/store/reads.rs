@@ -1,15 +1,17 @@
 //! Batched point reads. Each Get is one query, and on a small machine most
 //! of its cost is waking the database process and being woken by it, not
-//! the lookup. Gets that arrive while others are in flight are collected and
-//! read together with one `id IN (...)` query per kind. A batch is issued
+//! the lookup. Gets that arrive while others are in flight are collected by
+//! one reader task and read together with one `id IN (...)` query per kind.
+//! One reader, so that batches grow with the load instead of being split
+//! between idle readers (Postgres, 2 cores, 16 clients: 74% of the
+//! gRPC-plus-query bound with one reader, 61% with four). A batch is issued
 //! after every Get in it arrived, so each still sees every write committed
 //! before it was asked (reads stay linearizable).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use super::entities::metadata::{self as entity, Entity};
 use super::{StoreError, record_from_row};
@@ -29,13 +31,9 @@ pub(super) struct Reader {
 }
 
 impl Reader {
-    /// `readers` batches may be in flight at once.
-    pub(super) fn start(db: DatabaseConnection, readers: usize) -> Reader {
+    pub(super) fn start(db: DatabaseConnection) -> Reader {
         let (jobs, queue) = mpsc::unbounded_channel();
-        let queue = Arc::new(Mutex::new(queue));
-        for _ in 0..readers.max(1) {
-            tokio::spawn(run(db.clone(), queue.clone()));
-        }
+        tokio::spawn(run(db, queue));
         Reader { jobs }
     }
 
@@ -58,22 +56,18 @@ fn stopped() -> StoreError {
     }
 }
 
-async fn run(db: DatabaseConnection, queue: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>) {
+async fn run(db: DatabaseConnection, mut queue: mpsc::UnboundedReceiver<Job>) {
     loop {
-        let mut batch = {
-            let mut queue = queue.lock().await;
-            let Some(first) = queue.recv().await else {
-                return;
-            };
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match queue.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
-            }
-            batch
+        let Some(first) = queue.recv().await else {
+            return;
         };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
         batch.retain(|job| !job.reply.is_closed());
         if batch.is_empty() {
             continue;
