@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod model;
 pub mod pause;
 pub mod proto;
+pub mod query;
 pub mod server;
 pub mod service;
 pub mod store;
