@@ -351,26 +351,28 @@ impl Parser<'_> {
     }
 
     fn and(&mut self) -> Result<Filter, FilterError> {
-        let mut all = vec![self.or()?];
-        while self.eat(&TokenKind::And) {
-            all.push(self.or()?);
-        }
-        Ok(if all.len() == 1 {
-            all.remove(0)
-        } else {
-            Filter::And(all)
-        })
+        self.chain(TokenKind::And, Self::or, Filter::And)
     }
 
     fn or(&mut self) -> Result<Filter, FilterError> {
-        let mut any = vec![self.unary()?];
-        while self.eat(&TokenKind::Or) {
-            any.push(self.unary()?);
+        self.chain(TokenKind::Or, Self::unary, Filter::Or)
+    }
+
+    /// `operand { joiner operand }`, one operand standing for itself.
+    fn chain(
+        &mut self,
+        joiner: TokenKind,
+        operand: fn(&mut Self) -> Result<Filter, FilterError>,
+        join: fn(Vec<Filter>) -> Filter,
+    ) -> Result<Filter, FilterError> {
+        let mut operands = vec![operand(self)?];
+        while self.eat(&joiner) {
+            operands.push(operand(self)?);
         }
-        Ok(if any.len() == 1 {
-            any.remove(0)
+        Ok(if operands.len() == 1 {
+            operands.remove(0)
         } else {
-            Filter::Or(any)
+            join(operands)
         })
     }
 
