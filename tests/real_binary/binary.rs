@@ -744,12 +744,17 @@ async fn sigterm_during_writes_loses_nothing(database_url: &str) {
     for (w, task) in tasks.into_iter().enumerate() {
         let status = task.await.unwrap();
         // A request the client had queued when the server's GOAWAY closed
-        // the connection was never sent; tonic reports it as CANCELLED with
-        // the transport error as its source (grpc-go would retry it
-        // transparently). The stored versions below prove it wrote nothing.
-        let unsent = status.code() == tonic::Code::Cancelled
-            && std::error::Error::source(&status)
-                .is_some_and(|e| e.downcast_ref::<tonic::transport::Error>().is_some());
+        // the connection was never sent, or sent on a stream the GOAWAY
+        // refused; tonic reports it as CANCELLED or INTERNAL ("h2 protocol
+        // error: GoAway(NO_ERROR)") with the client's transport error as
+        // its source, never as a status from the server (grpc-go would
+        // retry it transparently). The stored versions below prove it wrote
+        // nothing.
+        let unsent = matches!(
+            status.code(),
+            tonic::Code::Cancelled | tonic::Code::Internal
+        ) && std::error::Error::source(&status)
+            .is_some_and(|e| e.downcast_ref::<tonic::transport::Error>().is_some());
         assert!(
             status.code() == tonic::Code::Unavailable || unsent,
             "writer {w} after SIGTERM: {status:?}"
