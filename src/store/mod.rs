@@ -337,13 +337,7 @@ impl Store {
             })));
         }
         let now = now();
-        let next = Record {
-            fields,
-            version: current.version + 1,
-            created_at: Some(current.created_at.unwrap_or(now)),
-            updated_at: Some(now),
-            ..current.clone()
-        };
+        let next = successor(&current, fields, now);
         let written = self
             .writer
             .write_alone(*change, current, next, now, sent)
@@ -538,13 +532,7 @@ async fn step(txn: &DatabaseTransaction, op: &mut Op) -> Result<Step, StoreError
                 }
             }
             let now = now();
-            let next = Record {
-                fields,
-                version: current.version + 1,
-                created_at: Some(current.created_at.unwrap_or(now)),
-                updated_at: Some(now),
-                ..current.clone()
-            };
+            let next = successor(&current, fields, now);
             let Some(record) = events::write_change(txn, *change, &current, next, now).await?
             else {
                 return Ok(Step::StartOver);
@@ -576,6 +564,18 @@ async fn step(txn: &DatabaseTransaction, op: &mut Op) -> Result<Step, StoreError
             }
             Ok(Step::Written(Done::Deleted(true)))
         }
+    }
+}
+
+/// The record a write of `fields` makes of `current` at `now` (its revision
+/// is taken when it is stored).
+fn successor(current: &Record, fields: Fields, now: DateTime<Utc>) -> Record {
+    Record {
+        fields,
+        version: current.version + 1,
+        created_at: Some(current.created_at.unwrap_or(now)),
+        updated_at: Some(now),
+        ..current.clone()
     }
 }
 
