@@ -469,6 +469,7 @@ async fn replay_once(
         start_revision: 1,
         user_ids: vec![MARK_ID.to_string()],
         progress_notify: false,
+        filter: String::new(),
     };
     let mut stream = users
         .watch(request)

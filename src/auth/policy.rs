@@ -46,6 +46,8 @@ pub enum Action {
     Replace,
     Delete,
     Watch,
+    BatchGet,
+    List,
 }
 
 impl Action {
@@ -56,6 +58,8 @@ impl Action {
             Action::Replace => "Replace",
             Action::Delete => "Delete",
             Action::Watch => "Watch",
+            Action::BatchGet => "BatchGet",
+            Action::List => "List",
         }
     }
 }
@@ -65,7 +69,8 @@ impl Action {
 pub struct Operation<'a> {
     pub kind: Kind,
     pub action: Action,
-    /// The user or organization id; empty for Watch.
+    /// The user or organization id (BatchGet: each id in turn); empty for
+    /// Watch and List.
     pub id: &'a str,
     /// The fields the request provides values for.
     pub written: FieldSet,
@@ -83,11 +88,15 @@ pub fn authorize(caller: &Caller, op: &Operation) -> Result<FieldSet, Denied> {
         Caller::Frontend { user_id, org_id } => (user_id, org_id),
     };
     match (op.kind, op.action) {
-        (Kind::User, Action::Get | Action::Merge) if op.id != user_id => Err(Denied(format!(
-            "a frontend token may {} only its own user (the token's sub)",
-            op.action.rpc()
-        ))),
-        (Kind::User, Action::Get) => Ok(FieldSet::of([Field::Public, Field::Unsafe])),
+        (Kind::User, Action::Get | Action::BatchGet | Action::Merge) if op.id != user_id => {
+            Err(Denied(format!(
+                "a frontend token may {} only its own user (the token's sub)",
+                op.action.rpc()
+            )))
+        }
+        (Kind::User, Action::Get | Action::BatchGet) => {
+            Ok(FieldSet::of([Field::Public, Field::Unsafe]))
+        }
         (Kind::User, Action::Merge) => match op.written.iter().find(|f| *f != Field::Unsafe) {
             Some(field) => Err(Denied(format!(
                 "{} is written by backend callers only; a frontend token may merge only unsafe_metadata",
@@ -95,12 +104,15 @@ pub fn authorize(caller: &Caller, op: &Operation) -> Result<FieldSet, Denied> {
             ))),
             None => Ok(FieldSet::of([Field::Public, Field::Unsafe])),
         },
-        (Kind::Organization, Action::Get) if org_id.as_deref() == Some(op.id) => {
+        (Kind::Organization, Action::Get | Action::BatchGet)
+            if org_id.as_deref() == Some(op.id) =>
+        {
             Ok(FieldSet::of([Field::Public]))
         }
-        (Kind::Organization, Action::Get) => Err(Denied(
-            "a frontend token may Get only the organization in its org_id claim".into(),
-        )),
+        (Kind::Organization, Action::Get | Action::BatchGet) => Err(Denied(format!(
+            "a frontend token may {} only the organization in its org_id claim",
+            op.action.rpc()
+        ))),
         (kind, action) => Err(Denied(format!(
             "{} on {} metadata is for backend callers only",
             action.rpc(),
@@ -113,12 +125,14 @@ pub fn authorize(caller: &Caller, op: &Operation) -> Result<FieldSet, Denied> {
 mod tests {
     use super::*;
 
-    const ACTIONS: [Action; 5] = [
+    const ACTIONS: [Action; 7] = [
         Action::Get,
         Action::Merge,
         Action::Replace,
         Action::Delete,
         Action::Watch,
+        Action::BatchGet,
+        Action::List,
     ];
 
     fn frontend(org: Option<&str>) -> Caller {
@@ -176,14 +190,33 @@ mod tests {
     }
 
     #[test]
-    fn frontend_may_not_replace_delete_or_watch() {
+    fn frontend_may_not_replace_delete_watch_or_list() {
         for kind in [Kind::User, Kind::Organization] {
-            for action in [Action::Replace, Action::Delete, Action::Watch] {
+            for action in [Action::Replace, Action::Delete, Action::Watch, Action::List] {
                 let op = op(kind, action, "user_1", &[Field::Unsafe]);
                 let denied = authorize(&frontend(Some("user_1")), &op).unwrap_err();
                 assert!(denied.0.contains("backend callers only"), "{denied}");
             }
         }
+    }
+
+    #[test]
+    fn frontend_batch_gets_only_what_it_may_get() {
+        let caller = frontend(Some("org_1"));
+        let own = authorize(&caller, &op(Kind::User, Action::BatchGet, "user_1", &[]));
+        assert_eq!(own, Ok(FieldSet::of([Field::Public, Field::Unsafe])));
+        let other = authorize(&caller, &op(Kind::User, Action::BatchGet, "user_2", &[]));
+        assert!(other.unwrap_err().0.contains("BatchGet only its own user"));
+        let org = authorize(
+            &caller,
+            &op(Kind::Organization, Action::BatchGet, "org_1", &[]),
+        );
+        assert_eq!(org, Ok(FieldSet::of([Field::Public])));
+        let other = authorize(
+            &caller,
+            &op(Kind::Organization, Action::BatchGet, "org_2", &[]),
+        );
+        assert!(other.is_err());
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The command-line client: `metadata-service user|org get|merge|replace|
-//! delete|watch`. Values are JSON given inline, as `@file.json`, or `-` for
+//! delete|watch|batch-get|list`. Values are JSON given inline, as `@file.json`, or `-` for
 //! standard input, and are all parsed before any call is made. Results are
 //! printed as JSON (indented on a terminal, one line when piped).
 //!
@@ -117,6 +117,30 @@ pub enum Action {
         /// Exit after this many events.
         #[arg(long)]
         max_events: Option<u64>,
+        /// Only events whose before or after matches (the filter of list).
+        #[arg(long, default_value = "")]
+        filter: String,
+    },
+    /// Print the stored metadata of several ids at once, in their order.
+    BatchGet {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Print the records whose metadata matches a filter, ordered by id:
+    /// one page as a JSON object, or with --all every record, one per line.
+    List {
+        /// e.g. 'public_metadata.plan = "gold" AND public_metadata.seats > 10'.
+        #[arg(long, default_value = "")]
+        filter: String,
+        /// Records per page (the server's default: 50; at most 1000).
+        #[arg(long, default_value_t = 0)]
+        page_size: i32,
+        /// Continue from a next_page_token (with the same filter).
+        #[arg(long, default_value = "", conflicts_with = "all")]
+        page_token: String,
+        /// Follow every page to the end.
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -282,6 +306,16 @@ enum Call {
         ids: Vec<String>,
         from_revision: u64,
         max_events: Option<u64>,
+        filter: String,
+    },
+    BatchGet {
+        ids: Vec<String>,
+    },
+    List {
+        filter: String,
+        page_size: i32,
+        page_token: String,
+        all: bool,
     },
 }
 
@@ -314,10 +348,24 @@ fn prepare<K: ApiKind>(action: Action) -> Result<Call, Failure> {
             ids,
             from_revision,
             max_events,
+            filter,
         } => Call::Watch {
             ids,
             from_revision,
             max_events,
+            filter,
+        },
+        Action::BatchGet { ids } => Call::BatchGet { ids },
+        Action::List {
+            filter,
+            page_size,
+            page_token,
+            all,
+        } => Call::List {
+            filter,
+            page_size,
+            page_token,
+            all,
         },
     })
 }
@@ -398,12 +446,54 @@ async fn execute_as<K: ApiKind, C: Calls<K>>(command: ClientCommand) -> Result<(
             .delete(K::delete_request(id, expected))
             .await
             .map(|deleted| serde_json::json!({ "existed": K::existed(deleted) })),
+        Call::BatchGet { ids } => {
+            client
+                .batch_get(K::batch_get_request(ids))
+                .await
+                .map(|response| {
+                    let (records, revision) = K::batch_got_view(response);
+                    output::records(K::KIND, &records, None, revision)
+                })
+        }
+        Call::List {
+            filter,
+            page_size,
+            mut page_token,
+            all: true,
+        } => {
+            // Every record, one per line, page after page.
+            loop {
+                let request = K::list_request(filter.clone(), page_size, page_token);
+                let page = client.list(request).await.map_err(first_call)?;
+                let (records, next, _) = K::listed_view(page);
+                for record in &records {
+                    output::print(&output::record(K::KIND, record), false);
+                }
+                if next.is_empty() {
+                    return Ok(());
+                }
+                page_token = next;
+            }
+        }
+        Call::List {
+            filter,
+            page_size,
+            page_token,
+            all: false,
+        } => client
+            .list(K::list_request(filter, page_size, page_token))
+            .await
+            .map(|page| {
+                let (records, next, revision) = K::listed_view(page);
+                output::records(K::KIND, &records, Some(next), revision)
+            }),
         Call::Watch {
             ids,
             from_revision,
             max_events,
+            filter,
         } => {
-            let request = K::watch_request(from_revision, ids, false);
+            let request = K::watch_request(from_revision, ids, false, filter);
             let mut responses = client.watch(request).await.map_err(first_call)?;
             let mut printed = 0;
             while max_events.is_none_or(|max| printed < max) {

@@ -39,6 +39,22 @@ pub fn record(kind: Kind, view: &RecordView) -> Value {
     Value::Object(map)
 }
 
+/// A BatchGet response, or a List page (with its next page token).
+pub fn records(kind: Kind, views: &[RecordView], next: Option<String>, revision: u64) -> Value {
+    let name = match kind {
+        Kind::User => "users",
+        Kind::Organization => "organizations",
+    };
+    let mut map = Map::new();
+    let records = views.iter().map(|view| record(kind, view)).collect();
+    map.insert(name.into(), Value::Array(records));
+    if let Some(next) = next {
+        map.insert("next_page_token".into(), json!(next));
+    }
+    map.insert("revision".into(), json!(revision));
+    Value::Object(map)
+}
+
 fn change(change: i32) -> Value {
     let name = ChangeType::try_from(change).map_or("CHANGE_TYPE_UNSPECIFIED", |c| c.as_str_name());
     json!(name)

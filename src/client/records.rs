@@ -28,6 +28,8 @@ pub(super) trait Calls<K: ApiKind> {
     async fn replace(&mut self, request: K::Replace) -> Result<K::Record, Status>;
     async fn delete(&mut self, request: K::Delete) -> Result<K::Deleted, Status>;
     async fn watch(&mut self, request: K::Watch) -> Result<Responses<K>, Status>;
+    async fn batch_get(&mut self, request: K::BatchGet) -> Result<K::BatchGot, Status>;
+    async fn list(&mut self, request: K::List) -> Result<K::Listed, Status>;
 }
 
 /// The two generated clients differ only in their names and types.
@@ -66,6 +68,18 @@ macro_rules! calls {
                 r: <$kind as ApiKind>::Watch,
             ) -> Result<Responses<$kind>, Status> {
                 Ok(Box::pin($client::watch(self, r).await?.into_inner()))
+            }
+            async fn batch_get(
+                &mut self,
+                r: <$kind as ApiKind>::BatchGet,
+            ) -> Result<<$kind as ApiKind>::BatchGot, Status> {
+                Ok($client::batch_get(self, r).await?.into_inner())
+            }
+            async fn list(
+                &mut self,
+                r: <$kind as ApiKind>::List,
+            ) -> Result<<$kind as ApiKind>::Listed, Status> {
+                Ok($client::list(self, r).await?.into_inner())
             }
         }
     };

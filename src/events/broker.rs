@@ -31,6 +31,7 @@ use crate::json::{JsonPath, Problem, ValidationError};
 use crate::model::Event;
 use crate::model::Kind;
 use crate::pause::PausePoint;
+use crate::query::Filter;
 use crate::store::{Claim, Logged, Store, StoreError};
 
 /// The largest revision there can be: revisions are a database bigint.
@@ -87,6 +88,8 @@ pub struct WatchRequest {
     /// Empty = every id.
     pub ids: HashSet<String>,
     pub progress_notify: bool,
+    /// Only events whose before or after matches (None: every event).
+    pub filter: Option<Arc<Filter>>,
 }
 
 #[derive(Clone, Debug)]
@@ -324,6 +327,13 @@ impl Stream {
     fn wants(&self, event: &Event) -> bool {
         event.kind() == self.request.kind
             && (self.request.ids.is_empty() || self.request.ids.contains(event.id()))
+            && self.request.filter.as_ref().is_none_or(|filter| {
+                // The empty side of a first write or a delete is no record:
+                // it matches no filter, not even a negated one.
+                [&event.before, &event.after]
+                    .into_iter()
+                    .any(|side| side.version > 0 && filter.matches(&side.fields))
+            })
     }
 
     async fn send(&mut self, item: WatchItem) -> Result<(), Stop> {

@@ -22,6 +22,16 @@ pub enum Problem {
     NulInString,
     #[error("has {count} ids, the limit is {limit}")]
     TooManyIds { count: usize, limit: usize },
+    #[error("has {count} distinct ids, the limit is {limit}")]
+    TooManyDistinctIds { count: usize, limit: usize },
+    #[error("must hold at least one id")]
+    NoIds,
+    #[error("{0}")]
+    Filter(crate::query::filter::FilterError),
+    #[error("must not be negative")]
+    NegativePageSize,
+    #[error("{0}")]
+    PageToken(&'static str),
     #[error("nesting depth {depth} exceeds the limit of {limit}")]
     TooDeep { depth: usize, limit: usize },
     #[error("is {bytes} bytes as compact JSON, the limit is {limit}")]

@@ -13,6 +13,6 @@ pub(crate) use error::{Segment, TreeError, within};
 pub use merge::merge_patch;
 pub use number::{canonical_numbers, json_number};
 pub use validate::{
-    Limits, MAX_WATCH_IDS, measure, validate_command, validate_delete, validate_id,
-    validate_watch_ids,
+    Limits, MAX_BATCH_IDS, MAX_WATCH_IDS, measure, validate_batch_ids, validate_command,
+    validate_delete, validate_id, validate_watch_ids,
 };

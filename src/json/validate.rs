@@ -30,7 +30,36 @@ impl Default for Limits {
 /// Ids are 1 to 256 bytes of printable ASCII without spaces, so that they are
 /// safe in logs, URLs and shell commands.
 pub fn validate_id(kind: Kind, id: &str) -> Result<(), ValidationError> {
-    let path = || JsonPath::root(kind.id_field());
+    validate_id_at(|| JsonPath::root(kind.id_field()), id)
+}
+
+/// Most distinct ids in one BatchGet.
+pub const MAX_BATCH_IDS: usize = 1000;
+
+/// The ids of a BatchGet: 1 to [`MAX_BATCH_IDS`] distinct ones, each valid
+/// as in Get; an error names the index, e.g. `user_ids[3]`.
+pub fn validate_batch_ids(kind: Kind, ids: &[String]) -> Result<(), ValidationError> {
+    let path = || JsonPath::root(kind.ids_field());
+    if ids.is_empty() {
+        return Err(ValidationError::new(path(), Problem::NoIds));
+    }
+    for (index, id) in ids.iter().enumerate() {
+        validate_id_at(|| path().index(index), id)?;
+    }
+    let distinct = ids.iter().collect::<std::collections::HashSet<_>>().len();
+    if distinct > MAX_BATCH_IDS {
+        return Err(ValidationError::new(
+            path(),
+            Problem::TooManyDistinctIds {
+                count: distinct,
+                limit: MAX_BATCH_IDS,
+            },
+        ));
+    }
+    Ok(())
+}
+
+fn validate_id_at(path: impl Fn() -> JsonPath, id: &str) -> Result<(), ValidationError> {
     if id.is_empty() {
         return Err(ValidationError::new(path(), Problem::EmptyId));
     }

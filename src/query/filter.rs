@@ -31,6 +31,10 @@ use crate::model::{Field, Fields};
 /// Longest filter accepted, in bytes.
 pub const MAX_FILTER_BYTES: usize = 2048;
 
+/// Deepest nesting of `NOT` and parentheses accepted: the translation to
+/// SQL nests as deep, and SQLite refuses expressions deeper than 1,000.
+pub const MAX_NESTING: usize = 64;
+
 /// A parsed filter.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Filter {
@@ -89,6 +93,7 @@ pub fn parse(text: &str, fields: &[Field]) -> Result<Option<Filter>, FilterError
         next: 0,
         fields,
         end: text.chars().count() + 1,
+        depth: 0,
     };
     if parser.peek().is_none() {
         return Ok(None);
@@ -326,6 +331,8 @@ struct Parser<'a> {
     fields: &'a [Field],
     /// The column just past the text, for "ended too soon".
     end: usize,
+    /// `NOT`s and parentheses open around the next token.
+    depth: usize,
 }
 
 impl Parser<'_> {
@@ -377,18 +384,34 @@ impl Parser<'_> {
     }
 
     fn unary(&mut self) -> Result<Filter, FilterError> {
+        if let Some(token) = self.peek()
+            && matches!(token.kind, TokenKind::Not | TokenKind::Open)
+        {
+            if self.depth == MAX_NESTING {
+                return Err(token.error(format!(
+                    "NOT and parentheses nest at most {MAX_NESTING} deep"
+                )));
+            }
+            self.depth += 1;
+            let inner = self.nested();
+            self.depth -= 1;
+            return inner;
+        }
+        self.restriction()
+    }
+
+    /// `NOT unary` or `( and )`, the next token being `NOT` or `(`.
+    fn nested(&mut self) -> Result<Filter, FilterError> {
         if self.eat(&TokenKind::Not) {
             return Ok(Filter::Not(Box::new(self.unary()?)));
         }
-        if self.eat(&TokenKind::Open) {
-            let inner = self.and()?;
-            let close = self.take("`)`")?;
-            if close.kind != TokenKind::Close {
-                return Err(close.error(format!("expected `)`, found {}", close.kind.describe())));
-            }
-            return Ok(inner);
+        self.next += 1;
+        let inner = self.and()?;
+        let close = self.take("`)`")?;
+        if close.kind != TokenKind::Close {
+            return Err(close.error(format!("expected `)`, found {}", close.kind.describe())));
         }
-        self.restriction()
+        Ok(inner)
     }
 
     fn restriction(&mut self) -> Result<Filter, FilterError> {
@@ -662,6 +685,21 @@ mod tests {
             assert_eq!(err.column, column, "{text}: {err}");
             assert!(err.message.contains(words), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn deep_nesting_is_refused() {
+        let deep = |n: usize| format!("{}public_metadata.a = 1{}", "(".repeat(n), ")".repeat(n));
+        assert!(parse(&deep(MAX_NESTING), &Field::ALL).is_ok());
+        let err = parse(&deep(MAX_NESTING + 1), &Field::ALL).unwrap_err();
+        assert_eq!(err.column, MAX_NESTING + 1, "{err}");
+        let nots = format!("{}public_metadata.a = 1", "NOT ".repeat(MAX_NESTING + 1));
+        assert!(
+            parse(&nots, &Field::ALL)
+                .unwrap_err()
+                .message
+                .contains("nest")
+        );
     }
 
     #[test]

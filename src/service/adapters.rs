@@ -39,6 +39,18 @@ macro_rules! delegate {
             ) -> Answer<<$kind as ApiKind>::Deleted> {
                 Handlers::delete(self, r).await
             }
+            async fn batch_get(
+                &self,
+                r: Request<<$kind as ApiKind>::BatchGet>,
+            ) -> Answer<<$kind as ApiKind>::BatchGot> {
+                Handlers::batch_get(self, r).await
+            }
+            async fn list(
+                &self,
+                r: Request<<$kind as ApiKind>::List>,
+            ) -> Answer<<$kind as ApiKind>::Listed> {
+                Handlers::list(self, r).await
+            }
             type WatchStream = WatchStream<$kind>;
             async fn watch(
                 &self,
@@ -118,12 +130,12 @@ mod tests {
         let users = Handlers::<Users>::new(core.clone());
         let organizations = Handlers::<Organizations>::new(core);
 
-        let watch = Users::watch_request(0, vec![], false);
+        let watch = Users::watch_request(0, vec![], false, String::new());
         let mut user_stream = UserMetadataService::watch(&users, request(watch))
             .await
             .unwrap()
             .into_inner();
-        let watch = Organizations::watch_request(0, vec![], false);
+        let watch = Organizations::watch_request(0, vec![], false, String::new());
         let mut org_stream = OrganizationMetadataService::watch(&organizations, request(watch))
             .await
             .unwrap()

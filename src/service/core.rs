@@ -10,10 +10,19 @@ use crate::json::{self, Limits};
 use crate::logging::Escaped;
 use crate::metrics::Metrics;
 use crate::model::{ChangeType, DeleteCommand, Kind, Mode, Record, WriteCommand};
+use crate::query::ListQuery;
 use crate::store::{Sent, Store, StoreError};
 
 use super::WatchItems;
 use super::admission::Admission;
+
+/// One page of a List.
+pub struct Page {
+    pub records: Vec<Record>,
+    /// Empty on the last page.
+    pub next_page_token: String,
+    pub revision: u64,
+}
 
 /// What both services do, independent of protobuf: validate, then store.
 pub struct Core {
@@ -49,6 +58,52 @@ impl Core {
     pub async fn get(&self, kind: Kind, id: &str) -> Result<Record, StoreError> {
         json::validate_id(kind, id)?;
         self.store.get(kind, id).await
+    }
+
+    /// The records of `ids`, in their order, and a revision they reflect
+    /// at least (see [`Core::list`]).
+    pub async fn batch_get(
+        &self,
+        kind: Kind,
+        ids: &[String],
+    ) -> Result<(Vec<Record>, u64), StoreError> {
+        json::validate_batch_ids(kind, ids)?;
+        let revision = self.broker.head();
+        let records = self.store.get_many(kind, ids).await?;
+        Ok((records, revision))
+    }
+
+    /// One page of a listing. Its revision is the dispatcher's mark taken
+    /// before the read: every change up to it is committed and so in the
+    /// read, and a Watch from the next revision sends every change after
+    /// it (one the read already shows has a revision at most the record's
+    /// own). It is the store's mark, not the records', so it is as recent
+    /// as the read and retention counts from it.
+    pub async fn list(&self, query: &ListQuery) -> Result<Page, StoreError> {
+        let revision = self.broker.head();
+        let mut records = self
+            .store
+            .list(
+                query.kind,
+                query.filter.as_deref(),
+                query.after.as_deref(),
+                query.page_size + 1,
+            )
+            .await?;
+        let next_page_token = if records.len() as u64 > query.page_size {
+            records.truncate(query.page_size as usize);
+            records
+                .last()
+                .map(|last| query.next_token(&last.id))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Page {
+            records,
+            next_page_token,
+            revision,
+        })
     }
 
     /// `sent` says, if the caller gives up, whether the write may still

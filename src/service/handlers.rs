@@ -53,6 +53,57 @@ impl<K: ApiKind> Handlers<K> {
         Ok(Response::new(K::record(Shown { record, fields })))
     }
 
+    /// Every id is authorized as a Get of it; the fields shown are the same
+    /// for all (a frontend token may name only its own id).
+    pub async fn batch_get(
+        &self,
+        request: Request<K::BatchGet>,
+    ) -> Result<Response<K::BatchGot>, Status> {
+        let (headers, extensions, message) = request.into_parts();
+        let ids = K::batch_get(message);
+        let mut fields = FieldSet::ALL;
+        for id in &ids {
+            let operation = Operation {
+                kind: K::KIND,
+                action: Action::BatchGet,
+                id,
+                written: FieldSet::NONE,
+            };
+            fields = authorize(&extensions, &operation)?.1;
+        }
+        let call = self.core.admission.unary(&headers)?;
+        let (records, revision) = call.run(self.core.batch_get(K::KIND, &ids)).await?;
+        let records = records
+            .into_iter()
+            .map(|record| K::record(Shown { record, fields }))
+            .collect();
+        Ok(Response::new(K::batch_got(records, revision)))
+    }
+
+    pub async fn list(&self, request: Request<K::List>) -> Result<Response<K::Listed>, Status> {
+        let (headers, extensions, message) = request.into_parts();
+        let operation = Operation {
+            kind: K::KIND,
+            action: Action::List,
+            id: "",
+            written: FieldSet::NONE,
+        };
+        let (_, fields) = authorize(&extensions, &operation)?;
+        let query = K::list(message)?;
+        let call = self.core.admission.unary(&headers)?;
+        let page = call.run(self.core.list(&query)).await?;
+        let records = page
+            .records
+            .into_iter()
+            .map(|record| K::record(Shown { record, fields }))
+            .collect();
+        Ok(Response::new(K::listed(
+            records,
+            page.next_page_token,
+            page.revision,
+        )))
+    }
+
     pub async fn merge(&self, request: Request<K::Merge>) -> Result<Response<K::Record>, Status> {
         let (headers, extensions, message) = request.into_parts();
         self.write(&headers, &extensions, Mode::Merge, K::merge(message))
@@ -135,8 +186,9 @@ impl<K: ApiKind> Handlers<K> {
             written: FieldSet::NONE,
         };
         authorize(&extensions, &operation)?;
+        let watch = K::watch(message)?;
         let (call, permit) = self.core.admission.stream(&headers)?;
-        let items = call.run(self.core.watch(K::watch(message))).await?;
+        let items = call.run(self.core.watch(watch)).await?;
         Ok((items, permit))
     }
 }

@@ -37,6 +37,7 @@ use crate::events::{WatchItem, WatchRequest};
 use crate::json::ValidationError;
 use crate::model::{DeleteCommand, Event, Field, Kind, Mode, WriteCommand};
 use crate::proto::v1::{self as pb, WatchProgress};
+use crate::query::{ListQuery, parse_filter};
 use prost_types::Timestamp;
 
 /// A Merge or Replace request, taken apart: `T` is `Struct` for Merge and
@@ -148,6 +149,10 @@ pub trait ApiKind: Sized + Send + Sync + 'static {
     type Deleted: Message + Send + 'static;
     type Watch: Message + Default + Send + 'static;
     type WatchResponse: Message + Send + 'static;
+    type BatchGet: Message + Default + Send + 'static;
+    type BatchGot: Message + Send + 'static;
+    type List: Message + Default + Send + 'static;
+    type Listed: Message + Send + 'static;
 
     /// The generated server over `handlers`, refusing requests larger than
     /// `max_request_bytes` before decoding them.
@@ -158,13 +163,19 @@ pub trait ApiKind: Sized + Send + Sync + 'static {
     fn merge(request: Self::Merge) -> WriteParts<Struct>;
     fn replace(request: Self::Replace) -> WriteParts<ProtoValue>;
     fn delete(request: Self::Delete) -> DeleteCommand;
-    fn watch(request: Self::Watch) -> WatchRequest;
+    /// Fails on a filter that does not parse.
+    fn watch(request: Self::Watch) -> Result<WatchRequest, ValidationError>;
+    fn batch_get(request: Self::BatchGet) -> Vec<String>;
+    /// Fails on a bad filter, page size or page token.
+    fn list(request: Self::List) -> Result<ListQuery, ValidationError>;
 
     // Responses built (the server).
     fn deleted(existed: bool) -> Self::Deleted;
     /// A record as the caller may see it.
     fn record(shown: Shown) -> Self::Record;
     fn watch_response(item: WatchItem) -> Self::WatchResponse;
+    fn batch_got(records: Vec<Self::Record>, revision: u64) -> Self::BatchGot;
+    fn listed(records: Vec<Self::Record>, next_page_token: String, revision: u64) -> Self::Listed;
 
     // Requests built and responses taken apart (the client).
     fn get_request(id: String) -> Self::Get;
@@ -172,8 +183,19 @@ pub trait ApiKind: Sized + Send + Sync + 'static {
     fn merge_request(parts: WriteParts<Struct>) -> Self::Merge;
     fn replace_request(parts: WriteParts<ProtoValue>) -> Self::Replace;
     fn delete_request(id: String, expected_version: Option<u64>) -> Self::Delete;
-    fn watch_request(start_revision: u64, ids: Vec<String>, progress_notify: bool) -> Self::Watch;
+    fn watch_request(
+        start_revision: u64,
+        ids: Vec<String>,
+        progress_notify: bool,
+        filter: String,
+    ) -> Self::Watch;
+    fn batch_get_request(ids: Vec<String>) -> Self::BatchGet;
+    fn list_request(filter: String, page_size: i32, page_token: String) -> Self::List;
     fn existed(response: Self::Deleted) -> bool;
+    /// The records of a BatchGet response, and its revision.
+    fn batch_got_view(response: Self::BatchGot) -> (Vec<RecordView>, u64);
+    /// The records of a List page, its next page token and its revision.
+    fn listed_view(response: Self::Listed) -> (Vec<RecordView>, String, u64);
     fn record_view(record: Self::Record) -> RecordView;
     /// The event of a Watch response; None for progress.
     fn event_view(response: Self::WatchResponse) -> Option<EventView>;
@@ -265,6 +287,8 @@ macro_rules! api_kind {
         record: $record:ident, get: $get:ident, merge: $merge:ident, replace: $replace:ident,
         delete: $delete:ident, deleted: $deleted:ident, watch: $watch:ident,
         watch_response: $watch_response:ident :: $response_module:ident, event: $event:ident,
+        batch_get: $batch_get:ident, batch_got: $batch_got:ident, list: $list:ident,
+        listed: $listed:ident, records: $records:ident,
         id: $id:ident, ids: $ids:ident $(, unsafe: $unsafe:ident)?
     ) => {
         impl ApiKind for $api {
@@ -282,6 +306,10 @@ macro_rules! api_kind {
             type Deleted = pb::$deleted;
             type Watch = pb::$watch;
             type WatchResponse = pb::$watch_response;
+            type BatchGet = pb::$batch_get;
+            type BatchGot = pb::$batch_got;
+            type List = pb::$list;
+            type Listed = pb::$listed;
 
             fn server(handlers: Handlers<Self>, max_request_bytes: usize) -> Self::Server {
                 pb::$server_module::$server::new(handlers)
@@ -310,17 +338,52 @@ macro_rules! api_kind {
                 }
             }
 
-            fn watch(request: Self::Watch) -> WatchRequest {
+            fn watch(request: Self::Watch) -> Result<WatchRequest, ValidationError> {
                 let pb::$watch {
                     start_revision,
                     $ids,
                     progress_notify,
+                    filter,
                 } = request;
-                WatchRequest {
+                Ok(WatchRequest {
                     kind: Self::KIND,
                     start_revision,
                     ids: $ids.into_iter().collect(),
                     progress_notify,
+                    filter: parse_filter(&filter, Self::FIELDS)?,
+                })
+            }
+
+            fn batch_get(request: Self::BatchGet) -> Vec<String> {
+                let pb::$batch_get { $ids } = request;
+                $ids
+            }
+
+            fn list(request: Self::List) -> Result<ListQuery, ValidationError> {
+                let pb::$list {
+                    filter,
+                    page_size,
+                    page_token,
+                } = request;
+                ListQuery::new(Self::KIND, Self::FIELDS, filter, page_size, &page_token)
+            }
+
+            fn batch_got(records: Vec<Self::Record>, revision: u64) -> Self::BatchGot {
+                pb::$batch_got {
+                    $records: records,
+                    revision,
+                }
+            }
+
+            fn listed(
+                records: Vec<Self::Record>,
+                next_page_token: String,
+                revision: u64,
+            ) -> Self::Listed {
+                pb::$listed {
+                    $records: records,
+                    next_page_token,
+                    revision,
                 }
             }
 
@@ -385,12 +448,41 @@ macro_rules! api_kind {
                 start_revision: u64,
                 ids: Vec<String>,
                 progress_notify: bool,
+                filter: String,
             ) -> Self::Watch {
                 pb::$watch {
                     start_revision,
                     $ids: ids,
                     progress_notify,
+                    filter,
                 }
+            }
+
+            fn batch_get_request(ids: Vec<String>) -> Self::BatchGet {
+                pb::$batch_get { $ids: ids }
+            }
+
+            fn list_request(filter: String, page_size: i32, page_token: String) -> Self::List {
+                pb::$list {
+                    filter,
+                    page_size,
+                    page_token,
+                }
+            }
+
+            fn batch_got_view(response: Self::BatchGot) -> (Vec<RecordView>, u64) {
+                let pb::$batch_got { $records, revision } = response;
+                ($records.into_iter().map(Self::record_view).collect(), revision)
+            }
+
+            fn listed_view(response: Self::Listed) -> (Vec<RecordView>, String, u64) {
+                let pb::$listed {
+                    $records,
+                    next_page_token,
+                    revision,
+                } = response;
+                let records = $records.into_iter().map(Self::record_view).collect();
+                (records, next_page_token, revision)
             }
 
             fn existed(response: Self::Deleted) -> bool {
@@ -460,7 +552,10 @@ api_kind!(
     replace: ReplaceUserMetadataRequest, delete: DeleteUserMetadataRequest,
     deleted: DeleteUserMetadataResponse, watch: WatchUserMetadataRequest,
     watch_response: WatchUserMetadataResponse::watch_user_metadata_response,
-    event: UserMetadataEvent, id: user_id, ids: user_ids, unsafe: unsafe_metadata
+    event: UserMetadataEvent, batch_get: BatchGetUserMetadataRequest,
+    batch_got: BatchGetUserMetadataResponse, list: ListUserMetadataRequest,
+    listed: ListUserMetadataResponse, records: users,
+    id: user_id, ids: user_ids, unsafe: unsafe_metadata
 );
 
 api_kind!(
@@ -471,7 +566,10 @@ api_kind!(
     delete: DeleteOrganizationMetadataRequest, deleted: DeleteOrganizationMetadataResponse,
     watch: WatchOrganizationMetadataRequest,
     watch_response: WatchOrganizationMetadataResponse::watch_organization_metadata_response,
-    event: OrganizationMetadataEvent, id: organization_id, ids: organization_ids
+    event: OrganizationMetadataEvent, batch_get: BatchGetOrganizationMetadataRequest,
+    batch_got: BatchGetOrganizationMetadataResponse, list: ListOrganizationMetadataRequest,
+    listed: ListOrganizationMetadataResponse, records: organizations,
+    id: organization_id, ids: organization_ids
 );
 
 #[cfg(test)]

@@ -28,9 +28,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sea_orm::sqlx::sqlite::SqliteJournalMode;
 use sea_orm::{
-    ConnectOptions, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection,
-    DatabaseTransaction, EntityTrait, IntoActiveModel, QuerySelect, SqliteTransactionMode,
-    TransactionOptions, TransactionTrait,
+    ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection,
+    DatabaseTransaction, EntityTrait, IntoActiveModel, QueryFilter, QuerySelect,
+    SqliteTransactionMode, Statement, TransactionOptions, TransactionTrait,
 };
 use sea_orm_migration::MigratorTrait;
 
@@ -43,6 +43,8 @@ pub use notifications::{
 use crate::json::{ValidationError, canonical_numbers};
 use crate::model::{ChangeType, Fields, Kind, Record};
 use crate::pause::PausePoint;
+use crate::query::Filter;
+use crate::query::sql::Sql;
 use entities::metadata::{self as entity, Entity, Model};
 use migration::Migrator;
 use notifications::Commits;
@@ -234,6 +236,54 @@ impl Store {
 
     pub async fn get(&self, kind: Kind, id: &str) -> Result<Record, StoreError> {
         self.reader.get(kind, id).await
+    }
+
+    /// The records of `ids`, in their order (an id asked twice is answered
+    /// twice), in one query whatever their number.
+    pub async fn get_many(&self, kind: Kind, ids: &[String]) -> Result<Vec<Record>, StoreError> {
+        let distinct: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
+        let rows = Entity::find()
+            .filter(entity::Column::Kind.eq(kind.as_str()))
+            .filter(entity::Column::Id.is_in(distinct))
+            .all(&self.db)
+            .await?;
+        let found: std::collections::HashMap<String, Model> =
+            rows.into_iter().map(|row| (row.id.clone(), row)).collect();
+        Ok(ids
+            .iter()
+            .map(|id| match found.get(id) {
+                Some(row) => record_from_row(row.clone()),
+                None => Record::empty(kind, id.clone()),
+            })
+            .collect())
+    }
+
+    /// Up to `limit` records of `kind` that exist (version above 0) and
+    /// match `filter`, ordered by id, from the first id after `after`.
+    /// Keyset paging: each page is one indexed range read, however deep.
+    /// On SQLite the filter is evaluated row by row as the scan goes, so
+    /// memory stays bounded by the page.
+    pub async fn list(
+        &self,
+        kind: Kind,
+        filter: Option<&Filter>,
+        after: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<Record>, StoreError> {
+        let backend = self.backend();
+        let mut sql = Sql::new(backend);
+        sql.push("SELECT * FROM metadata WHERE kind = ");
+        sql.bind(kind.as_str()).push(" AND version > 0");
+        if let Some(after) = after {
+            sql.push(" AND id > ").bind(after.to_owned());
+        }
+        if let Some(filter) = filter {
+            sql.push(" AND ").filter(filter);
+        }
+        sql.push(" ORDER BY id LIMIT ").bind(limit as i64);
+        let statement = Statement::from_sql_and_values(backend, sql.text, sql.values);
+        let rows = Entity::find().from_raw_sql(statement).all(&self.db).await?;
+        Ok(rows.into_iter().map(record_from_row).collect())
     }
 
     /// Reads the row under a lock, checks `expected_version`, computes the

@@ -480,6 +480,7 @@ impl KindClient {
                     start_revision: 0,
                     user_ids: Vec::new(),
                     progress_notify: false,
+                    filter: String::new(),
                 });
                 Ok(WatchStream::User(c.watch(request).await?.into_inner()))
             }
@@ -488,6 +489,7 @@ impl KindClient {
                     start_revision: 0,
                     organization_ids: Vec::new(),
                     progress_notify: false,
+                    filter: String::new(),
                 });
                 Ok(WatchStream::Organization(
                     c.watch(request).await?.into_inner(),

@@ -27,6 +27,7 @@ pub(crate) async fn watch(
             start_revision,
             user_ids: ids.iter().map(|s| s.to_string()).collect(),
             progress_notify: false,
+            filter: String::new(),
         })
         .await
         .expect("watch starts")
@@ -179,6 +180,7 @@ async fn filter_by_ids_and_kind(backend: Backend) {
             start_revision: 0,
             organization_ids: vec![],
             progress_notify: false,
+            filter: String::new(),
         })
         .await
         .unwrap()
@@ -236,6 +238,7 @@ async fn progress_notifications_while_idle(backend: Backend) {
             start_revision: 0,
             user_ids: vec!["mine".into()],
             progress_notify: true,
+            filter: String::new(),
         })
         .await
         .unwrap()
