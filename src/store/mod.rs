@@ -270,6 +270,19 @@ impl Store {
         after: Option<&str>,
         limit: u64,
     ) -> Result<Vec<Record>, StoreError> {
+        let statement = self.list_statement(kind, filter, after, limit);
+        let rows = Entity::find().from_raw_sql(statement).all(&self.db).await?;
+        Ok(rows.into_iter().map(record_from_row).collect())
+    }
+
+    /// The query [`Store::list`] runs (public for tests that EXPLAIN it).
+    pub fn list_statement(
+        &self,
+        kind: Kind,
+        filter: Option<&Filter>,
+        after: Option<&str>,
+        limit: u64,
+    ) -> Statement {
         let backend = self.backend();
         let mut sql = Sql::new(backend);
         sql.push("SELECT * FROM metadata WHERE kind = ");
@@ -281,9 +294,7 @@ impl Store {
             sql.push(" AND ").filter(filter);
         }
         sql.push(" ORDER BY id LIMIT ").bind(limit as i64);
-        let statement = Statement::from_sql_and_values(backend, sql.text, sql.values);
-        let rows = Entity::find().from_raw_sql(statement).all(&self.db).await?;
-        Ok(rows.into_iter().map(record_from_row).collect())
+        Statement::from_sql_and_values(backend, sql.text, sql.values)
     }
 
     /// Reads the row under a lock, checks `expected_version`, computes the
