@@ -45,6 +45,7 @@ mod integrity;
 mod metrics;
 mod notifications;
 mod properties;
+mod queries;
 mod semantics;
 mod tls;
 mod watch;

@@ -1,0 +1,347 @@
+//! Watch with a filter, list-then-watch, and the plan of List's query on
+//! Postgres (issue 17).
+
+use std::time::Duration;
+
+use metadata_service::events::BrokerPauses;
+use metadata_service::model::Kind;
+use metadata_service::proto::v1::*;
+use metadata_service::query::parse;
+use metadata_service::store::{Store, StoreOptions};
+use sea_orm::{ConnectionTrait, Statement};
+use serde_json::json;
+use tonic::Streaming;
+
+use crate::common::Backend;
+use crate::common::json::field;
+use crate::harness::{Users, start, start_with, write};
+use crate::watch::{assert_quiet, events, expect_progress, next_event};
+
+async fn watch_filtered(
+    users: &mut Users,
+    start_revision: u64,
+    ids: &[&str],
+    filter: &str,
+) -> Streaming<WatchUserMetadataResponse> {
+    users
+        .watch(WatchUserMetadataRequest {
+            start_revision,
+            user_ids: ids.iter().map(|s| s.to_string()).collect(),
+            progress_notify: false,
+            filter: filter.into(),
+        })
+        .await
+        .expect("watch starts")
+        .into_inner()
+}
+
+async fn delete(users: &mut Users, id: &str) {
+    users
+        .delete(DeleteUserMetadataRequest {
+            user_id: id.into(),
+            expected_version: None,
+        })
+        .await
+        .expect("delete");
+}
+
+async fn list(users: &mut Users, filter: &str) -> ListUserMetadataResponse {
+    users
+        .list(ListUserMetadataRequest {
+            filter: filter.into(),
+            page_size: 1000,
+            page_token: String::new(),
+        })
+        .await
+        .expect("list")
+        .into_inner()
+}
+
+const GOLD: &str = r#"public_metadata.plan = "gold""#;
+
+/// A record entering the result, changing inside it and leaving it is
+/// sent; changes outside it are not; the empty side of a first write or a
+/// delete matches nothing, not even a negated filter. The same events come
+/// live and replayed from the table.
+async fn watch_filter_sends_what_enters_changes_inside_and_leaves(backend: Backend) {
+    let Some(mut s) = start(backend).await else {
+        return;
+    };
+    let mut live = watch_filtered(&mut s.users, 0, &[], GOLD).await;
+    let mut not_gold = watch_filtered(&mut s.users, 0, &[], &format!("NOT {GOLD}")).await;
+    let mut only_u2 = watch_filtered(&mut s.users, 0, &["u2"], GOLD).await;
+    for stream in [&mut live, &mut not_gold, &mut only_u2] {
+        assert_eq!(expect_progress(stream).await, 0);
+    }
+
+    write(&mut s.users, "u1", json!({"plan": "silver"})).await; // 1: outside
+    write(&mut s.users, "u1", json!({"plan": "gold"})).await; // 2: enters
+    write(&mut s.users, "u1", json!({"seats": 3})).await; // 3: inside
+    write(&mut s.users, "u1", json!({"plan": "silver"})).await; // 4: leaves
+    write(&mut s.users, "u1", json!({"seats": 4})).await; // 5: outside
+    write(&mut s.users, "u2", json!({"plan": "gold"})).await; // 6: first write, enters
+    delete(&mut s.users, "u2").await; // 7: deleted, leaves
+    write(&mut s.users, "u3", json!({"plan": "silver"})).await; // 8: first write, outside
+
+    let expected = [2, 3, 4, 6, 7];
+    let got = events(&mut live, expected.len()).await;
+    assert_eq!(got.iter().map(|e| e.revision).collect::<Vec<_>>(), expected);
+    assert_eq!(
+        field(&got[0].after.as_ref().unwrap().public_metadata),
+        json!({"plan": "gold"})
+    );
+    assert_eq!(got[4].change_type, ChangeType::Deleted as i32);
+    assert_quiet(&mut live, Duration::from_millis(300)).await;
+
+    // NOT gold: every u1 change but the one entering gold (its before is
+    // silver, which matches); the first writes of u2 (gold) and u3 have an
+    // empty before, which matches nothing; u2's delete (gold before, empty
+    // after) does not match either.
+    let expected_not = [1, 2, 4, 5, 8];
+    let got = events(&mut not_gold, expected_not.len()).await;
+    assert_eq!(
+        got.iter().map(|e| e.revision).collect::<Vec<_>>(),
+        expected_not
+    );
+    assert_quiet(&mut not_gold, Duration::from_millis(300)).await;
+
+    // The id list and the filter combine by AND.
+    let got = events(&mut only_u2, 2).await;
+    assert_eq!(got.iter().map(|e| e.revision).collect::<Vec<_>>(), [6, 7]);
+
+    // Replayed from the table: the same selection.
+    let mut replay = watch_filtered(&mut s.users, 1, &[], GOLD).await;
+    assert_eq!(expect_progress(&mut replay).await, 0);
+    let got = events(&mut replay, expected.len()).await;
+    assert_eq!(got.iter().map(|e| e.revision).collect::<Vec<_>>(), expected);
+}
+
+/// Watch's filter is checked like List's: a bad one is INVALID_ARGUMENT
+/// naming the filter and the column, for each kind's own fields.
+async fn watch_refuses_a_bad_filter(backend: Backend) {
+    let Some(mut s) = start(backend).await else {
+        return;
+    };
+    let err = s
+        .users
+        .watch(WatchUserMetadataRequest {
+            filter: "public_metadata.a = ".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().starts_with("filter: "), "{}", err.message());
+    assert!(err.message().contains("column 21"), "{}", err.message());
+    let err = s
+        .orgs
+        .watch(WatchOrganizationMetadataRequest {
+            filter: "unsafe_metadata.a = 1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("unknown field `unsafe_metadata`"),
+        "{}",
+        err.message()
+    );
+}
+
+/// List-then-watch when the read sees a write the dispatcher has not
+/// published yet: the revision List returns is below that write, a Watch
+/// from the next revision sends it, and the write's revision is at most
+/// the listed record's own, which is how a consumer knows it already has
+/// it. Nothing between the list and the watch is missed.
+async fn list_then_watch_misses_nothing_and_marks_what_it_has(backend: Backend) {
+    let pauses = BrokerPauses::default();
+    let published = pauses.published.clone();
+    let Some(mut s) = start_with(backend, |c| c.events.broker.pauses = pauses).await else {
+        return;
+    };
+    let first = write(&mut s.users, "a", json!({"plan": "gold", "n": 1})).await;
+    published.arm(1);
+    let second = write(&mut s.users, "a", json!({"n": 2})).await;
+    assert!(
+        published.reached(Duration::from_secs(10)).await,
+        "the dispatcher stops after publishing a revision"
+    );
+    // The dispatcher may have stopped after `first` or after `second`;
+    // either way the list must say where the watch has to start.
+    let listed = list(&mut s.users, GOLD).await;
+    assert_eq!(listed.users.len(), 1);
+    let record = &listed.users[0];
+    assert_eq!(
+        record.revision, second.revision,
+        "the read shows every acknowledged write"
+    );
+    assert!(listed.revision >= first.revision && listed.revision <= second.revision);
+
+    let mut stream = watch_filtered(&mut s.users, listed.revision + 1, &[], GOLD).await;
+    expect_progress(&mut stream).await;
+    published.release();
+    let third = write(&mut s.users, "b", json!({"plan": "gold"})).await;
+    let fourth = write(&mut s.users, "a", json!({"plan": "silver"})).await;
+    let mut expected: Vec<u64> = (listed.revision + 1..=second.revision).collect();
+    expected.extend([third.revision, fourth.revision]);
+    let got = events(&mut stream, expected.len()).await;
+    assert_eq!(got.iter().map(|e| e.revision).collect::<Vec<_>>(), expected);
+    // What the consumer keeps: the events after the listed record's own
+    // revision.
+    let fresh: Vec<u64> = got
+        .iter()
+        .filter(|e| e.user_id != record.user_id || e.revision > record.revision)
+        .map(|e| e.revision)
+        .collect();
+    assert_eq!(fresh, [third.revision, fourth.revision]);
+}
+
+/// A List under writes: applying the watched events (those after each
+/// listed record's revision) to the listed set gives what a List at the
+/// end returns.
+async fn list_then_watch_converges_under_writes(backend: Backend) {
+    let Some(mut s) = start(backend).await else {
+        return;
+    };
+    for i in 0..10 {
+        let plan = if i % 2 == 0 { "gold" } else { "silver" };
+        write(&mut s.users, &format!("u{i}"), json!({ "plan": plan })).await;
+    }
+    let writer = {
+        let mut users = s.users.clone();
+        tokio::spawn(async move {
+            for i in 0..60u64 {
+                let plan = if i % 3 == 0 { "silver" } else { "gold" };
+                let id = format!("u{}", i % 12);
+                if i % 7 == 6 {
+                    delete(&mut users, &id).await;
+                } else {
+                    write(&mut users, &id, json!({ "plan": plan, "i": i })).await;
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let listed = list(&mut s.users, GOLD).await;
+    let mut view: std::collections::BTreeMap<String, (u64, serde_json::Value)> = listed
+        .users
+        .iter()
+        .map(|u| (u.user_id.clone(), (u.revision, field(&u.public_metadata))))
+        .collect();
+    let mut stream = watch_filtered(&mut s.users, listed.revision + 1, &[], GOLD).await;
+    expect_progress(&mut stream).await;
+    writer.await.unwrap();
+    let last = {
+        let mut probe = write(&mut s.users, "zz_last", json!({"plan": "gold"})).await;
+        probe.revision = probe.revision.max(1);
+        probe.revision
+    };
+    let filter = parse(GOLD, &metadata_service::model::Field::ALL)
+        .unwrap()
+        .unwrap();
+    loop {
+        let event = next_event(&mut stream).await;
+        let seen = view
+            .get(&event.user_id)
+            .map_or(0, |(revision, _)| *revision);
+        if event.revision > seen {
+            let after = event.after.as_ref().expect("after");
+            let fields = metadata_service::model::Fields {
+                public: field(&after.public_metadata),
+                private: json!({}),
+                unsafe_: json!({}),
+            };
+            if after.version > 0 && filter.matches(&fields) {
+                view.insert(event.user_id.clone(), (event.revision, fields.public));
+            } else {
+                view.remove(&event.user_id);
+            }
+        }
+        if event.revision >= last {
+            break;
+        }
+    }
+    let end = list(&mut s.users, GOLD).await;
+    let end: std::collections::BTreeMap<String, (u64, serde_json::Value)> = end
+        .users
+        .iter()
+        .map(|u| (u.user_id.clone(), (u.revision, field(&u.public_metadata))))
+        .collect();
+    assert_eq!(view, end);
+}
+
+backend_tests!(
+    watch_filter_sends_what_enters_changes_inside_and_leaves,
+    watch_refuses_a_bad_filter,
+    list_then_watch_misses_nothing_and_marks_what_it_has,
+    list_then_watch_converges_under_writes,
+);
+
+/// The plan Postgres makes for List's own statement: `=`, and `:` with a
+/// value that is not a string, on a metadata field are answered by the
+/// field's GIN index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_equality_and_has_filters_use_the_gin_index() {
+    let Some(mut s) = start(Backend::Postgres).await else {
+        return;
+    };
+    let db = s.db.connect().await;
+    // 20,000 users, 0.1% gold: enough that a scan costs more than the index.
+    db.execute_unprepared(
+        "INSERT INTO metadata (kind, id, public_metadata, private_metadata, unsafe_metadata, \
+         version, revision, created_at, updated_at) \
+         SELECT 'user', 'p' || lpad(i::text, 6, '0'), \
+           jsonb_build_object('plan', CASE WHEN i % 1000 = 0 THEN 'gold' ELSE 'silver' END, \
+                              'tags', CASE WHEN i % 1000 = 1 THEN '[\"beta\"]'::jsonb ELSE '[]'::jsonb END), \
+           '{}', '{}', 1, 0, now(), now() FROM generate_series(1, 20000) AS i",
+    )
+    .await
+    .expect("seed");
+    db.execute_unprepared("ANALYZE metadata")
+        .await
+        .expect("analyze");
+    let store = Store::connect(s.db.url(), &StoreOptions::default())
+        .await
+        .expect("store");
+    for (filter, index) in [
+        (GOLD, "metadata_public_metadata_path_ops"),
+        // `:` with a string may also mean an object's key, which no
+        // jsonb_path_ops index answers; with any other value it is two
+        // containments.
+        (
+            "public_metadata.tags:7",
+            "metadata_public_metadata_path_ops",
+        ),
+        (
+            r#"private_metadata.a.b = 1"#,
+            "metadata_private_metadata_path_ops",
+        ),
+        (
+            r#"unsafe_metadata.x = true"#,
+            "metadata_unsafe_metadata_path_ops",
+        ),
+    ] {
+        let parsed = parse(filter, &metadata_service::model::Field::ALL)
+            .unwrap()
+            .unwrap();
+        let statement = store.list_statement(Kind::User, Some(&parsed), None, 51);
+        let explain = Statement::from_sql_and_values(
+            statement.db_backend,
+            format!("EXPLAIN (FORMAT JSON) {}", statement.sql),
+            statement.values.expect("bound values").0,
+        );
+        let plan = db
+            .query_one_raw(explain)
+            .await
+            .expect("explain")
+            .expect("a plan");
+        let plan: serde_json::Value = plan.try_get("", "QUERY PLAN").expect("the plan as JSON");
+        let plan = plan.to_string();
+        assert!(plan.contains(index), "{filter}: expected {index} in {plan}");
+    }
+    // And List through the service returns the 20 gold users.
+    let listed = list(&mut s.users, GOLD).await;
+    assert_eq!(listed.users.len(), 20);
+    store.close().await.ok();
+}
