@@ -22,11 +22,11 @@ use crate::metrics::Metrics;
 const KNOWN: &[(&str, &[&str])] = &[
     (
         "metadata.v1.UserMetadataService",
-        &["Get", "Merge", "Replace", "Delete", "Watch"],
+        &["Get", "Merge", "Replace", "Delete", "Watch", "BatchGet", "List"],
     ),
     (
         "metadata.v1.OrganizationMetadataService",
-        &["Get", "Merge", "Replace", "Delete", "Watch"],
+        &["Get", "Merge", "Replace", "Delete", "Watch", "BatchGet", "List"],
     ),
     ("grpc.health.v1.Health", &["Check", "Watch", "List"]),
     (
@@ -298,6 +298,28 @@ mod tests {
         );
         assert_eq!(labels("/evil.Service/x"), ("other", "other"));
         assert_eq!(labels(""), ("other", "other"));
+    }
+
+    /// A method added to the proto gets its own label, not "other".
+    #[test]
+    fn every_method_of_the_proto_is_known() {
+        use prost::Message;
+        let set = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET)
+            .expect("the descriptor set decodes");
+        let mut checked = 0;
+        for file in set.file {
+            let package = file.package.unwrap_or_default();
+            for service in file.service {
+                let name = format!("{package}.{}", service.name.unwrap_or_default());
+                for method in service.method {
+                    let method = method.name.unwrap_or_default();
+                    let path = format!("/{name}/{method}");
+                    assert_eq!(labels(&path), (name.as_str(), method.as_str()), "{path}");
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked >= 14, "only {checked} methods in the descriptor set");
     }
 
     #[test]
