@@ -28,9 +28,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sea_orm::sqlx::sqlite::SqliteJournalMode;
 use sea_orm::{
-    ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection,
-    DatabaseTransaction, EntityTrait, IntoActiveModel, QueryFilter, QuerySelect,
-    SqliteTransactionMode, Statement, TransactionOptions, TransactionTrait,
+    ConnectOptions, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection,
+    DatabaseTransaction, EntityTrait, IntoActiveModel, QuerySelect, SqliteTransactionMode,
+    Statement, TransactionOptions, TransactionTrait,
 };
 use sea_orm_migration::MigratorTrait;
 
@@ -239,14 +239,21 @@ impl Store {
     }
 
     /// The records of `ids`, in their order (an id asked twice is answered
-    /// twice), in one query whatever their number.
+    /// twice), in one query whatever their number. The ids travel as one
+    /// JSON array, so that every batch is the same prepared statement (an
+    /// `IN` list would be a new one, and a second round trip, per size).
     pub async fn get_many(&self, kind: Kind, ids: &[String]) -> Result<Vec<Record>, StoreError> {
-        let distinct: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
-        let rows = Entity::find()
-            .filter(entity::Column::Kind.eq(kind.as_str()))
-            .filter(entity::Column::Id.is_in(distinct))
-            .all(&self.db)
-            .await?;
+        let backend = self.backend();
+        let elements = match backend {
+            DatabaseBackend::Postgres => "SELECT jsonb_array_elements_text(",
+            _ => "SELECT value FROM json_each(",
+        };
+        let mut sql = Sql::new(backend);
+        sql.push("SELECT * FROM metadata WHERE kind = ");
+        sql.bind(kind.as_str()).push(" AND id IN (").push(elements);
+        sql.bind(serde_json::json!(ids)).push("))");
+        let statement = Statement::from_sql_and_values(backend, sql.text, sql.values);
+        let rows = Entity::find().from_raw_sql(statement).all(&self.db).await?;
         let found: std::collections::HashMap<String, Model> =
             rows.into_iter().map(|row| (row.id.clone(), row)).collect();
         Ok(ids
