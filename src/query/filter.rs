@@ -716,4 +716,31 @@ mod tests {
             json!({"ключ": "знач"})
         ));
     }
+
+    proptest::proptest! {
+        /// Whatever the text, parsing answers (a filter or an error with a
+        /// column inside the text, or just past it), and what parses can be
+        /// evaluated and translated for both backends.
+        #[test]
+        fn any_text_is_answered_without_panic(
+            text in proptest::string::string_regex(
+                r#"(public_metadata|private_metadata|[a-z.]{0,3}|"[^"]{0,3}"|[ ().:*=!<>-]|\d{1,3}|AND|OR|NOT|true|null|[\u{80}-\u{10FFFF}]){0,12}"#
+            ).unwrap()
+        ) {
+            match parse(&text, &Field::ALL) {
+                Ok(Some(filter)) => {
+                    filter.matches(&public(json!({"a": [1, "x"], "b": {"c": null}})));
+                    for backend in [sea_orm::DatabaseBackend::Postgres, sea_orm::DatabaseBackend::Sqlite] {
+                        let mut sql = crate::query::sql::Sql::new(backend);
+                        sql.filter(&filter);
+                    }
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    proptest::prop_assert!(err.column >= 1);
+                    proptest::prop_assert!(err.column <= text.chars().count() + 1, "{err}");
+                }
+            }
+        }
+    }
 }
