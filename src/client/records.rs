@@ -20,6 +20,9 @@ pub(super) type Responses<K> =
 
 pub(super) type Intercepted = InterceptedService<Channel, Bearer>;
 
+/// Largest response the client accepts (tonic's default is 4 MiB).
+const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
 /// The calls of one kind's generated client.
 pub(super) trait Calls<K: ApiKind> {
     fn connect(channel: Channel, bearer: Bearer) -> Self;
@@ -37,7 +40,9 @@ macro_rules! calls {
     ($client:ident for $kind:ty) => {
         impl Calls<$kind> for $client<Intercepted> {
             fn connect(channel: Channel, bearer: Bearer) -> Self {
+                // A BatchGet of 1,000 large records is tens of MiB.
                 $client::with_interceptor(channel, bearer)
+                    .max_decoding_message_size(MAX_RESPONSE_BYTES)
             }
             async fn get(
                 &mut self,

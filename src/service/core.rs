@@ -16,6 +16,21 @@ use crate::store::{Sent, Store, StoreError};
 use super::WatchItems;
 use super::admission::Admission;
 
+/// Most bytes of metadata (as compact JSON) in one List page; protobuf's
+/// encoding of the same values is up to about half again as large.
+pub const MAX_PAGE_BYTES: usize = 2 * 1024 * 1024;
+
+/// The size of a record in a page, near enough to bound the page.
+fn record_bytes(record: &Record) -> usize {
+    let fields = &record.fields;
+    [&fields.public, &fields.private, &fields.unsafe_]
+        .into_iter()
+        .map(|value| json::measure(value).0)
+        .sum::<usize>()
+        + record.id.len()
+        + 64
+}
+
 /// One page of a List.
 pub struct Page {
     pub records: Vec<Record>,
@@ -90,8 +105,19 @@ impl Core {
                 query.page_size + 1,
             )
             .await?;
-        let next_page_token = if records.len() as u64 > query.page_size {
-            records.truncate(query.page_size as usize);
+        // A page also ends where its records grow past the byte budget, so
+        // that it fits the 4 MiB a gRPC client accepts by default.
+        let mut bytes = 0;
+        let fits = records
+            .iter()
+            .position(|record| {
+                bytes += record_bytes(record);
+                bytes > MAX_PAGE_BYTES
+            })
+            .map_or(records.len(), |over| over.max(1));
+        let end = fits.min(query.page_size as usize);
+        let next_page_token = if records.len() > end {
+            records.truncate(end);
             records
                 .last()
                 .map(|last| query.next_token(&last.id))

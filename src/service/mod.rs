@@ -12,7 +12,7 @@ mod watch;
 
 pub use admission::{Admission, Bounds, StreamPermit};
 pub use caller::Authenticate;
-pub use core::Core;
+pub use core::{Core, MAX_PAGE_BYTES, Page};
 pub use handlers::Handlers;
 pub use kind::{ApiKind, EventView, Organizations, RecordView, Users, WriteParts};
 pub use telemetry::RequestLayer;

@@ -7,6 +7,7 @@ use metadata_service::events::BrokerPauses;
 use metadata_service::model::Kind;
 use metadata_service::proto::v1::*;
 use metadata_service::query::parse;
+use metadata_service::service::MAX_PAGE_BYTES;
 use metadata_service::store::{Store, StoreOptions};
 use sea_orm::{ConnectionTrait, Statement};
 use serde_json::json;
@@ -271,7 +272,56 @@ async fn list_then_watch_converges_under_writes(backend: Backend) {
     assert_eq!(view, end);
 }
 
+/// Pages end at the byte budget before page_size, so that a page fits a
+/// default gRPC client's 4 MiB; the listing still returns everything.
+async fn large_records_make_shorter_pages(backend: Backend) {
+    let Some(mut s) = start(backend).await else {
+        return;
+    };
+    let big = "x".repeat(7000);
+    let count = 2 * MAX_PAGE_BYTES / 7000 + 20;
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let (mut users, big) = (s.users.clone(), big.clone());
+            tokio::spawn(async move {
+                for i in (w..count).step_by(8) {
+                    write(&mut users, &format!("big{i:04}"), json!({ "blob": big })).await;
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    let mut token = String::new();
+    let mut pages = Vec::new();
+    loop {
+        let page = s
+            .users
+            .list(ListUserMetadataRequest {
+                filter: String::new(),
+                page_size: 1000,
+                page_token: token,
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        pages.push(page.users.len());
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert!(pages.len() >= 3, "pages: {pages:?}");
+    assert!(
+        pages.iter().all(|n| *n * 7000 <= MAX_PAGE_BYTES),
+        "pages: {pages:?}"
+    );
+    assert_eq!(pages.iter().sum::<usize>(), count);
+}
+
 backend_tests!(
+    large_records_make_shorter_pages,
     watch_filter_sends_what_enters_changes_inside_and_leaves,
     watch_refuses_a_bad_filter,
     list_then_watch_misses_nothing_and_marks_what_it_has,
