@@ -22,11 +22,15 @@ use crate::metrics::Metrics;
 const KNOWN: &[(&str, &[&str])] = &[
     (
         "metadata.v1.UserMetadataService",
-        &["Get", "Merge", "Replace", "Delete", "Watch"],
+        &[
+            "Get", "Merge", "Replace", "Delete", "Watch", "BatchGet", "List",
+        ],
     ),
     (
         "metadata.v1.OrganizationMetadataService",
-        &["Get", "Merge", "Replace", "Delete", "Watch"],
+        &[
+            "Get", "Merge", "Replace", "Delete", "Watch", "BatchGet", "List",
+        ],
     ),
     ("grpc.health.v1.Health", &["Check", "Watch", "List"]),
     (
@@ -291,6 +295,14 @@ mod tests {
         assert_eq!(
             labels("/metadata.v1.UserMetadataService/Merge"),
             ("metadata.v1.UserMetadataService", "Merge")
+        );
+        assert_eq!(
+            labels("/metadata.v1.OrganizationMetadataService/BatchGet"),
+            ("metadata.v1.OrganizationMetadataService", "BatchGet")
+        );
+        assert_eq!(
+            labels("/metadata.v1.UserMetadataService/List"),
+            ("metadata.v1.UserMetadataService", "List")
         );
         assert_eq!(
             labels("/metadata.v1.UserMetadataService/Nope"),
