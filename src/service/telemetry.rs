@@ -297,6 +297,14 @@ mod tests {
             ("metadata.v1.UserMetadataService", "Merge")
         );
         assert_eq!(
+            labels("/metadata.v1.OrganizationMetadataService/BatchGet"),
+            ("metadata.v1.OrganizationMetadataService", "BatchGet")
+        );
+        assert_eq!(
+            labels("/metadata.v1.UserMetadataService/List"),
+            ("metadata.v1.UserMetadataService", "List")
+        );
+        assert_eq!(
             labels("/metadata.v1.UserMetadataService/Nope"),
             ("metadata.v1.UserMetadataService", "other")
         );

@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use metadata_service::server::{self, RunningServer, TlsConfig};
 use serde_json::{Value as Json, json};
@@ -67,6 +68,59 @@ fn json_out(output: &Output) -> Json {
     let text = String::from_utf8_lossy(&output.stdout);
     assert_eq!(text.lines().count(), 1, "compact when piped: {text}");
     serde_json::from_str(&text).unwrap()
+}
+
+/// Every line printed on stdout, each one JSON document.
+fn json_lines(output: &Output) -> Vec<Json> {
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// Like [`cli`], for a command that may wait for something that never
+/// comes (a Watch short of events): killed after `limit`, failing the test
+/// rather than hanging it.
+async fn cli_within(s: &TestServer, args: &[&str], limit: Duration) -> Output {
+    let url = s.url();
+    let child = tokio::process::Command::new(BIN)
+        .args(args)
+        .args(["--addr", &url])
+        .env_remove("METADATA_ADDR")
+        .env_remove("METADATA_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run the binary");
+    tokio::time::timeout(limit, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("`{}` still running after {limit:?}", args.join(" ")))
+        .unwrap()
+}
+
+/// `kind merge id --public public`, which must succeed.
+fn merge(s: &TestServer, kind: &str, id: &str, public: &str) -> Json {
+    json_out(&cli(s, &[kind, "merge", id, "--public", public], None))
+}
+
+/// The `key` of each object in `values`.
+fn each<'a>(values: &'a [Json], key: &str) -> Vec<&'a Json> {
+    values.iter().map(|v| &v[key]).collect()
+}
+
+/// A gRPC error of the CLI: exit status 64 + `code`, and stderr starting
+/// with `error: <name>: ` and naming `what`.
+fn assert_grpc_error(out: &Output, code: i32, name: &str, what: &[&str]) {
+    assert_eq!(out.status.code(), Some(64 + code), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with(&format!("error: {name}: ")), "{stderr}");
+    for what in what {
+        assert!(stderr.contains(what), "`{what}` not in {stderr}");
+    }
+    assert!(out.stdout.is_empty(), "{out:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -292,6 +346,426 @@ async fn grpc_errors_print_the_code_and_exit_64_plus_it() {
         None,
     );
     assert_eq!(out.status.code(), Some(64 + 10), "ABORTED: {out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_get_prints_each_id_in_request_order() {
+    let s = start(Backend::Sqlite).await.unwrap();
+    merge(&s, "user", "user_1", r#"{"a":1}"#);
+    merge(&s, "user", "user_2", r#"{"b":2}"#);
+
+    let got = json_out(&cli(
+        &s,
+        &["user", "batch-get", "user_2", "user_9", "user_1", "user_2"],
+        None,
+    ));
+    let keys: Vec<&String> = got.as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["revision", "users"], "{got}");
+    let users = got["users"].as_array().unwrap();
+    assert_eq!(
+        each(users, "user_id"),
+        [
+            &json!("user_2"),
+            &json!("user_9"),
+            &json!("user_1"),
+            &json!("user_2")
+        ]
+    );
+    // Each record as `get` prints it; a repeated id answered again, one
+    // never written empty at version 0.
+    let user_2 = json_out(&cli(&s, &["user", "get", "user_2"], None));
+    assert_eq!(users[0], user_2);
+    assert_eq!(users[3], user_2);
+    assert_eq!(
+        users[1],
+        json!({
+            "user_id": "user_9",
+            "public_metadata": {},
+            "private_metadata": {},
+            "unsafe_metadata": {},
+            "version": 0,
+            "revision": 0,
+            "created_at": null,
+            "updated_at": null,
+        })
+    );
+    assert_eq!(users[2]["public_metadata"], json!({"a": 1}));
+    // The mark the read reflects: a revision, at most the newest (2).
+    let revision = got["revision"].as_u64().expect("revision is a number");
+    assert!(revision <= 2, "{got}");
+
+    // Organizations: `organizations`, and no unsafe metadata.
+    merge(&s, "org", "org_1", r#"{"tier":"pro"}"#);
+    let orgs = json_out(&cli(&s, &["org", "batch-get", "org_1", "org_2"], None));
+    let organizations = orgs["organizations"].as_array().unwrap();
+    assert_eq!(
+        each(organizations, "organization_id"),
+        [&json!("org_1"), &json!("org_2")]
+    );
+    assert_eq!(organizations[0]["public_metadata"], json!({"tier": "pro"}));
+    assert!(organizations[0].get("unsafe_metadata").is_none(), "{orgs}");
+    assert!(orgs.get("users").is_none(), "{orgs}");
+
+    // 1,001 ids of which 1,000 distinct are one batch; 1,001 distinct are
+    // too many.
+    let mut ids: Vec<String> = (0..1000).map(|i| format!("user_{i}")).collect();
+    ids.push("user_0".into());
+    let mut args = vec!["user", "batch-get"];
+    args.extend(ids.iter().map(String::as_str));
+    let many = json_out(&cli(&s, &args, None));
+    assert_eq!(many["users"].as_array().unwrap().len(), 1001);
+    assert_eq!(many["users"][1000]["user_id"], json!("user_0"));
+    args.push("user_1000");
+    let out = cli(&s, &args, None);
+    assert_grpc_error(
+        &out,
+        3,
+        "InvalidArgument",
+        &["user_ids: has 1001 distinct ids"],
+    );
+
+    // A bad id is named by its index; no id at all is a usage error.
+    let out = cli(&s, &["user", "batch-get", "user_1", "bad id"], None);
+    assert_grpc_error(&out, 3, "InvalidArgument", &["user_ids[1]"]);
+    let out = cli(&s, &["user", "batch-get"], None);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+/// Three users with a public plan, one with a plan in private metadata
+/// only, and one deleted.
+fn planned_users(s: &TestServer) {
+    merge(s, "user", "user_1", r#"{"plan":"gold","seats":12}"#);
+    merge(s, "user", "user_2", r#"{"plan":"free","seats":1}"#);
+    merge(s, "user", "user_3", r#"{"plan":"gold","seats":3}"#);
+    let private = ["user", "merge", "user_4", "--private", r#"{"plan":"gold"}"#];
+    json_out(&cli(s, &private, None));
+    merge(s, "user", "user_5", r#"{"plan":"gold"}"#);
+    json_out(&cli(s, &["user", "delete", "user_5"], None));
+}
+
+const GOLD: &str = r#"public_metadata.plan = "gold""#;
+
+async fn list_prints_one_page_with_its_token(backend: Backend) {
+    let Some(s) = start(backend).await else {
+        return;
+    };
+    planned_users(&s);
+
+    let list = |extra: &[&str]| {
+        let mut args = vec!["user", "list"];
+        args.extend_from_slice(extra);
+        cli(&s, &args, None)
+    };
+    let first = json_out(&list(&["--filter", GOLD, "--page-size", "1"]));
+    let keys: Vec<&String> = first.as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["next_page_token", "revision", "users"], "{first}");
+    let users = first["users"].as_array().unwrap();
+    assert_eq!(each(users, "user_id"), [&json!("user_1")], "{first}");
+    assert_eq!(
+        users[0]["public_metadata"],
+        json!({"plan": "gold", "seats": 12})
+    );
+    let revision = first["revision"].as_u64().expect("revision is a number");
+    assert!(revision <= 6, "{first}");
+    let token = first["next_page_token"].as_str().unwrap().to_owned();
+    assert!(!token.is_empty(), "{first}");
+
+    // The token continues the listing, also with another page size; the
+    // last page has an empty token.
+    for size in ["1", "5"] {
+        let last = json_out(&list(&[
+            "--filter",
+            GOLD,
+            "--page-size",
+            size,
+            "--page-token",
+            &token,
+        ]));
+        assert_eq!(
+            each(last["users"].as_array().unwrap(), "user_id"),
+            [&json!("user_3")]
+        );
+        assert_eq!(last["next_page_token"], json!(""), "{last}");
+    }
+
+    // No filter and the default page size: every user holding something,
+    // in id order (user_5 was deleted).
+    let all = json_out(&list(&[]));
+    assert_eq!(
+        each(all["users"].as_array().unwrap(), "user_id"),
+        [
+            &json!("user_1"),
+            &json!("user_2"),
+            &json!("user_3"),
+            &json!("user_4")
+        ]
+    );
+    assert_eq!(all["next_page_token"], json!(""), "{all}");
+
+    // A token belongs to its kind and filter; page sizes are not negative.
+    let out = list(&["--filter", "", "--page-token", &token]);
+    assert_grpc_error(
+        &out,
+        3,
+        "InvalidArgument",
+        &["page_token: ", "another filter"],
+    );
+    let out = cli(
+        &s,
+        &["org", "list", "--filter", GOLD, "--page-token", &token],
+        None,
+    );
+    assert_grpc_error(&out, 3, "InvalidArgument", &["page_token: ", "other kind"]);
+    let out = list(&["--filter", GOLD, "--page-token", "not-a-token"]);
+    assert_grpc_error(&out, 3, "InvalidArgument", &["page_token: "]);
+    let out = list(&["--page-size=-1"]);
+    assert_grpc_error(
+        &out,
+        3,
+        "InvalidArgument",
+        &["page_size: must not be negative"],
+    );
+    // One page or all of them, not both.
+    let out = list(&["--all", "--page-token", &token]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_prints_one_page_with_its_token_sqlite() {
+    list_prints_one_page_with_its_token(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_prints_one_page_with_its_token_postgres() {
+    list_prints_one_page_with_its_token(Backend::Postgres).await;
+}
+
+async fn list_all_prints_every_record_once_per_line(backend: Backend) {
+    let Some(s) = start(backend).await else {
+        return;
+    };
+    planned_users(&s);
+    for (id, tier) in [("org_a", "pro"), ("org_b", "free"), ("org_c", "pro")] {
+        merge(&s, "org", id, &format!(r#"{{"tier":"{tier}"}}"#));
+    }
+
+    // Page after page of one record: each record once, as `get` prints it,
+    // one per line (no page object).
+    let lines = json_lines(&cli(
+        &s,
+        &["user", "list", "--all", "--page-size", "1"],
+        None,
+    ));
+    assert_eq!(
+        each(&lines, "user_id"),
+        [
+            &json!("user_1"),
+            &json!("user_2"),
+            &json!("user_3"),
+            &json!("user_4")
+        ]
+    );
+    for line in &lines {
+        let id = line["user_id"].as_str().unwrap();
+        assert_eq!(line, &json_out(&cli(&s, &["user", "get", id], None)));
+    }
+
+    let gold = json_lines(&cli(
+        &s,
+        &[
+            "user",
+            "list",
+            "--all",
+            "--page-size",
+            "1",
+            "--filter",
+            GOLD,
+        ],
+        None,
+    ));
+    assert_eq!(each(&gold, "user_id"), [&json!("user_1"), &json!("user_3")]);
+    let private_gold = json_lines(&cli(
+        &s,
+        &[
+            "user",
+            "list",
+            "--all",
+            "--filter",
+            r#"private_metadata.plan:"gold""#,
+        ],
+        None,
+    ));
+    assert_eq!(each(&private_gold, "user_id"), [&json!("user_4")]);
+    let none = cli(
+        &s,
+        &[
+            "user",
+            "list",
+            "--all",
+            "--filter",
+            "public_metadata.seats > 100",
+        ],
+        None,
+    );
+    assert_eq!(json_lines(&none), Vec::<Json>::new());
+
+    let pro = json_lines(&cli(
+        &s,
+        &[
+            "org",
+            "list",
+            "--all",
+            "--page-size",
+            "1",
+            "--filter",
+            r#"NOT public_metadata.tier = "free""#,
+        ],
+        None,
+    ));
+    assert_eq!(
+        each(&pro, "organization_id"),
+        [&json!("org_a"), &json!("org_c")]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_all_prints_every_record_once_per_line_sqlite() {
+    list_all_prints_every_record_once_per_line(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_all_prints_every_record_once_per_line_postgres() {
+    list_all_prints_every_record_once_per_line(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_filter_exits_67_and_names_the_column() {
+    let s = start(Backend::Sqlite).await.unwrap();
+    merge(&s, "user", "user_1", r#"{"plan":"gold"}"#);
+    let bare_word = "public_metadata.plan = gold";
+    for args in [
+        &["user", "list", "--filter", bare_word][..],
+        &["user", "list", "--all", "--filter", bare_word],
+    ] {
+        let out = cli(&s, args, None);
+        assert_grpc_error(
+            &out,
+            3,
+            "InvalidArgument",
+            &["filter: expected a value", "found `gold` at column 24"],
+        );
+    }
+    // Organizations have no unsafe metadata.
+    let out = cli(&s, &["org", "list", "--filter", "unsafe_metadata:*"], None);
+    assert_grpc_error(
+        &out,
+        3,
+        "InvalidArgument",
+        &["filter: unknown field `unsafe_metadata`", "at column 1"],
+    );
+    let long = format!("{GOLD}{}", " OR public_metadata.a = 1".repeat(90));
+    let out = cli(&s, &["user", "list", "--filter", &long], None);
+    assert_grpc_error(&out, 3, "InvalidArgument", &["filter: ", "2048 bytes"]);
+    // Watch refuses it before streaming.
+    let watch = [
+        "user",
+        "watch",
+        "--filter",
+        "public_metadata.plan =",
+        "--max-events",
+        "1",
+    ];
+    let out = cli_within(&s, &watch, Duration::from_secs(30)).await;
+    assert_grpc_error(&out, 3, "InvalidArgument", &["filter: ", "at column 23"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_filter_prints_only_the_events_that_match() {
+    let s = start(Backend::Sqlite).await.unwrap();
+    merge(&s, "user", "user_1", r#"{"plan":"gold","seats":1}"#); // 1: enters gold
+    merge(&s, "user", "user_2", r#"{"plan":"free"}"#); // 2
+    merge(&s, "user", "user_1", r#"{"seats":2}"#); // 3: changes inside gold
+    merge(&s, "user", "user_1", r#"{"plan":"free"}"#); // 4: leaves gold
+    merge(&s, "user", "user_2", r#"{"seats":9}"#); // 5
+    merge(&s, "user", "user_2", r#"{"plan":"gold"}"#); // 6: enters gold
+    json_out(&cli(&s, &["user", "delete", "user_2"], None)); // 7: leaves gold
+    json_out(&cli(&s, &["user", "delete", "user_1"], None)); // 8
+
+    let limit = Duration::from_secs(30);
+    let watch = |filter: &'static str, ids: &'static [&'static str], count: usize| {
+        let count = count.to_string();
+        let s = &s;
+        async move {
+            let mut args = vec!["user", "watch"];
+            args.extend_from_slice(ids);
+            args.extend(["--from-revision", "1", "--filter", filter]);
+            args.extend(["--max-events", &count]);
+            json_lines(&cli_within(s, &args, limit).await)
+        }
+    };
+    let revisions = |events: &[Json]| -> Vec<u64> {
+        events
+            .iter()
+            .map(|e| e["revision"].as_u64().unwrap())
+            .collect()
+    };
+
+    // Entering, inside and leaving: the before or the after matches.
+    let gold = watch(GOLD, &[], 5).await;
+    assert_eq!(revisions(&gold), [1, 3, 4, 6, 7], "{gold:?}");
+    assert_eq!(
+        each(&gold, "change_type")[4],
+        &json!("CHANGE_TYPE_DELETED"),
+        "{gold:?}"
+    );
+    // The empty side of a first write or a delete matches nothing, not
+    // even a negated filter: the creation of user_1 (1) and the deletion
+    // of user_2 (7) are not sent.
+    let not_gold = watch(r#"NOT public_metadata.plan = "gold""#, &[], 5).await;
+    assert_eq!(revisions(&not_gold), [2, 4, 5, 6, 8], "{not_gold:?}");
+    // ANDed with the ids.
+    let user_1 = watch(GOLD, &["user_1"], 3).await;
+    assert_eq!(revisions(&user_1), [1, 3, 4], "{user_1:?}");
+    assert!(
+        user_1.iter().all(|e| e["user_id"] == "user_1"),
+        "{user_1:?}"
+    );
+    // A stream past the history waits for the next matching event: the
+    // ones written below, whether it connects before they commit or after
+    // (it starts at revision 5 either way).
+    let waiting = tokio::spawn({
+        let args: Vec<String> = [
+            "user",
+            "watch",
+            "--from-revision",
+            "5",
+            "--filter",
+            GOLD,
+            "--max-events",
+            "3",
+            "--addr",
+            &s.url(),
+        ]
+        .map(String::from)
+        .to_vec();
+        async move {
+            tokio::process::Command::new(BIN)
+                .args(&args)
+                .env_remove("METADATA_TOKEN")
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .output()
+                .await
+                .unwrap()
+        }
+    });
+    merge(&s, "user", "user_3", r#"{"plan":"free"}"#); // 9
+    merge(&s, "user", "user_3", r#"{"plan":"gold"}"#); // 10: enters gold
+    let live = tokio::time::timeout(limit, waiting)
+        .await
+        .expect("the stream ends after 3 events")
+        .unwrap();
+    assert_eq!(revisions(&json_lines(&live)), [6, 7, 10], "{live:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -139,7 +139,9 @@ async fn reflection_lists_and_describes() {
     let run = grpcurl.at(s.addr, &[], &["list", USERS]).await;
     assert!(run.status.success(), "{run:?}");
     let methods: Vec<&str> = run.stdout.lines().map(str::trim).collect();
-    for method in ["Get", "Merge", "Replace", "Delete"] {
+    for method in [
+        "Get", "Merge", "Replace", "Delete", "Watch", "BatchGet", "List",
+    ] {
         let full = format!("{USERS}.{method}");
         assert!(
             methods.contains(&full.as_str()),
@@ -163,6 +165,16 @@ async fn reflection_lists_and_describes() {
             "DeleteUserMetadataRequest",
             "DeleteUserMetadataResponse",
         ),
+        (
+            "BatchGet",
+            "BatchGetUserMetadataRequest",
+            "BatchGetUserMetadataResponse",
+        ),
+        (
+            "List",
+            "ListUserMetadataRequest",
+            "ListUserMetadataResponse",
+        ),
     ] {
         let line =
             format!("rpc {method} ( .metadata.v1.{request} ) returns ( .metadata.v1.{response} );");
@@ -170,6 +182,18 @@ async fn reflection_lists_and_describes() {
     }
     // Comments from the proto travel with the descriptor.
     assert!(run.stdout.contains("// Deep-merges"), "{run:?}");
+
+    let run = grpcurl.at(s.addr, &[], &["describe", ORGS]).await;
+    assert!(run.status.success(), "{run:?}");
+    for (method, messages) in [
+        ("BatchGet", "BatchGetOrganizationMetadata"),
+        ("List", "ListOrganizationMetadata"),
+    ] {
+        let line = format!(
+            "rpc {method} ( .metadata.v1.{messages}Request ) returns ( .metadata.v1.{messages}Response );"
+        );
+        assert!(run.stdout.contains(&line), "missing `{line}`: {run:?}");
+    }
 
     let run = grpcurl
         .at(s.addr, &[], &["describe", "metadata.v1.UserMetadata"])
@@ -190,6 +214,55 @@ async fn reflection_lists_and_describes() {
         ".google.protobuf.Timestamp updated_at = 7;",
     ] {
         assert!(run.stdout.contains(field), "missing `{field}`: {run:?}");
+    }
+
+    // The messages of BatchGet, List and Watch's filter, as an operator
+    // would look them up before calling.
+    for (message, fields) in [
+        (
+            "metadata.v1.BatchGetUserMetadataRequest",
+            &["repeated string user_ids = 1;"][..],
+        ),
+        (
+            "metadata.v1.BatchGetUserMetadataResponse",
+            &[
+                "repeated .metadata.v1.UserMetadata users = 1;",
+                "uint64 revision = 2;",
+            ],
+        ),
+        (
+            "metadata.v1.ListUserMetadataRequest",
+            &[
+                "string filter = 1;",
+                "int32 page_size = 2;",
+                "string page_token = 3;",
+            ],
+        ),
+        (
+            "metadata.v1.ListUserMetadataResponse",
+            &[
+                "repeated .metadata.v1.UserMetadata users = 1;",
+                "string next_page_token = 2;",
+                "uint64 revision = 3;",
+            ],
+        ),
+        (
+            "metadata.v1.ListOrganizationMetadataResponse",
+            &["repeated .metadata.v1.OrganizationMetadata organizations = 1;"],
+        ),
+        (
+            "metadata.v1.WatchUserMetadataRequest",
+            &["string filter = 4;"],
+        ),
+    ] {
+        let run = grpcurl.at(s.addr, &[], &["describe", message]).await;
+        assert!(run.status.success(), "{run:?}");
+        for field in fields {
+            assert!(
+                run.stdout.contains(field),
+                "{message}: missing `{field}`: {run:?}"
+            );
+        }
     }
 
     // The imported well-known types resolve too (needed to encode requests).
@@ -480,6 +553,194 @@ async fn watch_replays_events() {
         assert_eq!(event["changedFields"], json!(["public_metadata"]));
         assert_eq!(event["after"]["version"], "1");
     }
+}
+
+/// BatchGet and List through grpcurl, for both kinds, as README shows them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_get_and_list() {
+    let Some((grpcurl, s)) = setup().await else {
+        return;
+    };
+    for (id, public) in [
+        (
+            "user_1",
+            json!({"plan": "gold", "seats": 12, "tags": ["beta"]}),
+        ),
+        ("user_2", json!({"plan": "free", "seats": 1})),
+        ("user_3", json!({"plan": "gold", "seats": 3})),
+    ] {
+        grpcurl
+            .call(
+                s.addr,
+                &format!("{USERS}/Merge"),
+                json!({"user_id": id, "public_metadata": public}),
+            )
+            .await;
+    }
+    let ids = |records: &Json, key: &str| -> Vec<Json> {
+        records
+            .as_array()
+            .unwrap_or_else(|| panic!("not a list: {records}"))
+            .iter()
+            .map(|r| r[key].clone())
+            .collect()
+    };
+
+    let got = grpcurl
+        .call(
+            s.addr,
+            &format!("{USERS}/BatchGet"),
+            json!({"user_ids": ["user_3", "user_9", "user_1", "user_3"]}),
+        )
+        .await;
+    assert_eq!(
+        ids(&got["users"], "userId"),
+        [
+            json!("user_3"),
+            json!("user_9"),
+            json!("user_1"),
+            json!("user_3")
+        ]
+    );
+    assert_eq!(got["users"][0], got["users"][3], "{got}");
+    assert_eq!(
+        got["users"][0]["publicMetadata"]["seats"],
+        json!(3),
+        "{got}"
+    );
+    // Never written: empty fields, version 0 (omitted by grpcurl).
+    assert_eq!(
+        got["users"][1],
+        json!({"userId": "user_9", "publicMetadata": {}, "privateMetadata": {}, "unsafeMetadata": {}}),
+    );
+    // uint64 is a JSON string in the proto3 JSON mapping.
+    assert!(got["revision"].as_str().is_some(), "{got}");
+
+    // A filtered listing, one record per page, following nextPageToken.
+    let list = format!("{USERS}/List");
+    let gold = r#"public_metadata.plan = "gold""#;
+    let first = grpcurl
+        .call(s.addr, &list, json!({"filter": gold, "page_size": 1}))
+        .await;
+    assert_eq!(ids(&first["users"], "userId"), [json!("user_1")], "{first}");
+    assert!(first["revision"].as_str().is_some(), "{first}");
+    let token = first["nextPageToken"].as_str().expect("a next page");
+    let last = grpcurl
+        .call(
+            s.addr,
+            &list,
+            json!({"filter": gold, "page_size": 1, "page_token": token}),
+        )
+        .await;
+    assert_eq!(ids(&last["users"], "userId"), [json!("user_3")], "{last}");
+    // Empty on the last page, so grpcurl leaves it out.
+    assert!(last.get("nextPageToken").is_none(), "{last}");
+    // The page token README passes is the one List returns there.
+    assert_eq!(token, "AQF8XzW6cJ3UAHVzZXJfMQ");
+
+    let has = grpcurl
+        .call(
+            s.addr,
+            &list,
+            json!({"filter": r#"public_metadata.tags:"beta" OR public_metadata.seats < 2"#}),
+        )
+        .await;
+    assert_eq!(
+        ids(&has["users"], "userId"),
+        [json!("user_1"), json!("user_2")],
+        "{has}"
+    );
+
+    // Organizations.
+    grpcurl
+        .call(
+            s.addr,
+            &format!("{ORGS}/Merge"),
+            json!({"organization_id": "org_1", "public_metadata": {"tier": "pro"}}),
+        )
+        .await;
+    let orgs = grpcurl
+        .call(
+            s.addr,
+            &format!("{ORGS}/BatchGet"),
+            json!({"organization_ids": ["org_1", "org_2"]}),
+        )
+        .await;
+    assert_eq!(
+        ids(&orgs["organizations"], "organizationId"),
+        [json!("org_1"), json!("org_2")]
+    );
+    let listed = grpcurl
+        .call(
+            s.addr,
+            &format!("{ORGS}/List"),
+            json!({"filter": r#"public_metadata.tier:*"#}),
+        )
+        .await;
+    assert_eq!(
+        ids(&listed["organizations"], "organizationId"),
+        [json!("org_1")]
+    );
+
+    // A bad filter: INVALID_ARGUMENT with the column; grpcurl exits 64 + 3.
+    let body = json!({"filter": "public_metadata.plan = gold"}).to_string();
+    let run = grpcurl.at(s.addr, &["-d", &body], &[&list]).await;
+    assert_eq!(run.status.code(), Some(67), "{run:?}");
+    assert!(run.stderr.contains("Code: InvalidArgument"), "{run:?}");
+    assert!(
+        run.stderr.contains("Message: filter: ") && run.stderr.contains("at column 24"),
+        "{run:?}"
+    );
+    let body = json!({"user_ids": []}).to_string();
+    let run = grpcurl
+        .at(s.addr, &["-d", &body], &[&format!("{USERS}/BatchGet")])
+        .await;
+    assert_eq!(run.status.code(), Some(67), "{run:?}");
+    assert!(run.stderr.contains("user_ids"), "{run:?}");
+}
+
+/// Watch with a filter through grpcurl: the first message, then only the
+/// events whose before or after matches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_with_a_filter() {
+    let Some((grpcurl, s)) = setup().await else {
+        return;
+    };
+    for (id, plan) in [("user_1", "gold"), ("user_2", "free"), ("user_1", "free")] {
+        grpcurl
+            .call(
+                s.addr,
+                &format!("{USERS}/Merge"),
+                json!({"user_id": id, "public_metadata": {"plan": plan}}),
+            )
+            .await;
+    }
+    let addr = s.addr.to_string();
+    let body = json!({"start_revision": 1, "filter": r#"public_metadata.plan = "gold""#});
+    let run = grpcurl
+        .run(&[
+            "-plaintext",
+            "-max-time",
+            "2",
+            "-d",
+            &body.to_string(),
+            &addr,
+            &format!("{USERS}/Watch"),
+        ])
+        .await;
+    assert!(run.stderr.contains("DeadlineExceeded"), "{run:?}");
+    let messages: Vec<Json> = serde_json::Deserializer::from_str(&run.stdout)
+        .into_iter::<Json>()
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|err| panic!("output is not a JSON stream ({err}): {run:?}"));
+    assert_eq!(messages.len(), 3, "{run:?}");
+    assert_eq!(messages[0], json!({"progress": {}}));
+    // user_1 enters (1) and leaves (3); user_2 is never gold (2).
+    let revisions: Vec<&Json> = messages[1..]
+        .iter()
+        .map(|m| &m["event"]["revision"])
+        .collect();
+    assert_eq!(revisions, [&json!("1"), &json!("3")], "{run:?}");
 }
 
 const API_KEY: &str = "grpcurl-test-api-key-9c2e";
