@@ -2,9 +2,12 @@
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto = "proto/metadata/v1/metadata.proto";
+    let protos = [
+        "proto/metadata/v1/metadata.proto",
+        "proto/metadata/v1/schema.proto",
+    ];
     println!("cargo:rerun-if-changed=proto");
-    let fds = protox::compile([proto], ["proto"])?;
+    let fds = protox::compile(protos, ["proto"])?;
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     // Reflection serves this descriptor set, so it must include the imports
     // (protox includes them) for grpcurl to resolve Struct and Timestamp.

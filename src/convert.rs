@@ -84,9 +84,19 @@ pub trait TreeConvert: Sized {
 }
 
 fn located(field: Field, result: Result<Value, TreeError>) -> Result<Value, ValidationError> {
+    located_under(field.name(), result)
+}
+
+fn located_under(root: &str, result: Result<Value, TreeError>) -> Result<Value, ValidationError> {
     result.map_err(|(problem, segments)| {
-        ValidationError::new(JsonPath::from_reversed(field.name(), &segments), problem)
+        ValidationError::new(JsonPath::from_reversed(root, &segments), problem)
     })
+}
+
+/// A Struct of a request field named `root` (not a metadata field, e.g. a
+/// schema) as JSON; an error names its path under `root`.
+pub fn struct_to_json(root: &str, value: Struct) -> Result<Value, ValidationError> {
+    located_under(root, json_from_struct(value))
 }
 
 impl TreeConvert for Struct {

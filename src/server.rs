@@ -19,9 +19,10 @@ use crate::health::DbHealth;
 use crate::http::HttpServer;
 use crate::json::Limits;
 use crate::metrics::Metrics;
+use crate::proto::v1::metadata_schema_service_server::MetadataSchemaServiceServer;
 use crate::service::{
     Admission, ApiKind, Authenticate, Bounds, Core, Handlers, Organizations, RequestLayer, Routed,
-    Users,
+    SchemaHandlers, Users,
 };
 use crate::store::{Store, StoreOptions};
 
@@ -204,6 +205,7 @@ const SERVICE_NAMES: &[&str] = &[
     "",
     <<Users as ApiKind>::Server as tonic::server::NamedService>::NAME,
     <<Organizations as ApiKind>::Server as tonic::server::NamedService>::NAME,
+    <MetadataSchemaServiceServer<SchemaHandlers> as tonic::server::NamedService>::NAME,
 ];
 
 /// Opens the store, binds `config.listen` (port 0 picks a free port) and
@@ -295,6 +297,11 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
     let max = config.max_request_bytes;
     let users = mount::<Users>(&core, &authenticate, max);
     let organizations = mount::<Organizations>(&core, &authenticate, max);
+    let schemas = InterceptedService::new(
+        MetadataSchemaServiceServer::new(SchemaHandlers::new(core.clone()))
+            .max_decoding_message_size(max),
+        authenticate.clone(),
+    );
 
     // grpcurl 1.8 speaks only v1alpha; newer clients use v1.
     let reflection = || {
@@ -317,7 +324,8 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)
         .add_service(users)
-        .add_service(organizations);
+        .add_service(organizations)
+        .add_service(schemas);
 
     let served_store = store.clone();
     let task = tokio::spawn(async move {

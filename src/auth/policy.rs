@@ -48,6 +48,9 @@ pub enum Action {
     Watch,
     BatchGet,
     List,
+    SetSchema,
+    GetSchema,
+    DeleteSchema,
 }
 
 impl Action {
@@ -60,6 +63,9 @@ impl Action {
             Action::Watch => "Watch",
             Action::BatchGet => "BatchGet",
             Action::List => "List",
+            Action::SetSchema => "SetSchema",
+            Action::GetSchema => "GetSchema",
+            Action::DeleteSchema => "DeleteSchema",
         }
     }
 }
@@ -125,7 +131,10 @@ pub fn authorize(caller: &Caller, op: &Operation) -> Result<FieldSet, Denied> {
 mod tests {
     use super::*;
 
-    const ACTIONS: [Action; 7] = [
+    const ACTIONS: [Action; 10] = [
+        Action::SetSchema,
+        Action::GetSchema,
+        Action::DeleteSchema,
         Action::Get,
         Action::Merge,
         Action::Replace,
@@ -192,7 +201,15 @@ mod tests {
     #[test]
     fn frontend_may_not_replace_delete_watch_or_list() {
         for kind in [Kind::User, Kind::Organization] {
-            for action in [Action::Replace, Action::Delete, Action::Watch, Action::List] {
+            for action in [
+                Action::Replace,
+                Action::Delete,
+                Action::Watch,
+                Action::List,
+                Action::SetSchema,
+                Action::GetSchema,
+                Action::DeleteSchema,
+            ] {
                 let op = op(kind, action, "user_1", &[Field::Unsafe]);
                 let denied = authorize(&frontend(Some("user_1")), &op).unwrap_err();
                 assert!(denied.0.contains("backend callers only"), "{denied}");

@@ -30,6 +30,12 @@ pub enum Problem {
     Filter(crate::query::filter::FilterError),
     #[error("must not be negative")]
     NegativePageSize,
+    #[error("must be set")]
+    Unspecified,
+    #[error("is not a field of {kind} metadata (organizations have public and private only)")]
+    NoSuchField { kind: &'static str },
+    #[error("{0}")]
+    Schema(String),
     #[error("{0}")]
     PageToken(&'static str),
     #[error("nesting depth {depth} exceeds the limit of {limit}")]

@@ -7,11 +7,14 @@ use std::sync::Arc;
 use crate::auth::Caller;
 use crate::events::{Broker, WatchError, WatchRequest};
 use crate::json::{self, Limits};
+use crate::json::{JsonPath, Problem, ValidationError};
 use crate::logging::Escaped;
 use crate::metrics::Metrics;
-use crate::model::{ChangeType, DeleteCommand, Kind, Mode, Record, WriteCommand};
+use crate::model::{ChangeType, DeleteCommand, Field, Kind, Mode, Record, WriteCommand};
 use crate::query::ListQuery;
+use crate::schema::Schema;
 use crate::store::{Sent, Store, StoreError};
+use crate::store::{SetSchema, StoredSchema};
 
 use super::WatchItems;
 use super::admission::Admission;
@@ -132,6 +135,71 @@ impl Core {
         })
     }
 
+    pub async fn schema(&self, kind: Kind, field: Field) -> Result<StoredSchema, StoreError> {
+        self.store.schema(kind, field).await
+    }
+
+    /// Compiles the schema (INVALID_ARGUMENT naming `schema` if it cannot
+    /// be used), then has the store check and set it.
+    pub async fn set_schema(
+        &self,
+        caller: &Caller,
+        kind: Kind,
+        field: Field,
+        schema: serde_json::Value,
+        expected_version: Option<u64>,
+        validate_only: bool,
+    ) -> Result<StoredSchema, StoreError> {
+        let compiled = Schema::compile(&schema).map_err(|err| {
+            ValidationError::new(JsonPath::root("schema"), Problem::Schema(err.0))
+        })?;
+        let stored = self
+            .store
+            .set_schema(SetSchema {
+                kind,
+                field,
+                schema,
+                compiled,
+                expected_version,
+                validate_only,
+            })
+            .await?;
+        if !validate_only {
+            tracing::info!(
+                caller = %caller,
+                rpc = %"SetSchema",
+                kind = %kind.as_str(),
+                field = %field.name(),
+                version = stored.version,
+                "schema set"
+            );
+        }
+        Ok(stored)
+    }
+
+    pub async fn delete_schema(
+        &self,
+        caller: &Caller,
+        kind: Kind,
+        field: Field,
+        expected_version: Option<u64>,
+    ) -> Result<bool, StoreError> {
+        let existed = self
+            .store
+            .delete_schema(kind, field, expected_version)
+            .await?;
+        if existed {
+            tracing::info!(
+                caller = %caller,
+                rpc = %"DeleteSchema",
+                kind = %kind.as_str(),
+                field = %field.name(),
+                "schema deleted"
+            );
+        }
+        Ok(existed)
+    }
+
     /// `sent` says, if the caller gives up, whether the write may still
     /// have committed.
     pub async fn write(
@@ -153,12 +221,13 @@ impl Core {
             Mode::Replace => ChangeType::Replaced,
         };
         let limits = self.limits;
+        let provided = values.iter().map(|(field, _)| *field).collect();
         let compute = Box::new(move |current: &crate::model::Fields| {
             json::apply(mode, &values, current, &limits)
         });
         let outcome = self
             .store
-            .write(kind, &id, expected_version, change, compute, sent)
+            .write(kind, &id, expected_version, change, provided, compute, sent)
             .await?;
         if outcome.changed {
             self.metrics

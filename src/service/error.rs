@@ -18,6 +18,8 @@ impl From<StoreError> for Status {
         match err {
             StoreError::Invalid(err) => err.into(),
             StoreError::VersionMismatch { .. } => Status::aborted(err.to_string()),
+            StoreError::SchemaViolation(_) => Status::invalid_argument(err.to_string()),
+            StoreError::Nonconforming { .. } => Status::failed_precondition(err.to_string()),
             StoreError::Unavailable { reason, detail } => {
                 tracing::warn!(error = %detail, "database unavailable");
                 Status::unavailable(format!("{reason}; retry later"))

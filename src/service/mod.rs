@@ -7,6 +7,7 @@ mod core;
 mod error;
 mod handlers;
 mod kind;
+mod schemas;
 mod telemetry;
 mod watch;
 
@@ -15,6 +16,7 @@ pub use caller::Authenticate;
 pub use core::{Core, MAX_PAGE_BYTES, Page};
 pub use handlers::Handlers;
 pub use kind::{ApiKind, EventView, Organizations, RecordView, Users, WriteParts};
+pub use schemas::SchemaHandlers;
 pub use telemetry::RequestLayer;
 pub use watch::Routed;
 

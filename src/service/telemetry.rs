@@ -32,6 +32,10 @@ const KNOWN: &[(&str, &[&str])] = &[
             "Get", "Merge", "Replace", "Delete", "Watch", "BatchGet", "List",
         ],
     ),
+    (
+        "metadata.v1.MetadataSchemaService",
+        &["SetSchema", "GetSchema", "DeleteSchema"],
+    ),
     ("grpc.health.v1.Health", &["Check", "Watch", "List"]),
     (
         "grpc.reflection.v1.ServerReflection",

@@ -55,7 +55,9 @@ fn stopped() -> StoreError {
 fn refused(err: &StoreError) -> bool {
     matches!(
         err,
-        StoreError::VersionMismatch { .. } | StoreError::Invalid(_)
+        StoreError::VersionMismatch { .. }
+            | StoreError::Invalid(_)
+            | StoreError::SchemaViolation(_)
     )
 }
 
@@ -113,7 +115,7 @@ async fn try_group(
     let mut results = Vec::with_capacity(group.len());
     let mut wrote = false;
     for job in group.iter_mut() {
-        match step(&txn, &mut job.op).await {
+        match step(writer, &txn, &mut job.op).await {
             Ok(Step::Unchanged(done)) => results.push(Ok(done)),
             Ok(Step::Written(done)) => {
                 wrote = true;

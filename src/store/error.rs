@@ -22,6 +22,23 @@ pub enum StoreError {
     ReadOnly(String),
     #[error("database error: {0}")]
     Internal(String),
+    /// A write whose result breaks its field's schema: each violation,
+    /// `field/pointer: message`, joined by "; ".
+    #[error("{0}")]
+    SchemaViolation(String),
+    /// SetSchema refused: stored values break the schema.
+    #[error(
+        "{} stored {} {} value(s) do not conform to the schema (ids: {}); change them first",
+        found.count,
+        kind.as_str(),
+        field.name(),
+        found.ids.join(", ")
+    )]
+    Nonconforming {
+        kind: crate::model::Kind,
+        field: crate::model::Field,
+        found: super::schemas::Nonconforming,
+    },
 }
 
 impl StoreError {

@@ -122,22 +122,41 @@ pub enum Claim {
 /// [`Store::settled_revision`] relies on. SQLite: a counter row in the
 /// writing transaction; SQLite has one writer at a time, so revisions are
 /// dense and in commit order.
+/// `generation`: for a Merge or Replace, the schema generation its result
+/// was validated under (`schemas.rs`); nothing is written (None) if the
+/// kind's schemas changed since.
 pub(super) async fn write_change(
     txn: &DatabaseTransaction,
     change: ChangeType,
     before: &Record,
     mut next: Record,
     at: DateTime<Utc>,
+    generation: Option<i64>,
 ) -> Result<Option<Record>, StoreError> {
     let backend = txn.get_database_backend();
     if backend == DatabaseBackend::Postgres {
-        return write_change_postgres(txn, change, before, next, at).await;
+        return write_change_postgres(txn, change, before, next, at, generation).await;
     }
-    let sql = "UPDATE revisions SET latest = latest + 1 WHERE id = 1 RETURNING latest";
-    let row = txn
-        .query_one_raw(Statement::from_string(backend, sql))
+    let (sql, values) = match generation {
+        Some(generation) => (
+            format!(
+                "UPDATE revisions SET latest = latest + 1 WHERE id = 1 AND {} RETURNING latest",
+                super::schemas::guard("?", "?")
+            ),
+            vec![next.kind.as_str().into(), generation.into()],
+        ),
+        None => (
+            "UPDATE revisions SET latest = latest + 1 WHERE id = 1 RETURNING latest".to_owned(),
+            vec![],
+        ),
+    };
+    let Some(row) = txn
+        .query_one_raw(Statement::from_sql_and_values(backend, sql, values))
         .await?
-        .ok_or_else(|| StoreError::Internal("no revision was returned".into()))?;
+    else {
+        // Only the schema guard can stop it: the counter row is always there.
+        return Ok(None);
+    };
     next.revision = row.try_get::<i64>("", "latest")? as u64;
     row_from_record(&next, at)
         .into_active_model()
@@ -167,6 +186,7 @@ pub(super) async fn write_change_postgres(
     before: &Record,
     mut next: Record,
     at: DateTime<Utc>,
+    generation: Option<i64>,
 ) -> Result<Option<Record>, StoreError> {
     // Every CTE is MATERIALIZED, so the revision is taken once, and only if
     // the row was locked (`rev` reads `locked`). The event's `after`
@@ -174,9 +194,16 @@ pub(super) async fn write_change_postgres(
     // advance. Data-modifying CTEs run whether read or not; both are read,
     // to check that the row was there. A void already at the revision
     // fails the event's insert, and with it the whole statement.
+    // The schema guard reads metadata_schemas with this statement's
+    // snapshot, taken once its lock on `metadata` was granted: after any
+    // SetSchema that held that table.
+    let guard = match generation {
+        Some(_) => format!(" AND {}", super::schemas::guard("$1", "$14")),
+        None => String::new(),
+    };
     let sql = format!(
         "WITH locked AS MATERIALIZED (SELECT 1 FROM metadata \
-             WHERE kind = $1 AND id = $2 AND revision = $13 FOR UPDATE NOWAIT), \
+             WHERE kind = $1 AND id = $2 AND revision = $13{guard} FOR UPDATE NOWAIT), \
          rev AS MATERIALIZED (SELECT nextval('{SEQUENCE}') AS r FROM locked), \
          taken AS MATERIALIZED (SELECT r AS latest, pg_try_advisory_xact_lock({lock}) AS owned \
              FROM rev), \
@@ -196,7 +223,7 @@ pub(super) async fn write_change_postgres(
         lock = lock_key("r")
     );
     let row = row_from_record(&next, at);
-    let values: Vec<sea_orm::Value> = vec![
+    let mut values: Vec<sea_orm::Value> = vec![
         row.kind.into(),
         row.id.into(),
         row.public_metadata.into(),
@@ -211,6 +238,7 @@ pub(super) async fn write_change_postgres(
         snapshot(&next).into(),
         (before.revision as i64).into(),
     ];
+    values.extend(generation.map(sea_orm::Value::from));
     let statement = Statement::from_sql_and_values(DatabaseBackend::Postgres, sql, values);
     let answer = match db.query_one_raw(statement).await {
         Ok(Some(answer)) => answer,

@@ -9,7 +9,11 @@ pub struct Migrator;
 
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(CreateTables), Box::new(MetadataIndexes)]
+        vec![
+            Box::new(CreateTables),
+            Box::new(MetadataIndexes),
+            Box::new(CreateSchemas),
+        ]
     }
 }
 
@@ -197,5 +201,57 @@ impl MigrationTrait for MetadataIndexes {
                 .await?;
         }
         Ok(())
+    }
+}
+
+/// The JSON Schema of each kind and field (issue 18). A row stays once a
+/// schema was set: a deleted schema is JSON null with its version, so that
+/// versions only grow and their sum per kind changes with every change
+/// (the generation writes check, see `store::schemas`).
+struct CreateSchemas;
+
+impl MigrationName for CreateSchemas {
+    fn name(&self) -> &str {
+        "m20261130_000002_create_metadata_schemas"
+    }
+}
+
+#[derive(DeriveIden)]
+enum MetadataSchemas {
+    Table,
+    Kind,
+    Field,
+    Schema,
+    Version,
+    UpdatedAt,
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for CreateSchemas {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(MetadataSchemas::Table)
+                    .if_not_exists()
+                    .col(string(MetadataSchemas::Kind))
+                    .col(string(MetadataSchemas::Field))
+                    .col(json_binary(MetadataSchemas::Schema))
+                    .col(big_integer(MetadataSchemas::Version))
+                    .col(timestamp_with_time_zone(MetadataSchemas::UpdatedAt))
+                    .primary_key(
+                        Index::create()
+                            .col(MetadataSchemas::Kind)
+                            .col(MetadataSchemas::Field),
+                    )
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .drop_table(Table::drop().table(MetadataSchemas::Table).to_owned())
+            .await
     }
 }

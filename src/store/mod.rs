@@ -21,6 +21,7 @@ mod events;
 mod migration;
 mod notifications;
 mod reads;
+mod schemas;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -39,9 +40,10 @@ pub use events::{Claim, Logged, take_revision_sql};
 pub use notifications::{
     ANNOUNCER_APPLICATION_NAME, AnnouncerState, CommitAnnouncer, CommitListener,
 };
+pub use schemas::{MAX_LISTED_IDS, Nonconforming, SetSchema, StoredSchema};
 
 use crate::json::{ValidationError, canonical_numbers};
-use crate::model::{ChangeType, Fields, Kind, Record};
+use crate::model::{ChangeType, Field, Fields, Kind, Record};
 use crate::pause::PausePoint;
 use crate::query::Filter;
 use crate::query::sql::Sql;
@@ -68,6 +70,8 @@ pub struct StorePauses {
     pub commit: PausePoint,
     /// The commit announcer (Postgres), right before it sends a NOTIFY.
     pub announce: PausePoint,
+    /// SetSchema, after its check, right before its COMMIT.
+    pub set_schema: PausePoint,
 }
 
 impl Default for StoreOptions {
@@ -166,6 +170,7 @@ impl Store {
             acquire_timer: Arc::new(OnceLock::new()),
             group_sizes: Arc::new(OnceLock::new()),
             pauses: options.pauses.clone(),
+            schemas: Arc::default(),
         };
         let committer = (db.get_database_backend() == DatabaseBackend::Sqlite)
             .then(|| batch::Committer::start(writer.clone()));
@@ -265,6 +270,35 @@ impl Store {
             .collect())
     }
 
+    /// The schema of a kind and field, as stored.
+    pub async fn schema(&self, kind: Kind, field: Field) -> Result<StoredSchema, StoreError> {
+        schemas::read(&self.db, kind, field).await
+    }
+
+    /// Checks every stored value of the field against the schema, then
+    /// stores it (unless `validate_only`). Writes wait meanwhile; once it
+    /// returns, no replica stores a value that breaks it.
+    pub async fn set_schema(&self, request: SetSchema) -> Result<StoredSchema, StoreError> {
+        let kind = request.kind;
+        let stored = schemas::set(&self.db, request, &self.writer.pauses.set_schema).await?;
+        // Not needed for correctness (writes check the generation), but it
+        // spares this process's next write a retry.
+        self.writer.schemas.refresh(&self.db, kind).await?;
+        Ok(stored)
+    }
+
+    /// Removes the schema; false when none was set.
+    pub async fn delete_schema(
+        &self,
+        kind: Kind,
+        field: Field,
+        expected_version: Option<u64>,
+    ) -> Result<bool, StoreError> {
+        let existed = schemas::delete(&self.db, kind, field, expected_version).await?;
+        self.writer.schemas.refresh(&self.db, kind).await?;
+        Ok(existed)
+    }
+
     /// Up to `limit` records of `kind` that exist (version above 0) and
     /// match `filter`, ordered by id, from the first id after `after`.
     /// Keyset paging: each page is one indexed range read, however deep.
@@ -312,12 +346,16 @@ impl Store {
     /// SQLite: writes go through this process's committer, which puts the
     /// writes queued at the same moment into one transaction (one fsync for
     /// the group; each write's result and error are its own).
+    /// `provided`: the fields the write gives, which are checked against
+    /// their schemas as they will be stored.
+    #[allow(clippy::too_many_arguments)]
     pub async fn write(
         &self,
         kind: Kind,
         id: &str,
         expected_version: Option<u64>,
         change: ChangeType,
+        provided: Vec<Field>,
         compute: Compute,
         sent: Sent,
     ) -> Result<WriteOutcome, StoreError> {
@@ -326,6 +364,7 @@ impl Store {
             id: id.to_owned(),
             expected_version,
             change,
+            provided,
             compute,
             sent,
         };
@@ -383,6 +422,7 @@ impl Store {
             id,
             expected_version,
             change,
+            provided,
             compute,
             sent,
         } = op
@@ -398,6 +438,10 @@ impl Store {
         // decided on it is one at that moment, as for a Get.
         check_version(*expected_version, current.version)?;
         let fields = compute(&current.fields)?;
+        let generation = self
+            .writer
+            .validate(&self.db, *kind, provided, &fields)
+            .await?;
         if fields == current.fields {
             return Ok(Some(Done::Written(WriteOutcome {
                 record: current,
@@ -408,7 +452,7 @@ impl Store {
         let next = successor(&current, fields, now);
         let written = self
             .writer
-            .write_alone(*change, current, next, now, sent)
+            .write_alone(*change, current, next, now, generation, sent)
             .await?;
         Ok(written.map(|record| {
             Done::Written(WriteOutcome {
@@ -429,6 +473,8 @@ pub(crate) enum Op {
         id: String,
         expected_version: Option<u64>,
         change: ChangeType,
+        /// The fields the write gives, checked against their schemas.
+        provided: Vec<Field>,
         compute: Compute,
         sent: Sent,
     },
@@ -444,6 +490,12 @@ impl Op {
     pub(crate) fn sent(&self) -> &Sent {
         match self {
             Op::Write { sent, .. } | Op::Delete { sent, .. } => sent,
+        }
+    }
+
+    fn kind(&self) -> Kind {
+        match self {
+            Op::Write { kind, .. } | Op::Delete { kind, .. } => *kind,
         }
     }
 }
@@ -474,6 +526,8 @@ pub(crate) struct Writer {
     /// Where the size of each SQLite write group is recorded, if anywhere.
     group_sizes: Arc<OnceLock<prometheus::Histogram>>,
     pauses: StorePauses,
+    /// The compiled schemas writes are checked against.
+    schemas: Arc<schemas::SchemaCache>,
 }
 
 impl Writer {
@@ -515,6 +569,7 @@ impl Writer {
         before: Record,
         next: Record,
         at: DateTime<Utc>,
+        generation: i64,
         sent: &Sent,
     ) -> Result<Option<Record>, StoreError> {
         sent.mark();
@@ -523,7 +578,9 @@ impl Writer {
         let commits = self.commits.clone();
         let write = tokio::spawn(async move {
             pause.pass().await;
-            let written = events::write_change_postgres(&db, change, &before, next, at).await?;
+            let written =
+                events::write_change_postgres(&db, change, &before, next, at, Some(generation))
+                    .await?;
             if written.is_some() {
                 commits.committed();
             }
@@ -538,11 +595,32 @@ impl Writer {
         Ok(written)
     }
 
+    /// The schema generation a write's result conforms to; a violation is
+    /// checked again against freshly read schemas before it is reported,
+    /// in case this process's copy is behind a change that relaxed them.
+    async fn validate(
+        &self,
+        db: &impl ConnectionTrait,
+        kind: Kind,
+        provided: &[Field],
+        fields: &Fields,
+    ) -> Result<i64, StoreError> {
+        let cached = self.schemas.get(db, kind).await?;
+        match cached.check(provided, fields) {
+            Ok(()) => Ok(cached.generation),
+            Err(_) => {
+                let fresh = self.schemas.refresh(db, kind).await?;
+                fresh.check(provided, fields)?;
+                Ok(fresh.generation)
+            }
+        }
+    }
+
     /// One operation in its own transaction.
     async fn run_alone(&self, mut op: Op) -> Result<Done, StoreError> {
         loop {
             let txn = self.begin().await?;
-            match step(&txn, &mut op).await? {
+            match step(self, &txn, &mut op).await? {
                 Step::Unchanged(done) => {
                     txn.rollback().await?;
                     return Ok(done);
@@ -552,7 +630,12 @@ impl Writer {
                     self.commit(txn).await?;
                     return Ok(done);
                 }
-                Step::StartOver => txn.rollback().await?,
+                Step::StartOver => {
+                    txn.rollback().await?;
+                    // The kind's schemas may have changed (the write's
+                    // guard failed): read them again before the next try.
+                    self.schemas.refresh(&self.db, op.kind()).await?;
+                }
             }
         }
     }
@@ -562,13 +645,14 @@ impl Writer {
 /// version, compute, write the row and append the event. An error before
 /// anything was written (version mismatch, invalid result) leaves `txn`
 /// as it was.
-async fn step(txn: &DatabaseTransaction, op: &mut Op) -> Result<Step, StoreError> {
+async fn step(writer: &Writer, txn: &DatabaseTransaction, op: &mut Op) -> Result<Step, StoreError> {
     match op {
         Op::Write {
             kind,
             id,
             expected_version,
             change,
+            provided,
             compute,
             sent: _,
         } => {
@@ -577,6 +661,7 @@ async fn step(txn: &DatabaseTransaction, op: &mut Op) -> Result<Step, StoreError
             let current = row.map_or_else(|| Record::empty(*kind, id.to_owned()), record_from_row);
             check_version(*expected_version, current.version)?;
             let fields = compute(&current.fields)?;
+            let generation = writer.validate(txn, *kind, provided, &fields).await?;
             if fields == current.fields {
                 return Ok(Step::Unchanged(Done::Written(WriteOutcome {
                     record: current,
@@ -601,7 +686,8 @@ async fn step(txn: &DatabaseTransaction, op: &mut Op) -> Result<Step, StoreError
             }
             let now = now();
             let next = successor(&current, fields, now);
-            let Some(record) = events::write_change(txn, *change, &current, next, now).await?
+            let Some(record) =
+                events::write_change(txn, *change, &current, next, now, Some(generation)).await?
             else {
                 return Ok(Step::StartOver);
             };
@@ -624,7 +710,7 @@ async fn step(txn: &DatabaseTransaction, op: &mut Op) -> Result<Step, StoreError
                 return Ok(Step::Unchanged(Done::Deleted(false)));
             }
             let next = Record::empty(*kind, id.to_owned());
-            if events::write_change(txn, ChangeType::Deleted, &current, next, now())
+            if events::write_change(txn, ChangeType::Deleted, &current, next, now(), None)
                 .await?
                 .is_none()
             {
