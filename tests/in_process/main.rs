@@ -46,6 +46,7 @@ mod metrics;
 mod notifications;
 mod properties;
 mod queries;
+mod schemas;
 mod semantics;
 mod tls;
 mod watch;
