@@ -22,11 +22,15 @@ use crate::metrics::Metrics;
 const KNOWN: &[(&str, &[&str])] = &[
     (
         "metadata.v1.UserMetadataService",
-        &["Get", "Merge", "Replace", "Delete", "Watch"],
+        &[
+            "Get", "Merge", "Replace", "Delete", "Watch", "BatchGet", "List",
+        ],
     ),
     (
         "metadata.v1.OrganizationMetadataService",
-        &["Get", "Merge", "Replace", "Delete", "Watch"],
+        &[
+            "Get", "Merge", "Replace", "Delete", "Watch", "BatchGet", "List",
+        ],
     ),
     ("grpc.health.v1.Health", &["Check", "Watch", "List"]),
     (
