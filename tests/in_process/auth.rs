@@ -20,19 +20,19 @@ use crate::common::{self, Backend};
 use crate::harness::{TestServer, start_with};
 use crate::kinds::{Delete, Get, Kind, Merge, Record, Replace, Watch, WatchMessage};
 
-const BACKEND_KEY: &str = "test-backend-key-5b1c0f3e9a7d";
-const SECRET: &[u8] = b"test-frontend-secret-0123456789abcdef";
+pub(crate) const BACKEND_KEY: &str = "test-backend-key-5b1c0f3e9a7d";
+pub(crate) const SECRET: &[u8] = b"test-frontend-secret-0123456789abcdef";
 const RSA_PRIVATE: &[u8] = include_bytes!("../fixtures/jwt-rsa-private.pem");
 const RSA_PUBLIC: &[u8] = include_bytes!("../fixtures/jwt-rsa-public.pem");
 
-const USER: &str = "user_1";
-const ORG: &str = "org_1";
+pub(crate) const USER: &str = "user_1";
+pub(crate) const ORG: &str = "org_1";
 
 fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-fn authenticator(frontend_key: &[u8]) -> Arc<Authenticator> {
+pub(crate) fn authenticator(frontend_key: &[u8]) -> Arc<Authenticator> {
     let keys = ApiKeys::parse(&format!("ci-backend:{}", hash_key(BACKEND_KEY)), "test").unwrap();
     let frontend = FrontendTokens::new(&FrontendConfig {
         key: frontend_key.to_vec(),
@@ -59,7 +59,7 @@ fn hs256(claims: Json) -> String {
     sign(Algorithm::HS256, &EncodingKey::from_secret(SECRET), &claims)
 }
 
-fn session(sub: &str, org: Option<&str>) -> String {
+pub(crate) fn session(sub: &str, org: Option<&str>) -> String {
     let mut claims = json!({"sub": sub, "exp": now() + 600, "iat": now()});
     if let Some(org) = org {
         claims["org_id"] = json!(org);
@@ -67,7 +67,7 @@ fn session(sub: &str, org: Option<&str>) -> String {
     hs256(claims)
 }
 
-fn with_token<T>(message: T, token: Option<&str>) -> Request<T> {
+pub(crate) fn with_token<T>(message: T, token: Option<&str>) -> Request<T> {
     let mut request = Request::new(message);
     if let Some(token) = token {
         request

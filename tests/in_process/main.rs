@@ -39,9 +39,11 @@ mod kinds;
 
 mod auth;
 mod bad_input;
+mod batch_get;
 mod consumer_example;
 mod fuzz_corpus;
 mod integrity;
+mod list;
 mod metrics;
 mod notifications;
 mod properties;
