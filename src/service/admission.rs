@@ -168,6 +168,16 @@ impl<S: Stream> Stream for Held<S> {
 }
 
 impl Call {
+    /// The call with `budget` instead of --db-timeout, unless the client's
+    /// own deadline is shorter: for work that is long by nature (a
+    /// SetSchema checks every stored value).
+    pub fn with_budget(mut self, budget: Duration) -> Call {
+        if !self.client_deadline {
+            self.budget = budget;
+        }
+        self
+    }
+
     /// Runs the call's work within its budget.
     pub async fn run<T, E>(&self, work: impl Future<Output = Result<T, E>>) -> Result<T, Status>
     where
@@ -245,6 +255,23 @@ mod tests {
         let mut metadata = MetadataMap::new();
         metadata.insert("grpc-timeout", value.parse().unwrap());
         grpc_timeout(&metadata)
+    }
+
+    #[test]
+    fn a_longer_budget_never_outlasts_the_clients_deadline() {
+        let call = |budget, client_deadline| Call {
+            _permit: None,
+            budget,
+            client_deadline,
+            db_timeout: Duration::from_secs(5),
+        };
+        let long = Duration::from_secs(600);
+        assert_eq!(
+            call(Duration::from_secs(5), false).with_budget(long).budget,
+            long
+        );
+        let client = Duration::from_secs(2);
+        assert_eq!(call(client, true).with_budget(long).budget, client);
     }
 
     #[test]
