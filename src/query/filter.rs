@@ -15,8 +15,10 @@
 //!
 //! Semantics: a comparison on a missing key is false (`!=` included), and so
 //! is one across JSON types; `NOT` negates whatever its operand gave, so
-//! `NOT a = 1` holds where `a` is missing. Numbers compare as numbers,
-//! strings by Unicode code point. `:` is "has": an array containing the
+//! `NOT a = 1` holds where `a` is missing. Numbers compare as numbers (a
+//! literal is read as the f64 nearest it, the form every stored number has
+//! after protobuf's Value), strings by Unicode code point. A path segment
+//! after `.` is a key even when it looks like a number (`a.0.b`). `:` is "has": an array containing the
 //! literal, an object with the literal as a key, or a value equal to it;
 //! `:*` is "exists".
 
@@ -26,6 +28,7 @@ use std::str::CharIndices;
 
 use serde_json::Value;
 
+use crate::json::json_number;
 use crate::model::{Field, Fields};
 
 /// Longest filter accepted, in bytes.
@@ -286,7 +289,29 @@ fn tokenize(text: &str) -> Result<Vec<Token>, FilterError> {
                 let end = end.ok_or_else(|| error("unterminated string".into()))?;
                 let decoded: String = serde_json::from_str(&text[at..=end])
                     .map_err(|_| error("invalid string (JSON escapes only)".into()))?;
+                if decoded.contains('\0') {
+                    // No stored key or string holds it (writes refuse it).
+                    return Err(error("a string must not contain U+0000".into()));
+                }
                 TokenKind::Text(decoded)
+            }
+            // After `.`, a key: `a.0.b` is the keys "a", "0", "b", not the
+            // number `0.b`.
+            c if matches!(
+                tokens.last(),
+                Some(Token {
+                    kind: TokenKind::Dot,
+                    ..
+                })
+            ) && (c.is_alphanumeric() || c == '_' || c == '-') =>
+            {
+                let mut end = at;
+                while let Some((i, c)) =
+                    chars.next_if(|&(_, c)| c.is_alphanumeric() || c == '_' || c == '-')
+                {
+                    end = i + c.len_utf8();
+                }
+                TokenKind::Name(text[at..end].to_owned())
             }
             c if c == '-' || c.is_ascii_digit() => {
                 let mut end = at;
@@ -296,8 +321,14 @@ fn tokenize(text: &str) -> Result<Vec<Token>, FilterError> {
                     end = i + c.len_utf8();
                 }
                 let literal = &text[at..end];
+                // Stored numbers went through f64 (protobuf's Value): a
+                // literal is brought to the same form, so that Rust,
+                // Postgres and SQLite compare the same two numbers.
                 match serde_json::from_str::<Value>(literal) {
-                    Ok(Value::Number(n)) => TokenKind::Number(n),
+                    Ok(Value::Number(n)) => match n.as_f64().and_then(json_number) {
+                        Some(n) => TokenKind::Number(n),
+                        None => return Err(error(format!("number `{literal}` is out of range"))),
+                    },
                     _ => return Err(error(format!("invalid number `{literal}`"))),
                 }
             }
@@ -590,7 +621,8 @@ mod tests {
             ("public_metadata.z = null", true),
             ("public_metadata.z != null", false),
             ("public_metadata.big = 18446744073709551615", true),
-            ("public_metadata.big > 18446744073709551614", true),
+            // Both are the f64 nearest them, as stored numbers are.
+            ("public_metadata.big = 18446744073709551614", true),
             // Across types: false, never an error, `!=` included.
             ("public_metadata.n = \"5\"", false),
             ("public_metadata.n != \"5\"", false),
@@ -685,6 +717,38 @@ mod tests {
             assert_eq!(err.column, column, "{text}: {err}");
             assert!(err.message.contains(words), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn numeric_keys_and_canonical_numbers() {
+        assert!(holds(
+            "public_metadata.a.0.b = 1",
+            json!({"a": {"0": {"b": 1}}})
+        ));
+        assert!(holds("public_metadata.1.5 = 1", json!({"1": {"5": 1}})));
+        // 2^60 is stored as the f64 nearest to it; the literal is read the
+        // same way.
+        let big = 1u64 << 60;
+        let stored = json!({"n": crate::json::json_number(big as f64)});
+        assert!(holds(&format!("public_metadata.n = {big}"), stored.clone()));
+        assert!(!holds(&format!("public_metadata.n > {}", big + 4), stored));
+        assert!(
+            refused("public_metadata.n = 1e400", USER)
+                .message
+                .contains("number")
+        );
+    }
+
+    #[test]
+    fn nul_is_refused_in_strings_and_keys() {
+        let err = refused(r#"public_metadata.s = "a\u0000""#, USER);
+        assert!(err.message.contains("U+0000"), "{err}");
+        assert_eq!(err.column, 21);
+        assert!(
+            refused(r#"public_metadata."\u0000" = 1"#, USER)
+                .message
+                .contains("U+0000")
+        );
     }
 
     #[test]

@@ -127,8 +127,14 @@ fn classify(err: &sqlx::Error) -> Class {
             };
             let code = code.as_ref();
             // SQLite reports extended result codes; the primary code is the
-            // low byte.
-            let sqlite_primary = code.parse::<u32>().ok().map(|c| c & 0xff);
+            // low byte. Only for SQLite: many Postgres SQLSTATEs are digits
+            // too (22021 is not "locked").
+            let sqlite = db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some();
+            let sqlite_primary = code
+                .parse::<u32>()
+                .ok()
+                .filter(|_| sqlite)
+                .map(|c| c & 0xff);
             match (code, sqlite_primary) {
                 (_, Some(5)) | (_, Some(6)) => Class::Transient("the database is locked"),
                 (_, Some(8)) => Class::ReadOnly,

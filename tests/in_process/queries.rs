@@ -395,3 +395,23 @@ async fn postgres_equality_and_has_filters_use_the_gin_index() {
     assert_eq!(listed.users.len(), 20);
     store.close().await.ok();
 }
+
+/// A Postgres error whose SQLSTATE is all digits is not read as a SQLite
+/// result code: 22021 (0x5605, low byte 5, SQLite's BUSY) is a bad byte
+/// sequence, not a locked database to retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_sqlstates_are_not_sqlite_codes() {
+    let Some(s) = start(Backend::Postgres).await else {
+        return;
+    };
+    let db = s.db.connect().await;
+    let err = db
+        .execute_unprepared("SELECT convert_from('\\x6100'::bytea, 'UTF8')")
+        .await
+        .expect_err("NUL is not UTF8 text in Postgres");
+    let err = metadata_service::store::StoreError::from(err);
+    assert!(
+        matches!(err, metadata_service::store::StoreError::Internal(_)),
+        "{err:?}"
+    );
+}
