@@ -259,6 +259,7 @@ impl Broker {
             position,
             tx,
             live,
+            sent: 0,
         };
         tokio::spawn(stream.run(head));
         Ok(rx)
@@ -288,6 +289,9 @@ struct Stream {
     position: u64,
     tx: mpsc::Sender<Result<WatchItem, WatchError>>,
     live: broadcast::Receiver<Arc<SharedEvent>>,
+    /// Events sent so far: a stream is idle, for progress messages, while
+    /// this does not move, however many filtered-out events pass.
+    sent: u64,
 }
 
 /// Why a stream stops.
@@ -351,6 +355,7 @@ impl Stream {
         self.position = event.revision;
         if self.wants(&event) {
             self.send(WatchItem::Event(event)).await?;
+            self.sent += 1;
             self.broker.stats.delivered.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
@@ -431,14 +436,17 @@ impl Stream {
             tokio::select! {
                 received = self.live.recv() => match received {
                     Ok(event) => {
-                        let before = self.position;
+                        let sent = self.sent;
                         if event.revision > self.position + 1 {
                             // A void, or a range this stream missed: the
                             // table has it (or says it was pruned).
                             self.catch_up(event.revision - 1).await?;
                         }
                         self.deliver(event).await?;
-                        if self.position != before {
+                        // Progress is due after an interval without an
+                        // event sent: events filtered out move the
+                        // position it reports, not the clock.
+                        if self.sent != sent {
                             idle_until = Instant::now() + interval;
                         }
                     }

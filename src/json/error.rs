@@ -32,6 +32,8 @@ pub enum Problem {
     NegativePageSize,
     #[error("must be set")]
     Unspecified,
+    #[error("would be answered with {bytes} bytes, the limit is {limit}; ask for fewer ids")]
+    AnswerTooLarge { bytes: usize, limit: usize },
     #[error("is not a field of {kind} metadata (organizations have public and private only)")]
     NoSuchField { kind: &'static str },
     #[error("{0}")]

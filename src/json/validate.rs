@@ -36,6 +36,9 @@ pub fn validate_id(kind: Kind, id: &str) -> Result<(), ValidationError> {
 /// Most distinct ids in one BatchGet.
 pub const MAX_BATCH_IDS: usize = 1000;
 
+/// Most ids in one BatchGet, duplicates included.
+pub const MAX_BATCH_REQUESTED: usize = 10 * MAX_BATCH_IDS;
+
 /// The ids of a BatchGet: 1 to [`MAX_BATCH_IDS`] distinct ones, each valid
 /// as in Get; an error names the index, e.g. `user_ids[3]`.
 pub fn validate_batch_ids(kind: Kind, ids: &[String]) -> Result<(), ValidationError> {
@@ -45,6 +48,15 @@ pub fn validate_batch_ids(kind: Kind, ids: &[String]) -> Result<(), ValidationEr
     }
     for (index, id) in ids.iter().enumerate() {
         validate_id_at(|| path().index(index), id)?;
+    }
+    if ids.len() > MAX_BATCH_REQUESTED {
+        return Err(ValidationError::new(
+            path(),
+            Problem::TooManyIds {
+                count: ids.len(),
+                limit: MAX_BATCH_REQUESTED,
+            },
+        ));
     }
     let distinct = ids.iter().collect::<std::collections::HashSet<_>>().len();
     if distinct > MAX_BATCH_IDS {

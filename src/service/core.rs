@@ -19,26 +19,12 @@ use crate::store::{SetSchema, StoredSchema};
 use super::WatchItems;
 use super::admission::Admission;
 
-/// Most bytes of metadata (as compact JSON) in one List page; protobuf's
-/// encoding of the same values is up to about half again as large.
-pub const MAX_PAGE_BYTES: usize = 2 * 1024 * 1024;
-
-/// The size of a record in a page, near enough to bound the page.
-fn record_bytes(record: &Record) -> usize {
-    let fields = &record.fields;
-    [&fields.public, &fields.private, &fields.unsafe_]
-        .into_iter()
-        .map(|value| json::measure(value).0)
-        .sum::<usize>()
-        + record.id.len()
-        + 64
-}
-
-/// One page of a List.
+/// One page of a List, before it is encoded.
 pub struct Page {
+    /// At most the page size, ordered by id.
     pub records: Vec<Record>,
-    /// Empty on the last page.
-    pub next_page_token: String,
+    /// Whether records follow the last one.
+    pub more: bool,
     pub revision: u64,
 }
 
@@ -78,8 +64,8 @@ impl Core {
         self.store.get(kind, id).await
     }
 
-    /// The records of `ids`, in their order, and a revision they reflect
-    /// at least (see [`Core::list`]).
+    /// The records of the distinct `ids`, in the order they first appear,
+    /// and a revision they reflect at least (see [`Core::list`]).
     pub async fn batch_get(
         &self,
         kind: Kind,
@@ -108,29 +94,11 @@ impl Core {
                 query.page_size + 1,
             )
             .await?;
-        // A page also ends where its records grow past the byte budget, so
-        // that it fits the 4 MiB a gRPC client accepts by default.
-        let mut bytes = 0;
-        let fits = records
-            .iter()
-            .position(|record| {
-                bytes += record_bytes(record);
-                bytes > MAX_PAGE_BYTES
-            })
-            .map_or(records.len(), |over| over.max(1));
-        let end = fits.min(query.page_size as usize);
-        let next_page_token = if records.len() > end {
-            records.truncate(end);
-            records
-                .last()
-                .map(|last| query.next_token(&last.id))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let more = records.len() as u64 > query.page_size;
+        records.truncate(query.page_size as usize);
         Ok(Page {
             records,
-            next_page_token,
+            more,
             revision,
         })
     }

@@ -3,10 +3,12 @@
 //! pass admission, then do the work in [`Core`] within the call's
 //! budget. The generated tonic traits delegate here (`adapters.rs`).
 
+use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
@@ -15,8 +17,18 @@ use super::kind::{ApiKind, WriteParts};
 use super::{Core, authorize};
 use crate::auth::{Action, FieldSet, Operation};
 use crate::convert::{Shown, TreeConvert};
+use crate::json::{JsonPath, Problem, ValidationError};
 use crate::model::Mode;
 use crate::store::Sent;
+
+/// Most bytes of records in one List page, encoded: under the 4 MiB a
+/// gRPC client accepts by default.
+pub const MAX_PAGE_BYTES: usize = 3_500_000;
+
+/// Most bytes of records in one BatchGet answer, encoded (duplicates
+/// count each time). Clients reading large batches raise their receive
+/// limit to this (the CLI does).
+pub const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
 
 /// A stream of one kind's Watch responses, encoded per stream.
 pub type WatchStream<K> =
@@ -54,32 +66,74 @@ impl<K: ApiKind> Handlers<K> {
     }
 
     /// Every id is authorized as a Get of it; the fields shown are the same
-    /// for all (a frontend token may name only its own id).
+    /// for all (a frontend token may name only its own id). Each distinct
+    /// record is encoded once, and the answer is bounded in bytes, since
+    /// duplicates repeat it.
     pub async fn batch_get(
         &self,
         request: Request<K::BatchGet>,
     ) -> Result<Response<K::BatchGot>, Status> {
         let (headers, extensions, message) = request.into_parts();
         let ids = K::batch_get(message);
-        let mut fields = FieldSet::ALL;
-        for id in &ids {
+        let mut fields = None;
+        // No id at all is authorized as an empty one, so that the refusal
+        // of a caller comes before the request's own errors.
+        let names = if ids.is_empty() {
+            &[String::new()][..]
+        } else {
+            &ids[..]
+        };
+        for id in names {
             let operation = Operation {
                 kind: K::KIND,
                 action: Action::BatchGet,
                 id,
                 written: FieldSet::NONE,
             };
-            fields = authorize(&extensions, &operation)?.1;
+            fields = Some(authorize(&extensions, &operation)?.1);
         }
+        let fields = fields.unwrap_or(FieldSet::NONE);
         let call = self.core.admission.unary(&headers)?;
-        let (records, revision) = call.run(self.core.batch_get(K::KIND, &ids)).await?;
-        let records = records
+        let (distinct, revision) = call.run(self.core.batch_get(K::KIND, &ids)).await?;
+        let encoded: HashMap<String, (K::Record, usize)> = distinct
             .into_iter()
-            .map(|record| K::record(Shown { record, fields }))
+            .map(|record| {
+                let id = record.id.clone();
+                let message = K::record(Shown { record, fields });
+                let size = message.encoded_len();
+                (id, (message, size))
+            })
             .collect();
+        // The store answers every distinct id (an empty record for one
+        // never written).
+        let answer = |id: &String| {
+            encoded
+                .get(id)
+                .ok_or_else(|| Status::internal("a requested id was not answered"))
+        };
+        let mut total = 0;
+        for id in &ids {
+            total += answer(id)?.1 + 8;
+        }
+        if total > MAX_BATCH_BYTES {
+            return Err(ValidationError::new(
+                JsonPath::root(K::KIND.ids_field()),
+                Problem::AnswerTooLarge {
+                    bytes: total,
+                    limit: MAX_BATCH_BYTES,
+                },
+            )
+            .into());
+        }
+        let records = ids
+            .iter()
+            .map(|id| answer(id).map(|(record, _)| record.clone()))
+            .collect::<Result<_, _>>()?;
         Ok(Response::new(K::batch_got(records, revision)))
     }
 
+    /// A page ends at the page size, or earlier where its encoded records
+    /// would pass [`MAX_PAGE_BYTES`] (at least one record per page).
     pub async fn list(&self, request: Request<K::List>) -> Result<Response<K::Listed>, Status> {
         let (headers, extensions, message) = request.into_parts();
         let operation = Operation {
@@ -92,14 +146,28 @@ impl<K: ApiKind> Handlers<K> {
         let query = K::list(message)?;
         let call = self.core.admission.unary(&headers)?;
         let page = call.run(self.core.list(&query)).await?;
-        let records = page
-            .records
-            .into_iter()
-            .map(|record| K::record(Shown { record, fields }))
-            .collect();
+        let mut records = Vec::with_capacity(page.records.len());
+        let mut bytes = 0;
+        let mut last = None;
+        let mut cut = false;
+        for record in page.records {
+            let id = record.id.clone();
+            let message = K::record(Shown { record, fields });
+            bytes += message.encoded_len() + 8;
+            if bytes > MAX_PAGE_BYTES && !records.is_empty() {
+                cut = true;
+                break;
+            }
+            records.push(message);
+            last = Some(id);
+        }
+        let next_page_token = match (cut || page.more, last) {
+            (true, Some(last)) => query.next_token(&last),
+            _ => String::new(),
+        };
         Ok(Response::new(K::listed(
             records,
-            page.next_page_token,
+            next_page_token,
             page.revision,
         )))
     }

@@ -141,7 +141,7 @@ pub trait ApiKind: Sized + Send + Sync + 'static {
         + Sync
         + 'static;
 
-    type Record: Message + Send + 'static;
+    type Record: Message + Clone + Send + 'static;
     type Get: Message + Default + Send + 'static;
     type Merge: Message + Default + Send + 'static;
     type Replace: Message + Default + Send + 'static;

@@ -13,8 +13,9 @@ mod watch;
 
 pub use admission::{Admission, Bounds, StreamPermit};
 pub use caller::Authenticate;
-pub use core::{Core, MAX_PAGE_BYTES, Page};
+pub use core::{Core, Page};
 pub use handlers::Handlers;
+pub use handlers::{MAX_BATCH_BYTES, MAX_PAGE_BYTES};
 pub use kind::{ApiKind, EventView, Organizations, RecordView, Users, WriteParts};
 pub use schemas::SchemaHandlers;
 pub use telemetry::RequestLayer;

@@ -243,10 +243,10 @@ impl Store {
         self.reader.get(kind, id).await
     }
 
-    /// The records of `ids`, in their order (an id asked twice is answered
-    /// twice), in one query whatever their number. The ids travel as one
-    /// JSON array, so that every batch is the same prepared statement (an
-    /// `IN` list would be a new one, and a second round trip, per size).
+    /// The records of the distinct `ids`, in the order they first appear,
+    /// in one query whatever their number. The ids travel as one JSON
+    /// array, so that every batch is the same prepared statement (an `IN`
+    /// list would be a new one, and a second round trip, per size).
     pub async fn get_many(&self, kind: Kind, ids: &[String]) -> Result<Vec<Record>, StoreError> {
         let backend = self.backend();
         let elements = match backend {
@@ -259,12 +259,14 @@ impl Store {
         sql.bind(serde_json::json!(ids)).push("))");
         let statement = Statement::from_sql_and_values(backend, sql.text, sql.values);
         let rows = Entity::find().from_raw_sql(statement).all(&self.db).await?;
-        let found: std::collections::HashMap<String, Model> =
+        let mut found: std::collections::HashMap<String, Model> =
             rows.into_iter().map(|row| (row.id.clone(), row)).collect();
+        let mut seen = std::collections::HashSet::new();
         Ok(ids
             .iter()
-            .map(|id| match found.get(id) {
-                Some(row) => record_from_row(row.clone()),
+            .filter(|id| seen.insert(id.as_str()))
+            .map(|id| match found.remove(id) {
+                Some(row) => record_from_row(row),
                 None => Record::empty(kind, id.clone()),
             })
             .collect())

@@ -7,7 +7,7 @@ use metadata_service::events::BrokerPauses;
 use metadata_service::model::Kind;
 use metadata_service::proto::v1::*;
 use metadata_service::query::parse;
-use metadata_service::service::MAX_PAGE_BYTES;
+use metadata_service::service::{MAX_BATCH_BYTES, MAX_PAGE_BYTES};
 use metadata_service::store::{Store, StoreOptions};
 use sea_orm::{ConnectionTrait, Statement};
 use serde_json::json;
@@ -272,20 +272,23 @@ async fn list_then_watch_converges_under_writes(backend: Backend) {
     assert_eq!(view, end);
 }
 
-/// Pages end at the byte budget before page_size, so that a page fits a
-/// default gRPC client's 4 MiB; the listing still returns everything.
+/// Pages end at the byte budget before page_size, counted as encoded: an
+/// array of zeros is 2 bytes per element as JSON and 11 as protobuf. Every
+/// page still fits the 4 MiB a default client accepts (the test's client
+/// is one), and the listing returns everything.
 async fn large_records_make_shorter_pages(backend: Backend) {
     let Some(mut s) = start(backend).await else {
         return;
     };
-    let big = "x".repeat(7000);
-    let count = 2 * MAX_PAGE_BYTES / 7000 + 20;
+    let zeros = json!({ "a": vec![0; 3900] });
+    let per_record = 3900 * 11;
+    let count = 2 * MAX_PAGE_BYTES / per_record + 10;
     let writers: Vec<_> = (0..8)
         .map(|w| {
-            let (mut users, big) = (s.users.clone(), big.clone());
+            let (mut users, zeros) = (s.users.clone(), zeros.clone());
             tokio::spawn(async move {
                 for i in (w..count).step_by(8) {
-                    write(&mut users, &format!("big{i:04}"), json!({ "blob": big })).await;
+                    write(&mut users, &format!("big{i:04}"), zeros.clone()).await;
                 }
             })
         })
@@ -304,7 +307,7 @@ async fn large_records_make_shorter_pages(backend: Backend) {
                 page_token: token,
             })
             .await
-            .expect("list")
+            .expect("every page fits a default client")
             .into_inner();
         pages.push(page.users.len());
         if page.next_page_token.is_empty() {
@@ -313,14 +316,104 @@ async fn large_records_make_shorter_pages(backend: Backend) {
         token = page.next_page_token;
     }
     assert!(pages.len() >= 3, "pages: {pages:?}");
-    assert!(
-        pages.iter().all(|n| *n * 7000 <= MAX_PAGE_BYTES),
-        "pages: {pages:?}"
-    );
     assert_eq!(pages.iter().sum::<usize>(), count);
 }
 
+/// BatchGet answers duplicates, but not without bound: past 10,000 ids, or
+/// past MAX_BATCH_BYTES of encoded records, it is INVALID_ARGUMENT.
+async fn batch_get_answers_are_bounded(backend: Backend) {
+    let Some(mut s) = start(backend).await else {
+        return;
+    };
+    let big = json!({ "s": "x".repeat(8000) });
+    s.users
+        .merge(MergeUserMetadataRequest {
+            user_id: "u1".into(),
+            public_metadata: Some(crate::common::json::structure(&big)),
+            private_metadata: Some(crate::common::json::structure(&big)),
+            unsafe_metadata: Some(crate::common::json::structure(&big)),
+            expected_version: None,
+        })
+        .await
+        .expect("a large record");
+    let batch = |n: usize| BatchGetUserMetadataRequest {
+        user_ids: vec!["u1".to_owned(); n],
+    };
+    let err = s
+        .users
+        .batch_get(batch(10_001))
+        .await
+        .expect_err("too many");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("user_ids: has 10001 ids"),
+        "{}",
+        err.message()
+    );
+    let n = MAX_BATCH_BYTES / (3 * 8000) + 10;
+    let err = s.users.batch_get(batch(n)).await.expect_err("too large");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("ask for fewer ids"),
+        "{}",
+        err.message()
+    );
+    let fine = s
+        .users
+        .batch_get(batch(100))
+        .await
+        .expect("100 copies")
+        .into_inner();
+    assert_eq!(fine.users.len(), 100);
+}
+
+/// Events a filter leaves out do not hold back progress messages: a
+/// consumer under steady unrelated writes still learns how far it has
+/// come, so that it resumes from there.
+async fn filtered_out_events_do_not_delay_progress(backend: Backend) {
+    let Some(mut s) = start_with(backend, |c| {
+        c.events.broker.progress_interval = Duration::from_millis(200)
+    })
+    .await
+    else {
+        return;
+    };
+    let mut stream = s
+        .users
+        .watch(WatchUserMetadataRequest {
+            start_revision: 0,
+            user_ids: vec![],
+            progress_notify: true,
+            filter: GOLD.into(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    assert_eq!(expect_progress(&mut stream).await, 0);
+    let writer = {
+        let mut users = s.users.clone();
+        tokio::spawn(async move {
+            for i in 0..1000 {
+                write(&mut users, "other", json!({ "plan": "silver", "i": i })).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    // Each of these comes 200 ms after the previous message although a
+    // filtered-out write passes every 50 ms; each reports further.
+    let mut last = 0;
+    for _ in 0..3 {
+        let revision = expect_progress(&mut stream).await;
+        assert!(revision >= last, "{revision} after {last}");
+        last = revision;
+    }
+    assert!(last > 0, "progress moved past the filtered-out writes");
+    writer.abort();
+}
+
 backend_tests!(
+    batch_get_answers_are_bounded,
+    filtered_out_events_do_not_delay_progress,
     large_records_make_shorter_pages,
     watch_filter_sends_what_enters_changes_inside_and_leaves,
     watch_refuses_a_bad_filter,
