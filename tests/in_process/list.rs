@@ -421,17 +421,19 @@ pub fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code) ->
 // The property: List selects what the filter selects in plain Rust.
 //
 // Documents and filters come from small alphabets so that filters hit:
-// keys a, b, c, B (case) and "x.y" (a quoted segment); values small
-// integers, a few doubles, short strings (some differing only in case, one
-// beyond ASCII), true, false, null, small arrays and objects. The filter is
+// keys a, b, c, B (case), and keys that must be quoted: "x.y", a quote, a
+// backslash, "é", the empty key, "0"; values small integers, a few
+// doubles (and numbers beyond 2^53), short strings (some differing only in
+// case, some beyond ASCII or with characters JSON escapes), true, false,
+// null, small arrays and objects. The filter is
 // generated as a tree, written out as text (parentheses only where the
 // tree needs them or at random), and evaluated by an oracle written here
 // from the issue's semantics; the crate's own evaluator, `parse(text)`
 // then `matches`, must agree with the oracle, and List with both.
 
 /// Keys of stored objects; a filter may also name `c`, never stored.
-const KEYS: [&str; 4] = ["a", "b", "B", "x.y"];
-const TEXTS: [&str; 8] = ["", "a", "b", "B", "x", "X", "xy", "é"];
+const KEYS: [&str; 9] = ["a", "b", "B", "x.y", "q\"k", "b\\s", "é", "", "0"];
+const TEXTS: [&str; 11] = ["", "a", "b", "B", "x", "X", "xy", "é", "\"", "\\", "😀"];
 
 fn key() -> BoxedStrategy<String> {
     prop::sample::select(&KEYS[..])
@@ -446,7 +448,8 @@ fn path_key() -> BoxedStrategy<String> {
 fn scalar() -> BoxedStrategy<Json> {
     prop_oneof![
         3 => (-1i64..=2).prop_map(Json::from),
-        1 => prop::sample::select(&[0.5, 1.5, -0.5, 2.5][..]).prop_map(Json::from),
+        1 => prop::sample::select(&[0.5, 1.5, -0.5, 2.5, 1e300, 1152921504606846976.0][..])
+            .prop_map(Json::from),
         3 => prop::sample::select(&TEXTS[..]).prop_map(Json::from),
         1 => any::<bool>().prop_map(Json::Bool),
         1 => Just(Json::Null),
@@ -569,7 +572,10 @@ fn literal() -> BoxedStrategy<Literal> {
         value: serde_json::from_str(text).expect("a JSON literal"),
     };
     prop_oneof![
-        3 => prop::sample::select(&["-1", "0", "1", "2", "0.5", "1.5", "-0.5", "2.0", "1e0"][..])
+        3 => prop::sample::select(&["-1", "0", "1", "2", "0.5", "1.5", "-0.5", "2.0", "1e0", "-0"][..])
+            .prop_map(parsed),
+        // Beyond 2^53: stored numbers are f64, and so are literals.
+        1 => prop::sample::select(&["1152921504606846976", "1152921504606846980", "1e300"][..])
             .prop_map(parsed),
         3 => prop::sample::select(&TEXTS[..]).prop_map(|s| Literal {
             text: Json::from(s).to_string(),
