@@ -186,6 +186,19 @@ impl MigrationTrait for MetadataIndexes {
                     "CREATE INDEX IF NOT EXISTS {name} ON metadata USING gin ({column} jsonb_path_ops)"
                 ))
                 .await?;
+            // The planner estimates a containment from the column's
+            // statistics; with the default sample a key held by 1% of the
+            // documents was estimated anywhere from 95 to 19,652 rows of
+            // 10,000 (1M users), and the low draws chose the GIN index
+            // plus a sort of every match (31 ms a page, and quadratic
+            // paging) over reading the primary key in id order (1.2 ms).
+            // A tenfold sample estimated 9,386-10,755 in 20 of 20 draws.
+            manager
+                .get_connection()
+                .execute_unprepared(&format!(
+                    "ALTER TABLE metadata ALTER COLUMN {column} SET STATISTICS 1000"
+                ))
+                .await?;
         }
         Ok(())
     }
