@@ -10,6 +10,7 @@ use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand};
 
 use crate::auth::{ApiKeys, Authenticator, FrontendConfig, FrontendTokens};
+use crate::client::Invocation;
 
 use crate::events::BrokerOptions;
 use crate::json::Limits;
@@ -35,7 +36,7 @@ pub struct Cli {
 #[derive(Debug)]
 pub enum Run {
     Server(ServerRun),
-    Client(crate::model::Kind, crate::client::ClientCommand),
+    Client(crate::client::Invocation),
 }
 
 /// The process as a server: it logs, and serves or migrates.
@@ -88,8 +89,14 @@ impl Cli {
             None => Run::Server(ServerRun::Serve(Box::new(self.serve))),
             Some(Command::Serve(args)) => Run::Server(ServerRun::Serve(args)),
             Some(Command::Migrate(args)) => Run::Server(ServerRun::Migrate(args)),
-            Some(Command::User(command)) => Run::Client(crate::model::Kind::User, command),
-            Some(Command::Org(command)) => Run::Client(crate::model::Kind::Organization, command),
+            Some(Command::User(command)) => {
+                Run::Client(Invocation::Metadata(crate::model::Kind::User, command))
+            }
+            Some(Command::Org(command)) => Run::Client(Invocation::Metadata(
+                crate::model::Kind::Organization,
+                command,
+            )),
+            Some(Command::Schema(command)) => Run::Client(Invocation::Schema(command)),
         }
     }
 }
@@ -152,6 +159,8 @@ pub enum Command {
     User(crate::client::ClientCommand),
     /// Call a running server: organization metadata.
     Org(crate::client::ClientCommand),
+    /// Call a running server: the JSON Schemas of metadata fields (get, set, delete).
+    Schema(crate::client::SchemaCommand),
 }
 
 #[derive(Debug, Args)]
@@ -440,6 +449,57 @@ mod tests {
             args.server_config().unwrap().listen.to_string(),
             "127.0.0.1:7"
         );
+    }
+
+    #[test]
+    fn schema_subcommands_take_kind_field_and_the_client_flags() {
+        use crate::client::schemas::{FieldName, KindName, SchemaAction};
+        let cli = Cli::try_parse_from([
+            "metadata-service",
+            "schema",
+            "set",
+            "user",
+            "unsafe",
+            "--file",
+            "-",
+            "--validate-only",
+            "--expected-version",
+            "2",
+            "--addr",
+            "http://127.0.0.1:7",
+        ])
+        .unwrap();
+        let Run::Client(Invocation::Schema(command)) = cli.into_run() else {
+            panic!("schema");
+        };
+        assert_eq!(command.connection.addr, "http://127.0.0.1:7");
+        let SchemaAction::Set {
+            target,
+            file,
+            validate_only,
+            expected_version,
+        } = command.action
+        else {
+            panic!("set");
+        };
+        assert!(matches!(
+            (target.kind, target.field),
+            (KindName::User, FieldName::Unsafe)
+        ));
+        assert_eq!(
+            (file.as_str(), validate_only, expected_version),
+            ("-", true, Some(2))
+        );
+        for bad in [
+            &["schema", "set", "user", "public"][..],
+            &["schema", "get", "user", "secret"],
+            &["schema", "get", "team", "public"],
+            &["schema", "get", "user"],
+            &["schema", "delete", "org", "public", "--file", "s.json"],
+        ] {
+            let args = [&["metadata-service"][..], bad].concat();
+            assert!(Cli::try_parse_from(&args).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

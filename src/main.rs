@@ -7,7 +7,7 @@ use metadata_service::{client, logging, server};
 async fn main() -> ExitCode {
     let run = match Cli::read() {
         // The client subcommands print results, not logs.
-        Run::Client(kind, command) => return client::run(kind, command).await,
+        Run::Client(invocation) => return client::run(invocation).await,
         Run::Server(run) => run,
     };
     let observability = run.observability();

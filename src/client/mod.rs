@@ -1,7 +1,9 @@
 //! The command-line client: `metadata-service user|org get|merge|replace|
-//! delete|watch|batch-get|list`. Values are JSON given inline, as `@file.json`, or `-` for
-//! standard input, and are all parsed before any call is made. Results are
-//! printed as JSON (indented on a terminal, one line when piped).
+//! delete|watch|batch-get|list`, and `metadata-service schema get|set|delete`
+//! (`schemas.rs`). Values are JSON given inline, as `@file.json`, or `-` for
+//! standard input (a schema: `--file path` or `--file -`), and are all
+//! parsed before any call is made. Results are printed as JSON (indented on
+//! a terminal, one line when piped).
 //!
 //! Exit status: 0 success; 2 bad input (with the position of a JSON error);
 //! 1 when the server could not be reached (connection or TLS trouble before
@@ -10,6 +12,7 @@
 
 mod output;
 mod records;
+pub mod schemas;
 
 use std::error::Error as _;
 use std::io::{IsTerminal, Read};
@@ -30,6 +33,25 @@ use crate::proto::v1::organization_metadata_service_client::OrganizationMetadata
 use crate::proto::v1::user_metadata_service_client::UserMetadataServiceClient;
 use crate::service::{ApiKind, Organizations, Users, WriteParts};
 use records::{Calls, Intercepted};
+pub use schemas::SchemaCommand;
+
+/// What the client is asked to do.
+#[derive(Debug)]
+pub enum Invocation {
+    /// `user ...` or `org ...`: one kind's metadata.
+    Metadata(Kind, ClientCommand),
+    /// `schema ...`: the JSON Schemas of the metadata fields.
+    Schema(SchemaCommand),
+}
+
+impl Invocation {
+    fn connection(&self) -> &Connection {
+        match self {
+            Invocation::Metadata(_, command) => &command.connection,
+            Invocation::Schema(command) => &command.connection,
+        }
+    }
+}
 
 #[derive(Debug, Args)]
 pub struct ClientCommand {
@@ -183,14 +205,19 @@ fn first_call(status: Status) -> Failure {
     }
 }
 
-pub async fn run(kind: Kind, command: ClientCommand) -> ExitCode {
-    let addr = command.connection.addr.clone();
+pub async fn run(invocation: Invocation) -> ExitCode {
+    let connection = invocation.connection();
+    let addr = connection.addr.clone();
     // A server that requires mTLS closes the connection without saying why.
-    let hint = match addr.starts_with("https://") && command.connection.client_cert.is_none() {
+    let hint = match addr.starts_with("https://") && connection.client_cert.is_none() {
         true => " (if the server requires client certificates: --client-cert, --client-key)",
         false => "",
     };
-    match execute(kind, command).await {
+    let done = match invocation {
+        Invocation::Metadata(kind, command) => execute(kind, command).await,
+        Invocation::Schema(command) => schemas::execute(command).await,
+    };
+    match done {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Input(message)) => {
             eprintln!("error: {message}");
@@ -255,21 +282,13 @@ fn write_parts<K: ApiKind, T>(
                     "--{flag}: standard input is already used by another field"
                 )));
             }
-            let mut input = String::new();
-            std::io::stdin().read_to_string(&mut input).map_err(|e| {
-                Failure::Input(format!("--{flag}: cannot read standard input: {e}"))
-            })?;
-            input
+            read_stdin(flag)?
         } else if let Some(path) = text.strip_prefix('@') {
-            std::fs::read_to_string(path)
-                .map_err(|e| Failure::Input(format!("--{flag}: cannot read {path}: {e}")))?
+            read_file(flag, path)?
         } else {
             text.clone()
         };
-        // serde_json's message ends with the line and column.
-        let value = serde_json::from_str(&source)
-            .map_err(|e| Failure::Input(format!("--{flag}: invalid JSON: {e}")))?;
-        convert(flag, value).map(Some)
+        convert(flag, parse_json(flag, &source)?).map(Some)
     };
     Ok(WriteParts {
         id,
@@ -280,14 +299,39 @@ fn write_parts<K: ApiKind, T>(
     })
 }
 
-/// A merge patch must be an object (a protobuf Struct).
-fn patch(flag: &str, value: Value) -> Result<prost_types::Struct, Failure> {
+/// All of standard input, for `--flag -`.
+fn read_stdin(flag: &str) -> Result<String, Failure> {
+    let mut input = String::new();
+    std::io::stdin()
+        .read_to_string(&mut input)
+        .map_err(|e| Failure::Input(format!("--{flag}: cannot read standard input: {e}")))?;
+    Ok(input)
+}
+
+fn read_file(flag: &str, path: &str) -> Result<String, Failure> {
+    std::fs::read_to_string(path)
+        .map_err(|e| Failure::Input(format!("--{flag}: cannot read {path}: {e}")))
+}
+
+/// `source` as JSON; serde_json's message ends with the line and column.
+fn parse_json(flag: &str, source: &str) -> Result<Value, Failure> {
+    serde_json::from_str(source).map_err(|e| Failure::Input(format!("--{flag}: invalid JSON: {e}")))
+}
+
+/// `value` as a protobuf Struct, which only a JSON object is; `what` names
+/// it in the message.
+fn object(flag: &str, value: Value, what: &str) -> Result<prost_types::Struct, Failure> {
     match proto_from_json(&value).kind {
-        Some(prost_types::value::Kind::StructValue(patch)) => Ok(patch),
+        Some(prost_types::value::Kind::StructValue(object)) => Ok(object),
         _ => Err(Failure::Input(format!(
-            "--{flag}: a merge patch must be a JSON object"
+            "--{flag}: {what} must be a JSON object"
         ))),
     }
+}
+
+/// A merge patch must be an object (a protobuf Struct).
+fn patch(flag: &str, value: Value) -> Result<prost_types::Struct, Failure> {
+    object(flag, value, "a merge patch")
 }
 
 /// A call with every value parsed and converted: what is left can only

@@ -5,7 +5,7 @@ use serde_json::{Map, Value, json};
 
 use crate::convert::json_for_display;
 use crate::model::Kind;
-use crate::proto::v1::ChangeType;
+use crate::proto::v1::{ChangeType, MetadataField, MetadataKind, MetadataSchema};
 use crate::service::{EventView, RecordView};
 
 pub fn print(value: &Value, pretty: bool) {
@@ -71,4 +71,23 @@ pub fn event(kind: Kind, view: &EventView) -> Value {
     map.insert("after".into(), record(&view.after));
     map.insert("committed_at".into(), time(&view.committed_at));
     Value::Object(map)
+}
+
+/// A field's schema: its kind and field by their enum names, the schema
+/// (`{}` when none is set), its version and when it last changed.
+pub fn schema(message: &MetadataSchema) -> Value {
+    let kind = MetadataKind::try_from(message.kind).unwrap_or(MetadataKind::Unspecified);
+    let field = MetadataField::try_from(message.field).unwrap_or(MetadataField::Unspecified);
+    let schema = prost_types::Value {
+        kind: Some(prost_types::value::Kind::StructValue(
+            message.schema.clone().unwrap_or_default(),
+        )),
+    };
+    json!({
+        "kind": kind.as_str_name(),
+        "field": field.as_str_name(),
+        "schema": json_for_display(&schema),
+        "version": message.version,
+        "updated_at": time(&message.updated_at),
+    })
 }

@@ -27,7 +27,12 @@ const RUN_LIMIT: Duration = Duration::from_secs(30);
 const READY_LIMIT: Duration = Duration::from_secs(20);
 /// How long a server may take to exit after SIGTERM or SIGINT.
 const STOP_LIMIT: Duration = Duration::from_secs(10);
-const MIGRATION: &str = "m20261126_000001_create_tables";
+/// Every migration of `src/store/migration.rs`, in order.
+const MIGRATIONS: [&str; 3] = [
+    "m20261126_000001_create_tables",
+    "m20261130_000001_metadata_indexes",
+    "m20261130_000002_create_metadata_schemas",
+];
 const USERS: &str = "metadata.v1.UserMetadataService";
 
 /// Settings the binary reads from the environment; cleared so that the
@@ -210,7 +215,7 @@ async fn assert_schema(url: &str) {
         .iter()
         .map(|row| row.try_get_by_index(0).unwrap())
         .collect();
-    assert_eq!(versions, [MIGRATION]);
+    assert_eq!(versions, MIGRATIONS);
     let rows = db
         .query_all_raw(Statement::from_string(
             backend,

@@ -792,6 +792,15 @@ async fn token_is_sent_as_a_bearer_credential() {
     ];
     let got = json_out(&run(&["user", "get", "user_1"], &env, None));
     assert_eq!(got["user_id"], json!("user_1"));
+    // The schema subcommands send it too.
+    let got = json_out(&run(&["schema", "get", "user", "public"], &env, None));
+    assert_eq!(got["version"], json!(0), "{got}");
+    let out = run(
+        &["schema", "get", "user", "public", "--addr", &url],
+        &[],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(64 + 16), "UNAUTHENTICATED: {out:?}");
     let env = [("METADATA_ADDR", url.as_str()), ("METADATA_TOKEN", "wrong")];
     let out = run(&["user", "get", "user_1"], &env, None);
     assert_eq!(out.status.code(), Some(64 + 16), "UNAUTHENTICATED: {out:?}");
@@ -852,6 +861,11 @@ impl TlsSetup {
     /// The CLI against `scheme://localhost:port`, with `flags` (file names
     /// in the set-up's directory are made absolute).
     fn cli(&self, scheme: &str, action: &[&str], flags: &[&str]) -> Output {
+        self.run(scheme, action, flags, None)
+    }
+
+    /// [`TlsSetup::cli`] with `stdin`.
+    fn run(&self, scheme: &str, action: &[&str], flags: &[&str], stdin: Option<&str>) -> Output {
         let addr = format!("{scheme}://localhost:{}", self.server.local_addr().port());
         let mut args = action.to_vec();
         args.extend(["--addr", &addr]);
@@ -863,7 +877,7 @@ impl TlsSetup {
             })
             .collect();
         args.extend(flags.iter().map(String::as_str));
-        run(&args, &[], None)
+        run(&args, &[], stdin)
     }
 }
 
@@ -887,6 +901,11 @@ async fn every_subcommand_over(tls: TlsSetup, flags: &[&str]) {
     let got = json_out(&tls.cli("https", &["user", "get", "user_1"], flags));
     assert_eq!(got, replaced);
     let deleted = json_out(&tls.cli("https", &["user", "delete", "user_1"], flags));
+    assert_eq!(deleted, json!({"existed": true}));
+    let set = ["schema", "set", "user", "public", "--file", "-"];
+    let schema = json_out(&tls.run("https", &set, flags, Some(r#"{"type":"object"}"#)));
+    assert_eq!(schema["version"], json!(1), "{schema}");
+    let deleted = json_out(&tls.cli("https", &["schema", "delete", "user", "public"], flags));
     assert_eq!(deleted, json!({"existed": true}));
     let watch = ["user", "watch", "--from-revision", "1", "--max-events", "3"];
     let watched = tls.cli("https", &watch, flags);
@@ -993,4 +1012,282 @@ async fn https_refusals_are_reported_and_write_nothing() {
 
 fn assert_no_panic(stderr: &str) {
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// What README's worked example declares for `unsafe_metadata`.
+const UNSAFE_SCHEMA: &str = r#"{"type":"object","properties":{"theme":{"enum":["light","dark"]},"age":{"type":"integer","minimum":0}},"additionalProperties":false}"#;
+
+/// `schema <args...>`, which must succeed, printing one JSON document.
+fn schema(s: &TestServer, args: &[&str], stdin: Option<&str>) -> Json {
+    json_out(&cli(s, &[&["schema"][..], args].concat(), stdin))
+}
+
+async fn schema_set_get_delete(backend: Backend) {
+    let Some(s) = start(backend).await else {
+        return;
+    };
+    // Never set: an empty schema, version 0, no time.
+    let none = schema(&s, &["get", "user", "unsafe"], None);
+    assert_eq!(
+        none,
+        json!({
+            "kind": "METADATA_KIND_USER",
+            "field": "METADATA_FIELD_UNSAFE",
+            "schema": {},
+            "version": 0,
+            "updated_at": null,
+        })
+    );
+
+    // From a file.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("unsafe-schema.json");
+    std::fs::write(&file, UNSAFE_SCHEMA).unwrap();
+    let file = file.display().to_string();
+    let set = schema(&s, &["set", "user", "unsafe", "--file", &file], None);
+    let declared: Json = serde_json::from_str(UNSAFE_SCHEMA).unwrap();
+    assert_eq!(set["schema"], declared, "{set}");
+    assert_eq!(set["version"], json!(1), "{set}");
+    assert_eq!(set["kind"], json!("METADATA_KIND_USER"), "{set}");
+    assert_eq!(set["field"], json!("METADATA_FIELD_UNSAFE"), "{set}");
+    let updated_at = set["updated_at"].as_str().expect("updated_at is set");
+    chrono::DateTime::parse_from_rfc3339(updated_at).unwrap();
+    assert_eq!(schema(&s, &["get", "user", "unsafe"], None), set);
+
+    // A write that breaks it: exit 67, the violations, nothing written.
+    let merge_unsafe = ["user", "merge", "user_1", "--unsafe"];
+    let out = cli(&s, &[&merge_unsafe[..], &[r#"{"age":-3}"#]].concat(), None);
+    assert_grpc_error(
+        &out,
+        3,
+        "InvalidArgument",
+        &["unsafe_metadata/age: -3 is less than the minimum of 0"],
+    );
+    let out = cli(
+        &s,
+        &[&merge_unsafe[..], &[r#"{"age":-3,"theme":"pink"}"#]].concat(),
+        None,
+    );
+    assert_grpc_error(
+        &out,
+        3,
+        "InvalidArgument",
+        &[
+            "unsafe_metadata/age: -3 is less than the minimum of 0; unsafe_metadata/theme: ",
+            "(enum)",
+        ],
+    );
+    let got = json_out(&cli(&s, &["user", "get", "user_1"], None));
+    assert_eq!(got["version"], json!(0), "nothing was written: {got}");
+    let merged = json_out(&cli(
+        &s,
+        &[&merge_unsafe[..], &[r#"{"age":36,"theme":"dark"}"#]].concat(),
+        None,
+    ));
+    assert_eq!(
+        merged["unsafe_metadata"],
+        json!({"age": 36, "theme": "dark"})
+    );
+    // Other fields have no schema.
+    merge(&s, "user", "user_1", r#"{"age":-3}"#);
+
+    // From standard input: a dry run answers as SetSchema would (the next
+    // version) and stores nothing.
+    let stricter = r#"{"type":"object","required":["theme"]}"#;
+    let set_stdin = ["set", "user", "unsafe", "--file", "-"];
+    let dry = schema(
+        &s,
+        &[&set_stdin[..], &["--validate-only"]].concat(),
+        Some(stricter),
+    );
+    assert_eq!(dry["version"], json!(2), "{dry}");
+    assert_eq!(
+        dry["schema"],
+        json!({"type": "object", "required": ["theme"]})
+    );
+    assert_eq!(schema(&s, &["get", "user", "unsafe"], None), set);
+    let stored = schema(
+        &s,
+        &[&set_stdin[..], &["--expected-version", "1"]].concat(),
+        Some(stricter),
+    );
+    assert_eq!(stored["version"], json!(2), "{stored}");
+    assert_eq!(stored["schema"], dry["schema"]);
+    let out = cli(
+        &s,
+        &[&["schema"][..], &set_stdin, &["--expected-version", "1"]].concat(),
+        Some(stricter),
+    );
+    assert_grpc_error(&out, 10, "Aborted", &["expected version 1"]);
+
+    // Delete: once it existed, then not; the version moved once.
+    let deleted = schema(
+        &s,
+        &["delete", "user", "unsafe", "--expected-version", "2"],
+        None,
+    );
+    assert_eq!(deleted, json!({"existed": true}));
+    let deleted = schema(&s, &["delete", "user", "unsafe"], None);
+    assert_eq!(deleted, json!({"existed": false}));
+    let gone = schema(&s, &["get", "user", "unsafe"], None);
+    assert_eq!(gone["schema"], json!({}), "{gone}");
+    assert_eq!(gone["version"], json!(3), "{gone}");
+    // Nothing checks the field now.
+    let merged = json_out(&cli(
+        &s,
+        &[&merge_unsafe[..], &[r#"{"age":-3}"#]].concat(),
+        None,
+    ));
+    assert_eq!(merged["unsafe_metadata"]["age"], json!(-3));
+
+    // Organizations: public and private.
+    let org = schema(
+        &s,
+        &["set", "org", "public", "--file", "-"],
+        Some(r#"{"properties":{"tier":{"type":"string"}}}"#),
+    );
+    assert_eq!(org["kind"], json!("METADATA_KIND_ORGANIZATION"), "{org}");
+    assert_eq!(org["field"], json!("METADATA_FIELD_PUBLIC"), "{org}");
+    let out = cli(
+        &s,
+        &["org", "merge", "org_1", "--public", r#"{"tier":1}"#],
+        None,
+    );
+    assert_grpc_error(&out, 3, "InvalidArgument", &["public_metadata/tier: "]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_set_get_delete_sqlite() {
+    schema_set_get_delete(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_set_get_delete_postgres() {
+    schema_set_get_delete(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_refusals_and_their_exit_statuses() {
+    let s = start(Backend::Sqlite).await.unwrap();
+    // Bad input is exit 2, found before any call: JSON with its position,
+    // not an object, no such file, no --file.
+    for (stdin, message) in [
+        (
+            "{\n  \"type\": nope}",
+            "--file: invalid JSON: expected ident at line 2 column 12",
+        ),
+        ("true", "--file: a schema must be a JSON object"),
+    ] {
+        let out = cli(
+            &s,
+            &["schema", "set", "user", "public", "--file", "-"],
+            Some(stdin),
+        );
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(message), "{stderr}");
+    }
+    let missing = [
+        "schema",
+        "set",
+        "user",
+        "public",
+        "--file",
+        "/nonexistent/s.json",
+    ];
+    let out = cli(&s, &missing, None);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--file: cannot read /nonexistent/s.json"),
+        "{out:?}"
+    );
+    for args in [
+        &["schema", "set", "user", "public"][..],
+        &["schema", "get", "user", "secret"],
+        &["schema", "get", "team", "public"],
+    ] {
+        let out = cli(&s, args, None);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+    }
+    let nowhere = [
+        "schema",
+        "set",
+        "user",
+        "public",
+        "--file",
+        "-",
+        "--addr",
+        "http://127.0.0.1:9",
+    ];
+    let out = run(&nowhere, &[], Some("[]"));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "checked before connecting: {out:?}"
+    );
+    let got = schema(&s, &["get", "user", "public"], None);
+    assert_eq!(got["version"], json!(0), "nothing was set: {got}");
+
+    // The server's refusals: 64 + the code.
+    let out = cli(
+        &s,
+        &["schema", "set", "org", "unsafe", "--file", "-"],
+        Some("{}"),
+    );
+    assert_grpc_error(
+        &out,
+        3,
+        "InvalidArgument",
+        &["field: is not a field of organization"],
+    );
+    let out = cli(&s, &["schema", "get", "org", "unsafe"], None);
+    assert_grpc_error(&out, 3, "InvalidArgument", &["field: "]);
+    let out = cli(
+        &s,
+        &["schema", "set", "user", "public", "--file", "-"],
+        Some(r#"{"$schema":"https://example.com/my-draft"}"#),
+    );
+    assert_grpc_error(&out, 3, "InvalidArgument", &["schema: ", "$schema"]);
+    let out = cli(
+        &s,
+        &["schema", "set", "user", "public", "--file", "-"],
+        Some(r#"{"$ref":"https://example.com/schema.json"}"#),
+    );
+    assert_grpc_error(&out, 3, "InvalidArgument", &["schema: "]);
+    // A `$ref` within the document is fine.
+    let local_ref =
+        r##"{"$defs":{"n":{"type":"integer"}},"properties":{"n":{"$ref":"#/$defs/n"}}}"##;
+    let set = schema(
+        &s,
+        &["set", "user", "private", "--file", "-"],
+        Some(local_ref),
+    );
+    assert_eq!(set["version"], json!(1), "{set}");
+    let private = ["user", "merge", "user_9", "--private", r#"{"n":"x"}"#];
+    let out = cli(&s, &private, None);
+    assert_grpc_error(&out, 3, "InvalidArgument", &["private_metadata/n: "]);
+
+    // Stored values that break the schema, in a dry run and for real.
+    merge(&s, "user", "user_2", r#"{"plan":7}"#);
+    merge(&s, "user", "user_1", r#"{"plan":8}"#);
+    merge(&s, "user", "user_3", r#"{"plan":"gold"}"#);
+    let plan = r#"{"properties":{"plan":{"type":"string"}}}"#;
+    for extra in [&["--validate-only"][..], &[]] {
+        let args = [
+            &["schema", "set", "user", "public", "--file", "-"][..],
+            extra,
+        ]
+        .concat();
+        let out = cli(&s, &args, Some(plan));
+        assert_grpc_error(
+            &out,
+            9,
+            "FailedPrecondition",
+            &[
+                "2 stored user public_metadata value(s) do not conform to the schema (ids: user_1, user_2); change them first",
+            ],
+        );
+    }
+    let got = schema(&s, &["get", "user", "public"], None);
+    assert_eq!(got["version"], json!(0), "nothing was set: {got}");
 }

@@ -21,6 +21,7 @@ const RUN_LIMIT: Duration = Duration::from_secs(30);
 
 const USERS: &str = "metadata.v1.UserMetadataService";
 const ORGS: &str = "metadata.v1.OrganizationMetadataService";
+const SCHEMAS: &str = "metadata.v1.MetadataSchemaService";
 const HEALTH: &str = "grpc.health.v1.Health";
 
 /// A grpcurl binary that answered `-version`.
@@ -123,6 +124,43 @@ fn timestamp(response: &Json, field: &str) -> DateTime<FixedOffset> {
     DateTime::parse_from_rfc3339(text).unwrap_or_else(|err| panic!("{field} = {text}: {err}"))
 }
 
+/// Reflection lists `service` with each of `rpcs` (method, request,
+/// response) and describes it with their signatures; the description.
+async fn service_listed_and_described(
+    grpcurl: &Grpcurl,
+    addr: SocketAddr,
+    service: &str,
+    rpcs: &[(&str, &str, &str)],
+) -> Run {
+    let run = grpcurl.at(addr, &[], &["list", service]).await;
+    assert!(run.status.success(), "{run:?}");
+    let methods: Vec<&str> = run.stdout.lines().map(str::trim).collect();
+    for (method, _, _) in rpcs {
+        let full = format!("{service}.{method}");
+        assert!(
+            methods.contains(&full.as_str()),
+            "{full} not listed: {run:?}"
+        );
+    }
+    let run = grpcurl.at(addr, &[], &["describe", service]).await;
+    assert!(run.status.success(), "{run:?}");
+    assert!(
+        run.stdout.starts_with(&format!("{service} is a service:")),
+        "{run:?}"
+    );
+    for (method, request, response) in rpcs {
+        let streaming = match *method == "Watch" {
+            true => "stream ",
+            false => "",
+        };
+        let line = format!(
+            "rpc {method} ( .metadata.v1.{request} ) returns ( {streaming}.metadata.v1.{response} );"
+        );
+        assert!(run.stdout.contains(&line), "missing `{line}`: {run:?}");
+    }
+    run
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reflection_lists_and_describes() {
     let Some((grpcurl, s)) = setup().await else {
@@ -132,96 +170,97 @@ async fn reflection_lists_and_describes() {
     let run = grpcurl.at(s.addr, &[], &["list"]).await;
     assert!(run.status.success(), "{run:?}");
     let services: Vec<&str> = run.stdout.lines().map(str::trim).collect();
-    for service in [USERS, ORGS, HEALTH] {
+    for service in [USERS, ORGS, SCHEMAS, HEALTH] {
         assert!(services.contains(&service), "{service} not listed: {run:?}");
     }
 
-    let run = grpcurl.at(s.addr, &[], &["list", USERS]).await;
-    assert!(run.status.success(), "{run:?}");
-    let methods: Vec<&str> = run.stdout.lines().map(str::trim).collect();
-    for method in [
-        "Get", "Merge", "Replace", "Delete", "Watch", "BatchGet", "List",
-    ] {
-        let full = format!("{USERS}.{method}");
-        assert!(
-            methods.contains(&full.as_str()),
-            "{full} not listed: {run:?}"
-        );
-    }
-
-    let run = grpcurl.at(s.addr, &[], &["describe", USERS]).await;
-    assert!(run.status.success(), "{run:?}");
-    assert!(
-        run.stdout
-            .starts_with("metadata.v1.UserMetadataService is a service:"),
-        "{run:?}"
-    );
-    for (method, request, response) in [
-        ("Get", "GetUserMetadataRequest", "UserMetadata"),
-        ("Merge", "MergeUserMetadataRequest", "UserMetadata"),
-        ("Replace", "ReplaceUserMetadataRequest", "UserMetadata"),
-        (
-            "Delete",
-            "DeleteUserMetadataRequest",
-            "DeleteUserMetadataResponse",
-        ),
-        (
-            "BatchGet",
-            "BatchGetUserMetadataRequest",
-            "BatchGetUserMetadataResponse",
-        ),
-        (
-            "List",
-            "ListUserMetadataRequest",
-            "ListUserMetadataResponse",
-        ),
-    ] {
-        let line =
-            format!("rpc {method} ( .metadata.v1.{request} ) returns ( .metadata.v1.{response} );");
-        assert!(run.stdout.contains(&line), "missing `{line}`: {run:?}");
-    }
+    let run = service_listed_and_described(
+        &grpcurl,
+        s.addr,
+        USERS,
+        &[
+            ("Get", "GetUserMetadataRequest", "UserMetadata"),
+            ("Merge", "MergeUserMetadataRequest", "UserMetadata"),
+            ("Replace", "ReplaceUserMetadataRequest", "UserMetadata"),
+            (
+                "Delete",
+                "DeleteUserMetadataRequest",
+                "DeleteUserMetadataResponse",
+            ),
+            (
+                "Watch",
+                "WatchUserMetadataRequest",
+                "WatchUserMetadataResponse",
+            ),
+            (
+                "BatchGet",
+                "BatchGetUserMetadataRequest",
+                "BatchGetUserMetadataResponse",
+            ),
+            (
+                "List",
+                "ListUserMetadataRequest",
+                "ListUserMetadataResponse",
+            ),
+        ],
+    )
+    .await;
     // Comments from the proto travel with the descriptor.
     assert!(run.stdout.contains("// Deep-merges"), "{run:?}");
+    service_listed_and_described(
+        &grpcurl,
+        s.addr,
+        ORGS,
+        &[
+            (
+                "BatchGet",
+                "BatchGetOrganizationMetadataRequest",
+                "BatchGetOrganizationMetadataResponse",
+            ),
+            (
+                "List",
+                "ListOrganizationMetadataRequest",
+                "ListOrganizationMetadataResponse",
+            ),
+        ],
+    )
+    .await;
+    let run = service_listed_and_described(
+        &grpcurl,
+        s.addr,
+        SCHEMAS,
+        &[
+            ("SetSchema", "SetSchemaRequest", "MetadataSchema"),
+            ("GetSchema", "GetSchemaRequest", "MetadataSchema"),
+            (
+                "DeleteSchema",
+                "DeleteSchemaRequest",
+                "DeleteSchemaResponse",
+            ),
+        ],
+    )
+    .await;
+    assert!(run.stdout.contains("// Sets the field's schema"), "{run:?}");
 
-    let run = grpcurl.at(s.addr, &[], &["describe", ORGS]).await;
-    assert!(run.status.success(), "{run:?}");
-    for (method, messages) in [
-        ("BatchGet", "BatchGetOrganizationMetadata"),
-        ("List", "ListOrganizationMetadata"),
-    ] {
-        let line = format!(
-            "rpc {method} ( .metadata.v1.{messages}Request ) returns ( .metadata.v1.{messages}Response );"
-        );
-        assert!(run.stdout.contains(&line), "missing `{line}`: {run:?}");
-    }
-
-    let run = grpcurl
-        .at(s.addr, &[], &["describe", "metadata.v1.UserMetadata"])
-        .await;
-    assert!(run.status.success(), "{run:?}");
-    assert!(
-        run.stdout
-            .starts_with("metadata.v1.UserMetadata is a message:"),
-        "{run:?}"
-    );
-    for field in [
-        "string user_id = 1;",
-        ".google.protobuf.Value public_metadata = 2;",
-        ".google.protobuf.Value private_metadata = 3;",
-        ".google.protobuf.Value unsafe_metadata = 4;",
-        "uint64 version = 5;",
-        ".google.protobuf.Timestamp created_at = 6;",
-        ".google.protobuf.Timestamp updated_at = 7;",
-    ] {
-        assert!(run.stdout.contains(field), "missing `{field}`: {run:?}");
-    }
-
-    // The messages of BatchGet, List and Watch's filter, as an operator
-    // would look them up before calling.
-    for (message, fields) in [
+    // The messages of Get, BatchGet, List, Watch's filter and the schema
+    // service, as an operator would look them up before calling.
+    for (name, lines) in [
+        (
+            "metadata.v1.UserMetadata",
+            &[
+                "metadata.v1.UserMetadata is a message:",
+                "string user_id = 1;",
+                ".google.protobuf.Value public_metadata = 2;",
+                ".google.protobuf.Value private_metadata = 3;",
+                ".google.protobuf.Value unsafe_metadata = 4;",
+                "uint64 version = 5;",
+                ".google.protobuf.Timestamp created_at = 6;",
+                ".google.protobuf.Timestamp updated_at = 7;",
+            ][..],
+        ),
         (
             "metadata.v1.BatchGetUserMetadataRequest",
-            &["repeated string user_ids = 1;"][..],
+            &["repeated string user_ids = 1;"],
         ),
         (
             "metadata.v1.BatchGetUserMetadataResponse",
@@ -254,13 +293,43 @@ async fn reflection_lists_and_describes() {
             "metadata.v1.WatchUserMetadataRequest",
             &["string filter = 4;"],
         ),
+        (
+            "metadata.v1.SetSchemaRequest",
+            &[
+                ".metadata.v1.MetadataKind kind = 1;",
+                ".metadata.v1.MetadataField field = 2;",
+                ".google.protobuf.Struct schema = 3;",
+                "bool validate_only = 4;",
+                "uint64 expected_version = 5;",
+            ],
+        ),
+        (
+            "metadata.v1.MetadataSchema",
+            &[
+                ".google.protobuf.Struct schema = 3;",
+                "uint64 version = 4;",
+                ".google.protobuf.Timestamp updated_at = 5;",
+            ],
+        ),
+        (
+            "metadata.v1.MetadataKind",
+            &["METADATA_KIND_USER = 1;", "METADATA_KIND_ORGANIZATION = 2;"],
+        ),
+        (
+            "metadata.v1.MetadataField",
+            &[
+                "METADATA_FIELD_PUBLIC = 1;",
+                "METADATA_FIELD_PRIVATE = 2;",
+                "METADATA_FIELD_UNSAFE = 3;",
+            ],
+        ),
     ] {
-        let run = grpcurl.at(s.addr, &[], &["describe", message]).await;
+        let run = grpcurl.at(s.addr, &[], &["describe", name]).await;
         assert!(run.status.success(), "{run:?}");
-        for field in fields {
+        for line in lines {
             assert!(
-                run.stdout.contains(field),
-                "{message}: missing `{field}`: {run:?}"
+                run.stdout.contains(line),
+                "{name}: missing `{line}`: {run:?}"
             );
         }
     }
@@ -504,6 +573,146 @@ async fn invalid_argument_is_reported() {
         assert!(run.stderr.contains("user_id"), "{method}: {run:?}");
         assert!(run.stdout.trim().is_empty(), "{method}: {run:?}");
     }
+}
+
+/// MetadataSchemaService through grpcurl, as README's worked example uses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_service_calls() {
+    let Some((grpcurl, s)) = setup().await else {
+        return;
+    };
+    let unsafe_field = json!({"kind": "METADATA_KIND_USER", "field": "METADATA_FIELD_UNSAFE"});
+    let with = |extra: Json| {
+        let mut body = unsafe_field.clone();
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "theme": {"enum": ["light", "dark"]},
+            "age": {"type": "integer", "minimum": 0},
+        },
+        "additionalProperties": false,
+    });
+    let get = format!("{SCHEMAS}/GetSchema");
+    let set = format!("{SCHEMAS}/SetSchema");
+
+    // Never set: only the kind and field (grpcurl leaves out defaults).
+    let none = grpcurl.call(s.addr, &get, unsafe_field.clone()).await;
+    assert_eq!(
+        none,
+        json!({"kind": "METADATA_KIND_USER", "field": "METADATA_FIELD_UNSAFE", "schema": {}}),
+    );
+
+    // A stored value that breaks it: the dry run and SetSchema both refuse.
+    grpcurl
+        .call(
+            s.addr,
+            &format!("{USERS}/Merge"),
+            json!({"user_id": "user_2", "unsafe_metadata": {"theme": "blue"}}),
+        )
+        .await;
+    for validate_only in [true, false] {
+        let body = with(json!({"schema": schema, "validate_only": validate_only}));
+        let run = grpcurl
+            .at(s.addr, &["-d", &body.to_string()], &[&set])
+            .await;
+        assert_eq!(run.status.code(), Some(64 + 9), "{run:?}");
+        assert!(run.stderr.contains("Code: FailedPrecondition"), "{run:?}");
+        assert!(
+            run.stderr.contains(
+                "1 stored user unsafe_metadata value(s) do not conform to the schema (ids: user_2); change them first"
+            ),
+            "{run:?}"
+        );
+    }
+    grpcurl
+        .call(
+            s.addr,
+            &format!("{USERS}/Merge"),
+            json!({"user_id": "user_2", "unsafe_metadata": {"theme": "dark"}}),
+        )
+        .await;
+
+    // A dry run answers as SetSchema would, storing nothing.
+    let dry = grpcurl
+        .call(
+            s.addr,
+            &set,
+            with(json!({"schema": schema, "validate_only": true, "expected_version": 0})),
+        )
+        .await;
+    assert_eq!(dry["version"], "1", "{dry}");
+    assert_eq!(dry["schema"], schema, "{dry}");
+    let still_none = grpcurl.call(s.addr, &get, unsafe_field.clone()).await;
+    assert_eq!(still_none, none);
+
+    let stored = grpcurl
+        .call(
+            s.addr,
+            &set,
+            with(json!({"schema": schema, "expected_version": 0})),
+        )
+        .await;
+    assert_eq!(stored["version"], "1", "{stored}");
+    assert_eq!(stored["schema"], schema, "{stored}");
+    timestamp(&stored, "updatedAt");
+    let got = grpcurl.call(s.addr, &get, unsafe_field.clone()).await;
+    assert_eq!(got, stored);
+
+    // A refused Merge: INVALID_ARGUMENT with every violation.
+    let body = json!({"user_id": "user_2", "unsafe_metadata": {"age": -3, "theme": "pink"}});
+    let run = grpcurl
+        .at(
+            s.addr,
+            &["-d", &body.to_string()],
+            &[&format!("{USERS}/Merge")],
+        )
+        .await;
+    assert_eq!(run.status.code(), Some(64 + 3), "{run:?}");
+    assert!(run.stderr.contains("Code: InvalidArgument"), "{run:?}");
+    assert!(
+        run.stderr.contains(
+            "unsafe_metadata/age: -3 is less than the minimum of 0; unsafe_metadata/theme: "
+        ),
+        "{run:?}"
+    );
+    let user = grpcurl
+        .call(
+            s.addr,
+            &format!("{USERS}/Get"),
+            json!({"user_id": "user_2"}),
+        )
+        .await;
+    assert_eq!(user["unsafeMetadata"], json!({"theme": "dark"}), "{user}");
+
+    // A stale expected_version is ABORTED; DeleteSchema then answers
+    // whether one was set.
+    let delete = format!("{SCHEMAS}/DeleteSchema");
+    let stale = with(json!({"expected_version": 0})).to_string();
+    let run = grpcurl.at(s.addr, &["-d", &stale], &[&delete]).await;
+    assert_eq!(run.status.code(), Some(64 + 10), "{run:?}");
+    let deleted = grpcurl
+        .call(s.addr, &delete, with(json!({"expected_version": 1})))
+        .await;
+    assert_eq!(deleted, json!({"existed": true}));
+    let deleted = grpcurl
+        .call_with(s.addr, &["-emit-defaults"], &delete, unsafe_field.clone())
+        .await;
+    assert_eq!(deleted, json!({"existed": false}));
+    let gone = grpcurl.call(s.addr, &get, unsafe_field.clone()).await;
+    assert_eq!(gone["schema"], json!({}), "{gone}");
+    assert_eq!(gone["version"], "2", "{gone}");
+
+    // Organizations have no unsafe metadata.
+    let body = json!({"kind": "METADATA_KIND_ORGANIZATION", "field": "METADATA_FIELD_UNSAFE"});
+    let run = grpcurl
+        .at(s.addr, &["-d", &body.to_string()], &[&get])
+        .await;
+    assert_eq!(run.status.code(), Some(64 + 3), "{run:?}");
 }
 
 /// Watch through grpcurl: the stream replays from a revision, then is cut by
@@ -823,6 +1032,22 @@ async fn api_key_and_frontend_token_in_a_header() {
         Some(64 + 7),
         "PERMISSION_DENIED: {run:?}"
     );
+
+    // Schemas are for backend keys only.
+    let body = r#"{"kind":"METADATA_KIND_USER","field":"METADATA_FIELD_UNSAFE"}"#;
+    let get_schema = format!("{SCHEMAS}/GetSchema");
+    let run = grpcurl
+        .at(s.addr, &["-H", &frontend, "-d", body], &[&get_schema])
+        .await;
+    assert_eq!(
+        run.status.code(),
+        Some(64 + 7),
+        "PERMISSION_DENIED: {run:?}"
+    );
+    let run = grpcurl
+        .at(s.addr, &["-H", &backend, "-d", body], &[&get_schema])
+        .await;
+    assert!(run.status.success(), "{run:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

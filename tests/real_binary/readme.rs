@@ -161,7 +161,7 @@ fn role(text: &str) -> Option<Role> {
         ["grpcurl", ..] => Role::Client {
             streaming: text.contains("/Watch"),
         },
-        ["metadata-service", "user" | "org", action, ..] => Role::Client {
+        ["metadata-service", "user" | "org" | "schema", action, ..] => Role::Client {
             streaming: *action == "watch" && !text.contains("--max-events"),
         },
         // The harness starts servers itself, from their arguments only.
@@ -370,7 +370,7 @@ impl Reader {
         write_executable(
             &bin.join("metadata-service"),
             "#!/bin/sh\n\
-             case \"$1\" in user|org) exec \"$README_BIN\" \"$@\" ;; esac\n\
+             case \"$1\" in user|org|schema) exec \"$README_BIN\" \"$@\" ;; esac\n\
              for arg in \"$@\"; do printf '%s\\0' \"$arg\"; done > \"$README_SERVER_ARGS\"\n",
         );
         // The grpcurl the test located, whatever the scratch directory
@@ -852,6 +852,10 @@ fn roles_operators_and_expected_codes() {
     assert_eq!(
         role("metadata-service --api-keys-file k"),
         Some(Role::Server)
+    );
+    assert_eq!(
+        role("metadata-service schema set user unsafe --file s.json   # -> InvalidArgument"),
+        Some(Role::Client { streaming: false })
     );
     assert_eq!(role("metadata-service frobnicate"), None);
 
