@@ -658,18 +658,11 @@ async fn fan_out_filtered(
 ) -> anyhow::Result<WatchRow> {
     let watched = servers.last().unwrap();
     let groups = args.watch_groups.max(1);
-    let rss_before = watched.usage()?.rss_bytes;
-    let (outcome, written) = watch_filter::fan_out(
-        servers[0].addr,
-        watched.addr,
-        args.watchers,
-        groups,
-        args.write_rate,
-        args.watch_duration,
-        ids,
-    )
-    .await?;
-    let rss = watched.usage()?.rss_bytes.max(rss_before);
+    let filtered = watch_filter::open(watched.addr, args.watchers, groups).await?;
+    let rss = watched.usage()?.rss_bytes;
+    let (outcome, written) = filtered
+        .run(servers[0].addr, args.write_rate, args.watch_duration, ids)
+        .await?;
     let q = |q: f64| ms(outcome.latency.value_at_quantile(q));
     let row = WatchRow {
         backend: args.backend.name(),

@@ -719,9 +719,10 @@ async fn paging(
         rows.push(service);
         rows.push(raw);
     }
-    // OFFSET, for reference: at the largest page size only (at small ones
-    // a pass would take minutes), one pass.
-    if let Some(&page_size) = settings.page_sizes.iter().max() {
+    // OFFSET, for reference: one pass at the smallest page size, where
+    // its cost grows most with depth. (Postgres bounds a deep page's cost:
+    // past some offset it plans a read of every match and a sort.)
+    if let Some(&page_size) = settings.page_sizes.iter().min() {
         let latencies = raw_offset_pass(pool, statements, page_size, expected).await?;
         let offset = paging_row(
             settings,

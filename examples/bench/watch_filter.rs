@@ -158,34 +158,57 @@ pub async fn write(
     Ok(GroupedWrites { written, by_group })
 }
 
-/// Subscribers on `watched`, writes through `writer`: what they received
-/// against what each was owed.
-pub async fn fan_out(
-    writer: SocketAddr,
-    watched: SocketAddr,
-    watchers: usize,
+/// Filtered subscribers, and what they are owed once the writer is done.
+pub struct Filtered {
+    subscribers: Subscribers,
     groups: usize,
-    rate: u32,
-    duration: Duration,
-    ids: u64,
-) -> anyhow::Result<(WatchOutcome, Written)> {
+    owed: Arc<OnceLock<Vec<u64>>>,
+}
+
+/// Opens `watchers` filtered streams on `watched` (each registered when
+/// this returns).
+pub async fn open(watched: SocketAddr, watchers: usize, groups: usize) -> anyhow::Result<Filtered> {
     let groups = groups.max(1);
     let owed = Arc::new(OnceLock::new());
     let subscribers = subscribe(watched, watchers, groups, owed.clone()).await?;
-    let GroupedWrites { written, by_group } = write(writer, rate, duration, ids, groups).await?;
-    let newest_of_group: Vec<u64> = by_group
-        .iter()
-        .map(|revisions| revisions.last().copied().unwrap_or(0))
-        .collect();
-    owed.set(newest_of_group)
-        .map_err(|_| anyhow::anyhow!("owed revisions set twice"))?;
-    let outcome = subscribers
-        .finish_each(
-            written.revisions.last().copied().unwrap_or(0),
-            written.revisions.len() as u64,
-            |n| &by_group[n % groups],
-            Duration::from_secs(30),
-        )
-        .await?;
-    Ok((outcome, written))
+    Ok(Filtered {
+        subscribers,
+        groups,
+        owed,
+    })
+}
+
+impl Filtered {
+    /// Writes through `writer`, then compares what each subscriber
+    /// received with the writes of its group.
+    pub async fn run(
+        self,
+        writer: SocketAddr,
+        rate: u32,
+        duration: Duration,
+        ids: u64,
+    ) -> anyhow::Result<(WatchOutcome, Written)> {
+        let Filtered {
+            subscribers,
+            groups,
+            owed,
+        } = self;
+        let GroupedWrites { written, by_group } =
+            write(writer, rate, duration, ids, groups).await?;
+        let newest_of_group: Vec<u64> = by_group
+            .iter()
+            .map(|revisions| revisions.last().copied().unwrap_or(0))
+            .collect();
+        owed.set(newest_of_group)
+            .map_err(|_| anyhow::anyhow!("owed revisions set twice"))?;
+        let outcome = subscribers
+            .finish_each(
+                written.revisions.last().copied().unwrap_or(0),
+                written.revisions.len() as u64,
+                |n| &by_group[n % groups],
+                Duration::from_secs(30),
+            )
+            .await?;
+        Ok((outcome, written))
+    }
 }
