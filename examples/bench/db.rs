@@ -58,6 +58,24 @@ pub fn id(n: u64) -> String {
     format!("bench_{n}")
 }
 
+/// Digits of the query workloads' ids: enough for `users`, zero-padded, so
+/// that id order is numeric order and the gold users are spread evenly
+/// over it.
+fn id_width(users: u64) -> usize {
+    users.saturating_sub(1).max(1).to_string().len()
+}
+
+/// The query workloads' id of user `g` of `users` (see
+/// [`BenchDb::seed_users`]).
+pub fn user_id(g: u64, users: u64) -> String {
+    format!("user_{g:0width$}", width = id_width(users))
+}
+
+/// Whether seeded user `g` has plan "gold".
+pub fn gold(g: u64) -> bool {
+    g.is_multiple_of(100)
+}
+
 pub const SEED_PUBLIC: &str = r#"{"k1":0,"k2":0,"k3":0,"plan":"free"}"#;
 
 /// The id of the marks in a seeded history (see [`BenchDb::seed_history`]).
@@ -136,6 +154,67 @@ impl BenchDb {
                 .bind(now)
                 .execute(pool)
                 .await?;
+            }
+        }
+        pool.close().await;
+        Ok(())
+    }
+
+    /// Replaces every row with `users` users for the query workloads
+    /// (query.rs), written as the service writes a record (version 1,
+    /// private and unsafe metadata `{}`), ids [`user_id`]`(g, users)`:
+    /// public_metadata `{"plan", "region", "score", "beta", "tags"}`, where
+    /// `plan` is "gold" for every 100th user (1%, [`gold`]), else "pro"
+    /// for every 4th, else "free". Then ANALYZE, so the planner knows the
+    /// table's size. The tables (and Postgres's indexes) must exist.
+    pub async fn seed_users(&self, users: u64) -> anyhow::Result<()> {
+        let pool = self.pool(1).await?;
+        let width = id_width(users) as i64;
+        match &pool {
+            RawPool::Postgres(pool) => {
+                sqlx::query("TRUNCATE metadata, events")
+                    .execute(pool)
+                    .await?;
+                sqlx::query(
+                    "INSERT INTO metadata (kind, id, public_metadata, private_metadata, unsafe_metadata, \
+                       version, revision, created_at, updated_at) \
+                     SELECT 'user', 'user_' || lpad(g::text, $2::int, '0'), \
+                       jsonb_build_object( \
+                         'plan', CASE WHEN g % 100 = 0 THEN 'gold' WHEN g % 4 = 0 THEN 'pro' ELSE 'free' END, \
+                         'region', (ARRAY['eu', 'us', 'apac'])[g % 3 + 1], \
+                         'score', g % 1000, \
+                         'beta', g % 7 = 0, \
+                         'tags', CASE WHEN g % 5 = 0 THEN '[\"early\"]'::jsonb ELSE '[]'::jsonb END), \
+                       '{}', '{}', 1, 0, now(), now() \
+                     FROM generate_series(0, $1 - 1) g",
+                )
+                .bind(users as i64)
+                .bind(width)
+                .execute(pool)
+                .await?;
+                sqlx::query("VACUUM ANALYZE metadata").execute(pool).await?;
+            }
+            RawPool::Sqlite(pool) => {
+                sqlx::query("DELETE FROM metadata").execute(pool).await?;
+                sqlx::query("DELETE FROM events").execute(pool).await?;
+                let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, false);
+                sqlx::query(
+                    "INSERT INTO metadata WITH RECURSIVE s(g) AS (SELECT 0 UNION ALL SELECT g + 1 FROM s WHERE g + 1 < ?1) \
+                     SELECT 'user', 'user_' || substr('0000000000000000000' || g, -?2), \
+                       json_object( \
+                         'plan', CASE WHEN g % 100 = 0 THEN 'gold' WHEN g % 4 = 0 THEN 'pro' ELSE 'free' END, \
+                         'region', CASE g % 3 WHEN 0 THEN 'eu' WHEN 1 THEN 'us' ELSE 'apac' END, \
+                         'score', g % 1000, \
+                         'beta', json(CASE WHEN g % 7 = 0 THEN 'true' ELSE 'false' END), \
+                         'tags', json(CASE WHEN g % 5 = 0 THEN '[\"early\"]' ELSE '[]' END)), \
+                       '{}', '{}', 1, 0, ?3, ?3 FROM s",
+                )
+                .bind(users as i64)
+                .bind(width)
+                .bind(now)
+                .execute(pool)
+                .await?;
+                sqlx::query("ANALYZE").execute(pool).await?;
             }
         }
         pool.close().await;

@@ -101,9 +101,9 @@ impl EtcdReport {
     /// Deliveries etcd missed or disordered: reported, not held against
     /// the run (they are etcd's, not the service's).
     pub fn lost(&self) -> u64 {
-        self.watch
-            .as_ref()
-            .map_or(0, |w| w.missed + w.disordered + w.failed_writes)
+        self.watch.as_ref().map_or(0, |w| {
+            w.missed + w.disordered + w.unexpected + w.failed_writes
+        })
     }
 }
 
@@ -600,11 +600,14 @@ mod measure {
             replicas: 1,
             subscribers: outcome.subscribers,
             write_rate: settings.write_rate,
+            filter: None,
             writes: outcome.writes,
             failed_writes: written.failed,
+            expected: outcome.expected,
             delivered: outcome.delivered,
             missed: outcome.missed,
             disordered: outcome.disordered,
+            unexpected: outcome.unexpected,
             p50_ms: q(0.5),
             p99_ms: q(0.99),
             max_ms: ms(outcome.latency.max()),

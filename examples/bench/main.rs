@@ -11,7 +11,9 @@ mod etcd;
 mod interference;
 mod load;
 mod process;
+mod query;
 mod watch;
+mod watch_filter;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,12 +64,16 @@ struct Args {
     /// gRPC ceiling), get, mix (90% get), etcd (a single-node etcd side by
     /// side: read-modify-write, Gets, Watch fan-out), watch, interference
     /// (small merges alone, while Watch streams replay a long history, and
-    /// while ~1 MB patches arrive). The load workloads run in that order
+    /// while ~1 MB patches arrive), watch-filter (watch, each subscriber
+    /// with a filter matching a tenth of the writes), list (List with a
+    /// filter matching 1% of --query-users: first pages, paging through
+    /// every match; Postgres: EXPLAIN), batchget (BatchGet of --batch-size
+    /// ids against single Gets). The load workloads run in that order
     /// whatever the order given, since merge2 and get read earlier rows.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "merge,merge2,ping,get,mix,etcd,watch,interference"
+        default_value = "merge,merge2,ping,get,mix,etcd,watch,watch-filter,list,batchget,interference"
     )]
     workloads: Vec<String>,
     /// Database connections of the server and of the baseline.
@@ -82,6 +88,28 @@ struct Args {
     /// Length of the Watch run.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     watch_duration: Duration,
+    /// watch-filter: subscriber n watches `public_metadata.group = n % G`,
+    /// and each write sets its id's group: each subscriber is owed 1/G of
+    /// the writes.
+    #[arg(long, default_value_t = 10)]
+    watch_groups: usize,
+    /// list, batchget: users seeded (1% match the list's filter); default
+    /// 1,000,000 on Postgres, 100,000 on SQLite.
+    #[arg(long)]
+    query_users: Option<u64>,
+    /// list: page size of the first-page runs.
+    #[arg(long, default_value_t = 50)]
+    list_page_size: u64,
+    /// list: page sizes to page through every match at.
+    #[arg(long, value_delimiter = ',', default_value = "50,200,1000")]
+    page_sizes: Vec<u64>,
+    /// list: measured passes through every match, per page size (after
+    /// one unmeasured pass).
+    #[arg(long, default_value_t = 3)]
+    paging_passes: usize,
+    /// batchget: distinct ids per BatchGet.
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
     /// Interference: revisions of event history seeded for the replays.
     #[arg(long, default_value_t = 200_000)]
     history: u64,
@@ -156,13 +184,20 @@ struct WatchRow {
     backend: &'static str,
     replicas: usize,
     subscribers: usize,
+    /// Each subscriber's filter (watch-filter); None: every event.
+    filter: Option<String>,
     write_rate: u32,
     writes: u64,
     /// Writes the server refused or failed (it could not keep up).
     failed_writes: u64,
+    /// Deliveries owed: writes x subscribers, or, with filters, the sum of
+    /// the writes each subscriber's filter matches.
+    expected: u64,
     delivered: u64,
     missed: u64,
     disordered: u64,
+    /// Revisions received that the subscriber was not owed.
+    unexpected: u64,
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
@@ -178,6 +213,8 @@ struct Report {
     load: Vec<LoadRow>,
     watch: Vec<WatchRow>,
     interference: Vec<interference::InterferenceRow>,
+    /// list and batchget.
+    queries: Option<query::QueryReport>,
     /// The etcd side by side (workload etcd), or why it was skipped.
     etcd: Option<etcd::EtcdReport>,
 }
@@ -283,6 +320,9 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
         args.write_rate = 50;
         args.watch_duration = Duration::from_secs(2);
         args.history = 2_000;
+        args.query_users = Some(5_000);
+        args.page_sizes = vec![10, 1000];
+        args.paging_passes = 1;
     }
     let mut workloads: Vec<Workload> = args
         .workloads
@@ -312,6 +352,9 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
         }
     }
     let watch = args.workloads.iter().any(|w| w == "watch");
+    let watch_filter = args.workloads.iter().any(|w| w == "watch-filter");
+    let list = args.workloads.iter().any(|w| w == "list");
+    let batchget = args.workloads.iter().any(|w| w == "batchget");
     let with_etcd = args.workloads.iter().any(|w| w == "etcd");
     let interfere = args.workloads.iter().any(|w| w == "interference");
     let binary = match &args.server_bin {
@@ -330,7 +373,7 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
     };
     let result = async {
         for (round, &ids) in args.ids.iter().enumerate() {
-            if workloads.is_empty() && !watch {
+            if workloads.is_empty() && !watch && !watch_filter {
                 break;
             }
             migrate(&binary, db.url()).await?;
@@ -439,19 +482,71 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
                 }
             }
             pool.close().await;
-            if watch && round == 0 {
-                let single = fan_out(&args, &[&server], ids).await?;
-                report.watch.push(single);
-                if backend == Backend::Postgres {
-                    let replica =
-                        ServerProcess::start(&binary, db.url(), &server_args, &args.server_env)
-                            .await?;
-                    let across = fan_out(&args, &[&server, &replica], ids).await?;
-                    report.watch.push(across);
-                    replica.stop().await?;
+            if (watch || watch_filter) && round == 0 {
+                // One replica, then (Postgres) subscribers on a second
+                // replica, started for these runs only; unfiltered and
+                // filtered side by side.
+                let replicas = if backend == Backend::Postgres { 2 } else { 1 };
+                for n in 1..=replicas {
+                    let replica = match n {
+                        1 => None,
+                        _ => Some(
+                            ServerProcess::start(&binary, db.url(), &server_args, &args.server_env)
+                                .await?,
+                        ),
+                    };
+                    let servers: Vec<&ServerProcess> =
+                        std::iter::once(&server).chain(replica.as_ref()).collect();
+                    if watch {
+                        report.watch.push(fan_out(&args, &servers, ids).await?);
+                    }
+                    if watch_filter {
+                        report
+                            .watch
+                            .push(fan_out_filtered(&args, &servers, ids).await?);
+                    }
+                    if let Some(replica) = replica {
+                        replica.stop().await?;
+                    }
                 }
             }
             server.stop().await?;
+        }
+        if list || batchget {
+            // A server of its own on a table of --query-users users.
+            let users = args.query_users.unwrap_or(match backend {
+                Backend::Postgres => 1_000_000,
+                Backend::Sqlite => 100_000,
+            });
+            migrate(&binary, db.url()).await?;
+            let seeding = std::time::Instant::now();
+            db.seed_users(users).await.context("seeding users")?;
+            if !args.json {
+                eprintln!(
+                    "  {} users seeded in {:.1} s",
+                    users,
+                    seeding.elapsed().as_secs_f64()
+                );
+            }
+            let server =
+                ServerProcess::start(&binary, db.url(), &server_args, &args.server_env).await?;
+            let settings = query::Settings {
+                backend,
+                users,
+                clients: args.clients.clone(),
+                warmup: args.warmup,
+                duration: args.duration,
+                list,
+                batchget,
+                page_size: args.list_page_size,
+                page_sizes: args.page_sizes.clone(),
+                passes: args.paging_passes,
+                batch: args.batch_size,
+                progress: !args.json,
+            };
+            let queries = query::run(&db, &server, &settings, args.pool).await;
+            server.stop().await?;
+            report.queries = Some(queries?);
         }
         if with_etcd {
             let settings = etcd::Settings {
@@ -526,12 +621,15 @@ async fn fan_out(args: &Args, servers: &[&ServerProcess], ids: u64) -> anyhow::R
         backend: args.backend.name(),
         replicas: servers.len(),
         subscribers: outcome.subscribers,
+        filter: None,
         write_rate: args.write_rate,
         writes: outcome.writes,
         failed_writes: written.failed,
+        expected: outcome.expected,
         delivered: outcome.delivered,
         missed: outcome.missed,
         disordered: outcome.disordered,
+        unexpected: outcome.unexpected,
         p50_ms: q(0.5),
         p99_ms: q(0.99),
         max_ms: ms(outcome.latency.max()),
@@ -547,6 +645,56 @@ async fn fan_out(args: &Args, servers: &[&ServerProcess], ids: u64) -> anyhow::R
                 .first_error
                 .map(|e| format!(" (first: {e})"))
                 .unwrap_or_default()
+        );
+    }
+    Ok(row)
+}
+
+/// [`fan_out`] with a filter on each subscriber (watch_filter.rs).
+async fn fan_out_filtered(
+    args: &Args,
+    servers: &[&ServerProcess],
+    ids: u64,
+) -> anyhow::Result<WatchRow> {
+    let watched = servers.last().unwrap();
+    let groups = args.watch_groups.max(1);
+    let filtered = watch_filter::open(watched.addr, args.watchers, groups).await?;
+    let rss = watched.usage()?.rss_bytes;
+    let (outcome, written) = filtered
+        .run(servers[0].addr, args.write_rate, args.watch_duration, ids)
+        .await?;
+    let q = |q: f64| ms(outcome.latency.value_at_quantile(q));
+    let row = WatchRow {
+        backend: args.backend.name(),
+        replicas: servers.len(),
+        subscribers: outcome.subscribers,
+        filter: Some(watch_filter::describe(groups)),
+        write_rate: args.write_rate,
+        writes: outcome.writes,
+        failed_writes: written.failed,
+        expected: outcome.expected,
+        delivered: outcome.delivered,
+        missed: outcome.missed,
+        disordered: outcome.disordered,
+        unexpected: outcome.unexpected,
+        p50_ms: q(0.5),
+        p99_ms: q(0.99),
+        max_ms: ms(outcome.latency.max()),
+        server_rss_mb: mb(rss),
+    };
+    if !args.json {
+        eprintln!(
+            "  filtered watch on {} replica(s): {} writes, {} failed{}; {} of {} owed deliveries, p99 {:.2} ms",
+            servers.len(),
+            row.writes,
+            row.failed_writes,
+            written
+                .first_error
+                .map(|e| format!(" (first: {e})"))
+                .unwrap_or_default(),
+            row.delivered,
+            row.expected,
+            row.p99_ms
         );
     }
     Ok(row)
@@ -579,6 +727,9 @@ fn print_table(report: &Report) {
     }
     if !report.watch.is_empty() {
         print_watch(&report.watch);
+    }
+    if let Some(queries) = &report.queries {
+        query::print(queries);
     }
     if let Some(etcd) = &report.etcd {
         etcd::print(etcd);
@@ -639,15 +790,17 @@ fn print_load(report: &Report) {
 
 fn print_watch(rows: &[WatchRow]) {
     println!(
-        "\n{:<9} {:>8} {:>11} {:>7} {:>7} {:>10} {:>6} {:>10} {:>7} {:>7} {:>7} {:>7}",
+        "\n{:<9} {:>8} {:>11} {:>7} {:>7} {:>10} {:>10} {:>6} {:>10} {:>10} {:>7} {:>7} {:>7} {:>7}  filter",
         "backend",
         "replicas",
         "subscribers",
         "rate/s",
         "writes",
+        "owed",
         "delivered",
         "missed",
         "disordered",
+        "unexpected",
         "p50ms",
         "p99ms",
         "maxms",
@@ -655,19 +808,22 @@ fn print_watch(rows: &[WatchRow]) {
     );
     for w in rows {
         println!(
-            "{:<9} {:>8} {:>11} {:>7} {:>7} {:>10} {:>6} {:>10} {:>7.2} {:>7.2} {:>7.2} {:>7.1}",
+            "{:<9} {:>8} {:>11} {:>7} {:>7} {:>10} {:>10} {:>6} {:>10} {:>10} {:>7.2} {:>7.2} {:>7.2} {:>7.1}  {}",
             w.backend,
             w.replicas,
             w.subscribers,
             w.write_rate,
             w.writes,
+            w.expected,
             w.delivered,
             w.missed,
             w.disordered,
+            w.unexpected,
             w.p50_ms,
             w.p99_ms,
             w.max_ms,
-            w.server_rss_mb
+            w.server_rss_mb,
+            w.filter.as_deref().unwrap_or("-")
         );
     }
 }
@@ -726,7 +882,7 @@ async fn main() -> ExitCode {
             let lost: u64 = report
                 .watch
                 .iter()
-                .map(|w| w.missed + w.disordered + w.failed_writes)
+                .map(|w| w.missed + w.disordered + w.unexpected + w.failed_writes)
                 .sum();
             if lost > 0 {
                 eprintln!(

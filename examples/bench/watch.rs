@@ -33,10 +33,16 @@ pub const STREAMS_PER_CONNECTION: usize = 100;
 pub struct WatchOutcome {
     pub subscribers: usize,
     pub writes: u64,
+    /// Deliveries the subscribers were owed: every write for each, or,
+    /// with filters, the writes each subscriber's filter matches.
+    pub expected: u64,
     pub delivered: u64,
     pub missed: u64,
     /// Deliveries out of order or repeated.
     pub disordered: u64,
+    /// Revisions a subscriber received that it was not owed (a filter let
+    /// through an event it should have held back).
+    pub unexpected: u64,
     /// Commit to receipt, microseconds.
     pub latency: Histogram<u64>,
 }
@@ -111,8 +117,19 @@ impl Subscribers {
 /// Records `deliveries` (batches, as the stream's messages carry them)
 /// until the writer's last revision, once [`Subscribers::finish`] has set
 /// it, has arrived.
-pub async fn receive<S>(
+pub async fn receive<S>(last: watch::Receiver<u64>, deliveries: S) -> anyhow::Result<Received>
+where
+    S: Stream<Item = anyhow::Result<Vec<Delivery>>> + Unpin,
+{
+    receive_until(last, |newest| newest, deliveries).await
+}
+
+/// [`receive`], for a subscriber owed only some of the writes: `owed` maps
+/// the writer's last revision to the last one this subscriber is owed (0:
+/// none, it stops at once).
+pub async fn receive_until<S>(
     mut last: watch::Receiver<u64>,
+    owed: impl Fn(u64) -> u64,
     mut deliveries: S,
 ) -> anyhow::Result<Received>
 where
@@ -123,7 +140,7 @@ where
         latency: latency_histogram(),
     };
     loop {
-        let last_revision = *last.borrow_and_update();
+        let last_revision = owed(*last.borrow_and_update());
         if last_revision == 0
             || received
                 .revisions
@@ -282,22 +299,41 @@ impl Subscribers {
     /// written revision, then compares what each received with `written`.
     pub async fn finish(self, written: &[u64], patience: Duration) -> anyhow::Result<WatchOutcome> {
         let newest = written.last().copied().unwrap_or(0);
+        self.finish_each(newest, written.len() as u64, |_| written, patience)
+            .await
+    }
+
+    /// [`Subscribers::finish`] for subscribers owed different writes:
+    /// `owed(n)` is what subscriber n must receive (sorted), of `writes`
+    /// whose newest revision is `newest`. Each subscriber must stop by
+    /// itself once it has its last owed revision ([`receive_until`]).
+    pub async fn finish_each<'a>(
+        self,
+        newest: u64,
+        writes: u64,
+        owed: impl Fn(usize) -> &'a [u64],
+        patience: Duration,
+    ) -> anyhow::Result<WatchOutcome> {
         self.last.send_replace(newest);
         let mut outcome = WatchOutcome {
             subscribers: self.tasks.len(),
-            writes: written.len() as u64,
+            writes,
+            expected: 0,
             delivered: 0,
             missed: 0,
             disordered: 0,
+            unexpected: 0,
             latency: latency_histogram(),
         };
         let deadline = Instant::now() + patience;
-        for task in self.tasks {
+        for (n, task) in self.tasks.into_iter().enumerate() {
             let left = deadline.saturating_duration_since(Instant::now());
             let received = match tokio::time::timeout(left, task).await {
                 Ok(joined) => joined??,
                 Err(_) => bail!("a subscriber did not reach revision {newest} within {patience:?}"),
             };
+            let owed = owed(n);
+            outcome.expected += owed.len() as u64;
             outcome.delivered += received.revisions.len() as u64;
             outcome.disordered += received
                 .revisions
@@ -307,9 +343,13 @@ impl Subscribers {
             let mut seen = received.revisions.clone();
             seen.sort_unstable();
             seen.dedup();
-            outcome.missed += written
+            outcome.missed += owed
                 .iter()
                 .filter(|r| seen.binary_search(r).is_err())
+                .count() as u64;
+            outcome.unexpected += seen
+                .iter()
+                .filter(|r| owed.binary_search(r).is_err())
                 .count() as u64;
             outcome.latency.add(received.latency).unwrap();
         }
