@@ -231,6 +231,9 @@ pub(super) async fn set(
 ) -> Result<StoredSchema, StoreError> {
     let backend = db.get_database_backend();
     let txn = match backend {
+        // A dry run stores nothing, so no write has to wait for it: its
+        // answer is the one SetSchema would give on the same snapshot.
+        DatabaseBackend::Postgres if request.validate_only => db.begin().await?,
         DatabaseBackend::Postgres => {
             let txn = db.begin().await?;
             txn.execute_unprepared("LOCK TABLE metadata IN SHARE ROW EXCLUSIVE MODE")
@@ -390,8 +393,16 @@ async fn scan(
         count: 0,
         ids: Vec::new(),
     };
+    let mut read = 0u64;
     while let Some(row) = rows.next().await {
         let row = row?;
+        read += 1;
+        // Rows keep arriving while Postgres fills the socket, so the
+        // stream is always ready: without a yield the check would hold a
+        // runtime worker for its whole length (Gets stalled for seconds).
+        if read.is_multiple_of(256) {
+            tokio::task::yield_now().await;
+        }
         let value: Value = row.try_get("", "value")?;
         if value.as_object().is_some_and(|o| o.is_empty()) || schema.is_valid(&value) {
             continue;

@@ -1706,6 +1706,11 @@ async fn schema_changes_are_logged_with_the_caller(backend: Backend) {
         .with_max_level(tracing::Level::INFO)
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
+    // Tests run in parallel threads of one process, and tracing caches per
+    // call site whether anyone listens: a site first reached by another
+    // test while this subscriber was being registered can stay cached as
+    // silent. Recompute with this subscriber in place.
+    tracing::callsite::rebuild_interest_cache();
     let auth = authenticator(SECRET);
     let Some(s) = start_with(backend, |c| c.auth = auth).await else {
         return;
@@ -1736,6 +1741,7 @@ async fn schema_changes_are_logged_with_the_caller(backend: Backend) {
         captured.lines().join("\n")
     );
 
+    tracing::callsite::rebuild_interest_cache();
     schemas
         .set_schema(call(set_request(Kind::User, Field::Unsafe, &ages())))
         .await
