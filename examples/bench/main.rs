@@ -11,6 +11,7 @@ mod etcd;
 mod interference;
 mod load;
 mod process;
+mod schema;
 mod watch;
 
 use std::path::PathBuf;
@@ -62,12 +63,15 @@ struct Args {
     /// gRPC ceiling), get, mix (90% get), etcd (a single-node etcd side by
     /// side: read-modify-write, Gets, Watch fan-out), watch, interference
     /// (small merges alone, while Watch streams replay a long history, and
-    /// while ~1 MB patches arrive). The load workloads run in that order
-    /// whatever the order given, since merge2 and get read earlier rows.
+    /// while ~1 MB patches arrive), schema (merge without and with a JSON
+    /// Schema on the merged field, alternating), set-schema (SetSchema's
+    /// check of --schema-docs stored documents). The load workloads run in
+    /// that order whatever the order given, since merge2 and get read
+    /// earlier rows.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "merge,merge2,ping,get,mix,etcd,watch,interference"
+        default_value = "merge,merge2,ping,get,mix,etcd,watch,interference,schema,set-schema"
     )]
     workloads: Vec<String>,
     /// Database connections of the server and of the baseline.
@@ -99,6 +103,13 @@ struct Args {
     /// follows the closed-loop one; 0: no paced run.
     #[arg(long, default_value_t = 50.0)]
     big_rate: f64,
+    /// Schema: (without, with) pairs of merge runs, per clients.
+    #[arg(long, default_value_t = 2)]
+    schema_rounds: usize,
+    /// Set-schema: stored documents SetSchema checks; a list runs each
+    /// (growing one database).
+    #[arg(long, value_delimiter = ',', default_value = "1000000")]
+    schema_docs: Vec<u64>,
     /// Extra arguments for the server.
     #[arg(long, allow_hyphen_values = true)]
     server_arg: Vec<String>,
@@ -180,6 +191,8 @@ struct Report {
     interference: Vec<interference::InterferenceRow>,
     /// The etcd side by side (workload etcd), or why it was skipped.
     etcd: Option<etcd::EtcdReport>,
+    /// Workloads schema and set-schema.
+    schema: Option<schema::SchemaReport>,
 }
 
 fn parse_env(text: &str) -> Result<(String, String), String> {
@@ -283,6 +296,7 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
         args.write_rate = 50;
         args.watch_duration = Duration::from_secs(2);
         args.history = 2_000;
+        args.schema_docs = vec![2_000];
     }
     let mut workloads: Vec<Workload> = args
         .workloads
@@ -314,6 +328,8 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
     let watch = args.workloads.iter().any(|w| w == "watch");
     let with_etcd = args.workloads.iter().any(|w| w == "etcd");
     let interfere = args.workloads.iter().any(|w| w == "interference");
+    let schema_merges = args.workloads.iter().any(|w| w == "schema");
+    let set_schema = args.workloads.iter().any(|w| w == "set-schema");
     let binary = match &args.server_bin {
         Some(path) => path.clone(),
         None => process::sibling_binary()?,
@@ -504,6 +520,28 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
             server.stop().await?;
             report.interference = rows?;
         }
+        if schema_merges || set_schema {
+            let settings = schema::Settings {
+                backend,
+                binary: &binary,
+                server_args: &server_args,
+                server_env: &args.server_env,
+                clients: args.clients.clone(),
+                ids: args.ids[0],
+                warmup: args.warmup,
+                duration: args.duration,
+                rounds: args.schema_rounds,
+                merges: schema_merges,
+                set_schema_docs: if set_schema {
+                    args.schema_docs.clone()
+                } else {
+                    Vec::new()
+                },
+                validator_time: Duration::from_millis(if args.quick { 100 } else { 1000 }),
+                progress: !args.json,
+            };
+            report.schema = Some(schema::run(&db, &settings).await?);
+        }
         anyhow::Ok(())
     }
     .await;
@@ -585,6 +623,9 @@ fn print_table(report: &Report) {
     }
     if !report.interference.is_empty() {
         print_interference(report);
+    }
+    if let Some(schema) = &report.schema {
+        schema::print(schema);
     }
 }
 
