@@ -12,6 +12,7 @@ mod interference;
 mod load;
 mod process;
 mod query;
+mod schema;
 mod watch;
 mod watch_filter;
 
@@ -68,12 +69,15 @@ struct Args {
     /// with a filter matching a tenth of the writes), list (List with a
     /// filter matching 1% of --query-users: first pages, paging through
     /// every match; Postgres: EXPLAIN), batchget (BatchGet of --batch-size
-    /// ids against single Gets). The load workloads run in that order
-    /// whatever the order given, since merge2 and get read earlier rows.
+    /// ids against single Gets), schema (merge without and with a JSON
+    /// Schema on the merged field, alternating), set-schema (SetSchema's
+    /// check of --schema-docs stored documents). The load workloads run in
+    /// that order whatever the order given, since merge2 and get read
+    /// earlier rows.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "merge,merge2,ping,get,mix,etcd,watch,watch-filter,list,batchget,interference"
+        default_value = "merge,merge2,ping,get,mix,etcd,watch,watch-filter,list,batchget,interference,schema,set-schema"
     )]
     workloads: Vec<String>,
     /// Database connections of the server and of the baseline.
@@ -127,6 +131,13 @@ struct Args {
     /// follows the closed-loop one; 0: no paced run.
     #[arg(long, default_value_t = 50.0)]
     big_rate: f64,
+    /// Schema: (without, with) pairs of merge runs, per clients.
+    #[arg(long, default_value_t = 2)]
+    schema_rounds: usize,
+    /// Set-schema: stored documents SetSchema checks; a list runs each
+    /// (growing one database).
+    #[arg(long, value_delimiter = ',', default_value = "1000000")]
+    schema_docs: Vec<u64>,
     /// Extra arguments for the server.
     #[arg(long, allow_hyphen_values = true)]
     server_arg: Vec<String>,
@@ -217,6 +228,8 @@ struct Report {
     queries: Option<query::QueryReport>,
     /// The etcd side by side (workload etcd), or why it was skipped.
     etcd: Option<etcd::EtcdReport>,
+    /// Workloads schema and set-schema.
+    schema: Option<schema::SchemaReport>,
 }
 
 fn parse_env(text: &str) -> Result<(String, String), String> {
@@ -323,6 +336,7 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
         args.query_users = Some(5_000);
         args.page_sizes = vec![10, 1000];
         args.paging_passes = 1;
+        args.schema_docs = vec![2_000];
     }
     let mut workloads: Vec<Workload> = args
         .workloads
@@ -357,6 +371,8 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
     let batchget = args.workloads.iter().any(|w| w == "batchget");
     let with_etcd = args.workloads.iter().any(|w| w == "etcd");
     let interfere = args.workloads.iter().any(|w| w == "interference");
+    let schema_merges = args.workloads.iter().any(|w| w == "schema");
+    let set_schema = args.workloads.iter().any(|w| w == "set-schema");
     let binary = match &args.server_bin {
         Some(path) => path.clone(),
         None => process::sibling_binary()?,
@@ -599,6 +615,28 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
             server.stop().await?;
             report.interference = rows?;
         }
+        if schema_merges || set_schema {
+            let settings = schema::Settings {
+                backend,
+                binary: &binary,
+                server_args: &server_args,
+                server_env: &args.server_env,
+                clients: args.clients.clone(),
+                ids: args.ids[0],
+                warmup: args.warmup,
+                duration: args.duration,
+                rounds: args.schema_rounds,
+                merges: schema_merges,
+                set_schema_docs: if set_schema {
+                    args.schema_docs.clone()
+                } else {
+                    Vec::new()
+                },
+                validator_time: Duration::from_millis(if args.quick { 100 } else { 1000 }),
+                progress: !args.json,
+            };
+            report.schema = Some(schema::run(&db, &settings).await?);
+        }
         anyhow::Ok(())
     }
     .await;
@@ -736,6 +774,9 @@ fn print_table(report: &Report) {
     }
     if !report.interference.is_empty() {
         print_interference(report);
+    }
+    if let Some(schema) = &report.schema {
+        schema::print(schema);
     }
 }
 
