@@ -44,6 +44,7 @@ pub enum Run {
 pub enum ServerRun {
     Serve(Box<ServeArgs>),
     Migrate(MigrateArgs),
+    Relay(Box<RelayArgs>),
 }
 
 impl ServerRun {
@@ -51,6 +52,7 @@ impl ServerRun {
         match self {
             ServerRun::Serve(args) => &args.observability,
             ServerRun::Migrate(args) => &args.observability,
+            ServerRun::Relay(args) => &args.observability,
         }
     }
 }
@@ -89,6 +91,7 @@ impl Cli {
             None => Run::Server(ServerRun::Serve(Box::new(self.serve))),
             Some(Command::Serve(args)) => Run::Server(ServerRun::Serve(args)),
             Some(Command::Migrate(args)) => Run::Server(ServerRun::Migrate(args)),
+            Some(Command::Relay(args)) => Run::Server(ServerRun::Relay(args)),
             Some(Command::User(command)) => {
                 Run::Client(Invocation::Metadata(crate::model::Kind::User, command))
             }
@@ -110,8 +113,157 @@ pub struct ServeArgs {
     pub server: ServerArgs,
     #[command(flatten)]
     pub security: SecurityArgs,
+    /// With --relay-nats-url, the server also relays its events to NATS
+    /// (the way to run the relay with SQLite).
+    #[command(flatten)]
+    pub relay: NatsArgs,
     #[command(flatten)]
     pub observability: ObservabilityArgs,
+}
+
+/// `relay`: copy the event log into a NATS JetStream stream.
+#[derive(Debug, Args)]
+pub struct RelayArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// Address for gRPC health (grpc.health.v1: "" and "relay").
+    #[arg(long, env = "METADATA_RELAY_LISTEN", default_value = "127.0.0.1:50052")]
+    pub listen: SocketAddr,
+    /// The servers' event retention: the stream's max age unless --nats-max-age is given.
+    #[arg(long, env = "METADATA_EVENT_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub event_retention: Duration,
+    /// How often the event table is polled when no notification arrives.
+    #[arg(long, env = "METADATA_WATCH_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub watch_poll_interval: Duration,
+    #[command(flatten)]
+    pub observability: ObservabilityArgs,
+}
+
+/// Where and how the relay publishes.
+#[derive(Debug, Args)]
+pub struct NatsArgs {
+    /// NATS server URL(s), comma-separated (nats://host:4222, tls://...).
+    /// For `serve`: also relay events to it.
+    #[arg(
+        long = "nats-url",
+        visible_alias = "relay-nats-url",
+        env = "METADATA_NATS_URL",
+        hide_env_values = true
+    )]
+    pub nats_url: Option<String>,
+    /// JetStream stream the events go to (created if missing).
+    #[arg(long, env = "METADATA_NATS_STREAM", default_value = "METADATA")]
+    pub nats_stream: String,
+    /// Subjects are <prefix>.user.<id> and <prefix>.organization.<id>.
+    #[arg(long, env = "METADATA_NATS_SUBJECT_PREFIX", default_value = "metadata")]
+    pub nats_subject_prefix: String,
+    /// NATS credentials file (.creds: JWT and NKey seed).
+    #[arg(long, env = "METADATA_NATS_CREDS", conflicts_with = "nats_user")]
+    pub nats_creds: Option<PathBuf>,
+    /// NATS user name (with --nats-password).
+    #[arg(long, env = "METADATA_NATS_USER", requires = "nats_password")]
+    pub nats_user: Option<String>,
+    /// NATS password.
+    #[arg(
+        long,
+        env = "METADATA_NATS_PASSWORD",
+        hide_env_values = true,
+        requires = "nats_user"
+    )]
+    pub nats_password: Option<String>,
+    /// PEM CA certificates for the NATS server's TLS certificate; requires TLS.
+    #[arg(long, env = "METADATA_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Max age of messages in a stream the relay creates (default: the event retention).
+    #[arg(long, env = "METADATA_NATS_MAX_AGE", value_parser = humantime::parse_duration)]
+    pub nats_max_age: Option<Duration>,
+    /// Duplicate window of a stream the relay creates.
+    #[arg(long, env = "METADATA_NATS_DUPLICATE_WINDOW", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub nats_duplicate_window: Duration,
+    /// Replicas of a stream the relay creates (3 on a clustered JetStream).
+    #[arg(long, env = "METADATA_NATS_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub nats_replicas: u8,
+    /// How long to wait for the NATS connection and for each acknowledgement.
+    #[arg(long, env = "METADATA_NATS_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub nats_timeout: Duration,
+    /// Message bodies: the event as protobuf (as in Watch) or its proto3 JSON form.
+    #[arg(long = "format", visible_alias = "relay-format", env = "METADATA_RELAY_FORMAT", value_enum, default_value_t = crate::relay::Format::Protobuf)]
+    pub format: crate::relay::Format,
+    /// Start at the current revision, after a marker message, whatever the
+    /// stream holds (to reseed a stream the event log has moved past).
+    #[arg(long = "from-now", visible_alias = "relay-from-now")]
+    pub from_now: bool,
+}
+
+impl NatsArgs {
+    /// The relay's options; None when no NATS URL is given.
+    pub fn relay_options(
+        &self,
+        event_retention: Duration,
+    ) -> anyhow::Result<Option<crate::relay::RelayOptions>> {
+        let Some(url) = &self.nats_url else {
+            return Ok(None);
+        };
+        crate::relay::subject::check_prefix(&self.nats_subject_prefix)
+            .map_err(anyhow::Error::msg)?;
+        let stream = &self.nats_stream;
+        if stream.is_empty()
+            || stream.chars().any(|c| {
+                matches!(c, '.' | '*' | '>' | '/' | '\\') || c.is_whitespace() || c.is_control()
+            })
+        {
+            anyhow::bail!(
+                "--nats-stream {stream:?}: a stream name cannot be empty or hold '.', '*', '>', '/', '\\' or spaces"
+            );
+        }
+        let max_age = self.nats_max_age.unwrap_or(event_retention);
+        if self.nats_duplicate_window > max_age {
+            anyhow::bail!(
+                "--nats-duplicate-window cannot be longer than the stream's max age ({max_age:?})"
+            );
+        }
+        Ok(Some(crate::relay::RelayOptions {
+            nats: crate::relay::NatsOptions {
+                url: url.clone(),
+                stream: stream.clone(),
+                subject_prefix: self.nats_subject_prefix.clone(),
+                creds: self.nats_creds.clone(),
+                user: self.nats_user.clone(),
+                password: self.nats_password.clone(),
+                tls_ca: self.nats_tls_ca.clone(),
+                max_age,
+                duplicate_window: self.nats_duplicate_window,
+                replicas: usize::from(self.nats_replicas),
+                timeout: self.nats_timeout,
+            },
+            format: self.format,
+            from_now: self.from_now,
+            batch: BrokerOptions::default().batch,
+            lease_interval: Duration::from_secs(1),
+        }))
+    }
+}
+
+impl RelayArgs {
+    pub fn process_config(&self) -> anyhow::Result<crate::relay::RelayProcessConfig> {
+        let relay = self
+            .nats
+            .relay_options(self.event_retention)?
+            .ok_or_else(|| anyhow::anyhow!("`relay` needs --nats-url (or METADATA_NATS_URL)"))?;
+        Ok(crate::relay::RelayProcessConfig {
+            database_url: self.database.database_url.clone(),
+            store: self.database.store_options(),
+            broker: BrokerOptions {
+                poll_interval: self.watch_poll_interval,
+                ..BrokerOptions::default()
+            },
+            relay,
+            listen: self.listen,
+            metrics_listen: self.observability.metrics_listen.0,
+        })
+    }
 }
 
 /// What `migrate` needs: the database, and where its log lines go.
@@ -155,6 +307,9 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Apply the database migrations, then exit.
     Migrate(MigrateArgs),
+    /// Copy every change event into a NATS JetStream stream, exactly once
+    /// and in order (PostgreSQL; with SQLite use `serve --relay-nats-url`).
+    Relay(Box<RelayArgs>),
     /// Call a running server: user metadata (get, merge, replace, delete, watch).
     User(crate::client::ClientCommand),
     /// Call a running server: organization metadata.
@@ -377,6 +532,7 @@ impl ServeArgs {
             reflection: !self.security.disable_reflection,
             tls: self.security.tls()?,
             metrics_listen: self.observability.metrics_listen.0,
+            relay: self.relay.relay_options(self.server.event_retention)?,
         })
     }
 }

@@ -14,14 +14,16 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::health::DbHealth;
 use crate::metrics::Metrics;
+
+/// Whether the process can do its work now; Err says why not.
+pub type Readiness = Arc<dyn Fn() -> Result<(), &'static str> + Send + Sync>;
 
 #[derive(Clone)]
 struct Shared {
     metrics: Arc<Metrics>,
-    db: Arc<DbHealth>,
-    /// Cancelled when the server starts to stop.
+    ready: Readiness,
+    /// Cancelled when the process starts to stop.
     draining: CancellationToken,
 }
 
@@ -34,7 +36,7 @@ pub struct HttpServer {
 pub async fn serve(
     listen: SocketAddr,
     metrics: Arc<Metrics>,
-    db: Arc<DbHealth>,
+    ready: Readiness,
     draining: CancellationToken,
 ) -> anyhow::Result<HttpServer> {
     let listener = TcpListener::bind(listen)
@@ -44,10 +46,10 @@ pub async fn serve(
     let router = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(ready))
+        .route("/readyz", get(readiness))
         .with_state(Shared {
             metrics,
-            db,
+            ready,
             draining,
         });
     let task = tokio::spawn(async move {
@@ -65,13 +67,17 @@ async fn metrics_text(State(shared): State<Shared>) -> impl IntoResponse {
     )
 }
 
-/// Ready while the database answers and the server is not stopping.
-async fn ready(State(shared): State<Shared>) -> impl IntoResponse {
+/// Ready while the process can work (the server: its database answers) and
+/// is not stopping.
+async fn readiness(State(shared): State<Shared>) -> impl IntoResponse {
     if shared.draining.is_cancelled() {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
-    } else if !shared.db.is_up() {
-        (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n")
-    } else {
-        (StatusCode::OK, "ready\n")
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting down\n".to_string(),
+        );
+    }
+    match (shared.ready)() {
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
     }
 }

@@ -19,6 +19,7 @@ pub mod model;
 pub mod pause;
 pub mod proto;
 pub mod query;
+pub mod relay;
 pub mod schema;
 pub mod server;
 pub mod service;

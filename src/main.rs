@@ -36,6 +36,26 @@ async fn server_process(run: ServerRun) -> anyhow::Result<()> {
             tracing::info!("migrations applied");
             Ok(())
         }
+        ServerRun::Relay(args) => {
+            let config = args.process_config()?;
+            let stop = shutdown_signal()?;
+            tokio::pin!(stop);
+            let mut running = tokio::select! {
+                running = metadata_service::relay::start_process(config) => running?,
+                () = &mut stop => {
+                    tracing::info!("stopped during start-up");
+                    return Ok(());
+                }
+            };
+            tokio::select! {
+                // Only an error no retry mends ends the relay by itself.
+                stopped = running.stopped() => stopped,
+                () = stop => {
+                    tracing::info!("shutting down");
+                    running.shutdown().await
+                }
+            }
+        }
         ServerRun::Serve(args) => {
             let config = args.server_config()?;
             // Listen for signals before starting, so that one arriving while

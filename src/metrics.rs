@@ -217,6 +217,13 @@ impl Metrics {
         })
     }
 
+    /// Adds metrics defined elsewhere (the relay's) to this registry.
+    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) {
+        self.registry
+            .register(collector)
+            .expect("metric names are unique");
+    }
+
     pub fn add_sampler(&self, sampler: impl Fn() + Send + Sync + 'static) {
         self.samplers.lock().unwrap().push(Box::new(sampler));
     }

@@ -57,6 +57,8 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
     /// Plain-HTTP port for /metrics, /healthz and /readyz; None: not served.
     pub metrics_listen: Option<SocketAddr>,
+    /// Relay events to NATS from this process (`--relay-nats-url`).
+    pub relay: Option<crate::relay::RelayOptions>,
 }
 
 /// PEM certificate chain and key; with `client_ca`, clients must present a
@@ -261,6 +263,18 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         config.db_timeout,
         shutdown.clone(),
     ));
+    if let Some(relay) = &config.relay {
+        crate::relay::start_in_server(
+            store.clone(),
+            broker.clone(),
+            relay.clone(),
+            &metrics,
+            reporter.clone(),
+            shutdown.clone(),
+        )
+        .await
+        .context("cannot start the NATS relay")?;
+    }
     metrics.sample(store.clone(), broker.clone());
     tokio::spawn(crate::metrics::track_latest_revision(
         metrics.clone(),
@@ -270,8 +284,13 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
     ));
     let http = match config.metrics_listen {
         Some(listen) => Some(
-            crate::http::serve(listen, metrics.clone(), db_health.clone(), shutdown.clone())
-                .await?,
+            crate::http::serve(
+                listen,
+                metrics.clone(),
+                db_readiness(db_health.clone()),
+                shutdown.clone(),
+            )
+            .await?,
         ),
         None => None,
     };
@@ -365,6 +384,16 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         store,
         broker,
         grace: config.shutdown_grace,
+    })
+}
+
+fn db_readiness(db: Arc<DbHealth>) -> crate::http::Readiness {
+    Arc::new(move || {
+        if db.is_up() {
+            Ok(())
+        } else {
+            Err("database unavailable")
+        }
     })
 }
 

@@ -206,6 +206,16 @@ impl Broker {
         self.fanout.head()
     }
 
+    /// Resolves once the high-water mark is above `revision`, or at
+    /// shutdown.
+    pub async fn moved_past(&self, revision: u64) {
+        let mut moved = self.fanout.moved.subscribe();
+        tokio::select! {
+            _ = moved.wait_for(|head| *head > revision) => {}
+            () = self.shutdown.cancelled() => {}
+        }
+    }
+
     /// The high-water mark, once it has reached what was committed before
     /// this call, so that a stream "from now" does not replay the writes a
     /// client made just before it. Waits at most a second: a transaction

@@ -149,6 +149,8 @@ pub trait ApiKind: Sized + Send + Sync + 'static {
     type Deleted: Message + Send + 'static;
     type Watch: Message + Default + Send + 'static;
     type WatchResponse: Message + Send + 'static;
+    /// The event message, as Watch sends it and the NATS relay publishes it.
+    type Event: Message + Send + 'static;
     type BatchGet: Message + Default + Send + 'static;
     type BatchGot: Message + Send + 'static;
     type List: Message + Default + Send + 'static;
@@ -174,6 +176,8 @@ pub trait ApiKind: Sized + Send + Sync + 'static {
     /// A record as the caller may see it.
     fn record(shown: Shown) -> Self::Record;
     fn watch_response(item: WatchItem) -> Self::WatchResponse;
+    /// An event of this kind as its message.
+    fn event(event: &Event) -> Self::Event;
     fn batch_got(records: Vec<Self::Record>, revision: u64) -> Self::BatchGot;
     fn listed(records: Vec<Self::Record>, next_page_token: String, revision: u64) -> Self::Listed;
 
@@ -306,6 +310,7 @@ macro_rules! api_kind {
             type Deleted = pb::$deleted;
             type Watch = pb::$watch;
             type WatchResponse = pb::$watch_response;
+            type Event = pb::$event;
             type BatchGet = pb::$batch_get;
             type BatchGot = pb::$batch_got;
             type List = pb::$list;
@@ -407,21 +412,25 @@ macro_rules! api_kind {
             fn watch_response(item: WatchItem) -> Self::WatchResponse {
                 use pb::$response_module::Response;
                 let response = match item {
-                    WatchItem::Event(event) => Response::Event(pb::$event {
-                        revision: event.revision,
-                        change_type: change_type(&event),
-                        $id: event.id().to_owned(),
-                        changed_fields: changed_fields(&event),
-                        before: Some(Self::record(Shown::all(event.before.clone()))),
-                        after: Some(Self::record(Shown::all(event.after.clone()))),
-                        committed_at: Some(timestamp(event.committed_at)),
-                    }),
+                    WatchItem::Event(event) => Response::Event(Self::event(&event)),
                     WatchItem::Progress(revision) => {
                         Response::Progress(WatchProgress { revision })
                     }
                 };
                 pb::$watch_response {
                     response: Some(response),
+                }
+            }
+
+            fn event(event: &Event) -> Self::Event {
+                pb::$event {
+                    revision: event.revision,
+                    change_type: change_type(event),
+                    $id: event.id().to_owned(),
+                    changed_fields: changed_fields(event),
+                    before: Some(Self::record(Shown::all(event.before.clone()))),
+                    after: Some(Self::record(Shown::all(event.after.clone()))),
+                    committed_at: Some(timestamp(event.committed_at)),
                 }
             }
 

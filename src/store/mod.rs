@@ -18,6 +18,7 @@ mod batch;
 mod entities;
 mod error;
 mod events;
+mod lease;
 mod migration;
 mod notifications;
 mod reads;
@@ -37,6 +38,7 @@ use sea_orm_migration::MigratorTrait;
 
 pub use error::{StoreError, redact_url};
 pub use events::{Claim, Logged, take_revision_sql};
+pub use lease::{LEASE_APPLICATION_NAME, Lease};
 pub use notifications::{
     ANNOUNCER_APPLICATION_NAME, AnnouncerState, CommitAnnouncer, CommitListener,
 };

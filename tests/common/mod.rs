@@ -155,6 +155,7 @@ pub fn config(database_url: &str) -> ServerConfig {
         reflection: true,
         tls: None,
         metrics_listen: None,
+        relay: None,
     }
 }
 

@@ -1,0 +1,245 @@
+//! The relay's side of NATS: connecting, making sure the stream exists and
+//! is ours, reading where it ends, and publishing with an ack and a fence.
+//!
+//! Every publish carries `Nats-Expected-Last-Sequence`: JetStream stores it
+//! only if the stream still ends where this relay last saw it end. Two
+//! relays that both believe they hold the lease (one cut off from Postgres
+//! a moment too long) can therefore never interleave or repeat events; the
+//! one refused reads the stream's end again and goes on from there.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::PublishErrorKind, stream};
+
+use super::RelayError;
+use super::message::{self, Outgoing};
+
+/// How to reach NATS and which stream to write.
+#[derive(Clone, Debug)]
+pub struct NatsOptions {
+    pub url: String,
+    pub stream: String,
+    pub subject_prefix: String,
+    /// A `.creds` file (JWT and NKey seed), as NGS and operator-mode
+    /// clusters issue them.
+    pub creds: Option<PathBuf>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// PEM CA certificates to verify the server's TLS certificate with;
+    /// setting it requires TLS.
+    pub tls_ca: Option<PathBuf>,
+    /// Stream settings, used when the relay creates it.
+    pub max_age: Duration,
+    pub duplicate_window: Duration,
+    pub replicas: usize,
+    /// How long to wait for a connection and for each acknowledgement.
+    pub timeout: Duration,
+}
+
+/// Where the stream ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// Nothing was ever stored.
+    Empty,
+    /// Messages were stored and none is left (expired or purged): where the
+    /// relay stopped is unknown.
+    Emptied { last_sequence: u64 },
+    /// The last message is complete up to `revision`.
+    At { revision: u64, sequence: u64 },
+}
+
+pub struct JetStream {
+    client: async_nats::Client,
+    context: jetstream::Context,
+    options: NatsOptions,
+}
+
+fn nats_error(operation: &'static str, err: impl std::fmt::Display) -> RelayError {
+    RelayError::Nats {
+        operation,
+        message: err.to_string(),
+    }
+}
+
+impl JetStream {
+    /// Connects once, failing at once if NATS cannot be reached or refuses
+    /// the credentials (bad configuration is an error at start, not a
+    /// retry loop); after that the client reconnects by itself.
+    pub async fn connect(options: NatsOptions) -> Result<JetStream, RelayError> {
+        let connect_error = |message: String| RelayError::Connect {
+            url: crate::store::redact_url(&options.url),
+            message,
+        };
+        let mut connect = async_nats::ConnectOptions::new()
+            .name("metadata-service relay")
+            .connection_timeout(options.timeout)
+            // Reconnects after the first connection never give up: an
+            // outage pauses the relay, it does not end it.
+            .max_reconnects(None);
+        if let Some(path) = &options.creds {
+            connect = connect.credentials_file(path).await.map_err(|e| {
+                connect_error(format!("cannot read --nats-creds {}: {e}", path.display()))
+            })?;
+        }
+        if let (Some(user), Some(password)) = (&options.user, &options.password) {
+            connect = connect.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(ca) = &options.tls_ca {
+            connect = connect.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        let client = connect
+            .connect(options.url.as_str())
+            .await
+            .map_err(|e| connect_error(e.to_string()))?;
+        let mut context = jetstream::new(client.clone());
+        context.set_timeout(options.timeout);
+        Ok(JetStream {
+            client,
+            context,
+            options,
+        })
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    fn wanted_subjects(&self) -> Vec<String> {
+        vec![format!("{}.>", self.options.subject_prefix)]
+    }
+
+    /// Creates the stream if it does not exist; refuses one that holds
+    /// other subjects than the relay's (it would mix foreign messages into
+    /// the log, or miss ours).
+    pub async fn ensure_stream(&self) -> Result<(), RelayError> {
+        let name = &self.options.stream;
+        let wanted = self.wanted_subjects();
+        match self.context.get_stream(name).await {
+            Ok(mut stream) => {
+                let info = stream
+                    .info()
+                    .await
+                    .map_err(|e| nats_error("stream info", e))?;
+                if info.config.subjects != wanted {
+                    return Err(RelayError::ForeignStream {
+                        stream: name.clone(),
+                        found: info.config.subjects.clone(),
+                        wanted: wanted[0].clone(),
+                    });
+                }
+                Ok(())
+            }
+            Err(err) if is_stream_not_found(&err) => {
+                let config = stream::Config {
+                    name: name.clone(),
+                    description: Some(
+                        "metadata-service change events, one per revision, in revision order"
+                            .into(),
+                    ),
+                    subjects: wanted,
+                    storage: stream::StorageType::File,
+                    max_age: self.options.max_age,
+                    duplicate_window: self.options.duplicate_window,
+                    num_replicas: self.options.replicas,
+                    ..Default::default()
+                };
+                self.context
+                    .create_stream(config)
+                    .await
+                    .map_err(|e| nats_error("create stream", e))?;
+                tracing::info!(stream = %name, "created the NATS stream");
+                Ok(())
+            }
+            Err(err) => Err(nats_error("get stream", err)),
+        }
+    }
+
+    /// Where the stream ends now.
+    pub async fn end(&self) -> Result<StreamEnd, RelayError> {
+        let mut stream = self
+            .context
+            .get_stream(&self.options.stream)
+            .await
+            .map_err(|e| nats_error("get stream", e))?;
+        let state = stream
+            .info()
+            .await
+            .map_err(|e| nats_error("stream info", e))?
+            .state
+            .clone();
+        if state.last_sequence == 0 {
+            return Ok(StreamEnd::Empty);
+        }
+        let emptied = StreamEnd::Emptied {
+            last_sequence: state.last_sequence,
+        };
+        if state.messages == 0 {
+            return Ok(emptied);
+        }
+        let last = match stream.get_raw_message(state.last_sequence).await {
+            Ok(last) => last,
+            // It expired between the two calls: every earlier one did too.
+            Err(err) if is_no_message(&err) => return Ok(emptied),
+            Err(err) => return Err(nats_error("get last message", err)),
+        };
+        match message::stored_revision(Some(&last.headers)) {
+            Some(revision) => Ok(StreamEnd::At {
+                revision,
+                sequence: last.sequence,
+            }),
+            None => Err(RelayError::ForeignMessage {
+                stream: self.options.stream.clone(),
+                sequence: last.sequence,
+                subject: crate::logging::Escaped(last.subject.as_str()).to_string(),
+            }),
+        }
+    }
+
+    /// Publishes `outgoing` if the stream still ends at `expected_sequence`
+    /// and waits for JetStream's ack: the sequence it was stored at.
+    pub async fn publish(
+        &self,
+        outgoing: Outgoing,
+        expected_sequence: u64,
+    ) -> Result<u64, RelayError> {
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(outgoing.body)
+            .headers(outgoing.headers)
+            .expected_last_sequence(expected_sequence);
+        let ack = self
+            .context
+            .send_publish(outgoing.subject, publish)
+            .await
+            .map_err(|e| nats_error("publish", e))?
+            .await
+            .map_err(|e| match e.kind() {
+                PublishErrorKind::WrongLastSequence => RelayError::Fenced,
+                _ => nats_error("publish ack", e),
+            })?;
+        if ack.duplicate {
+            // Stored before, by this relay before a restart or by another
+            // one: the stream is not where this relay thought.
+            return Err(RelayError::Fenced);
+        }
+        Ok(ack.sequence)
+    }
+}
+
+fn is_stream_not_found(err: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        err.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(e)
+            if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
+fn is_no_message(err: &stream::RawMessageError) -> bool {
+    match err.kind() {
+        stream::LastRawMessageErrorKind::NoMessageFound => true,
+        stream::LastRawMessageErrorKind::JetStream(e) => {
+            e.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND
+        }
+        _ => false,
+    }
+}

@@ -1,0 +1,162 @@
+//! What the relay publishes: each event as Watch sends it (the kind's
+//! `...MetadataEvent`, protobuf or its proto3 JSON form), with headers a
+//! consumer can route on without decoding, and the relay's own markers.
+//!
+//! Every message carries `Metadata-Revision`: the revision up to which the
+//! stream is complete once it is stored. That is what a restarted relay
+//! reads back from the stream's last message to continue exactly after it.
+
+use std::sync::OnceLock;
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use prost::Message;
+use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
+
+use super::subject;
+use crate::model::{Event, Kind};
+use crate::service::{ApiKind, Organizations, Users};
+
+/// The body's encoding (`--format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// The event message, binary protobuf, as in Watch.
+    Protobuf,
+    /// The same message in its proto3 JSON form.
+    Json,
+}
+
+pub const REVISION: &str = "Metadata-Revision";
+pub const KIND: &str = "Metadata-Kind";
+pub const CHANGE_TYPE: &str = "Metadata-Change-Type";
+pub const MARKER: &str = "Metadata-Marker";
+pub const CONTENT_TYPE: &str = "Content-Type";
+pub const MSG_ID: &str = "Nats-Msg-Id";
+
+/// A message ready to publish.
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    pub subject: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// The stream is complete up to here once this message is stored.
+    pub revision: u64,
+}
+
+fn message_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::User => "metadata.v1.UserMetadataEvent",
+        Kind::Organization => "metadata.v1.OrganizationMetadataEvent",
+    }
+}
+
+/// The service's descriptors, for the JSON form.
+fn pool() -> &'static DescriptorPool {
+    static POOL: OnceLock<DescriptorPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        DescriptorPool::decode(crate::proto::FILE_DESCRIPTOR_SET)
+            .expect("the built-in descriptor set decodes")
+    })
+}
+
+/// The event's message, encoded.
+pub fn event_protobuf(event: &Event) -> Vec<u8> {
+    match event.kind() {
+        Kind::User => Users::event(event).encode_to_vec(),
+        Kind::Organization => Organizations::event(event).encode_to_vec(),
+    }
+}
+
+/// The event's message in proto3 JSON (field names in lowerCamelCase, 64-bit
+/// integers as strings, enums by name, timestamps in RFC 3339), made by
+/// prost-reflect from the descriptors, so it follows the proto exactly.
+pub fn event_json(event: &Event) -> Vec<u8> {
+    let descriptor = pool()
+        .get_message_by_name(message_name(event.kind()))
+        .expect("the event messages are in the descriptor set");
+    let message = DynamicMessage::decode(descriptor, event_protobuf(event).as_slice())
+        .expect("a message this process encoded decodes");
+    let mut body = Vec::new();
+    let mut serializer = serde_json::Serializer::new(&mut body);
+    message
+        .serialize_with_options(&mut serializer, &SerializeOptions::new())
+        .expect("serializing into memory cannot fail");
+    body
+}
+
+/// The message for `event`, on `prefix`.
+pub fn for_event(event: &Event, prefix: &str, format: Format) -> Outgoing {
+    let kind = event.kind();
+    let (body, content_type) = match format {
+        Format::Protobuf => (
+            event_protobuf(event),
+            format!("application/protobuf; proto={}", message_name(kind)),
+        ),
+        Format::Json => (
+            event_json(event),
+            format!("application/json; proto={}", message_name(kind)),
+        ),
+    };
+    let revision = event.revision.to_string();
+    let mut headers = HeaderMap::new();
+    // JetStream drops a second message with the same id within the
+    // stream's duplicate window.
+    headers.insert(MSG_ID, revision.as_str());
+    headers.insert(REVISION, revision.as_str());
+    headers.insert(KIND, subject::kind_token(kind));
+    headers.insert(CHANGE_TYPE, event.change.as_str());
+    headers.insert(CONTENT_TYPE, content_type.as_str());
+    Outgoing {
+        subject: subject::event_subject(prefix, kind, event.id()),
+        headers,
+        body: body.into(),
+        revision: event.revision,
+    }
+}
+
+/// Why the relay published a marker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MarkerReason {
+    /// A new stream: it holds the log from after `revision` (what the event
+    /// table still had), not from the beginning.
+    Start,
+    /// `--from-now`: the events up to `revision` are not in the stream,
+    /// whatever came before this marker.
+    Reseed,
+}
+
+impl MarkerReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            MarkerReason::Start => "start",
+            MarkerReason::Reseed => "reseed",
+        }
+    }
+}
+
+/// A marker: no event, only the revision after which the stream goes on.
+pub fn marker(reason: MarkerReason, revision: u64, prefix: &str) -> Outgoing {
+    let mut headers = HeaderMap::new();
+    headers.insert(MSG_ID, format!("{}-{revision}", reason.name()).as_str());
+    headers.insert(REVISION, revision.to_string().as_str());
+    headers.insert(MARKER, reason.name());
+    headers.insert(CONTENT_TYPE, "application/json");
+    let body = serde_json::json!({
+        "marker": reason.name(),
+        "revision": revision.to_string(),
+        "note": "events up to this revision are not in this stream; the next event follows it",
+    });
+    Outgoing {
+        subject: subject::marker_subject(prefix),
+        headers,
+        body: serde_json::to_vec(&body)
+            .expect("serializing into memory cannot fail")
+            .into(),
+        revision,
+    }
+}
+
+/// The revision a stored message says the stream is complete up to.
+pub fn stored_revision(headers: Option<&HeaderMap>) -> Option<u64> {
+    headers?.get(REVISION)?.as_str().parse().ok()
+}

@@ -1,0 +1,437 @@
+//! The NATS JetStream relay: copies the event log into a stream, every
+//! revision exactly once and in revision order, across crashes, outages and
+//! replicas.
+//!
+//! - **Where to go on.** The stream itself says: its last message carries
+//!   `Metadata-Revision`, and the relay continues after it. Nothing else is
+//!   stored, so no state can disagree with the stream.
+//! - **Exactly once.** Each publish waits for JetStream's ack before the
+//!   next, and is fenced with `Nats-Expected-Last-Sequence` (see
+//!   `jetstream`); a refused, lost or doubtful publish makes the relay read
+//!   the stream's end again. `Nats-Msg-Id` is the revision, so JetStream's
+//!   duplicate window drops a repeat as well.
+//! - **In order, no gap.** The relay reads the event table only up to the
+//!   dispatcher's high-water mark (`Broker::head`), below which every
+//!   revision is committed or void, exactly as a Watch stream does.
+//! - **One at a time.** Replicas take turns through a Postgres advisory
+//!   lock (`store::lease`); on SQLite the relay runs in the server process.
+//! - **Too old.** A stream that ends below the oldest event the table keeps
+//!   stops the relay with an error that says how to reseed (`--from-now`).
+
+mod jetstream;
+pub mod message;
+mod metrics;
+mod process;
+pub mod subject;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub use jetstream::{JetStream, NatsOptions, StreamEnd};
+pub use message::Format;
+pub use metrics::RelayMetrics;
+pub use process::{RELAY_HEALTH, RelayProcessConfig, RunningRelay, start_in_server, start_process};
+
+use crate::events::Broker;
+use crate::store::{Lease, Store, StoreError};
+use message::MarkerReason;
+
+#[derive(Clone, Debug)]
+pub struct RelayOptions {
+    pub nats: NatsOptions,
+    pub format: Format,
+    /// Start at the current revision, after a marker, whatever the stream
+    /// holds.
+    pub from_now: bool,
+    /// Events read from the table per query.
+    pub batch: u64,
+    /// How often a standby tries to take the lease, and the holder checks
+    /// that it still has it.
+    pub lease_interval: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("cannot connect to NATS at {url}: {message}")]
+    Connect { url: String, message: String },
+    #[error(
+        "NATS stream {stream} exists with subjects {found:?}, not [\"{wanted}\"]: it is not this \
+         relay's stream; choose another --nats-stream or --nats-subject-prefix"
+    )]
+    ForeignStream {
+        stream: String,
+        found: Vec<String>,
+        wanted: String,
+    },
+    #[error(
+        "the last message of NATS stream {stream} (sequence {sequence}, subject {subject}) has no \
+         Metadata-Revision header: something other than the relay publishes to it"
+    )]
+    ForeignMessage {
+        stream: String,
+        sequence: u64,
+        subject: String,
+    },
+    #[error(
+        "NATS stream {stream} has no message left (its last, sequence {last_sequence}, expired or \
+         was purged), so where the relay stopped is unknown; restart it once with --from-now to \
+         reseed the stream from the current revision (a marker message says where it resumes)"
+    )]
+    Emptied { stream: String, last_sequence: u64 },
+    #[error(
+        "NATS stream {stream} ends at revision {last}, but the event table keeps only revisions \
+         from {oldest} on (older events were pruned by --event-retention), so revisions {} to {} \
+         can no longer be relayed; restart the relay once with --from-now to reseed the stream \
+         from the current revision (a marker message says where it resumes)",
+        last + 1, oldest - 1
+    )]
+    PastRetention {
+        stream: String,
+        last: u64,
+        oldest: u64,
+    },
+    /// Another publisher moved the stream's end, or a publish may have
+    /// been stored twice: read the end again.
+    #[error("the stream's end moved under this relay")]
+    Fenced,
+    #[error("NATS {operation} failed: {message}")]
+    Nats {
+        operation: &'static str,
+        message: String,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl RelayError {
+    /// An error no retry can mend: the relay stops with it.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            RelayError::Connect { .. }
+                | RelayError::ForeignStream { .. }
+                | RelayError::ForeignMessage { .. }
+                | RelayError::Emptied { .. }
+                | RelayError::PastRetention { .. }
+        )
+    }
+
+    fn operation(&self) -> &'static str {
+        match self {
+            RelayError::Nats { operation, .. } => operation,
+            RelayError::Fenced => "fenced",
+            RelayError::Store(_) => "database",
+            _ => "other",
+        }
+    }
+}
+
+/// What the relay's health and metrics read.
+#[derive(Debug, Default)]
+pub struct RelayState {
+    /// False while NATS or the database fails the relay.
+    failing: AtomicBool,
+    /// The revision up to which the stream is complete (as far as known).
+    revision: AtomicU64,
+    holds_lease: AtomicBool,
+}
+
+impl RelayState {
+    pub fn is_healthy(&self) -> bool {
+        !self.failing.load(Ordering::Relaxed)
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.revision.load(Ordering::Relaxed)
+    }
+
+    pub fn holds_lease(&self) -> bool {
+        self.holds_lease.load(Ordering::Relaxed)
+    }
+}
+
+/// The position of a relay holding the lease: the stream is complete up to
+/// `revision`, and its last message is at `sequence`.
+#[derive(Clone, Copy, Debug)]
+struct Cursor {
+    revision: u64,
+    sequence: u64,
+}
+
+/// How a turn holding the lease ended.
+enum Turn {
+    ShuttingDown,
+    LeaseLost,
+}
+
+pub struct Relay {
+    store: Arc<Store>,
+    broker: Arc<Broker>,
+    nats: JetStream,
+    options: RelayOptions,
+    state: Arc<RelayState>,
+    metrics: Arc<RelayMetrics>,
+    /// Called with the new health whenever it changes.
+    on_health: Box<dyn Fn(bool) + Send + Sync>,
+    shutdown: CancellationToken,
+}
+
+/// Retry delays after a failure: quick at first, then every few seconds.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+
+impl Relay {
+    /// Connects to NATS and makes sure the stream is there and is ours;
+    /// both failures are configuration errors, returned at once.
+    pub async fn connect(
+        store: Arc<Store>,
+        broker: Arc<Broker>,
+        options: RelayOptions,
+        metrics: Arc<RelayMetrics>,
+        on_health: Box<dyn Fn(bool) + Send + Sync>,
+        shutdown: CancellationToken,
+    ) -> Result<Relay, RelayError> {
+        let nats = JetStream::connect(options.nats.clone()).await?;
+        nats.ensure_stream().await?;
+        let state = Arc::new(RelayState::default());
+        metrics.observe(state.clone(), broker.clone());
+        Ok(Relay {
+            store,
+            broker,
+            nats,
+            options,
+            state,
+            metrics,
+            on_health,
+            shutdown,
+        })
+    }
+
+    pub fn state(&self) -> Arc<RelayState> {
+        self.state.clone()
+    }
+
+    /// Takes turns with other replicas until shutdown, or until an error
+    /// that no retry mends.
+    pub async fn run(self) -> Result<(), RelayError> {
+        let mut from_now = self.options.from_now;
+        loop {
+            let Some(mut lease) = self.wait_for_lease().await else {
+                return Ok(());
+            };
+            self.state.holds_lease.store(true, Ordering::Relaxed);
+            self.metrics.lease_held.set(1);
+            tracing::info!(stream = %self.options.nats.stream, "relay lease taken; publishing");
+            let turn = self.publish_while_held(&mut lease, &mut from_now).await;
+            self.state.holds_lease.store(false, Ordering::Relaxed);
+            self.metrics.lease_held.set(0);
+            drop(lease);
+            match turn {
+                Ok(Turn::ShuttingDown) => return Ok(()),
+                Ok(Turn::LeaseLost) => {
+                    tracing::warn!(
+                        "relay lease lost (its database connection failed); standing by"
+                    );
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    fn set_health(&self, healthy: bool) {
+        let was = self.state.failing.swap(!healthy, Ordering::Relaxed);
+        if was == healthy {
+            (self.on_health)(healthy);
+        }
+    }
+
+    /// Waits until this process holds the lease; None at shutdown.
+    async fn wait_for_lease(&self) -> Option<Lease> {
+        let mut said = false;
+        loop {
+            match self.store.try_lease(&self.options.nats.stream).await {
+                Ok(Some(lease)) => return Some(lease),
+                Ok(None) => {
+                    if !said {
+                        tracing::info!("another relay holds the lease; standing by");
+                        said = true;
+                    }
+                    self.set_health(self.nats.is_connected());
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot reach the database for the relay lease");
+                    self.set_health(false);
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(self.options.lease_interval) => {}
+                () = self.shutdown.cancelled() => return None,
+            }
+        }
+    }
+
+    async fn publish_while_held(
+        &self,
+        lease: &mut Lease,
+        from_now: &mut bool,
+    ) -> Result<Turn, RelayError> {
+        let mut cursor: Option<Cursor> = None;
+        let mut failures = 0u32;
+        let mut lease_checked = Instant::now();
+        loop {
+            if self.shutdown.is_cancelled() {
+                return Ok(Turn::ShuttingDown);
+            }
+            if lease_checked.elapsed() >= self.options.lease_interval {
+                if !lease
+                    .check(self.options.lease_interval.max(Duration::from_secs(1)))
+                    .await
+                {
+                    return Ok(Turn::LeaseLost);
+                }
+                lease_checked = Instant::now();
+            }
+            let step = match cursor.as_mut() {
+                None => self.start(from_now).await.map(|start| {
+                    cursor = Some(start);
+                }),
+                Some(at) => self.forward(at).await,
+            };
+            match step {
+                Ok(()) => {
+                    if failures > 0 {
+                        tracing::info!("relay publishing again");
+                    }
+                    failures = 0;
+                    self.set_health(true);
+                }
+                Err(err) if err.is_fatal() => return Err(err),
+                Err(err) => {
+                    self.metrics
+                        .nats_errors
+                        .with_label_values(&[err.operation()])
+                        .inc();
+                    if failures == 0 || matches!(err, RelayError::Fenced) {
+                        tracing::warn!(error = %err, "relay paused; reading the stream's end again");
+                    } else {
+                        tracing::debug!(error = %err, "relay still paused");
+                    }
+                    if !matches!(err, RelayError::Fenced) {
+                        self.set_health(false);
+                    }
+                    cursor = None;
+                    let backoff = (BACKOFF.0 * 2u32.saturating_pow(failures)).min(BACKOFF.1);
+                    failures = failures.saturating_add(1);
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = self.shutdown.cancelled() => return Ok(Turn::ShuttingDown),
+                    }
+                    continue;
+                }
+            }
+            if let Some(at) = cursor
+                && self.broker.head() <= at.revision
+            {
+                // Caught up: wait for the log to move (or the next lease check).
+                tokio::select! {
+                    () = self.broker.moved_past(at.revision) => {}
+                    () = tokio::time::sleep(self.options.lease_interval) => {}
+                    () = self.shutdown.cancelled() => return Ok(Turn::ShuttingDown),
+                }
+            }
+        }
+    }
+
+    /// Reads where the stream ends and decides where to go on from.
+    async fn start(&self, from_now: &mut bool) -> Result<Cursor, RelayError> {
+        let stream = &self.options.nats.stream;
+        let end = self.nats.end().await?;
+        let prefix = &self.options.nats.subject_prefix;
+        let cursor = match end {
+            _ if *from_now => {
+                let head = self.broker.head();
+                let after = match end {
+                    StreamEnd::At { sequence, .. } => sequence,
+                    StreamEnd::Empty => 0,
+                    StreamEnd::Emptied { last_sequence } => last_sequence,
+                };
+                let marker = message::marker(MarkerReason::Reseed, head, prefix);
+                let sequence = self.nats.publish(marker, after).await?;
+                tracing::warn!(stream = %stream, revision = head, "stream reseeded: it goes on after the current revision (--from-now)");
+                *from_now = false;
+                Cursor {
+                    revision: head,
+                    sequence,
+                }
+            }
+            StreamEnd::Empty => {
+                // A new stream holds what the table still has.
+                let compacted = self.store.compacted_revision().await?;
+                let marker = message::marker(MarkerReason::Start, compacted, prefix);
+                let sequence = self.nats.publish(marker, 0).await?;
+                tracing::info!(stream = %stream, revision = compacted, "new stream: relaying the event log from the oldest event kept");
+                Cursor {
+                    revision: compacted,
+                    sequence,
+                }
+            }
+            StreamEnd::Emptied { last_sequence } => {
+                return Err(RelayError::Emptied {
+                    stream: stream.clone(),
+                    last_sequence,
+                });
+            }
+            StreamEnd::At { revision, sequence } => Cursor { revision, sequence },
+        };
+        self.state
+            .revision
+            .store(cursor.revision, Ordering::Relaxed);
+        Ok(cursor)
+    }
+
+    /// Publishes what the log holds after the cursor, up to the high-water
+    /// mark, one batch.
+    async fn forward(&self, at: &mut Cursor) -> Result<(), RelayError> {
+        let head = self.broker.head();
+        if head <= at.revision {
+            return Ok(());
+        }
+        let batch = self.options.batch;
+        let entries = self.store.read_log(at.revision, head, batch).await?;
+        // Pruning removes a prefix of the log and records how far, in one
+        // transaction: read after the events, a mark below the cursor
+        // proves the read complete (as for Watch).
+        let compacted = self.store.compacted_revision().await?;
+        if compacted > at.revision {
+            return Err(RelayError::PastRetention {
+                stream: self.options.nats.stream.clone(),
+                last: at.revision,
+                oldest: compacted + 1,
+            });
+        }
+        let covered = match entries.last() {
+            Some(last) if entries.len() as u64 >= batch => last.revision,
+            _ => head,
+        };
+        let prefix = &self.options.nats.subject_prefix;
+        for entry in entries {
+            let Some(event) = entry.event else {
+                continue;
+            };
+            let outgoing = message::for_event(&event, prefix, self.options.format);
+            at.sequence = self.nats.publish(outgoing, at.sequence).await?;
+            at.revision = event.revision;
+            self.state.revision.store(at.revision, Ordering::Relaxed);
+            self.metrics.published.inc();
+            if self.shutdown.is_cancelled() {
+                return Ok(());
+            }
+        }
+        at.revision = at.revision.max(covered);
+        self.state.revision.store(at.revision, Ordering::Relaxed);
+        Ok(())
+    }
+}
