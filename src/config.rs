@@ -242,6 +242,7 @@ impl NatsArgs {
             from_now: self.from_now,
             batch: BrokerOptions::default().batch,
             lease_interval: Duration::from_secs(1),
+            pauses: Default::default(),
         }))
     }
 }

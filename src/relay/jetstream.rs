@@ -14,6 +14,7 @@ use async_nats::jetstream::{self, context::PublishErrorKind, stream};
 
 use super::RelayError;
 use super::message::{self, Outgoing};
+use crate::pause::PausePoint;
 
 /// How to reach NATS and which stream to write.
 #[derive(Clone, Debug)]
@@ -202,6 +203,7 @@ impl JetStream {
         &self,
         outgoing: Outgoing,
         expected_sequence: u64,
+        sent: &PausePoint,
     ) -> Result<u64, RelayError> {
         let publish = jetstream::message::PublishMessage::build()
             .payload(outgoing.body)
@@ -211,12 +213,12 @@ impl JetStream {
             .context
             .send_publish(outgoing.subject, publish)
             .await
-            .map_err(|e| nats_error("publish", e))?
-            .await
-            .map_err(|e| match e.kind() {
-                PublishErrorKind::WrongLastSequence => RelayError::Fenced,
-                _ => nats_error("publish ack", e),
-            })?;
+            .map_err(|e| nats_error("publish", e))?;
+        sent.pass().await;
+        let ack = ack.await.map_err(|e| match e.kind() {
+            PublishErrorKind::WrongLastSequence => RelayError::Fenced,
+            _ => nats_error("publish ack", e),
+        })?;
         if ack.duplicate {
             // Stored before, by this relay before a restart or by another
             // one: the stream is not where this relay thought.

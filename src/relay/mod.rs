@@ -37,6 +37,7 @@ pub use metrics::RelayMetrics;
 pub use process::{RELAY_HEALTH, RelayProcessConfig, RunningRelay, start_in_server, start_process};
 
 use crate::events::Broker;
+use crate::pause::PausePoint;
 use crate::store::{Lease, Store, StoreError};
 use message::MarkerReason;
 
@@ -52,6 +53,18 @@ pub struct RelayOptions {
     /// How often a standby tries to take the lease, and the holder checks
     /// that it still has it.
     pub lease_interval: Duration,
+    /// Test-only stopping places; never armed in production.
+    pub pauses: RelayPauses,
+}
+
+/// Where a test can stop the relay (see [`PausePoint`]): the moments a
+/// crash is the most likely to lose or repeat an event.
+#[derive(Clone, Debug, Default)]
+pub struct RelayPauses {
+    /// An event's publish is sent and its ack not yet read.
+    pub sent: PausePoint,
+    /// An event's ack is read and the relay has not moved on yet.
+    pub acked: PausePoint,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -359,7 +372,10 @@ impl Relay {
                     StreamEnd::Emptied { last_sequence } => last_sequence,
                 };
                 let marker = message::marker(MarkerReason::Reseed, head, prefix);
-                let sequence = self.nats.publish(marker, after).await?;
+                let sequence = self
+                    .nats
+                    .publish(marker, after, &PausePoint::default())
+                    .await?;
                 tracing::warn!(stream = %stream, revision = head, "stream reseeded: it goes on after the current revision (--from-now)");
                 *from_now = false;
                 Cursor {
@@ -371,7 +387,7 @@ impl Relay {
                 // A new stream holds what the table still has.
                 let compacted = self.store.compacted_revision().await?;
                 let marker = message::marker(MarkerReason::Start, compacted, prefix);
-                let sequence = self.nats.publish(marker, 0).await?;
+                let sequence = self.nats.publish(marker, 0, &PausePoint::default()).await?;
                 tracing::info!(stream = %stream, revision = compacted, "new stream: relaying the event log from the oldest event kept");
                 Cursor {
                     revision: compacted,
@@ -422,7 +438,11 @@ impl Relay {
                 continue;
             };
             let outgoing = message::for_event(&event, prefix, self.options.format);
-            at.sequence = self.nats.publish(outgoing, at.sequence).await?;
+            at.sequence = self
+                .nats
+                .publish(outgoing, at.sequence, &self.options.pauses.sent)
+                .await?;
+            self.options.pauses.acked.pass().await;
             at.revision = event.revision;
             self.state.revision.store(at.revision, Ordering::Relaxed);
             self.metrics.published.inc();

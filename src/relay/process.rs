@@ -121,6 +121,16 @@ impl RunningRelay {
         }
     }
 
+    /// Stops at once, as a crash would (for tests): nothing is flushed or
+    /// closed politely; the lease goes when its connection is dropped.
+    pub fn kill(self) {
+        self.task.abort();
+        self.health.abort();
+        if let Some(http) = self.http {
+            http.task.abort();
+        }
+    }
+
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         let result = match self.task.await {

@@ -5,6 +5,7 @@
 //! `real_binary/served.rs`).
 
 pub mod json;
+pub mod nats;
 pub mod tls;
 
 use metadata_service::json::Limits;
@@ -134,6 +135,29 @@ fn with_database(url: &str, name: &str) -> String {
         out.push_str(query);
     }
     out
+}
+
+/// What tests read from the event table beside the server.
+impl TestDb {
+    /// Every revision in the event table that is a change (not a void: a
+    /// revision taken and never committed), in order.
+    pub async fn event_revisions(&self) -> Vec<u64> {
+        use sea_orm::Statement;
+        let db = Database::connect(self.url())
+            .await
+            .expect("connect to the test database");
+        let rows = db
+            .query_all_raw(Statement::from_string(
+                db.get_database_backend(),
+                "SELECT revision FROM events WHERE change_type <> 'void' ORDER BY revision",
+            ))
+            .await
+            .expect("read the event table");
+        db.close().await.ok();
+        rows.iter()
+            .map(|r| r.try_get::<i64>("", "revision").unwrap() as u64)
+            .collect()
+    }
 }
 
 pub fn config(database_url: &str) -> ServerConfig {

@@ -8,7 +8,7 @@ use metadata_service::proto::v1::organization_metadata_service_client::Organizat
 use metadata_service::proto::v1::user_metadata_service_client::UserMetadataServiceClient;
 use metadata_service::proto::v1::{MergeUserMetadataRequest, UserMetadata};
 use metadata_service::server::{self, RunningServer, ServerConfig};
-use sea_orm::{ConnectionTrait, Database};
+use sea_orm::Database;
 use serde_json::Value as Json;
 use tonic::transport::Channel;
 
@@ -167,24 +167,6 @@ impl TestDb {
         Database::connect(self.url())
             .await
             .expect("connect to the test database")
-    }
-
-    /// Every revision in the event table that is a change (not a void: a
-    /// revision taken and never committed), in order.
-    pub async fn event_revisions(&self) -> Vec<u64> {
-        use sea_orm::Statement;
-        let db = self.connect().await;
-        let rows = db
-            .query_all_raw(Statement::from_string(
-                db.get_database_backend(),
-                "SELECT revision FROM events WHERE change_type <> 'void' ORDER BY revision",
-            ))
-            .await
-            .expect("read the event table");
-        db.close().await.ok();
-        rows.iter()
-            .map(|r| r.try_get::<i64>("", "revision").unwrap() as u64)
-            .collect()
     }
 }
 

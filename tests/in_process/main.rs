@@ -48,6 +48,7 @@ mod metrics;
 mod notifications;
 mod properties;
 mod queries;
+mod relay;
 mod schema_rules;
 mod schemas;
 mod semantics;

@@ -68,7 +68,7 @@ const ENV_VARS: [&str; 26] = [
 
 /// The binary with a clean environment, run in `dir` so that a default
 /// `sqlite://metadata.db` could never land in the source tree.
-fn command(dir: &Path) -> Command {
+pub(crate) fn command(dir: &Path) -> Command {
     let mut cmd = Command::new(BIN);
     for var in ENV_VARS {
         cmd.env_remove(var);
@@ -83,7 +83,7 @@ fn command(dir: &Path) -> Command {
     cmd
 }
 
-struct Finished {
+pub(crate) struct Finished {
     status: ExitStatus,
     stdout: String,
     stderr: String,
@@ -101,7 +101,7 @@ impl std::fmt::Debug for Finished {
 }
 
 /// Runs the binary with `args` to completion, killing it after [`RUN_LIMIT`].
-async fn run_bin(dir: &Path, args: &[&str]) -> Finished {
+pub(crate) async fn run_bin(dir: &Path, args: &[&str]) -> Finished {
     let started = Instant::now();
     let child = command(dir)
         .args(args)
@@ -131,7 +131,7 @@ fn assert_no_panic(what: &str, output: &str) {
 
 /// A start-up failure: exit status 1 and one `error: ` line on stderr,
 /// which is returned.
-fn assert_one_line_error(run: &Finished) -> &str {
+pub(crate) fn assert_one_line_error(run: &Finished) -> &str {
     assert_eq!(run.status.code(), Some(1), "{run:?}");
     let lines: Vec<&str> = run.stderr.lines().collect();
     assert_eq!(lines.len(), 1, "stderr must be one line: {run:?}");

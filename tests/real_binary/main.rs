@@ -11,3 +11,4 @@ mod binary;
 mod cli;
 mod grpcurl;
 mod readme;
+mod relay;

@@ -11,7 +11,7 @@ pub struct TestServer {
     pub addr: SocketAddr,
     _server: RunningServer,
     // Declared last: the database outlives the server using it.
-    _db: TestDb,
+    pub db: TestDb,
 }
 
 impl TestServer {
@@ -35,6 +35,6 @@ pub async fn start_with(
     Some(TestServer {
         addr: server.local_addr(),
         _server: server,
-        _db: db,
+        db,
     })
 }
