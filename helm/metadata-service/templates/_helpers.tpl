@@ -64,6 +64,193 @@ Selector of the server pods (the migration Job's pods carry component=migration)
 app.kubernetes.io/component: server
 {{- end }}
 
+{{/*
+Selector of the relay pods (postgres mode, relay.enabled).
+*/}}
+{{- define "metadata-service.relaySelectorLabels" -}}
+{{ include "metadata-service.selectorLabels" . }}
+app.kubernetes.io/component: relay
+{{- end }}
+
+{{/*
+"true" when the relay runs as a Deployment of its own: relay.enabled in
+postgres mode. In sqlite mode the server relays itself (natsEnv on the
+server container) and no relay Deployment is rendered.
+*/}}
+{{- define "metadata-service.relayDeployed" -}}
+{{- if and .Values.relay.enabled (eq .Values.database.mode "postgres") }}true{{ end }}
+{{- end }}
+
+{{/*
+"true" when the server container relays (sqlite mode, relay.enabled).
+*/}}
+{{- define "metadata-service.serverRelays" -}}
+{{- if and .Values.relay.enabled (eq .Values.database.mode "sqlite") }}true{{ end }}
+{{- end }}
+
+{{/*
+Name of the Secret holding the NATS URL and credentials.
+*/}}
+{{- define "metadata-service.natsSecretName" -}}
+{{- default (include "metadata-service.suffixedName" (list . "nats")) .Values.relay.nats.existingSecret }}
+{{- end }}
+
+{{/*
+"true" when the chart creates the NATS Secret.
+*/}}
+{{- define "metadata-service.createNatsSecret" -}}
+{{- if and .Values.relay.enabled (not .Values.relay.nats.existingSecret) }}true{{ end }}
+{{- end }}
+
+{{/*
+NATS credentials in use: none, userPassword or creds (from the values for
+the chart's Secret, from relay.nats.existingSecretAuth for an existing one).
+*/}}
+{{- define "metadata-service.natsAuth" -}}
+{{- $n := .Values.relay.nats }}
+{{- if $n.existingSecret }}{{ $n.existingSecretAuth }}
+{{- else if $n.creds }}creds
+{{- else if or $n.user $n.password }}userPassword
+{{- else }}none
+{{- end }}
+{{- end }}
+
+{{/*
+The NATS variables of a container that relays (the relay's, or the server's
+in sqlite mode). URL, user and password come from the NATS Secret; the
+.creds file and the TLS CA are mounted files (natsVolumeMounts).
+*/}}
+{{- define "metadata-service.natsEnv" -}}
+{{- $n := .Values.relay.nats }}
+{{- $secret := include "metadata-service.natsSecretName" . }}
+{{- $auth := include "metadata-service.natsAuth" . }}
+- name: METADATA_NATS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ $n.secretKeys.url }}
+{{- if eq $auth "userPassword" }}
+- name: METADATA_NATS_USER
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ $n.secretKeys.user }}
+- name: METADATA_NATS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ $n.secretKeys.password }}
+{{- else if eq $auth "creds" }}
+- name: METADATA_NATS_CREDS
+  value: /etc/metadata-service/nats-creds/{{ $n.secretKeys.creds }}
+{{- end }}
+{{- with $n.tlsCaSecret }}
+- name: METADATA_NATS_TLS_CA
+  value: /etc/metadata-service/nats-ca/{{ $n.tlsCaKey }}
+{{- end }}
+- name: METADATA_NATS_STREAM
+  value: {{ $n.stream | quote }}
+- name: METADATA_NATS_SUBJECT_PREFIX
+  value: {{ $n.subjectPrefix | quote }}
+- name: METADATA_RELAY_FORMAT
+  value: {{ .Values.relay.format | quote }}
+{{- with $n.maxAge }}
+- name: METADATA_NATS_MAX_AGE
+  value: {{ . | quote }}
+{{- end }}
+{{- with $n.duplicateWindow }}
+- name: METADATA_NATS_DUPLICATE_WINDOW
+  value: {{ . | quote }}
+{{- end }}
+{{- if not (kindIs "invalid" $n.replicas) }}
+- name: METADATA_NATS_REPLICAS
+  value: {{ include "metadata-service.envValue" $n.replicas | quote }}
+{{- end }}
+{{- with $n.timeout }}
+- name: METADATA_NATS_TIMEOUT
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+Volume mounts (and volumes, below) of the NATS .creds file and TLS CA.
+*/}}
+{{- define "metadata-service.natsVolumeMounts" -}}
+{{- if eq (include "metadata-service.natsAuth" .) "creds" }}
+- name: nats-creds
+  mountPath: /etc/metadata-service/nats-creds
+  readOnly: true
+{{- end }}
+{{- if .Values.relay.nats.tlsCaSecret }}
+- name: nats-ca
+  mountPath: /etc/metadata-service/nats-ca
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "metadata-service.natsVolumes" -}}
+{{- $n := .Values.relay.nats }}
+{{- if eq (include "metadata-service.natsAuth" .) "creds" }}
+- name: nats-creds
+  secret:
+    secretName: {{ include "metadata-service.natsSecretName" . }}
+    defaultMode: 0440
+    items:
+      - key: {{ $n.secretKeys.creds }}
+        path: {{ $n.secretKeys.creds }}
+{{- end }}
+{{- with $n.tlsCaSecret }}
+- name: nats-ca
+  secret:
+    secretName: {{ . }}
+    items:
+      - key: {{ $n.tlsCaKey }}
+        path: {{ $n.tlsCaKey }}
+{{- end }}
+{{- end }}
+
+{{/*
+Variables of the NATS settings (natsEnv), set on whichever container relays.
+*/}}
+{{- define "metadata-service.natsEnvNames" -}}
+{{- toJson (list "METADATA_NATS_URL" "METADATA_NATS_USER" "METADATA_NATS_PASSWORD" "METADATA_NATS_CREDS" "METADATA_NATS_TLS_CA" "METADATA_NATS_STREAM" "METADATA_NATS_SUBJECT_PREFIX" "METADATA_RELAY_FORMAT" "METADATA_NATS_MAX_AGE" "METADATA_NATS_DUPLICATE_WINDOW" "METADATA_NATS_REPLICAS" "METADATA_NATS_TIMEOUT") }}
+{{- end }}
+
+{{/*
+config keys the relay process reads too (the rest are the server's only).
+*/}}
+{{- define "metadata-service.relayConfigKeys" -}}
+{{- toJson (list "dbMaxConnections" "dbConnectTimeout" "watchPollInterval" "eventRetention" "logFormat" "logFilter") }}
+{{- end }}
+
+{{/*
+Every variable the chart may set on the relay container, with the command
+line flags of `relay` that would override them.
+*/}}
+{{- define "metadata-service.relayManagedFlags" -}}
+DATABASE_URL: [--database-url]
+METADATA_RELAY_LISTEN: [--listen]
+METADATA_METRICS_LISTEN: [--metrics-listen]
+METADATA_DB_MAX_CONNECTIONS: [--db-max-connections]
+METADATA_DB_CONNECT_TIMEOUT: [--db-connect-timeout]
+METADATA_WATCH_POLL_INTERVAL: [--watch-poll-interval]
+METADATA_EVENT_RETENTION: [--event-retention]
+METADATA_LOG_FORMAT: [--log-format]
+RUST_LOG: [--log-filter]
+METADATA_NATS_URL: [--nats-url, --relay-nats-url]
+METADATA_NATS_USER: [--nats-user]
+METADATA_NATS_PASSWORD: [--nats-password]
+METADATA_NATS_CREDS: [--nats-creds]
+METADATA_NATS_TLS_CA: [--nats-tls-ca]
+METADATA_NATS_STREAM: [--nats-stream]
+METADATA_NATS_SUBJECT_PREFIX: [--nats-subject-prefix]
+METADATA_RELAY_FORMAT: [--format, --relay-format]
+METADATA_NATS_MAX_AGE: [--nats-max-age]
+METADATA_NATS_DUPLICATE_WINDOW: [--nats-duplicate-window]
+METADATA_NATS_REPLICAS: [--nats-replicas]
+METADATA_NATS_TIMEOUT: [--nats-timeout]
+{{- end }}
+
 {{- define "metadata-service.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "metadata-service.fullname" .) .Values.serviceAccount.name }}
@@ -210,6 +397,7 @@ Every variable name the chart may set (extraEnv must not repeat them).
 {{- range $k, $v := include "metadata-service.configEnvNames" . | fromYaml }}
 {{- $names = append $names $v }}
 {{- end }}
+{{- $names = concat $names (include "metadata-service.natsEnvNames" . | fromJsonArray) }}
 {{- toJson $names }}
 {{- end }}
 
@@ -384,12 +572,103 @@ fails with a message saying what to change.
 {{- fail "podDisruptionBudget.enabled needs maxUnavailable or minAvailable" }}
 {{- end }}
 {{- end }}
+{{- include "metadata-service.validateRelay" . }}
 {{- include "metadata-service.checkExtraArgs" (list . "extraArgs" $v.extraArgs) }}
 {{- include "metadata-service.checkExtraArgs" (list . "migration.extraArgs" $v.migration.extraArgs) }}
 {{- $managed := include "metadata-service.managedEnvNames" . | fromJsonArray }}
 {{- range $v.extraEnv }}
 {{- if has .name $managed }}
 {{- fail (printf "extraEnv sets %s, which the chart sets itself: use the matching value (config.*, auth.*, tls.*, database.*, bindAddress, containerPorts) instead" .name) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+
+{{/*
+Environment from `config` for the relay: the keys it reads (relayConfigKeys).
+*/}}
+{{- define "metadata-service.relayConfigEnv" -}}
+{{- $names := include "metadata-service.configEnvNames" . | fromYaml }}
+{{- range $key := include "metadata-service.relayConfigKeys" . | fromJsonArray }}
+{{- $value := include "metadata-service.envValue" (index $.Values.config $key) }}
+{{- if ne $value "" }}
+- name: {{ index $names $key }}
+  value: {{ $value | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Checks of the relay values (called from validate).
+*/}}
+{{- define "metadata-service.validateRelay" -}}
+{{- $v := .Values }}
+{{- $r := $v.relay }}
+{{- $n := $r.nats }}
+{{- if $n.existingSecret }}
+{{- if or $n.url $n.user $n.password $n.creds }}
+{{- fail (printf "relay.nats.existingSecret=%s is set, so relay.nats.url, relay.nats.user, relay.nats.password and relay.nats.creds must be empty: put them in that Secret under the keys %q, %q, %q and %q (relay.nats.secretKeys.*) and say which credentials it holds with relay.nats.existingSecretAuth (none, userPassword or creds)" $n.existingSecret $n.secretKeys.url $n.secretKeys.user $n.secretKeys.password $n.secretKeys.creds) }}
+{{- end }}
+{{- else }}
+{{- if ne $n.existingSecretAuth "none" }}
+{{- fail (printf "relay.nats.existingSecretAuth=%s is for relay.nats.existingSecret, which is empty: set relay.nats.user and relay.nats.password, or relay.nats.creds, instead" $n.existingSecretAuth) }}
+{{- end }}
+{{- if $r.enabled }}
+{{- if not $n.url }}
+{{- fail (printf "relay.enabled=true needs a NATS URL: set relay.nats.url=nats://host:4222 (stored in a Secret by the chart), or relay.nats.existingSecret=<name of a Secret with the URL under key %q>" $n.secretKeys.url) }}
+{{- end }}
+{{- if and $n.creds (or $n.user $n.password) }}
+{{- fail "relay.nats.creds and relay.nats.user/password exclude each other (the relay refuses both): keep one" }}
+{{- end }}
+{{- if and (or $n.user $n.password) (not (and $n.user $n.password)) }}
+{{- fail "relay.nats.user and relay.nats.password go together: set both, or neither" }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if $r.enabled }}
+{{- range $key := list "maxAge" "duplicateWindow" "timeout" }}
+{{- with index $n $key }}
+{{- $_ := include "metadata-service.durationMillis" (list (printf "relay.nats.%s" $key) .) }}
+{{- end }}
+{{- end }}
+{{- $maxAge := $n.maxAge | default $v.config.eventRetention | default "7days" }}
+{{- $maxAgeMs := include "metadata-service.durationMillis" (list "relay.nats.maxAge" $maxAge) | int64 }}
+{{- $dupMs := include "metadata-service.durationMillis" (list "relay.nats.duplicateWindow" ($n.duplicateWindow | default "2m")) | int64 }}
+{{- if gt $dupMs $maxAgeMs }}
+{{- fail (printf "relay.nats.duplicateWindow (%s) must not exceed the stream's max age (%s: relay.nats.maxAge, else config.eventRetention): the relay refuses to start" ($n.duplicateWindow | default "2m") $maxAge) }}
+{{- end }}
+{{- if and $v.metrics.enabled (include "metadata-service.relayDeployed" .) (eq (int $r.containerPorts.health) (int $r.containerPorts.metrics)) }}
+{{- fail (printf "relay.containerPorts.health and relay.containerPorts.metrics must differ (both %d)" (int $r.containerPorts.health)) }}
+{{- end }}
+{{- $relayFlags := include "metadata-service.relayManagedFlags" . | fromYaml }}
+{{- range $env, $flags := $relayFlags }}
+{{- range $flag := $flags }}
+{{- range $r.extraArgs }}
+{{- $arg := toString . }}
+{{- if or (eq $arg $flag) (hasPrefix (printf "%s=" $flag) $arg) }}
+{{- fail (printf "relay.extraArgs sets %s, which the chart sets itself (%s): use the matching value (relay.*, config.*, metrics.enabled, bindAddress) instead" $flag $env) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $shared := list }}
+{{- range $v.extraEnv }}
+{{- $shared = append $shared .name }}
+{{- end }}
+{{- range $r.extraEnv }}
+{{- if hasKey $relayFlags .name }}
+{{- fail (printf "relay.extraEnv sets %s, which the chart sets itself: use the matching value (relay.*, config.*, metrics.enabled, bindAddress) instead" .name) }}
+{{- end }}
+{{- if has .name $shared }}
+{{- fail (printf "relay.extraEnv sets %s, which extraEnv sets as well (the relay gets both): set it in one of them" .name) }}
+{{- end }}
+{{- end }}
+{{- if include "metadata-service.relayDeployed" . }}
+{{- range $v.extraEnv }}
+{{- if hasKey $relayFlags .name }}
+{{- fail (printf "extraEnv sets %s, which the chart sets itself on the relay (extraEnv goes to the relay too): use the matching value instead" .name) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
