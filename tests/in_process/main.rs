@@ -45,6 +45,7 @@ mod fuzz_corpus;
 mod integrity;
 mod list;
 mod metrics;
+mod nats_consumer_example;
 mod notifications;
 mod properties;
 mod queries;
