@@ -38,7 +38,7 @@ use sea_orm_migration::MigratorTrait;
 pub use error::{StoreError, redact_url};
 pub use events::{Claim, Logged, take_revision_sql};
 pub use notifications::{
-    ANNOUNCER_APPLICATION_NAME, AnnouncerState, CommitAnnouncer, CommitListener,
+    ANNOUNCER_APPLICATION_NAME, AnnouncerState, CommitAnnouncer, CommitListener, Heard,
 };
 pub use schemas::{MAX_LISTED_IDS, Nonconforming, SetSchema, StoredSchema};
 
