@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 # metadata-service image: a static-ish Rust binary on distroless (glibc, CA
 # certificates, no shell, uid 65532). Build from the repository root:
-#   docker build -t ghcr.io/example/metadata-service:0.1.0 .
+#   docker build -t ghcr.io/example/metadata-service:0.1.0 \
+#     --build-arg METADATA_GIT_REVISION="$(git rev-parse --short=12 HEAD)" .
 # The proto files are compiled by protox in build.rs: no protoc needed.
 
 # Keep at or above rust-version in Cargo.toml (.ci/check-helm checks it).
@@ -12,6 +13,10 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto ./proto
 COPY src ./src
+# .git stays out of the context (.dockerignore), so build.rs cannot ask git
+# which commit this is: `--version` and metadata_build_info say "unknown"
+# unless the build argument names it.
+ARG METADATA_GIT_REVISION=""
 # Cache mounts keep the crate registry and incremental target/ between
 # builds (BuildKit); the binary is copied out of the cached target/.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

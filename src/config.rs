@@ -21,7 +21,7 @@ use crate::store::StoreOptions;
 #[derive(Debug, Parser)]
 #[command(
     name = "metadata-service",
-    version,
+    version = crate::build_info::LONG_VERSION,
     about = "gRPC service for user and organization JSON metadata"
 )]
 pub struct Cli {

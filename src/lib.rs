@@ -6,6 +6,7 @@
 //! rules.
 
 pub mod auth;
+pub mod build_info;
 pub mod client;
 pub mod config;
 pub mod convert;

@@ -162,11 +162,11 @@ impl Metrics {
                 "metadata_build_info",
                 "Always 1; the labels name the build.",
             ),
-            &["version"],
+            &["version", "revision"],
         )
         .unwrap();
         build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .with_label_values(&[crate::build_info::VERSION, crate::build_info::REVISION])
             .set(1);
 
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -323,7 +323,7 @@ mod tests {
             text.contains(r#"metadata_events_written_total{kind="user"} 2"#),
             "{text}"
         );
-        assert!(text.contains(r#"metadata_build_info{version=""#), "{text}");
+        assert!(text.contains(r#"metadata_build_info{revision=""#), "{text}");
         assert!(
             text.contains("# TYPE metadata_db_acquire_seconds histogram"),
             "{text}"

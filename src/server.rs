@@ -431,6 +431,8 @@ fn incoming(
 /// password is masked, credentials are only counted.
 fn log_configuration(config: &ServerConfig) {
     tracing::info!(
+        version = crate::build_info::VERSION,
+        revision = crate::build_info::REVISION,
         listen = %config.listen,
         database = %crate::store::redact_url(&config.database_url),
         db_max_connections = config.store.max_connections,

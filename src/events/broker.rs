@@ -32,7 +32,7 @@ use crate::model::Event;
 use crate::model::Kind;
 use crate::pause::PausePoint;
 use crate::query::Filter;
-use crate::store::{Claim, Logged, Store, StoreError};
+use crate::store::{Claim, Heard, Logged, Store, StoreError};
 
 /// The largest revision there can be: revisions are a database bigint.
 pub const MAX_REVISION: u64 = i64::MAX as u64;
@@ -600,21 +600,41 @@ async fn settle_gap(broker: &Broker, last: &mut u64, visible: u64) -> Result<Nex
 
 /// Wakes the dispatcher on every NOTIFY from any replica, and after a lost
 /// connection (notifications sent meanwhile are gone; the table is not).
+/// Ends quietly when the server stops: a closed pool is not a lost
+/// connection to reconnect from (it never reopens, and closing it waits for
+/// the connection this task holds), and an error seen once shutdown began
+/// is its consequence, not a fault.
 async fn listen(
     mut listener: crate::store::CommitListener,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
     loop {
-        tokio::select! {
-            next = listener.next() => {
-                if let Err(err) = next {
-                    tracing::warn!(error = %err, "event notifications interrupted; reconnecting");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                wake.notify_one();
-            }
+        // Biased: once shutdown began, an error ready at the same time must
+        // not be reported as a fault.
+        let next = tokio::select! {
+            biased;
             () = shutdown.cancelled() => return,
+            next = listener.next() => next,
+        };
+        match next {
+            Ok(Heard::Commits) => {}
+            Ok(Heard::Closed) => {
+                tracing::debug!("event notifications end: the database pool is closed");
+                return;
+            }
+            Err(err) if shutdown.is_cancelled() => {
+                tracing::debug!(error = %err, "event notifications end: shutting down");
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "event notifications interrupted; reconnecting");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    () = shutdown.cancelled() => return,
+                }
+            }
         }
+        wake.notify_one();
     }
 }

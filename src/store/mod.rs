@@ -40,7 +40,7 @@ pub use error::{StoreError, redact_url};
 pub use events::{Claim, Logged, take_revision_sql};
 pub use lease::{LEASE_APPLICATION_NAME, Lease};
 pub use notifications::{
-    ANNOUNCER_APPLICATION_NAME, AnnouncerState, CommitAnnouncer, CommitListener,
+    ANNOUNCER_APPLICATION_NAME, AnnouncerState, CommitAnnouncer, CommitListener, Heard,
 };
 pub use schemas::{MAX_LISTED_IDS, Nonconforming, SetSchema, StoredSchema};
 

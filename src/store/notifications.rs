@@ -167,17 +167,28 @@ pub struct CommitListener {
     pub(super) own: Arc<AnnouncerState>,
 }
 
+/// What [`CommitListener::next`] heard.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Heard {
+    /// Another server's notification, or a lost-and-restored connection
+    /// (after which the caller must re-read the table: notifications sent
+    /// meanwhile are gone).
+    Commits,
+    /// The pool was closed: the server is stopping. No connection will come
+    /// back, and the listener must be dropped, since closing the pool waits
+    /// for the connection it holds.
+    Closed,
+}
+
 impl CommitListener {
-    /// Ok(()) for another server's notification or a lost-and-restored
-    /// connection (after which the caller must re-read the table:
-    /// notifications sent meanwhile are gone).
-    pub async fn next(&mut self) -> Result<(), StoreError> {
+    pub async fn next(&mut self) -> Result<Heard, StoreError> {
         loop {
             match self.listener.try_recv().await {
                 Ok(Some(notification))
                     if notification.process_id()
                         == self.own.backend_pid.load(Ordering::Relaxed) => {}
-                Ok(_) => return Ok(()),
+                Ok(_) => return Ok(Heard::Commits),
+                Err(sea_orm::sqlx::Error::PoolClosed) => return Ok(Heard::Closed),
                 Err(err) => {
                     return Err(StoreError::unavailable(
                         "event notifications interrupted",

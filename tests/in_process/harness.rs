@@ -179,3 +179,47 @@ impl PgDatabase {
             .expect("connect to TEST_DATABASE_URL")
     }
 }
+
+/// What the server logs, captured in memory.
+#[derive(Clone, Default)]
+pub struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    pub fn lines(&self) -> Vec<String> {
+        let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+        text.lines().map(str::to_owned).collect()
+    }
+}
+
+/// Captures, until the guard is dropped, what this thread logs at `level`
+/// and above. Only this thread: a test using it runs on a current-thread
+/// runtime, so that the server's tasks run (and log) here too.
+pub fn capture_logs(level: tracing::Level) -> (Captured, tracing::subscriber::DefaultGuard) {
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer({
+            let captured = captured.clone();
+            move || captured.clone()
+        })
+        .with_ansi(false)
+        .with_max_level(level)
+        .finish();
+    let guard = tracing::subscriber::set_default(subscriber);
+    // Tests run in parallel threads of one process, and tracing caches per
+    // call site whether anyone listens: a site first reached by another
+    // test while this subscriber was being registered can stay cached as
+    // silent. Recompute with this subscriber in place.
+    tracing::callsite::rebuild_interest_cache();
+    (captured, guard)
+}

@@ -93,7 +93,10 @@ async fn counters_move_with_traffic() {
     let before = metrics.scrape().await;
     assert_eq!(before.get(&handled("Merge", "OK")), None, "fresh server");
     assert_eq!(
-        before.get(r#"metadata_build_info{version="0.1.0"}"#),
+        before.get(&format!(
+            r#"metadata_build_info{{revision="{}",version="0.1.0"}}"#,
+            env!("METADATA_GIT_REVISION")
+        )),
         Some(&1.0)
     );
     assert!(before["process_resident_memory_bytes"] > 0.0);

@@ -1,18 +1,21 @@
 //! How a replica on the same Postgres database learns of another's commits:
 //! not from the write transaction (no NOTIFY in it), but from the writer's
 //! commit announcer after the commit; and, when that notification is lost,
-//! from its own poll of the log.
+//! from its own poll of the log. And that a shutdown, which closes the
+//! LISTEN connection's pool, is not reported as a lost connection.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use metadata_service::events::{Broker, BrokerOptions};
 use metadata_service::proto::v1::user_metadata_service_client::UserMetadataServiceClient;
 use metadata_service::server::RunningServer;
-use metadata_service::store::{ANNOUNCER_APPLICATION_NAME, StorePauses};
+use metadata_service::store::{ANNOUNCER_APPLICATION_NAME, Store, StoreOptions, StorePauses};
 use sea_orm::{ConnectionTrait, Statement};
 use serde_json::json;
 
-use crate::common::Backend;
-use crate::harness::{TestServer, Users, connect, start_with, write};
+use crate::common::{Backend, TestDb};
+use crate::harness::{TestServer, Users, capture_logs, connect, start, start_with, write};
 use crate::watch::{assert_quiet, events, expect_progress, next_event, watch};
 
 /// Long enough that a test never sees the replica's poll.
@@ -164,4 +167,69 @@ async fn postgres_lost_notifications_are_covered_by_the_poll() {
     assert_quiet(&mut there, Duration::from_millis(300)).await;
     replica.shutdown().await.unwrap();
     s.stop().await;
+}
+
+/// A server's stop, end to end, on both servers of a pair (each listens; a
+/// Watch and a write make the connections busy): nothing about
+/// notifications is logged as a fault, then or in the 0.5 s retry rhythm
+/// after. The stop signals shutdown before it closes the pool; the next
+/// test covers a pool closed first. Current-thread runtime: the servers'
+/// tasks log on this thread, where the capture is.
+#[tokio::test]
+async fn postgres_shutdown_is_not_a_lost_notification_connection() {
+    let (captured, _guard) = capture_logs(tracing::Level::WARN);
+    let Some(mut s) = start(Backend::Postgres).await else {
+        return;
+    };
+    let (replica, mut there) = replica(&s, NEVER).await;
+    let written = write(&mut s.users, "u1", json!({"n": 0})).await;
+    assert_eq!(next_event(&mut there).await.revision, written.revision);
+    drop(there);
+    replica.shutdown().await.unwrap();
+    s.stop().await;
+    // Long enough for a retry every 0.5 s to show more than once.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let lines = captured.lines();
+    assert!(
+        lines.iter().all(|l| !l.contains("notifications")),
+        "a shutdown was logged as a notification fault:\n{}",
+        lines.join("\n")
+    );
+}
+
+/// The pool closes under a running dispatcher whose shutdown has not been
+/// signalled: the LISTEN task ends instead of reconnecting from a pool that
+/// never reopens, and quietly. Closing the pool waits for every connection,
+/// the listener's too: without this it hung, warning every 0.5 s.
+#[tokio::test]
+async fn postgres_a_closed_pool_ends_the_listener_quietly() {
+    let (captured, _guard) = capture_logs(tracing::Level::WARN);
+    let Some(db) = TestDb::create(Backend::Postgres).await else {
+        return;
+    };
+    let store = Store::connect(db.url(), &StoreOptions::default())
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let store = Arc::new(store);
+    // Never cancelled: only the pool's closing can end the listener.
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let _broker = Broker::start(store.clone(), BrokerOptions::default(), shutdown)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), store.close_pool())
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "closing the pool still waits for the listener's connection:\n{}",
+                captured.lines().join("\n")
+            )
+        });
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let lines = captured.lines();
+    assert!(
+        lines.iter().all(|l| !l.contains("notifications")),
+        "a closed pool was logged as a notification fault:\n{}",
+        lines.join("\n")
+    );
 }

@@ -6,7 +6,6 @@
 //! changes are neither Watch events nor unlabelled in the metrics. The
 //! races with writes and replicas are in `schemas.rs`.
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use metadata_service::model::Field;
@@ -22,7 +21,7 @@ use tonic::{Code, Status};
 use crate::auth::{BACKEND_KEY, SECRET, authenticator, session, with_token};
 use crate::common::Backend;
 use crate::common::json::{json, structure};
-use crate::harness::{TestServer, start, start_with};
+use crate::harness::{TestServer, capture_logs, start, start_with};
 use crate::kinds::{Delete, Get, Kind, Merge, Record, Replace, Watch, WatchMessage, WatchStream};
 
 type Schemas = MetadataSchemaServiceClient<Channel>;
@@ -1668,49 +1667,13 @@ kind_tests!(
     schemas_are_per_kind_and_field,
 );
 
-/// What the server logs, captured in memory.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn lines(&self) -> Vec<String> {
-        let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
-        text.lines().map(str::to_owned).collect()
-    }
-}
-
 /// SetSchema and DeleteSchema are logged with the caller's name, the RPC,
 /// kind, field (and version); a validate_only, a refused or a denied call
 /// and a delete of nothing are not logged as changes. The log is captured
 /// by a subscriber of this thread: the test runs on a current-thread
 /// runtime, so the server's tasks run (and log) here too.
 async fn schema_changes_are_logged_with_the_caller(backend: Backend) {
-    let captured = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer({
-            let captured = captured.clone();
-            move || captured.clone()
-        })
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
-    // Tests run in parallel threads of one process, and tracing caches per
-    // call site whether anyone listens: a site first reached by another
-    // test while this subscriber was being registered can stay cached as
-    // silent. Recompute with this subscriber in place.
-    tracing::callsite::rebuild_interest_cache();
+    let (captured, _guard) = capture_logs(tracing::Level::INFO);
     let auth = authenticator(SECRET);
     let Some(s) = start_with(backend, |c| c.auth = auth).await else {
         return;

@@ -560,12 +560,59 @@ async fn help_names_flags_and_environment() {
     let run = run_bin(dir.path(), &["migrate", "--help"]).await;
     assert!(run.status.success(), "{run:?}");
     assert!(run.stdout.contains("--database-url"), "{run:?}");
+}
 
+/// `--version` names the crate version and the commit the binary was built
+/// from. build.rs's variable reaches this test crate too (same build script
+/// run as the binary's), so the two cannot disagree by a rebuild between
+/// them; whether build.rs found the right commit is checked against git.
+#[tokio::test]
+async fn version_names_the_git_revision() {
+    let dir = tempfile::tempdir().unwrap();
     let run = run_bin(dir.path(), &["--version"]).await;
     assert!(run.status.success(), "{run:?}");
+    let revision = env!("METADATA_GIT_REVISION");
     assert_eq!(
         run.stdout.trim(),
-        concat!("metadata-service ", env!("CARGO_PKG_VERSION"))
+        format!(
+            "metadata-service {} ({revision})",
+            env!("CARGO_PKG_VERSION")
+        ),
+        "{run:?}"
+    );
+
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(repo)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
+    };
+    let toplevel = std::process::Command::new("git")
+        .args(["rev-parse", "--show-toplevel"])
+        .current_dir(repo)
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .and_then(|out| std::fs::canonicalize(String::from_utf8_lossy(&out.stdout).trim()).ok());
+    if toplevel != std::fs::canonicalize(repo).ok() {
+        // A source archive (build.rs's rule too): nothing to name, and
+        // nothing to check it with.
+        eprintln!("not a git checkout of its own: --version says {revision}");
+        return;
+    }
+    // Built in this checkout with no override: a commit of this repository,
+    // named by 12 hex digits (`unknown` would mean build.rs missed it).
+    assert!(
+        revision.len() == 12 && revision.bytes().all(|b| b.is_ascii_hexdigit()),
+        "revision {revision:?} is not 12 hex digits (METADATA_GIT_REVISION set at build time?)"
+    );
+    assert!(
+        git(&["cat-file", "-e", &format!("{revision}^{{commit}}")]),
+        "revision {revision} is not a commit of {repo}"
     );
 }
 
