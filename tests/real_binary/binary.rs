@@ -37,7 +37,7 @@ const USERS: &str = "metadata.v1.UserMetadataService";
 
 /// Settings the binary reads from the environment; cleared so that the
 /// caller's environment cannot change what a test sees.
-const ENV_VARS: [&str; 26] = [
+const ENV_VARS: [&str; 39] = [
     "METADATA_API_KEYS",
     "METADATA_API_KEYS_FILE",
     "METADATA_FRONTEND_JWT_KEY",
@@ -64,6 +64,19 @@ const ENV_VARS: [&str; 26] = [
     "METADATA_MAX_REQUEST_BYTES",
     "METADATA_MAX_WATCH_STREAMS",
     "METADATA_MAX_STREAMS_PER_CONNECTION",
+    "METADATA_NATS_URL",
+    "METADATA_NATS_STREAM",
+    "METADATA_NATS_SUBJECT_PREFIX",
+    "METADATA_NATS_CREDS",
+    "METADATA_NATS_USER",
+    "METADATA_NATS_PASSWORD",
+    "METADATA_NATS_TLS_CA",
+    "METADATA_NATS_MAX_AGE",
+    "METADATA_NATS_DUPLICATE_WINDOW",
+    "METADATA_NATS_REPLICAS",
+    "METADATA_NATS_TIMEOUT",
+    "METADATA_RELAY_FORMAT",
+    "METADATA_RELAY_LISTEN",
 ];
 
 /// The binary with a clean environment, run in `dir` so that a default

@@ -164,12 +164,26 @@ fn role(text: &str) -> Option<Role> {
         ["metadata-service", "user" | "org" | "schema", action, ..] => Role::Client {
             streaming: *action == "watch" && !text.contains("--max-events"),
         },
+        ["metadata-service", "relay", ..] => Role::Elsewhere(
+            "tests/real_binary/relay.rs runs the relay against Postgres and a real NATS",
+        ),
+        // A server that relays would write to the machine's shared NATS.
+        ["metadata-service", ..] if text.contains("--relay-nats-url") => Role::Elsewhere(
+            "tests/in_process/relay.rs (sqlite::server_relays_json) runs the server's relay",
+        ),
         // The harness starts servers itself, from their arguments only.
         ["metadata-service", flag, ..] if flag.starts_with('-') && !prefixed => Role::Server,
         ["cargo", "run", "--release"] if !prefixed => Role::DefaultServer,
         ["cargo", "test"] => Role::Elsewhere("the test command: this test is part of it"),
         ["cargo", "run", "--example", "consumer", ..] => Role::Elsewhere(
             "tests/in_process/consumer_example.rs runs the consumer against a live server",
+        ),
+        ["cargo", "run", "--example", "nats_consumer", ..] => Role::Elsewhere(
+            "tests/in_process/nats_consumer_example.rs runs the NATS consumer against a relay",
+        ),
+        ["nats", ..] => Role::Elsewhere(
+            "the nats CLI is not installed here; tests/in_process/nats_consumer_example.rs \
+             reads the stream with a durable pull consumer through async-nats",
         ),
         ["helm", ..] => Role::Elsewhere(".ci/check-helm renders, validates and lints the chart"),
         ["kubectl", ..] => Role::Elsewhere("needs a Kubernetes cluster"),
