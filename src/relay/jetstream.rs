@@ -205,15 +205,22 @@ impl JetStream {
         expected_sequence: u64,
         sent: &PausePoint,
     ) -> Result<u64, RelayError> {
+        let subject = outgoing.subject;
         let publish = jetstream::message::PublishMessage::build()
             .payload(outgoing.body)
             .headers(outgoing.headers)
             .expected_last_sequence(expected_sequence);
         let ack = self
             .context
-            .send_publish(outgoing.subject, publish)
+            .send_publish(subject.clone(), publish)
             .await
-            .map_err(|e| nats_error("publish", e))?;
+            .map_err(|e| match e.kind() {
+                PublishErrorKind::MaxPayloadExceeded => RelayError::TooLarge {
+                    subject: crate::logging::Escaped(subject.as_str()).to_string(),
+                    message: e.to_string(),
+                },
+                _ => nats_error("publish", e),
+            })?;
         sent.pass().await;
         let ack = ack.await.map_err(|e| match e.kind() {
             PublishErrorKind::WrongLastSequence => RelayError::Fenced,

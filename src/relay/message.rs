@@ -123,6 +123,12 @@ pub enum MarkerReason {
     /// `--from-now`: the events up to `revision` are not in the stream,
     /// whatever came before this marker.
     Reseed,
+    /// Nothing happened for a while: the stream is complete up to
+    /// `revision`. Written when the relay has been idle for a quarter of
+    /// the stream's max age, so that the stream never expires down to
+    /// nothing while the relay runs (the last message is where a restarted
+    /// relay goes on from).
+    Progress,
 }
 
 impl MarkerReason {
@@ -130,21 +136,27 @@ impl MarkerReason {
         match self {
             MarkerReason::Start => "start",
             MarkerReason::Reseed => "reseed",
+            MarkerReason::Progress => "progress",
         }
     }
 }
 
 /// A marker: no event, only the revision after which the stream goes on.
-pub fn marker(reason: MarkerReason, revision: u64, prefix: &str) -> Outgoing {
+/// `at` is the stream sequence it is expected at, which makes its id
+/// unique (two progress markers may carry the same revision).
+pub fn marker(reason: MarkerReason, revision: u64, at: u64, prefix: &str) -> Outgoing {
     let mut headers = HeaderMap::new();
-    headers.insert(MSG_ID, format!("{}-{revision}", reason.name()).as_str());
+    headers.insert(
+        MSG_ID,
+        format!("{}-{revision}-{at}", reason.name()).as_str(),
+    );
     headers.insert(REVISION, revision.to_string().as_str());
     headers.insert(MARKER, reason.name());
     headers.insert(CONTENT_TYPE, "application/json");
     let body = serde_json::json!({
         "marker": reason.name(),
         "revision": revision.to_string(),
-        "note": "events up to this revision are not in this stream; the next event follows it",
+        "note": "the stream goes on after this revision",
     });
     Outgoing {
         subject: subject::marker_subject(prefix),

@@ -107,6 +107,11 @@ pub enum RelayError {
         last: u64,
         oldest: u64,
     },
+    #[error(
+        "the event on {subject} is larger than the NATS server accepts ({message}); raise the \
+         server's max_payload, or lower --max-field-bytes so that no event is that large"
+    )]
+    TooLarge { subject: String, message: String },
     /// Another publisher moved the stream's end, or a publish may have
     /// been stored twice: read the end again.
     #[error("the stream's end moved under this relay")]
@@ -130,6 +135,7 @@ impl RelayError {
                 | RelayError::ForeignMessage { .. }
                 | RelayError::Emptied { .. }
                 | RelayError::PastRetention { .. }
+                | RelayError::TooLarge { .. }
         )
     }
 
@@ -173,6 +179,22 @@ impl RelayState {
 struct Cursor {
     revision: u64,
     sequence: u64,
+    /// When the last message was stored (or the cursor read).
+    since: Instant,
+}
+
+impl Cursor {
+    fn new(revision: u64, sequence: u64) -> Cursor {
+        Cursor {
+            revision,
+            sequence,
+            since: Instant::now(),
+        }
+    }
+
+    fn stored(&mut self, revision: u64, sequence: u64) {
+        *self = Cursor::new(revision, sequence);
+    }
 }
 
 /// How a turn holding the lease ended.
@@ -252,6 +274,12 @@ impl Relay {
                 Err(err) => return Err(err),
             }
         }
+    }
+
+    /// Idle time after which a progress marker is written: a quarter of the
+    /// stream's max age, at most an hour.
+    fn heartbeat(&self) -> Duration {
+        (self.options.nats.max_age / 4).min(Duration::from_secs(3600))
     }
 
     fn set_health(&self, healthy: bool) {
@@ -345,9 +373,31 @@ impl Relay {
                     continue;
                 }
             }
-            if let Some(at) = cursor
+            if let Some(at) = cursor.as_mut()
                 && self.broker.head() <= at.revision
             {
+                if at.since.elapsed() >= self.heartbeat() {
+                    let prefix = &self.options.nats.subject_prefix;
+                    let marker = message::marker(
+                        MarkerReason::Progress,
+                        at.revision,
+                        at.sequence + 1,
+                        prefix,
+                    );
+                    match self
+                        .nats
+                        .publish(marker, at.sequence, &PausePoint::default())
+                        .await
+                    {
+                        Ok(sequence) => at.stored(at.revision, sequence),
+                        // Read the end again, and say why.
+                        Err(err) => {
+                            tracing::warn!(error = %err, "relay progress marker failed");
+                            cursor = None;
+                        }
+                    }
+                    continue;
+                }
                 // Caught up: wait for the log to move (or the next lease check).
                 tokio::select! {
                     () = self.broker.moved_past(at.revision) => {}
@@ -371,28 +421,22 @@ impl Relay {
                     StreamEnd::Empty => 0,
                     StreamEnd::Emptied { last_sequence } => last_sequence,
                 };
-                let marker = message::marker(MarkerReason::Reseed, head, prefix);
+                let marker = message::marker(MarkerReason::Reseed, head, after + 1, prefix);
                 let sequence = self
                     .nats
                     .publish(marker, after, &PausePoint::default())
                     .await?;
                 tracing::warn!(stream = %stream, revision = head, "stream reseeded: it goes on after the current revision (--from-now)");
                 *from_now = false;
-                Cursor {
-                    revision: head,
-                    sequence,
-                }
+                Cursor::new(head, sequence)
             }
             StreamEnd::Empty => {
                 // A new stream holds what the table still has.
                 let compacted = self.store.compacted_revision().await?;
-                let marker = message::marker(MarkerReason::Start, compacted, prefix);
+                let marker = message::marker(MarkerReason::Start, compacted, 1, prefix);
                 let sequence = self.nats.publish(marker, 0, &PausePoint::default()).await?;
                 tracing::info!(stream = %stream, revision = compacted, "new stream: relaying the event log from the oldest event kept");
-                Cursor {
-                    revision: compacted,
-                    sequence,
-                }
+                Cursor::new(compacted, sequence)
             }
             StreamEnd::Emptied { last_sequence } => {
                 return Err(RelayError::Emptied {
@@ -400,7 +444,7 @@ impl Relay {
                     last_sequence,
                 });
             }
-            StreamEnd::At { revision, sequence } => Cursor { revision, sequence },
+            StreamEnd::At { revision, sequence } => Cursor::new(revision, sequence),
         };
         self.state
             .revision
@@ -438,12 +482,12 @@ impl Relay {
                 continue;
             };
             let outgoing = message::for_event(&event, prefix, self.options.format);
-            at.sequence = self
+            let sequence = self
                 .nats
                 .publish(outgoing, at.sequence, &self.options.pauses.sent)
                 .await?;
             self.options.pauses.acked.pass().await;
-            at.revision = event.revision;
+            at.stored(event.revision, sequence);
             self.state.revision.store(at.revision, Ordering::Relaxed);
             self.metrics.published.inc();
             if self.shutdown.is_cancelled() {

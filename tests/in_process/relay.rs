@@ -636,7 +636,8 @@ async fn a_publish_behind_the_stream_end_is_fenced() {
     let nats = relay::JetStream::connect(options(&stream, &stream.url).nats)
         .await
         .unwrap();
-    let marker = relay::message::marker(relay::message::MarkerReason::Reseed, 99, &stream.prefix);
+    let marker =
+        relay::message::marker(relay::message::MarkerReason::Reseed, 99, 3, &stream.prefix);
     // The stream ends at sequence 2 (start marker, revision 1).
     let err = nats
         .publish(marker.clone(), 1, &Default::default())
@@ -648,6 +649,42 @@ async fn a_publish_behind_the_stream_end_is_fenced() {
         .await
         .expect("at the end it is stored");
     assert_eq!(stream.messages().await.len(), 3);
+}
+
+/// Nothing is written for longer than the stream's max age: the relay's
+/// progress markers keep the stream's end, so a restarted relay goes on
+/// where it was instead of finding an empty stream.
+async fn an_idle_stream_keeps_its_end_through_expiry() {
+    let Some((mut server, stream)) = setup().await else {
+        return;
+    };
+    let mut relayed = options(&stream, &stream.url);
+    relayed.nats.max_age = Duration::from_secs(2);
+    relayed.nats.duplicate_window = Duration::from_secs(1);
+    let relay = start_relay(&server, relayed.clone()).await;
+    write(&mut server.users, "u", json!({ "n": 1 })).await;
+    stream.wait_for(1, WAIT).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !stream.event_revisions().await.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "event 1 never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let left = stream.messages().await;
+    assert!(!left.is_empty(), "progress markers keep the stream's end");
+    assert!(
+        left.iter()
+            .all(|m| m.header("Metadata-Marker") == Some("progress") && m.revision() == 1),
+        "{left:?}"
+    );
+    relay.shutdown().await.unwrap();
+    let restarted = start_relay(&server, relayed).await;
+    write(&mut server.users, "u", json!({ "n": 2 })).await;
+    stream.wait_for(2, WAIT).await;
+    assert_eq!(stream.event_revisions().await, vec![2], "no repeat, no gap");
+    restarted.shutdown().await.unwrap();
 }
 
 /// SQLite: the server relays its own events (`serve --relay-nats-url`),
@@ -729,6 +766,7 @@ mod postgres {
         past_retention_stops_then_from_now_reseeds,
         a_purged_stream_stops_the_relay,
         a_publish_behind_the_stream_end_is_fenced,
+        an_idle_stream_keeps_its_end_through_expiry,
     );
 }
 
