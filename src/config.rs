@@ -287,6 +287,11 @@ pub struct ObservabilityArgs {
     /// Plain-HTTP address for /metrics (Prometheus), /healthz and /readyz; `off` disables it.
     #[arg(long, env = "METADATA_METRICS_LISTEN", default_value = "127.0.0.1:9090", value_parser = parse_optional_addr)]
     pub metrics_listen: OptionalAddr,
+    /// OTLP/gRPC collector to export traces to (e.g. http://127.0.0.1:4317);
+    /// unset, nothing is traced. OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES
+    /// and OTEL_TRACES_SAMPLER(_ARG) apply.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// A socket address, or `off`.

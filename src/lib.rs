@@ -17,6 +17,7 @@ pub mod json;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod otel;
 pub mod pause;
 pub mod proto;
 pub mod query;

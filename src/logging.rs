@@ -6,7 +6,15 @@ use std::fmt::{self, Write};
 use std::io::IsTerminal;
 
 use clap::ValueEnum;
-use tracing_subscriber::EnvFilter;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+use crate::otel;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -14,26 +22,98 @@ pub enum LogFormat {
     Json,
 }
 
+/// What [`init`] installed that must be flushed before the process exits.
+#[must_use = "spans still buffered are lost unless it is shut down"]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports the spans still buffered and stops the exporter. Blocks
+    /// until the collector answers or the export times out, so it runs off
+    /// the runtime's workers (the export itself needs the runtime).
+    pub async fn shutdown(self) {
+        if let Some(provider) = self.provider {
+            let done = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+            if let Ok(Err(err)) = done {
+                eprintln!("warning: the last spans may not have been exported: {err}");
+            }
+        }
+    }
+
+    /// The tracer provider, when spans are exported (tests flush it).
+    pub fn provider(&self) -> Option<&SdkTracerProvider> {
+        self.provider.as_ref()
+    }
+}
+
 /// Installs the global subscriber. `filter` uses RUST_LOG syntax
-/// (`info`, `metadata_service=debug,h2=info`, ...).
-pub fn init(format: LogFormat, filter: &str) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(filter)
-        .map_err(|err| anyhow::anyhow!("invalid log filter {filter:?}: {err}"))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+/// (`info`, `metadata_service=debug,h2=info`, ...) and chooses log lines
+/// only. With `otlp_endpoint`, spans are also exported there: the
+/// server's own spans at INFO and above, whatever the log filter, and
+/// none of the libraries' (the exporter's own HTTP/2 spans would feed
+/// themselves). Must run inside the Tokio runtime.
+pub fn init(
+    format: LogFormat,
+    filter: &str,
+    otlp_endpoint: Option<&str>,
+) -> anyhow::Result<Telemetry> {
+    let log_filter = EnvFilter::try_new(filter)
+        .map_err(|err| anyhow::anyhow!("invalid log filter {filter:?}: {err}"))?
+        .add_directive(
+            format!("{}=off", otel::TARGET)
+                .parse()
+                .expect("a valid directive"),
+        );
+    let installed = match otlp_endpoint {
+        // The log alone, layered as `tracing_subscriber::fmt()` would: no
+        // per-layer filtering to pay for on every event.
+        None => {
+            return tracing_subscriber::registry()
+                .with(fmt_layer(format))
+                .with(log_filter)
+                .try_init()
+                .map(|()| Telemetry { provider: None })
+                .map_err(|err| anyhow::anyhow!("cannot install the logger: {err}"));
+        }
+        Some(endpoint) => {
+            let provider = otel::provider(endpoint)?;
+            let spans = tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("metadata-service"))
+                .with_location(false)
+                .with_threads(false)
+                .with_filter(Targets::new().with_target("metadata_service", LevelFilter::INFO));
+            tracing_subscriber::registry()
+                .with(fmt_layer(format).with_filter(log_filter))
+                .with(spans)
+                .try_init()
+                .map(|()| provider)
+        }
+    };
+    let provider = installed.map_err(|err| anyhow::anyhow!("cannot install the logger: {err}"))?;
+    otel::set_exporting();
+    Ok(Telemetry {
+        provider: Some(provider),
+    })
+}
+
+/// The log lines, as text or JSON.
+fn fmt_layer<S>(format: LogFormat) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    let layer = tracing_subscriber::fmt::layer();
     match format {
-        LogFormat::Text => builder
-            .with_ansi(std::io::stdout().is_terminal())
-            .try_init(),
+        LogFormat::Text => layer.with_ansi(std::io::stdout().is_terminal()).boxed(),
         // The request span's fields (service, method, id, caller) are
         // merged into each line, so every line stands on its own.
-        LogFormat::Json => builder
+        LogFormat::Json => layer
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
-            .try_init(),
+            .boxed(),
     }
-    .map_err(|err| anyhow::anyhow!("cannot install the logger: {err}"))
 }
 
 /// A value that came from a request (an id, a token's claim, an error that

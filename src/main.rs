@@ -11,11 +11,21 @@ async fn main() -> ExitCode {
         Run::Server(run) => run,
     };
     let observability = run.observability();
-    if let Err(err) = logging::init(observability.log_format, &observability.log_filter) {
-        eprintln!("error: {err:#}");
-        return ExitCode::FAILURE;
-    }
-    match server_process(run).await {
+    let telemetry = match logging::init(
+        observability.log_format,
+        &observability.log_filter,
+        observability.otlp_endpoint.as_deref(),
+    ) {
+        Ok(telemetry) => telemetry,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = server_process(run).await;
+    // The spans of the last calls (and of a failed start) are still buffered.
+    telemetry.shutdown().await;
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // One line with the whole cause chain, no backtrace.

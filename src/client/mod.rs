@@ -84,6 +84,10 @@ pub struct Connection {
     /// PEM private key of --client-cert.
     #[arg(long, requires = "client_cert", global = true)]
     pub client_key: Option<PathBuf>,
+    /// W3C trace context to send (00-<trace id>-<parent id>-<flags>): the
+    /// server's spans join that trace.
+    #[arg(long, env = "TRACEPARENT", global = true, value_parser = crate::otel::check_traceparent)]
+    pub traceparent: Option<String>,
 }
 
 /// A bearer credential, kept out of `Debug` output.
@@ -414,15 +418,24 @@ fn prepare<K: ApiKind>(action: Action) -> Result<Call, Failure> {
     })
 }
 
+/// The metadata every call carries: the credential and the trace context.
 #[derive(Clone)]
-struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+struct Bearer {
+    token: Option<MetadataValue<tonic::metadata::Ascii>>,
+    traceparent: Option<MetadataValue<tonic::metadata::Ascii>>,
+}
 
 impl Interceptor for Bearer {
     fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        if let Some(token) = &self.0 {
+        if let Some(token) = &self.token {
             request
                 .metadata_mut()
                 .insert("authorization", token.clone());
+        }
+        if let Some(traceparent) = &self.traceparent {
+            request
+                .metadata_mut()
+                .insert("traceparent", traceparent.clone());
         }
         Ok(request)
     }
@@ -460,7 +473,12 @@ async fn connect(connection: &Connection) -> Result<(Channel, Bearer), Failure> 
             causes(&e)
         ))
     })?;
-    Ok((channel, Bearer(token)))
+    // Checked when the command line was read: hex and dashes only.
+    let traceparent = connection.traceparent.as_ref().map(|text| {
+        text.parse()
+            .expect("a checked traceparent is a header value")
+    });
+    Ok((channel, Bearer { token, traceparent }))
 }
 
 async fn execute(kind: Kind, command: ClientCommand) -> Result<(), Failure> {

@@ -25,6 +25,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, Semaphore, broadcast, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::SharedEvent;
 use crate::json::{JsonPath, Problem, ValidationError};
@@ -270,6 +271,11 @@ impl Broker {
             tx,
             live,
             sent: 0,
+            trace: if crate::otel::exporting() {
+                tracing::Span::current()
+            } else {
+                tracing::Span::none()
+            },
         };
         tokio::spawn(stream.run(head));
         Ok(rx)
@@ -302,6 +308,8 @@ struct Stream {
     /// Events sent so far: a stream is idle, for progress messages, while
     /// this does not move, however many filtered-out events pass.
     sent: u64,
+    /// The Watch call's span, when traced: each delivery is a child of it.
+    trace: tracing::Span,
 }
 
 /// Why a stream stops.
@@ -364,7 +372,13 @@ impl Stream {
         }
         self.position = event.revision;
         if self.wants(&event) {
-            self.send(WatchItem::Event(event)).await?;
+            let span = tracing::info_span!(
+                target: crate::otel::TARGET,
+                parent: &self.trace,
+                "watch.deliver",
+                revision = event.revision as i64,
+            );
+            self.send(WatchItem::Event(event)).instrument(span).await?;
             self.sent += 1;
             self.broker.stats.delivered.fetch_add(1, Ordering::Relaxed);
         }
@@ -388,6 +402,14 @@ impl Stream {
                 permit = broker.replay.acquire() => permit.map_err(|_| Stop::ShuttingDown)?,
             };
             let batch = broker.options.batch;
+            let span = tracing::info_span!(
+                target: crate::otel::TARGET,
+                parent: &self.trace,
+                "watch.catch_up",
+                from = (self.position + 1) as i64,
+                to = up_to as i64,
+                events = tracing::field::Empty,
+            );
             let read = broker
                 .store
                 .read_events_of(
@@ -397,9 +419,11 @@ impl Stream {
                     up_to,
                     batch,
                 )
+                .instrument(span.clone())
                 .await;
             drop(permit);
             let events = read.map_err(Stop::Failed)?;
+            span.record("events", events.len() as i64);
             // Pruning removes a prefix of the log and records how far it
             // went, in one transaction: read after the events, a mark below
             // the position proves the read was complete.

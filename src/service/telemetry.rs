@@ -137,13 +137,28 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let (service, method) = labels(request.uri().path());
         // The handlers record id and caller once they know them.
-        let span = tracing::info_span!(
-            "request",
-            service,
-            method,
-            id = tracing::field::Empty,
-            caller = tracing::field::Empty,
-        );
+        let span = if crate::otel::exporting() {
+            // A call site of its own: the span kind is read when the span
+            // is made, and the log keeps its fields when nothing is traced.
+            let span = tracing::info_span!(
+                "request",
+                service,
+                method,
+                id = tracing::field::Empty,
+                caller = tracing::field::Empty,
+                otel.kind = "server",
+            );
+            crate::otel::start_request(&span, request.headers(), service, method);
+            span
+        } else {
+            tracing::info_span!(
+                "request",
+                service,
+                method,
+                id = tracing::field::Empty,
+                caller = tracing::field::Empty,
+            )
+        };
         let call = CallRecord::start(self.metrics.clone(), service, method, span.clone());
         let response = self.inner.call(request).instrument(span);
         Box::pin(async move {
@@ -223,7 +238,11 @@ impl CallRecord {
             .with_label_values(&[self.service, self.method, code_name(code)])
             .inc();
         let micros = elapsed.as_micros() as u64;
+        let status = code;
         let code = code_name(code);
+        if crate::otel::exporting() {
+            crate::otel::finish_request(&self.span, status, code);
+        }
         if matches!(code, "OK") {
             tracing::debug!(parent: &self.span, code, micros, "request finished");
         } else {

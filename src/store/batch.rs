@@ -14,6 +14,7 @@
 //!   still waits, and the caller is told it may have happened (`Sent`).
 
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 use super::{Done, Op, Step, StoreError, Writer, step};
 
@@ -23,6 +24,8 @@ const MAX_GROUP: usize = 64;
 struct Job {
     op: Op,
     reply: oneshot::Sender<Result<Done, StoreError>>,
+    /// The caller's span, when traced: the group's span joins its trace.
+    span: tracing::Span,
 }
 
 pub(super) struct Committer {
@@ -38,7 +41,13 @@ impl Committer {
 
     pub(super) async fn submit(&self, op: Op) -> Result<Done, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.jobs.send(Job { op, reply }).map_err(|_| stopped())?;
+        let span = if crate::otel::exporting() {
+            tracing::Span::current()
+        } else {
+            tracing::Span::none()
+        };
+        let job = Job { op, reply, span };
+        self.jobs.send(job).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
 }
@@ -74,8 +83,26 @@ async fn run(writer: Writer, mut queue: mpsc::UnboundedReceiver<Job>) {
         if group.is_empty() {
             continue;
         }
-        run_group(&writer, group).await;
+        let span = group_span(&group);
+        run_group(&writer, group).instrument(span).await;
     }
+}
+
+/// A span for the group's transaction, a child of the first write's span
+/// and linked from the others: one transaction serves several traces.
+fn group_span(group: &[Job]) -> tracing::Span {
+    let span = tracing::info_span!(
+        target: crate::otel::TARGET,
+        parent: &group[0].span,
+        "sqlite.group_commit",
+        size = group.len() as i64,
+    );
+    if !span.is_disabled() {
+        for job in &group[1..] {
+            span.follows_from(&job.span);
+        }
+    }
+    span
 }
 
 async fn run_group(writer: &Writer, mut group: Vec<Job>) {
@@ -88,7 +115,7 @@ async fn run_group(writer: &Writer, mut group: Vec<Job>) {
         Err(_) => {
             // Nothing of the group was committed: each write alone, so that
             // each gets the outcome it would have got without the others.
-            for Job { op, reply } in group {
+            for Job { op, reply, .. } in group {
                 let _ = reply.send(writer.run_alone(op).await);
             }
         }

@@ -35,6 +35,7 @@ use sea_orm::{
     Statement, TransactionOptions, TransactionTrait,
 };
 use sea_orm_migration::MigratorTrait;
+use tracing::Instrument;
 
 pub use error::{StoreError, redact_url};
 pub use events::{Claim, Logged, take_revision_sql};
@@ -372,8 +373,22 @@ impl Store {
             compute,
             sent,
         };
-        match self.submit(op).await? {
-            Done::Written(outcome) => Ok(outcome),
+        // Kind and change only: the request span already has the id, and a
+        // trace never carries metadata.
+        let span = tracing::info_span!(
+            target: crate::otel::TARGET,
+            "store.write",
+            kind = kind.as_str(),
+            change = change.as_str(),
+            revision = tracing::field::Empty,
+        );
+        match self.submit(op).instrument(span.clone()).await? {
+            Done::Written(outcome) => {
+                // As i64: the exporter turns a u64 into a string (OTLP has
+                // no unsigned integers); the same for every number traced.
+                span.record("revision", outcome.record.revision as i64);
+                Ok(outcome)
+            }
             Done::Deleted(_) => Err(StoreError::Internal("a write answered as a delete".into())),
         }
     }
@@ -394,7 +409,12 @@ impl Store {
             expected_version,
             sent,
         };
-        match self.submit(op).await? {
+        let span = tracing::info_span!(
+            target: crate::otel::TARGET,
+            "store.delete",
+            kind = kind.as_str(),
+        );
+        match self.submit(op).instrument(span).await? {
             Done::Deleted(existed) => Ok(existed),
             Done::Written(_) => Err(StoreError::Internal("a delete answered as a write".into())),
         }
@@ -404,7 +424,9 @@ impl Store {
         match &self.committer {
             Some(committer) => committer.submit(op).await,
             None => {
-                if let Some(done) = self.write_unlocked(&mut op).await? {
+                let unlocked =
+                    tracing::info_span!(target: crate::otel::TARGET, "db.write_unlocked");
+                if let Some(done) = self.write_unlocked(&mut op).instrument(unlocked).await? {
                     return Ok(done);
                 }
                 self.writer.run_alone(op).await
@@ -621,8 +643,21 @@ impl Writer {
     }
 
     /// One operation in its own transaction.
-    async fn run_alone(&self, mut op: Op) -> Result<Done, StoreError> {
+    async fn run_alone(&self, op: Op) -> Result<Done, StoreError> {
+        let span = tracing::info_span!(
+            target: crate::otel::TARGET,
+            "db.transaction",
+            kind = op.kind().as_str(),
+            attempts = tracing::field::Empty,
+        );
+        self.run_alone_in(op, &span).instrument(span.clone()).await
+    }
+
+    async fn run_alone_in(&self, mut op: Op, span: &tracing::Span) -> Result<Done, StoreError> {
+        let mut attempts = 0u32;
         loop {
+            attempts += 1;
+            span.record("attempts", i64::from(attempts));
             let txn = self.begin().await?;
             match step(self, &txn, &mut op).await? {
                 Step::Unchanged(done) => {

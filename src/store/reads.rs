@@ -12,6 +12,7 @@ use std::collections::HashMap;
 
 use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter};
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 use super::entities::metadata::{self as entity, Entity};
 use super::{StoreError, record_from_row};
@@ -24,6 +25,8 @@ struct Job {
     kind: Kind,
     id: String,
     reply: oneshot::Sender<Result<Record, StoreError>>,
+    /// The caller's span, when traced: the batch's span joins its trace.
+    span: tracing::Span,
 }
 
 pub(super) struct Reader {
@@ -43,6 +46,11 @@ impl Reader {
             kind,
             id: id.to_owned(),
             reply,
+            span: if crate::otel::exporting() {
+                tracing::Span::current()
+            } else {
+                tracing::Span::none()
+            },
         };
         self.jobs.send(job).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
@@ -75,10 +83,29 @@ async fn run(db: DatabaseConnection, mut queue: mpsc::UnboundedReceiver<Job>) {
         for kind in [Kind::User, Kind::Organization] {
             let jobs: Vec<Job> = batch.extract_if(.., |job| job.kind == kind).collect();
             if !jobs.is_empty() {
-                read(&db, kind, jobs).await;
+                let span = batch_span(kind, &jobs);
+                read(&db, kind, jobs).instrument(span).await;
             }
         }
     }
+}
+
+/// A span for one batched query, a child of the first caller's span and
+/// linked from the others: one query answers several traces.
+fn batch_span(kind: Kind, jobs: &[Job]) -> tracing::Span {
+    let span = tracing::info_span!(
+        target: crate::otel::TARGET,
+        parent: &jobs[0].span,
+        "db.read_batch",
+        kind = kind.as_str(),
+        size = jobs.len() as i64,
+    );
+    if !span.is_disabled() {
+        for job in &jobs[1..] {
+            span.follows_from(&job.span);
+        }
+    }
+    span
 }
 
 async fn read(db: &DatabaseConnection, kind: Kind, jobs: Vec<Job>) {

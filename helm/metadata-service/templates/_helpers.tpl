@@ -393,7 +393,7 @@ logFilter: RUST_LOG
 Every variable name the chart may set (extraEnv must not repeat them).
 */}}
 {{- define "metadata-service.managedEnvNames" -}}
-{{- $names := list "DATABASE_URL" "METADATA_LISTEN" "METADATA_METRICS_LISTEN" "METADATA_API_KEYS" "METADATA_API_KEYS_FILE" "METADATA_FRONTEND_JWT_KEY" "METADATA_FRONTEND_JWT_ISSUER" "METADATA_FRONTEND_JWT_AUDIENCE" "METADATA_FRONTEND_JWT_LEEWAY" "METADATA_ALLOW_UNAUTHENTICATED" "METADATA_TLS_CERT" "METADATA_TLS_KEY" "METADATA_TLS_CLIENT_CA" }}
+{{- $names := list "DATABASE_URL" "METADATA_LISTEN" "METADATA_METRICS_LISTEN" "METADATA_API_KEYS" "METADATA_API_KEYS_FILE" "METADATA_FRONTEND_JWT_KEY" "METADATA_FRONTEND_JWT_ISSUER" "METADATA_FRONTEND_JWT_AUDIENCE" "METADATA_FRONTEND_JWT_LEEWAY" "METADATA_ALLOW_UNAUTHENTICATED" "METADATA_TLS_CERT" "METADATA_TLS_KEY" "METADATA_TLS_CLIENT_CA" "OTEL_EXPORTER_OTLP_ENDPOINT" "OTEL_RESOURCE_ATTRIBUTES" "OTEL_TRACES_SAMPLER" "OTEL_TRACES_SAMPLER_ARG" }}
 {{- range $k, $v := include "metadata-service.configEnvNames" . | fromYaml }}
 {{- $names = append $names $v }}
 {{- end }}
@@ -403,10 +403,12 @@ Every variable name the chart may set (extraEnv must not repeat them).
 
 {{/*
 Command line flag of an environment variable the chart sets: the server
-reads METADATA_<FLAG_IN_UPPER_SNAKE>, DATABASE_URL and RUST_LOG (--log-filter).
+reads METADATA_<FLAG_IN_UPPER_SNAKE>, DATABASE_URL, RUST_LOG (--log-filter) and
+OTEL_EXPORTER_OTLP_ENDPOINT (--otlp-endpoint); the other OTEL_* have no flag.
 */}}
 {{- define "metadata-service.flagOfEnv" -}}
 {{- if eq . "RUST_LOG" }}--log-filter
+{{- else if eq . "OTEL_EXPORTER_OTLP_ENDPOINT" }}--otlp-endpoint
 {{- else }}--{{ trimPrefix "METADATA_" . | lower | replace "_" "-" }}
 {{- end }}
 {{- end }}
@@ -671,4 +673,16 @@ Checks of the relay values (called from validate).
 {{- end }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/*
+otel.resourceAttributes as OTEL_RESOURCE_ATTRIBUTES: key=value pairs joined
+by commas, in key order so that the rendering is stable.
+*/}}
+{{- define "metadata-service.resourceAttributes" -}}
+{{- $pairs := list }}
+{{- range $key := keys . | sortAlpha }}
+{{- $pairs = append $pairs (printf "%s=%s" $key (toString (index $ $key))) }}
+{{- end }}
+{{- join "," $pairs }}
 {{- end }}
