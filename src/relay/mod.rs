@@ -282,8 +282,12 @@ impl Relay {
     }
 
     /// Idle time after which a progress marker is written: a quarter of the
-    /// stream's max age, at most an hour.
+    /// stream's max age, at most an hour; never when messages do not expire
+    /// (a max age of zero).
     fn heartbeat(&self) -> Duration {
+        if self.options.nats.max_age.is_zero() {
+            return Duration::MAX;
+        }
         (self.options.nats.max_age / 4).min(Duration::from_secs(3600))
     }
 

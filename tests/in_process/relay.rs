@@ -857,6 +857,28 @@ async fn a_lost_reseed_ack_does_not_skip_revisions() {
     relay.shutdown().await.unwrap();
 }
 
+/// A stream whose messages never expire (`--nats-max-age 0s`, and the
+/// duplicate window JetStream's default) needs no progress markers; an
+/// idle relay must not write them in a loop.
+async fn an_unlimited_max_age_writes_no_marker_storm() {
+    let Some((mut server, stream)) = setup().await else {
+        return;
+    };
+    let mut relayed = options(&stream, &stream.url);
+    relayed.nats.max_age = Duration::ZERO;
+    relayed.nats.duplicate_window = Duration::ZERO;
+    let relay = start_relay(&server, relayed).await;
+    write(&mut server.users, "u", json!({ "n": 1 })).await;
+    stream.wait_for(1, WAIT).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let count = stream.messages().await.len();
+    assert!(
+        count <= 3,
+        "an idle second wrote {count} messages (start marker, event 1, at most one more)"
+    );
+    relay.shutdown().await.unwrap();
+}
+
 mod postgres {
     macro_rules! tests {
         ($($name:ident),* $(,)?) => {$(
@@ -879,6 +901,7 @@ mod postgres {
         a_publish_behind_the_stream_end_is_fenced,
         an_idle_stream_keeps_its_end_through_expiry,
         a_lost_reseed_ack_does_not_skip_revisions,
+        an_unlimited_max_age_writes_no_marker_storm,
     );
 }
 
