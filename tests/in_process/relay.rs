@@ -879,6 +879,24 @@ async fn an_unlimited_max_age_writes_no_marker_storm() {
     relay.shutdown().await.unwrap();
 }
 
+/// A NATS token in the URL (`nats://TOKEN@host`) is a secret: it must not
+/// appear in the error line.
+async fn a_nats_token_in_the_url_is_not_logged() {
+    let Some((server, stream)) = setup().await else {
+        return;
+    };
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("nats://s3cr3tToken@{}", closed.local_addr().unwrap());
+    drop(closed);
+    let err = relay::start_process(process_config(&server, options(&stream, &url)))
+        .await
+        .err()
+        .expect("unreachable NATS is refused at start");
+    let text = format!("{err:#}");
+    assert!(text.starts_with("cannot connect to NATS at"), "{text}");
+    assert!(!text.contains("s3cr3tToken"), "{text}");
+}
+
 mod postgres {
     macro_rules! tests {
         ($($name:ident),* $(,)?) => {$(
@@ -902,6 +920,7 @@ mod postgres {
         an_idle_stream_keeps_its_end_through_expiry,
         a_lost_reseed_ack_does_not_skip_revisions,
         an_unlimited_max_age_writes_no_marker_storm,
+        a_nats_token_in_the_url_is_not_logged,
     );
 }
 
