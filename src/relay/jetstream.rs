@@ -115,7 +115,8 @@ impl JetStream {
             connect = connect.add_root_certificates(ca.clone()).require_tls(true);
         }
         let client = connect
-            .connect(options.url.as_str())
+            // Several servers, comma-separated: one URL each.
+            .connect(options.url.split(',').map(str::trim).collect::<Vec<_>>())
             .await
             .map_err(|e| connect_error(e.to_string()))?;
         let mut context = jetstream::new(client.clone());

@@ -897,6 +897,20 @@ async fn a_nats_token_in_the_url_is_not_logged() {
     assert!(!text.contains("s3cr3tToken"), "{text}");
 }
 
+/// `--nats-url` takes several servers, comma-separated, as documented.
+async fn comma_separated_nats_urls_connect() {
+    let Some((mut server, stream)) = setup().await else {
+        return;
+    };
+    let url = format!("{},{}", stream.url, stream.url);
+    let relay = relay::start_process(process_config(&server, options(&stream, &url)))
+        .await
+        .expect("a list of NATS servers is accepted");
+    write(&mut server.users, "u", json!({ "n": 1 })).await;
+    stream.wait_for(1, WAIT).await;
+    relay.shutdown().await.unwrap();
+}
+
 mod postgres {
     macro_rules! tests {
         ($($name:ident),* $(,)?) => {$(
@@ -921,6 +935,7 @@ mod postgres {
         a_lost_reseed_ack_does_not_skip_revisions,
         an_unlimited_max_age_writes_no_marker_storm,
         a_nats_token_in_the_url_is_not_logged,
+        comma_separated_nats_urls_connect,
     );
 }
 
