@@ -219,7 +219,8 @@ impl NatsArgs {
             );
         }
         let max_age = self.nats_max_age.unwrap_or(event_retention);
-        if self.nats_duplicate_window > max_age {
+        // A max age of zero is no expiry: any duplicate window fits.
+        if !max_age.is_zero() && self.nats_duplicate_window > max_age {
             anyhow::bail!(
                 "--nats-duplicate-window cannot be longer than the stream's max age ({max_age:?})"
             );
@@ -583,6 +584,24 @@ mod tests {
         for flag in ["--max-watch-streams", "--max-streams-per-connection"] {
             assert!(Cli::try_parse_from(["metadata-service", flag, "0"]).is_err());
         }
+    }
+
+    #[test]
+    fn a_relay_stream_without_expiry_takes_the_default_duplicate_window() {
+        let cli = Cli::try_parse_from([
+            "metadata-service",
+            "relay",
+            "--nats-url",
+            "nats://127.0.0.1:4222",
+            "--nats-max-age",
+            "0s",
+        ])
+        .unwrap();
+        let Run::Server(ServerRun::Relay(args)) = cli.into_run() else {
+            panic!("relay");
+        };
+        let config = args.process_config().unwrap();
+        assert_eq!(config.relay.nats.max_age, Duration::ZERO);
     }
 
     #[test]

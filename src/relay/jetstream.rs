@@ -56,6 +56,31 @@ pub struct JetStream {
     options: NatsOptions,
 }
 
+/// `url` (one NATS URL or several, comma-separated) fit for logs: a
+/// password is masked as for the database, and so is a lone user part,
+/// which NATS reads as a token (`nats://TOKEN@host`).
+pub fn redact_nats_url(url: &str) -> String {
+    url.split(',')
+        .map(|one| {
+            let redacted = crate::store::redact_url(one);
+            if redacted != one {
+                return redacted;
+            }
+            let Some(scheme_end) = one.find("://").map(|i| i + 3) else {
+                return redacted;
+            };
+            let authority_end = one[scheme_end..]
+                .find(['/', '?'])
+                .map_or(one.len(), |i| scheme_end + i);
+            match one[scheme_end..authority_end].rfind('@') {
+                Some(at) => format!("{}***{}", &one[..scheme_end], &one[scheme_end + at..]),
+                None => redacted,
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn nats_error(operation: &'static str, err: impl std::fmt::Display) -> RelayError {
     RelayError::Nats {
         operation,
@@ -69,7 +94,7 @@ impl JetStream {
     /// retry loop); after that the client reconnects by itself.
     pub async fn connect(options: NatsOptions) -> Result<JetStream, RelayError> {
         let connect_error = |message: String| RelayError::Connect {
-            url: crate::store::redact_url(&options.url),
+            url: redact_nats_url(&options.url),
             message,
         };
         let mut connect = async_nats::ConnectOptions::new()
@@ -90,7 +115,8 @@ impl JetStream {
             connect = connect.add_root_certificates(ca.clone()).require_tls(true);
         }
         let client = connect
-            .connect(options.url.as_str())
+            // Several servers, comma-separated: one URL each.
+            .connect(options.url.split(',').map(str::trim).collect::<Vec<_>>())
             .await
             .map_err(|e| connect_error(e.to_string()))?;
         let mut context = jetstream::new(client.clone());
@@ -250,5 +276,23 @@ fn is_no_message(err: &stream::RawMessageError) -> bool {
             e.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND
         }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_nats_url;
+
+    #[test]
+    fn redacts_tokens_and_passwords_of_every_url() {
+        assert_eq!(redact_nats_url("nats://host:4222"), "nats://host:4222");
+        assert_eq!(
+            redact_nats_url("nats://s3cret@host:4222"),
+            "nats://***@host:4222"
+        );
+        assert_eq!(
+            redact_nats_url("nats://u:pw@a:4222,tls://v:pw2@b:4222,nats://tok@c"),
+            "nats://u:***@a:4222,tls://v:***@b:4222,nats://***@c"
+        );
     }
 }

@@ -213,6 +213,10 @@ pub struct Relay {
     /// Called with the new health whenever it changes.
     on_health: Box<dyn Fn(bool) + Send + Sync>,
     shutdown: CancellationToken,
+    /// The (revision, sequence) of a reseed marker sent and not
+    /// acknowledged: if the stream ends there, it was stored and the
+    /// reseed is done.
+    reseed_sent: std::sync::Mutex<Option<(u64, u64)>>,
 }
 
 /// Retry delays after a failure: quick at first, then every few seconds.
@@ -242,6 +246,7 @@ impl Relay {
             metrics,
             on_health,
             shutdown,
+            reseed_sent: std::sync::Mutex::new(None),
         })
     }
 
@@ -277,8 +282,12 @@ impl Relay {
     }
 
     /// Idle time after which a progress marker is written: a quarter of the
-    /// stream's max age, at most an hour.
+    /// stream's max age, at most an hour; never when messages do not expire
+    /// (a max age of zero).
     fn heartbeat(&self) -> Duration {
+        if self.options.nats.max_age.is_zero() {
+            return Duration::MAX;
+        }
         (self.options.nats.max_age / 4).min(Duration::from_secs(3600))
     }
 
@@ -413,7 +422,18 @@ impl Relay {
         let stream = &self.options.nats.stream;
         let end = self.nats.end().await?;
         let prefix = &self.options.nats.subject_prefix;
+        let reseed_sent = self.reseed_sent.lock().unwrap().take();
         let cursor = match end {
+            // Our reseed marker was stored though its ack was lost:
+            // reseeding again, at a later head, would skip what came
+            // between.
+            StreamEnd::At { revision, sequence }
+                if *from_now && reseed_sent == Some((revision, sequence)) =>
+            {
+                tracing::warn!(stream = %stream, revision, "stream reseeded: it goes on after the current revision (--from-now)");
+                *from_now = false;
+                Cursor::new(revision, sequence)
+            }
             _ if *from_now => {
                 let head = self.broker.head();
                 let after = match end {
@@ -422,6 +442,7 @@ impl Relay {
                     StreamEnd::Emptied { last_sequence } => last_sequence,
                 };
                 let marker = message::marker(MarkerReason::Reseed, head, after + 1, prefix);
+                *self.reseed_sent.lock().unwrap() = Some((head, after + 1));
                 let sequence = self
                     .nats
                     .publish(marker, after, &PausePoint::default())

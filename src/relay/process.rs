@@ -162,7 +162,7 @@ pub async fn start_process(config: RelayProcessConfig) -> anyhow::Result<Running
     }
     tracing::info!(
         database = %crate::store::redact_url(&config.database_url),
-        nats = %crate::store::redact_url(&config.relay.nats.url),
+        nats = %super::jetstream::redact_nats_url(&config.relay.nats.url),
         stream = %config.relay.nats.stream,
         subject_prefix = %config.relay.nats.subject_prefix,
         format = ?config.relay.format,

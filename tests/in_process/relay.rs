@@ -746,6 +746,171 @@ async fn sqlite_server_relays_json() {
     );
 }
 
+/// A TCP proxy to NATS that, once armed, drops the first chunk from the
+/// server that holds `pattern` (a JetStream publish ack), as when the
+/// connection fails after the server stored a message and before its ack
+/// arrives.
+struct AckDropper {
+    addr: SocketAddr,
+    armed: Arc<AtomicBool>,
+    accept: JoinHandle<()>,
+}
+
+impl AckDropper {
+    async fn start(target: SocketAddr, pattern: String) -> AckDropper {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let armed = Arc::new(AtomicBool::new(false));
+        let accept = tokio::spawn({
+            let armed = armed.clone();
+            async move {
+                while let Ok((inbound, _)) = listener.accept().await {
+                    let Ok(outbound) = TcpStream::connect(target).await else {
+                        continue;
+                    };
+                    let (mut in_read, mut in_write) = inbound.into_split();
+                    let (mut out_read, mut out_write) = outbound.into_split();
+                    tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut in_read, &mut out_write).await;
+                    });
+                    let armed = armed.clone();
+                    let pattern = pattern.clone().into_bytes();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match out_read.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            let chunk = &buf[..n];
+                            if chunk
+                                .windows(pattern.len())
+                                .any(|w| w == pattern.as_slice())
+                                && armed.swap(false, Ordering::SeqCst)
+                            {
+                                continue;
+                            }
+                            if in_write.write_all(chunk).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        AckDropper {
+            addr,
+            armed,
+            accept,
+        }
+    }
+}
+
+impl Drop for AckDropper {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// `--from-now` whose reseed marker is stored but whose ack is lost: the
+/// relay must not reseed a second time at a later head, which would skip
+/// the revisions committed in between.
+async fn a_lost_reseed_ack_does_not_skip_revisions() {
+    let Some((mut server, stream)) = setup().await else {
+        return;
+    };
+    write(&mut server.users, "u", json!({ "n": 1 })).await;
+    let dropper = AckDropper::start(
+        socket_of(&stream.url),
+        format!("{{\"stream\":\"{}\"", stream.name),
+    )
+    .await;
+    dropper.armed.store(true, Ordering::SeqCst);
+    let mut relayed = options(&stream, &format!("nats://{}", dropper.addr));
+    relayed.from_now = true;
+    let relay = start_relay(&server, relayed).await;
+    // The reseed marker (at revision 1) is stored; its ack never arrives.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while stream.messages().await.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no reseed marker");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!dropper.armed.load(Ordering::SeqCst), "the ack was dropped");
+    // Revisions committed while the relay waits for that ack.
+    write(&mut server.users, "u", json!({ "n": 2 })).await;
+    write(&mut server.users, "u", json!({ "n": 3 })).await;
+    // Past the ack timeout and the retry.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    write(&mut server.users, "u", json!({ "n": 4 })).await;
+    stream.wait_for(4, WAIT).await;
+    let messages = stream.messages().await;
+    let seen: Vec<(Option<&str>, u64)> = messages
+        .iter()
+        .map(|m| (m.header("Metadata-Marker"), m.revision()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![(Some("reseed"), 1), (None, 2), (None, 3), (None, 4)],
+        "revisions 2 and 3 were committed after the reseed: they are in the stream"
+    );
+    relay.shutdown().await.unwrap();
+}
+
+/// A stream whose messages never expire (`--nats-max-age 0s`, and the
+/// duplicate window JetStream's default) needs no progress markers; an
+/// idle relay must not write them in a loop.
+async fn an_unlimited_max_age_writes_no_marker_storm() {
+    let Some((mut server, stream)) = setup().await else {
+        return;
+    };
+    let mut relayed = options(&stream, &stream.url);
+    relayed.nats.max_age = Duration::ZERO;
+    relayed.nats.duplicate_window = Duration::ZERO;
+    let relay = start_relay(&server, relayed).await;
+    write(&mut server.users, "u", json!({ "n": 1 })).await;
+    stream.wait_for(1, WAIT).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let count = stream.messages().await.len();
+    assert!(
+        count <= 3,
+        "an idle second wrote {count} messages (start marker, event 1, at most one more)"
+    );
+    relay.shutdown().await.unwrap();
+}
+
+/// A NATS token in the URL (`nats://TOKEN@host`) is a secret: it must not
+/// appear in the error line.
+async fn a_nats_token_in_the_url_is_not_logged() {
+    let Some((server, stream)) = setup().await else {
+        return;
+    };
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("nats://s3cr3tToken@{}", closed.local_addr().unwrap());
+    drop(closed);
+    let err = relay::start_process(process_config(&server, options(&stream, &url)))
+        .await
+        .err()
+        .expect("unreachable NATS is refused at start");
+    let text = format!("{err:#}");
+    assert!(text.starts_with("cannot connect to NATS at"), "{text}");
+    assert!(!text.contains("s3cr3tToken"), "{text}");
+}
+
+/// `--nats-url` takes several servers, comma-separated, as documented.
+async fn comma_separated_nats_urls_connect() {
+    let Some((mut server, stream)) = setup().await else {
+        return;
+    };
+    let url = format!("{},{}", stream.url, stream.url);
+    let relay = relay::start_process(process_config(&server, options(&stream, &url)))
+        .await
+        .expect("a list of NATS servers is accepted");
+    write(&mut server.users, "u", json!({ "n": 1 })).await;
+    stream.wait_for(1, WAIT).await;
+    relay.shutdown().await.unwrap();
+}
+
 mod postgres {
     macro_rules! tests {
         ($($name:ident),* $(,)?) => {$(
@@ -767,6 +932,10 @@ mod postgres {
         a_purged_stream_stops_the_relay,
         a_publish_behind_the_stream_end_is_fenced,
         an_idle_stream_keeps_its_end_through_expiry,
+        a_lost_reseed_ack_does_not_skip_revisions,
+        an_unlimited_max_age_writes_no_marker_storm,
+        a_nats_token_in_the_url_is_not_logged,
+        comma_separated_nats_urls_connect,
     );
 }
 
