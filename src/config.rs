@@ -191,8 +191,10 @@ pub struct NatsArgs {
     /// Message bodies: the event as protobuf (as in Watch) or its proto3 JSON form.
     #[arg(long = "format", visible_alias = "relay-format", env = "METADATA_RELAY_FORMAT", value_enum, default_value_t = crate::relay::Format::Protobuf)]
     pub format: crate::relay::Format,
-    /// Start at the current revision, after a marker message, whatever the
-    /// stream holds (to reseed a stream the event log has moved past).
+    /// Reseed a stream that cannot be continued (the event log has moved
+    /// past it, or it is empty): a marker, then events after the current
+    /// revision. A stream that can be continued is continued, so leaving
+    /// it set is harmless.
     #[arg(long = "from-now", visible_alias = "relay-from-now")]
     pub from_now: bool,
 }

@@ -46,14 +46,31 @@ pub enum StreamEnd {
     /// Messages were stored and none is left (expired or purged): where the
     /// relay stopped is unknown.
     Emptied { last_sequence: u64 },
-    /// The last message is complete up to `revision`.
-    At { revision: u64, sequence: u64 },
+    /// The last message is complete up to `revision`; it was stored `age`
+    /// ago.
+    At {
+        revision: u64,
+        sequence: u64,
+        age: Duration,
+    },
 }
 
 pub struct JetStream {
     client: async_nats::Client,
     context: jetstream::Context,
     options: NatsOptions,
+    /// The stream's own max age, read by [`JetStream::ensure_stream`].
+    max_age: Duration,
+}
+
+/// How long ago a time given in nanoseconds since the epoch was; zero for
+/// one in the future (clocks differ).
+fn age_of(unix_nanos: i128) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as i128;
+    Duration::from_nanos(u64::try_from(now - unix_nanos).unwrap_or(0))
 }
 
 /// `url` (one NATS URL or several, comma-separated) fit for logs: a
@@ -124,8 +141,14 @@ impl JetStream {
         Ok(JetStream {
             client,
             context,
+            max_age: options.max_age,
             options,
         })
+    }
+
+    /// Max age of the stream's messages; zero: they never expire.
+    pub fn max_age(&self) -> Duration {
+        self.max_age
     }
 
     pub fn is_connected(&self) -> bool {
@@ -139,7 +162,7 @@ impl JetStream {
     /// Creates the stream if it does not exist; refuses one that holds
     /// other subjects than the relay's (it would mix foreign messages into
     /// the log, or miss ours).
-    pub async fn ensure_stream(&self) -> Result<(), RelayError> {
+    pub async fn ensure_stream(&mut self) -> Result<(), RelayError> {
         let name = &self.options.stream;
         let wanted = self.wanted_subjects();
         match self.context.get_stream(name).await {
@@ -155,6 +178,7 @@ impl JetStream {
                         wanted: wanted[0].clone(),
                     });
                 }
+                self.max_age = info.config.max_age;
                 Ok(())
             }
             Err(err) if is_stream_not_found(&err) => {
@@ -175,6 +199,7 @@ impl JetStream {
                     .create_stream(config)
                     .await
                     .map_err(|e| nats_error("create stream", e))?;
+                self.max_age = self.options.max_age;
                 tracing::info!(stream = %name, "created the NATS stream");
                 Ok(())
             }
@@ -214,6 +239,7 @@ impl JetStream {
             Some(revision) => Ok(StreamEnd::At {
                 revision,
                 sequence: last.sequence,
+                age: age_of(last.time.unix_timestamp_nanos()),
             }),
             None => Err(RelayError::ForeignMessage {
                 stream: self.options.stream.clone(),

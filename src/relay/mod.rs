@@ -45,8 +45,9 @@ use message::MarkerReason;
 pub struct RelayOptions {
     pub nats: NatsOptions,
     pub format: Format,
-    /// Start at the current revision, after a marker, whatever the stream
-    /// holds.
+    /// Reseed a stream that cannot be continued (empty, emptied, or ending
+    /// below what the event table keeps): a marker, then the events after
+    /// the current revision. A stream that can be continued is continued.
     pub from_now: bool,
     /// Events read from the table per query.
     pub batch: u64,
@@ -213,10 +214,6 @@ pub struct Relay {
     /// Called with the new health whenever it changes.
     on_health: Box<dyn Fn(bool) + Send + Sync>,
     shutdown: CancellationToken,
-    /// The (revision, sequence) of a reseed marker sent and not
-    /// acknowledged: if the stream ends there, it was stored and the
-    /// reseed is done.
-    reseed_sent: std::sync::Mutex<Option<(u64, u64)>>,
 }
 
 /// Retry delays after a failure: quick at first, then every few seconds.
@@ -234,6 +231,7 @@ impl Relay {
         shutdown: CancellationToken,
     ) -> Result<Relay, RelayError> {
         let nats = JetStream::connect(options.nats.clone()).await?;
+        let mut nats = nats;
         nats.ensure_stream().await?;
         let state = Arc::new(RelayState::default());
         metrics.observe(state.clone(), broker.clone());
@@ -246,7 +244,6 @@ impl Relay {
             metrics,
             on_health,
             shutdown,
-            reseed_sent: std::sync::Mutex::new(None),
         })
     }
 
@@ -257,7 +254,6 @@ impl Relay {
     /// Takes turns with other replicas until shutdown, or until an error
     /// that no retry mends.
     pub async fn run(self) -> Result<(), RelayError> {
-        let mut from_now = self.options.from_now;
         loop {
             let Some(mut lease) = self.wait_for_lease().await else {
                 return Ok(());
@@ -265,7 +261,7 @@ impl Relay {
             self.state.holds_lease.store(true, Ordering::Relaxed);
             self.metrics.lease_held.set(1);
             tracing::info!(stream = %self.options.nats.stream, "relay lease taken; publishing");
-            let turn = self.publish_while_held(&mut lease, &mut from_now).await;
+            let turn = self.publish_while_held(&mut lease).await;
             self.state.holds_lease.store(false, Ordering::Relaxed);
             self.metrics.lease_held.set(0);
             drop(lease);
@@ -285,10 +281,13 @@ impl Relay {
     /// stream's max age, at most an hour; never when messages do not expire
     /// (a max age of zero).
     fn heartbeat(&self) -> Duration {
-        if self.options.nats.max_age.is_zero() {
+        // The stream's own setting: an existing stream keeps the max age it
+        // was made with, whatever --nats-max-age says now.
+        let max_age = self.nats.max_age();
+        if max_age.is_zero() {
             return Duration::MAX;
         }
-        (self.options.nats.max_age / 4).min(Duration::from_secs(3600))
+        (max_age / 4).min(Duration::from_secs(3600))
     }
 
     fn set_health(&self, healthy: bool) {
@@ -302,7 +301,11 @@ impl Relay {
     async fn wait_for_lease(&self) -> Option<Lease> {
         let mut said = false;
         loop {
-            match self.store.try_lease(&self.options.nats.stream).await {
+            let attempt = tokio::select! {
+                attempt = self.store.try_lease(&self.options.nats.stream) => attempt,
+                () = self.shutdown.cancelled() => return None,
+            };
+            match attempt {
                 Ok(Some(lease)) => return Some(lease),
                 Ok(None) => {
                     if !said {
@@ -323,11 +326,7 @@ impl Relay {
         }
     }
 
-    async fn publish_while_held(
-        &self,
-        lease: &mut Lease,
-        from_now: &mut bool,
-    ) -> Result<Turn, RelayError> {
+    async fn publish_while_held(&self, lease: &mut Lease) -> Result<Turn, RelayError> {
         let mut cursor: Option<Cursor> = None;
         let mut failures = 0u32;
         let mut lease_checked = Instant::now();
@@ -344,11 +343,20 @@ impl Relay {
                 }
                 lease_checked = Instant::now();
             }
-            let step = match cursor.as_mut() {
-                None => self.start(from_now).await.map(|start| {
-                    cursor = Some(start);
-                }),
-                Some(at) => self.forward(at).await,
+            // A step may wait on NATS for long (requests queue while it
+            // reconnects): shutdown must not wait with it. Dropping a
+            // publish in flight is safe: the fence decides if it lands.
+            let step = async {
+                match cursor.as_mut() {
+                    None => self.start(self.options.from_now).await.map(|start| {
+                        cursor = Some(start);
+                    }),
+                    Some(at) => self.forward(at).await,
+                }
+            };
+            let step = tokio::select! {
+                step = step => step,
+                () = self.shutdown.cancelled() => return Ok(Turn::ShuttingDown),
             };
             match step {
                 Ok(()) => {
@@ -356,7 +364,9 @@ impl Relay {
                         tracing::info!("relay publishing again");
                     }
                     failures = 0;
-                    self.set_health(true);
+                    // Caught up and idle, nothing tells the relay NATS is
+                    // gone but the client's own connection state.
+                    self.set_health(self.nats.is_connected());
                 }
                 Err(err) if err.is_fatal() => return Err(err),
                 Err(err) => {
@@ -418,54 +428,65 @@ impl Relay {
     }
 
     /// Reads where the stream ends and decides where to go on from.
-    async fn start(&self, from_now: &mut bool) -> Result<Cursor, RelayError> {
+    ///
+    /// `--from-now` reseeds only a stream that cannot be continued (empty,
+    /// emptied, or ending below what the table keeps). A stream that can be
+    /// continued is continued whatever the flag says: the flag left set on
+    /// a replica that takes the lease later, or a reseed marker stored
+    /// whose ack was lost, must not skip the revisions since.
+    async fn start(&self, from_now: bool) -> Result<Cursor, RelayError> {
         let stream = &self.options.nats.stream;
         let end = self.nats.end().await?;
         let prefix = &self.options.nats.subject_prefix;
-        let reseed_sent = self.reseed_sent.lock().unwrap().take();
+        let compacted = self.store.compacted_revision().await?;
+        let reseed = |after: u64| async move {
+            let head = self.broker.head();
+            let marker = message::marker(MarkerReason::Reseed, head, after + 1, prefix);
+            let sequence = self
+                .nats
+                .publish(marker, after, &PausePoint::default())
+                .await?;
+            tracing::warn!(stream = %stream, revision = head, "stream reseeded: it goes on after the current revision (--from-now)");
+            Ok::<_, RelayError>(Cursor::new(head, sequence))
+        };
         let cursor = match end {
-            // Our reseed marker was stored though its ack was lost:
-            // reseeding again, at a later head, would skip what came
-            // between.
-            StreamEnd::At { revision, sequence }
-                if *from_now && reseed_sent == Some((revision, sequence)) =>
-            {
-                tracing::warn!(stream = %stream, revision, "stream reseeded: it goes on after the current revision (--from-now)");
-                *from_now = false;
-                Cursor::new(revision, sequence)
+            StreamEnd::At {
+                revision,
+                sequence,
+                age,
+            } if revision >= compacted => {
+                if from_now {
+                    tracing::info!(stream = %stream, revision, "the stream can be continued: --from-now has nothing to reseed");
+                }
+                let mut cursor = Cursor::new(revision, sequence);
+                // The last message is already `age` old: it expires that
+                // much sooner, so the next progress marker is due sooner.
+                cursor.since = Instant::now().checked_sub(age).unwrap_or(cursor.since);
+                cursor
             }
-            _ if *from_now => {
-                let head = self.broker.head();
-                let after = match end {
-                    StreamEnd::At { sequence, .. } => sequence,
-                    StreamEnd::Empty => 0,
-                    StreamEnd::Emptied { last_sequence } => last_sequence,
-                };
-                let marker = message::marker(MarkerReason::Reseed, head, after + 1, prefix);
-                *self.reseed_sent.lock().unwrap() = Some((head, after + 1));
-                let sequence = self
-                    .nats
-                    .publish(marker, after, &PausePoint::default())
-                    .await?;
-                tracing::warn!(stream = %stream, revision = head, "stream reseeded: it goes on after the current revision (--from-now)");
-                *from_now = false;
-                Cursor::new(head, sequence)
+            StreamEnd::At { sequence, .. } if from_now => reseed(sequence).await?,
+            StreamEnd::At { revision, .. } => {
+                return Err(RelayError::PastRetention {
+                    stream: stream.clone(),
+                    last: revision,
+                    oldest: compacted + 1,
+                });
             }
-            StreamEnd::Empty => {
-                // A new stream holds what the table still has.
-                let compacted = self.store.compacted_revision().await?;
-                let marker = message::marker(MarkerReason::Start, compacted, 1, prefix);
-                let sequence = self.nats.publish(marker, 0, &PausePoint::default()).await?;
-                tracing::info!(stream = %stream, revision = compacted, "new stream: relaying the event log from the oldest event kept");
-                Cursor::new(compacted, sequence)
-            }
+            StreamEnd::Emptied { last_sequence } if from_now => reseed(last_sequence).await?,
             StreamEnd::Emptied { last_sequence } => {
                 return Err(RelayError::Emptied {
                     stream: stream.clone(),
                     last_sequence,
                 });
             }
-            StreamEnd::At { revision, sequence } => Cursor::new(revision, sequence),
+            StreamEnd::Empty if from_now => reseed(0).await?,
+            StreamEnd::Empty => {
+                // A new stream holds what the table still has.
+                let marker = message::marker(MarkerReason::Start, compacted, 1, prefix);
+                let sequence = self.nats.publish(marker, 0, &PausePoint::default()).await?;
+                tracing::info!(stream = %stream, revision = compacted, "new stream: relaying the event log from the oldest event kept");
+                Cursor::new(compacted, sequence)
+            }
         };
         self.state
             .revision

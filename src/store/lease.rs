@@ -58,7 +58,17 @@ impl Store {
             .connect_options()
             .as_ref()
             .clone()
-            .application_name(LEASE_APPLICATION_NAME);
+            .application_name(LEASE_APPLICATION_NAME)
+            // A holder cut off without its socket closing (a partition, a
+            // frozen node) keeps the lock until Postgres notices the
+            // session is dead: seconds with these, two hours with Linux's
+            // keepalive defaults, during which no replica could take over.
+            .options([
+                ("tcp_keepalives_idle", "5"),
+                ("tcp_keepalives_interval", "2"),
+                ("tcp_keepalives_count", "3"),
+                ("tcp_user_timeout", "10000"),
+            ]);
         let mut connection = PgConnection::connect_with(&options)
             .await
             .map_err(|e| StoreError::unavailable("cannot connect for the relay lease", e))?;

@@ -623,6 +623,41 @@ async fn a_purged_stream_stops_the_relay() {
     );
 }
 
+/// `--from-now` on a stream that can be continued (a replica that still
+/// has the flag takes the lease later) continues it: nothing is skipped.
+async fn from_now_continues_a_stream_that_can_be_continued() {
+    let Some((mut server, stream)) = setup().await else {
+        return;
+    };
+    let relayed = options(&stream, &stream.url);
+    let relay = start_relay(&server, relayed.clone()).await;
+    write(&mut server.users, "u", json!({ "n": 1 })).await;
+    stream.wait_for(1, WAIT).await;
+    relay.shutdown().await.unwrap();
+    for n in 2..=3 {
+        write(&mut server.users, "u", json!({ "n": n })).await;
+    }
+    let relay = start_relay(
+        &server,
+        RelayOptions {
+            from_now: true,
+            ..relayed
+        },
+    )
+    .await;
+    write(&mut server.users, "u", json!({ "n": 4 })).await;
+    stream.wait_for(4, WAIT).await;
+    assert_eq!(stream.event_revisions().await, vec![1, 2, 3, 4]);
+    assert!(
+        !stream
+            .messages()
+            .await
+            .iter()
+            .any(|m| m.header("Metadata-Marker") == Some("reseed"))
+    );
+    relay.shutdown().await.unwrap();
+}
+
 /// A publish whose fence does not match the stream's end is refused and
 /// stores nothing: two relays can never interleave.
 async fn a_publish_behind_the_stream_end_is_fenced() {
@@ -932,6 +967,7 @@ mod postgres {
         a_purged_stream_stops_the_relay,
         a_publish_behind_the_stream_end_is_fenced,
         an_idle_stream_keeps_its_end_through_expiry,
+        from_now_continues_a_stream_that_can_be_continued,
         a_lost_reseed_ack_does_not_skip_revisions,
         an_unlimited_max_age_writes_no_marker_storm,
         a_nats_token_in_the_url_is_not_logged,
