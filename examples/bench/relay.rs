@@ -44,9 +44,9 @@ use anyhow::{Context, bail};
 use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::push};
 use hdrhistogram::Histogram;
 use metadata_service::model::Kind;
+use metadata_service::proto::v1::MergeUserMetadataRequest;
 use metadata_service::proto::v1::UserMetadataEvent;
 use metadata_service::proto::v1::user_metadata_service_client::UserMetadataServiceClient;
-use metadata_service::proto::v1::MergeUserMetadataRequest;
 use metadata_service::relay::{message, subject};
 use prost::Message as _;
 use prost_types::value::Kind as ProtoKind;
@@ -116,6 +116,9 @@ pub struct Throughput {
     pub backlog_relay_cpu_cores: f64,
     /// backlog_events_per_second / service_merges_per_second.
     pub backlog_ratio: f64,
+    /// The bench publishing the same messages to a scratch stream: the
+    /// ceiling of a relay that waits for each ack, and of one that does not.
+    pub floor: Floor,
     /// Merge, closed loop, with the relay running.
     pub live_merges_per_second: f64,
     pub live_p99_ms: f64,
@@ -129,6 +132,23 @@ pub struct Throughput {
     pub live_server_cpu_cores: f64,
     /// The relay process's (Postgres).
     pub live_relay_cpu_cores: Option<f64>,
+}
+
+/// JetStream alone, from the bench: a stored event message (body and
+/// headers) published to a scratch stream as the relay publishes (fenced
+/// with `Nats-Expected-Last-Sequence`, unique `Nats-Msg-Id`), one at a time
+/// waiting for each ack, then pipelined (acks awaited in windows, each
+/// message fenced with the sequence it is bound to follow).
+#[derive(Debug, Serialize)]
+pub struct Floor {
+    pub messages: u64,
+    pub body_bytes: usize,
+    pub sequential_per_second: f64,
+    /// Publish to ack, one at a time.
+    pub ack_p50_us: f64,
+    pub ack_p99_us: f64,
+    pub pipelined_per_second: f64,
+    pub pipeline_window: usize,
 }
 
 /// Revisions received against the table's.
@@ -217,7 +237,10 @@ impl RelayReport {
     /// messages, over every check.
     pub fn faults(&self) -> u64 {
         let count = |a: &Accounting| a.missed + a.duplicated + a.out_of_order + a.unexpected;
-        self.latency.iter().map(|r| count(&r.accounting)).sum::<u64>()
+        self.latency
+            .iter()
+            .map(|r| count(&r.accounting))
+            .sum::<u64>()
             + count(&self.stream_check.accounting)
             + self.stream_check.malformed
             + self.stream_check.extra_markers
@@ -445,6 +468,88 @@ impl Collector {
     }
 }
 
+/// Acks outstanding at once in the pipelined floor.
+const WINDOW: usize = 256;
+
+/// Publishes `count` copies of the stream's first event message to a
+/// scratch stream of its own (deleted after), one ack at a time and then
+/// pipelined.
+async fn floor(nats: &Nats, count: u64) -> anyhow::Result<Floor> {
+    let sample = nats
+        .js
+        .get_stream(&nats.stream)
+        .await?
+        .get_raw_message(2)
+        .await
+        .context("reading an event message")?;
+    let name = format!("{}_FLOOR", nats.stream);
+    let prefix = format!("{}_floor", nats.prefix);
+    let subject = format!("{prefix}.user.bench_0");
+    nats.js
+        .create_stream(jetstream::stream::Config {
+            name: name.clone(),
+            subjects: vec![format!("{prefix}.>")],
+            storage: jetstream::stream::StorageType::File,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .context("creating the scratch stream")?;
+    let result = async {
+        let numbered = |n: u64| {
+            let mut headers = sample.headers.clone();
+            headers.insert(message::MSG_ID, n.to_string().as_str());
+            headers.insert(message::REVISION, n.to_string().as_str());
+            jetstream::message::PublishMessage::build()
+                .payload(sample.payload.clone())
+                .headers(headers)
+        };
+        let mut acks = latency_histogram();
+        let started = Instant::now();
+        let mut last = 0;
+        for n in 1..=count {
+            let t = Instant::now();
+            let ack = nats
+                .js
+                .send_publish(subject.clone(), numbered(n).expected_last_sequence(last))
+                .await?
+                .await?;
+            acks.saturating_record(t.elapsed().as_micros() as u64);
+            last = ack.sequence;
+        }
+        let sequential = count as f64 / started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        let mut n = count;
+        while n < 2 * count {
+            let mut pending = Vec::with_capacity(WINDOW);
+            for _ in 0..WINDOW.min((2 * count - n) as usize) {
+                n += 1;
+                // Fenced as well: message n is stored at sequence n when
+                // the bench is the only publisher, so a relay could fence
+                // a whole window before the first ack is back.
+                let publish = numbered(n).expected_last_sequence(n - 1);
+                pending.push(nats.js.send_publish(subject.clone(), publish).await?);
+            }
+            for ack in pending {
+                ack.await?;
+            }
+        }
+        let pipelined = count as f64 / started.elapsed().as_secs_f64();
+        anyhow::Ok(Floor {
+            messages: count,
+            body_bytes: sample.payload.len(),
+            sequential_per_second: sequential,
+            ack_p50_us: acks.value_at_quantile(0.5) as f64,
+            ack_p99_us: acks.value_at_quantile(0.99) as f64,
+            pipelined_per_second: pipelined,
+            pipeline_window: WINDOW,
+        })
+    }
+    .await;
+    nats.js.delete_stream(&name).await?;
+    result
+}
+
 /// The table's revisions after `after`, in order.
 async fn revisions_after(pool: &RawPool, after: u64) -> anyhow::Result<Vec<u64>> {
     let rows: Vec<i64> = match pool {
@@ -624,6 +729,16 @@ async fn measure(
                 wall.as_secs_f64()
             );
         }
+        let floor = floor(nats, backlog.clamp(100, 5_000)).await?;
+        if settings.progress {
+            eprintln!(
+                "  relay: JetStream from the bench ({} B bodies): {:.0}/s one ack at a time (ack p50 {:.0} µs), {:.0}/s pipelined",
+                floor.body_bytes,
+                floor.sequential_per_second,
+                floor.ack_p50_us,
+                floor.pipelined_per_second
+            );
+        }
         // 3. Live: merges with the relay running.
         let before = (processes.server.usage()?, processes.relay_usage()?);
         let window_start = nats.events().await?;
@@ -653,6 +768,7 @@ async fn measure(
             backlog_wall_seconds: wall.as_secs_f64(),
             backlog_relay_cpu_cores: relay_cpu / wall.as_secs_f64(),
             backlog_ratio: backlog_rate / alone.measured.throughput(),
+            floor,
             live_merges_per_second: live.measured.throughput(),
             live_p99_ms: q_ms(&live.measured.latency, 0.99),
             live_relay_events_per_second: live_rate,
@@ -734,7 +850,14 @@ async fn merges(server: &ServerProcess, settings: &Settings<'_>) -> anyhow::Resu
         channels.push(channel(server.addr).await?);
     }
     let (clients, ids) = (settings.clients, settings.ids);
-    load::service(channels.clone(), Workload::Merge, clients, ids, settings.warmup).await;
+    load::service(
+        channels.clone(),
+        Workload::Merge,
+        clients,
+        ids,
+        settings.warmup,
+    )
+    .await;
     let before = server.usage()?;
     let measured = load::service(channels, Workload::Merge, clients, ids, settings.duration).await;
     let after = server.usage()?;
@@ -931,6 +1054,17 @@ pub fn print(report: &RelayReport) {
             Some(relay) => format!("{:.2}+{relay:.2}", t.live_server_cpu_cores),
             None => format!("{:.2}", t.live_server_cpu_cores),
         }
+    );
+    let f = &t.floor;
+    println!(
+        "JetStream from the bench ({} messages of {} B): {:.0}/s one ack at a time (ack p50 {:.0} µs, p99 {:.0} µs), {:.0}/s pipelined ({} acks in flight)",
+        f.messages,
+        f.body_bytes,
+        f.sequential_per_second,
+        f.ack_p50_us,
+        f.ack_p99_us,
+        f.pipelined_per_second,
+        f.pipeline_window
     );
     println!(
         "\n{:<9} {:>7} {:>7} {:>6} {:>8} {:>7} {:>7} {:>8} {:>6} {:>8} {:>8} {:>9} {:>7} {:>7} {:>6} {:>7}",
