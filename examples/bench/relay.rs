@@ -666,7 +666,7 @@ async fn measure(
         settings.server_env,
     )
     .await?;
-    let alone = merges(&server, settings).await?;
+    let alone = merges(&server, settings, &pool).await?;
     let backlog = event_count(&pool).await?;
     if settings.progress {
         eprintln!(
@@ -742,7 +742,7 @@ async fn measure(
         // 3. Live: merges with the relay running.
         let before = (processes.server.usage()?, processes.relay_usage()?);
         let window_start = nats.events().await?;
-        let live = merges(&processes.server, settings).await?;
+        let live = merges(&processes.server, settings, &pool).await?;
         let window_end = nats.events().await?;
         let written = event_count(&pool).await?;
         let ended = Instant::now();
@@ -843,25 +843,55 @@ struct MergeRun {
     server_cores: f64,
 }
 
-/// The merge workload of load.rs: warm-up, then the measured run.
-async fn merges(server: &ServerProcess, settings: &Settings<'_>) -> anyhow::Result<MergeRun> {
+fn fresh_seed() -> u64 {
+    rand::random::<u64>() | 1
+}
+
+/// The merge workload of load.rs: warm-up, then the measured run, each of
+/// whose merges must write an event.
+async fn merges(
+    server: &ServerProcess,
+    settings: &Settings<'_>,
+    pool: &RawPool,
+) -> anyhow::Result<MergeRun> {
     let mut channels = Vec::with_capacity(settings.clients);
     for _ in 0..settings.clients {
         channels.push(channel(server.addr).await?);
     }
     let (clients, ids) = (settings.clients, settings.ids);
-    load::service(
+    // Seeds of their own: the same seeds would repeat earlier merges, and
+    // a merge that changes nothing writes no event.
+    let warmup = settings.warmup;
+    load::service_seeded(
         channels.clone(),
         Workload::Merge,
         clients,
         ids,
-        settings.warmup,
+        warmup,
+        fresh_seed(),
     )
     .await;
     let before = server.usage()?;
-    let measured = load::service(channels, Workload::Merge, clients, ids, settings.duration).await;
+    let events_before = event_count(pool).await?;
+    let seed = fresh_seed();
+    let measured = load::service_seeded(
+        channels,
+        Workload::Merge,
+        clients,
+        ids,
+        settings.duration,
+        seed,
+    )
+    .await;
     let after = server.usage()?;
+    let events = event_count(pool).await? - events_before;
     crate::check(&measured, "merge (relay workload)")?;
+    if events != measured.ops {
+        bail!(
+            "{} merges acknowledged but {events} events written: some merges changed nothing",
+            measured.ops
+        );
+    }
     Ok(MergeRun {
         server_cores: cores(before, after, measured.elapsed),
         measured,
