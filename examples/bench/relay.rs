@@ -281,7 +281,8 @@ impl Nats {
     /// Messages in the stream; 0 while it does not exist.
     async fn messages(&self) -> anyhow::Result<u64> {
         match self.js.get_stream(&self.stream).await {
-            Ok(mut stream) => Ok(stream.info().await?.state.messages),
+            // get_stream has just fetched the stream's info.
+            Ok(stream) => Ok(stream.cached_info().state.messages),
             Err(err)
                 if matches!(
                     err.kind(),
@@ -301,8 +302,8 @@ impl Nats {
     }
 
     async fn last_sequence(&self) -> anyhow::Result<u64> {
-        let mut stream = self.js.get_stream(&self.stream).await?;
-        Ok(stream.info().await?.state.last_sequence)
+        let stream = self.js.get_stream(&self.stream).await?;
+        Ok(stream.cached_info().state.last_sequence)
     }
 
     /// Polls until the stream holds `events` events: when it first saw
