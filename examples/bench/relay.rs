@@ -132,6 +132,17 @@ pub struct Throughput {
     pub live_server_cpu_cores: f64,
     /// The relay process's (Postgres).
     pub live_relay_cpu_cores: Option<f64>,
+    /// CPU per Merge of the whole stack (server, relay, bench, Postgres
+    /// backends of the bench's database, nats-server), alone and live.
+    pub service_stack_cpu_us_per_merge: f64,
+    pub live_stack_cpu_us_per_merge: f64,
+    /// nats-server's CPU, in cores, alone and live (None: not found).
+    pub service_nats_cpu_cores: Option<f64>,
+    pub live_nats_cpu_cores: Option<f64>,
+    /// Postgres: transactions committed in the database per Merge, alone
+    /// and live (the relay's reads are the difference).
+    pub service_transactions_per_merge: Option<f64>,
+    pub live_transactions_per_merge: Option<f64>,
 }
 
 /// JetStream alone, from the bench: a stored event message (body and
@@ -667,7 +678,7 @@ async fn measure(
         settings.server_env,
     )
     .await?;
-    let alone = merges(&server, settings, &pool).await?;
+    let alone = merges(&server, None, settings, &pool).await?;
     let backlog = event_count(&pool).await?;
     if settings.progress {
         eprintln!(
@@ -743,7 +754,7 @@ async fn measure(
         // 3. Live: merges with the relay running.
         let before = (processes.server.usage()?, processes.relay_usage()?);
         let window_start = nats.events().await?;
-        let live = merges(&processes.server, settings, &pool).await?;
+        let live = merges(&processes.server, processes.relay.as_ref(), settings, &pool).await?;
         let window_end = nats.events().await?;
         let written = event_count(&pool).await?;
         let ended = Instant::now();
@@ -780,6 +791,12 @@ async fn measure(
                 .relay
                 .as_ref()
                 .map(|_| cores(before.1, after.1, live.measured.elapsed)),
+            service_stack_cpu_us_per_merge: alone.stack_cpu_us_per_merge,
+            live_stack_cpu_us_per_merge: live.stack_cpu_us_per_merge,
+            service_nats_cpu_cores: alone.nats_cores,
+            live_nats_cpu_cores: live.nats_cores,
+            service_transactions_per_merge: alone.transactions_per_merge,
+            live_transactions_per_merge: live.transactions_per_merge,
         };
         // 4. Latency at each rate.
         let mut latency = Vec::new();
@@ -842,6 +859,69 @@ async fn measure(
 struct MergeRun {
     measured: load::Measured,
     server_cores: f64,
+    stack_cpu_us_per_merge: f64,
+    nats_cores: Option<f64>,
+    transactions_per_merge: Option<f64>,
+}
+
+/// Postgres: transactions committed in the bench's database so far
+/// (`pg_stat_database`, every statement outside a transaction counts one).
+async fn transactions(pool: &RawPool) -> anyhow::Result<Option<u64>> {
+    Ok(match pool {
+        RawPool::Postgres(pool) => {
+            // Statistics reach pg_stat_database when a backend's
+            // transaction ends (and at most every second while idle).
+            sqlx::query("SELECT pg_stat_clear_snapshot()")
+                .execute(pool)
+                .await?;
+            let n: i64 = sqlx::query_scalar(
+                "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+            )
+            .fetch_one(pool)
+            .await?;
+            Some(n as u64)
+        }
+        RawPool::Sqlite(_) => None,
+    })
+}
+
+/// The nats-server process on this machine, if there is one to read.
+fn nats_server_pid() -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.find_map(|entry| {
+        let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        (comm.trim() == "nats-server").then_some(pid)
+    })
+}
+
+/// CPU seconds used so far by `pids`, this bench, and on Postgres every
+/// backend connected to the bench's database but the one asking (as
+/// schema.rs's stack CPU, plus the relay and NATS).
+async fn stack_cpu(pool: &RawPool, pids: &[u32]) -> anyhow::Result<HashMap<u32, f64>> {
+    let mut all = pids.to_vec();
+    all.push(std::process::id());
+    if let RawPool::Postgres(pool) = pool {
+        let backends: Vec<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .fetch_all(pool)
+        .await?;
+        all.extend(backends.into_iter().map(|p| p as u32));
+    }
+    Ok(all
+        .into_iter()
+        .filter_map(|pid| Usage::of(pid).ok().map(|u| (pid, u.cpu_seconds)))
+        .collect())
+}
+
+/// CPU seconds between two [`stack_cpu`] readings: processes in both, and
+/// those that started in between (from 0).
+fn cpu_between(before: &HashMap<u32, f64>, after: &HashMap<u32, f64>) -> f64 {
+    after
+        .iter()
+        .map(|(pid, a)| a - before.get(pid).copied().unwrap_or(0.0))
+        .sum()
 }
 
 fn fresh_seed() -> u64 {
@@ -852,9 +932,14 @@ fn fresh_seed() -> u64 {
 /// whose merges must write an event.
 async fn merges(
     server: &ServerProcess,
+    relay: Option<&ServerProcess>,
     settings: &Settings<'_>,
     pool: &RawPool,
 ) -> anyhow::Result<MergeRun> {
+    let nats_pid = nats_server_pid();
+    let mut pids = vec![server.pid];
+    pids.extend(relay.map(|r| r.pid));
+    pids.extend(nats_pid);
     let mut channels = Vec::with_capacity(settings.clients);
     for _ in 0..settings.clients {
         channels.push(channel(server.addr).await?);
@@ -873,6 +958,8 @@ async fn merges(
     )
     .await;
     let before = server.usage()?;
+    let stack_before = stack_cpu(pool, &pids).await?;
+    let xacts_before = transactions(pool).await?;
     let events_before = event_count(pool).await?;
     let seed = fresh_seed();
     let measured = load::service_seeded(
@@ -885,6 +972,8 @@ async fn merges(
     )
     .await;
     let after = server.usage()?;
+    let stack_after = stack_cpu(pool, &pids).await?;
+    let xacts_after = transactions(pool).await?;
     let events = event_count(pool).await? - events_before;
     crate::check(&measured, "merge (relay workload)")?;
     if events != measured.ops {
@@ -893,8 +982,18 @@ async fn merges(
             measured.ops
         );
     }
+    let nats_seconds = nats_pid.map_or(0.0, |pid| {
+        stack_after.get(&pid).copied().unwrap_or(0.0)
+            - stack_before.get(&pid).copied().unwrap_or(0.0)
+    });
     Ok(MergeRun {
         server_cores: cores(before, after, measured.elapsed),
+        stack_cpu_us_per_merge: cpu_between(&stack_before, &stack_after) * 1e6
+            / measured.ops as f64,
+        nats_cores: nats_pid.map(|_| nats_seconds / measured.elapsed.as_secs_f64()),
+        transactions_per_merge: xacts_before
+            .zip(xacts_after)
+            .map(|(b, a)| a.saturating_sub(b) as f64 / measured.ops as f64),
         measured,
     })
 }
@@ -1086,6 +1185,21 @@ pub fn print(report: &RelayReport) {
             None => format!("{:.2}", t.live_server_cpu_cores),
         }
     );
+    println!(
+        "stack CPU per Merge: {:.0} µs alone, {:.0} µs with the relay; nats-server {} cores alone, {} with the relay",
+        t.service_stack_cpu_us_per_merge,
+        t.live_stack_cpu_us_per_merge,
+        t.service_nats_cpu_cores
+            .map_or("?".to_string(), |c| format!("{c:.2}")),
+        t.live_nats_cpu_cores
+            .map_or("?".to_string(), |c| format!("{c:.2}"))
+    );
+    if let (Some(a), Some(l)) = (
+        t.service_transactions_per_merge,
+        t.live_transactions_per_merge,
+    ) {
+        println!("Postgres transactions per Merge: {a:.2} alone, {l:.2} with the relay");
+    }
     let f = &t.floor;
     println!(
         "JetStream from the bench ({} messages of {} B): {:.0}/s one ack at a time (ack p50 {:.0} µs, p99 {:.0} µs), {:.0}/s pipelined ({} acks in flight)",
