@@ -74,7 +74,27 @@ impl Measured {
 
 /// Runs `clients` loops of `op` for `duration` and merges their results.
 /// Each client gets its own index (for its own connection or id range).
+///
+/// Client n's random numbers are seeded with n + 1, the same in every run:
+/// a run after a warm-up of the same workload repeats the warm-up's merges
+/// first, and a merge that finds its id still holding those values writes
+/// nothing. See [`closed_loop_seeded`].
 pub async fn closed_loop<F, Fut>(clients: usize, duration: Duration, op: F) -> Measured
+where
+    F: Fn(usize, &mut SmallRng) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send,
+{
+    closed_loop_seeded(clients, duration, 0, op).await
+}
+
+/// [`closed_loop`] with client n seeded with `seed * 65_537 + n + 1`: runs
+/// given different seeds draw different ids and values.
+pub async fn closed_loop_seeded<F, Fut>(
+    clients: usize,
+    duration: Duration,
+    seed: u64,
+    op: F,
+) -> Measured
 where
     F: Fn(usize, &mut SmallRng) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), String>> + Send,
@@ -86,7 +106,9 @@ where
         .map(|client| {
             let op = op.clone();
             tokio::spawn(async move {
-                let mut rng = SmallRng::seed_from_u64(client as u64 + 1);
+                let mut rng = SmallRng::seed_from_u64(
+                    seed.wrapping_mul(65_537).wrapping_add(client as u64 + 1),
+                );
                 let mut latency = latency_histogram();
                 let (mut ops, mut errors, mut first_error) = (0u64, 0u64, None);
                 while Instant::now() < end {
@@ -144,8 +166,20 @@ pub async fn service(
     ids: u64,
     duration: Duration,
 ) -> Measured {
+    service_seeded(channels, workload, clients, ids, duration, 0).await
+}
+
+/// [`service`], seeded as [`closed_loop_seeded`].
+pub async fn service_seeded(
+    channels: Vec<Channel>,
+    workload: Workload,
+    clients: usize,
+    ids: u64,
+    duration: Duration,
+    seed: u64,
+) -> Measured {
     let channels = Arc::new(channels);
-    closed_loop(clients, duration, move |client, rng| {
+    closed_loop_seeded(clients, duration, seed, move |client, rng| {
         let channel = channels[client % channels.len()].clone();
         let mut users = UserMetadataServiceClient::new(channel.clone());
         let user_id = id(rng.random_range(0..ids));

@@ -12,6 +12,7 @@ mod interference;
 mod load;
 mod process;
 mod query;
+mod relay;
 mod schema;
 mod watch;
 mod watch_filter;
@@ -71,13 +72,16 @@ struct Args {
     /// every match; Postgres: EXPLAIN), batchget (BatchGet of --batch-size
     /// ids against single Gets), schema (merge without and with a JSON
     /// Schema on the merged field, alternating), set-schema (SetSchema's
-    /// check of --schema-docs stored documents). The load workloads run in
+    /// check of --schema-docs stored documents), relay (the NATS JetStream
+    /// relay: its throughput next to the service's own merge rate, and
+    /// commit-to-consumer latency at --relay-rates; needs NATS with
+    /// JetStream at --nats-url). The load workloads run in
     /// that order whatever the order given, since merge2 and get read
     /// earlier rows.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "merge,merge2,ping,get,mix,etcd,watch,watch-filter,list,batchget,interference,schema,set-schema"
+        default_value = "merge,merge2,ping,get,mix,etcd,watch,watch-filter,list,batchget,interference,schema,set-schema,relay"
     )]
     workloads: Vec<String>,
     /// Database connections of the server and of the baseline.
@@ -138,6 +142,16 @@ struct Args {
     /// (growing one database).
     #[arg(long, value_delimiter = ',', default_value = "1000000")]
     schema_docs: Vec<u64>,
+    /// Relay: NATS (with JetStream) the relay publishes to; the bench
+    /// creates a stream of its own there and deletes it at the end.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// Relay: writes per second of each latency run (open loop).
+    #[arg(long, value_delimiter = ',', default_value = "200,2000")]
+    relay_rates: Vec<u32>,
+    /// Relay: length of each latency run.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    relay_duration: Duration,
     /// Extra arguments for the server.
     #[arg(long, allow_hyphen_values = true)]
     server_arg: Vec<String>,
@@ -230,6 +244,8 @@ struct Report {
     etcd: Option<etcd::EtcdReport>,
     /// Workloads schema and set-schema.
     schema: Option<schema::SchemaReport>,
+    /// Workload relay.
+    relay: Option<relay::RelayReport>,
 }
 
 fn parse_env(text: &str) -> Result<(String, String), String> {
@@ -337,6 +353,8 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
         args.page_sizes = vec![10, 1000];
         args.paging_passes = 1;
         args.schema_docs = vec![2_000];
+        args.relay_rates = vec![200];
+        args.relay_duration = Duration::from_secs(1);
     }
     let mut workloads: Vec<Workload> = args
         .workloads
@@ -373,6 +391,7 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
     let interfere = args.workloads.iter().any(|w| w == "interference");
     let schema_merges = args.workloads.iter().any(|w| w == "schema");
     let set_schema = args.workloads.iter().any(|w| w == "set-schema");
+    let relay = args.workloads.iter().any(|w| w == "relay");
     let binary = match &args.server_bin {
         Some(path) => path.clone(),
         None => process::sibling_binary()?,
@@ -637,6 +656,23 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
             };
             report.schema = Some(schema::run(&db, &settings).await?);
         }
+        if relay {
+            let settings = relay::Settings {
+                backend,
+                binary: &binary,
+                server_args: &server_args,
+                server_env: &args.server_env,
+                nats_url: args.nats_url.clone(),
+                clients: args.clients.iter().copied().max().unwrap_or(16),
+                ids: args.ids[0],
+                warmup: args.warmup,
+                duration: args.duration,
+                rates: args.relay_rates.clone(),
+                rate_duration: args.relay_duration,
+                progress: !args.json,
+            };
+            report.relay = Some(relay::run(&db, &settings).await?);
+        }
         anyhow::Ok(())
     }
     .await;
@@ -777,6 +813,9 @@ fn print_table(report: &Report) {
     }
     if let Some(schema) = &report.schema {
         schema::print(schema);
+    }
+    if let Some(relay) = &report.relay {
+        relay::print(relay);
     }
 }
 
@@ -946,6 +985,13 @@ async fn main() -> ExitCode {
             if failed > 0 {
                 eprintln!(
                     "error: {failed} small Merges or replaying streams failed (interference)"
+                );
+                return ExitCode::FAILURE;
+            }
+            let relay_faults = report.relay.as_ref().map_or(0, |r| r.faults());
+            if relay_faults > 0 {
+                eprintln!(
+                    "error: relay: {relay_faults} revisions missed, repeated, out of order or unknown, or messages malformed"
                 );
                 return ExitCode::FAILURE;
             }

@@ -52,6 +52,18 @@ impl ServerProcess {
         extra: &[String],
         env: &[(String, String)],
     ) -> anyhow::Result<Self> {
+        Self::start_command(binary, &[], database_url, extra, env).await
+    }
+
+    /// [`ServerProcess::start`] with `command` (e.g. `["relay"]`) before
+    /// the options: any subcommand that serves grpc.health.v1 on `--listen`.
+    pub async fn start_command(
+        binary: &Path,
+        command: &[&str],
+        database_url: &str,
+        extra: &[String],
+        env: &[(String, String)],
+    ) -> anyhow::Result<Self> {
         let addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
         // No metrics port unless asked for (with --server-arg).
         let metrics = if extra.iter().any(|a| a.starts_with("--metrics-listen")) {
@@ -60,6 +72,7 @@ impl ServerProcess {
             Some(["--metrics-listen", "off"])
         };
         let child = Command::new(binary)
+            .args(command)
             .args(metrics.iter().flatten())
             .args(["--database-url", database_url])
             .args(["--listen", &addr.to_string()])
