@@ -722,6 +722,102 @@ async fn an_idle_stream_keeps_its_end_through_expiry() {
     restarted.shutdown().await.unwrap();
 }
 
+/// A NATS server of the test's own with a password and TLS (a CA made in
+/// the test): the relay needs both the credentials and the CA, and says
+/// which failed without printing the password.
+async fn a_secured_nats_needs_its_credentials_and_ca() {
+    let Some((mut server, stream)) = setup().await else {
+        return;
+    };
+    let Some(nats_server) = nats::server_binary() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ca = crate::common::tls::Ca::new("nats test CA");
+    let leaf = ca.server_leaf();
+    let path = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let (cert, key, ca_file) = (
+        path("cert.pem", &leaf.cert),
+        path("key.pem", &leaf.key),
+        path("ca.pem", &ca.pem),
+    );
+    let port = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _secured = tokio::process::Command::new(nats_server)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(dir.path().join("store"))
+        .args([
+            "--user",
+            "relay",
+            "--pass",
+            "s3cret-pw",
+            "--tls",
+            "--tlscert",
+        ])
+        .arg(&cert)
+        .arg("--tlskey")
+        .arg(&key)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start nats-server");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nats-server did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let secured = |user: &str, password: &str, ca: Option<&std::path::Path>| {
+        let mut relayed = options(&stream, &format!("tls://localhost:{port}"));
+        relayed.nats.user = Some(user.into());
+        relayed.nats.password = Some(password.into());
+        relayed.nats.tls_ca = ca.map(|p| p.to_owned());
+        relayed
+    };
+    for (relayed, why) in [
+        (
+            secured("relay", "wrong-pw", Some(&ca_file)),
+            "a wrong password",
+        ),
+        (
+            secured("relay", "s3cret-pw", None),
+            "no CA for the server's certificate",
+        ),
+    ] {
+        let err = relay::start_process(process_config(&server, relayed))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{why} is refused"));
+        let text = format!("{err:#}");
+        assert!(
+            text.starts_with(&format!("cannot connect to NATS at tls://")),
+            "{why}: {text}"
+        );
+        assert!(!text.contains("pw"), "{why}: {text}");
+    }
+    let relay = start_relay(&server, secured("relay", "s3cret-pw", Some(&ca_file))).await;
+    write(&mut server.users, "u", json!({ "n": 1 })).await;
+    let state = relay.state.clone();
+    wait_until("the event is relayed", || state.revision() >= 1).await;
+    let metrics = reqwest_metrics(relay.metrics_addr().unwrap()).await;
+    assert_eq!(
+        harness::metric(&metrics, "metadata_relay_published_total"),
+        1.0
+    );
+    relay.shutdown().await.unwrap();
+}
+
 /// SQLite: the server relays its own events (`serve --relay-nats-url`),
 /// here as proto3 JSON.
 async fn sqlite_server_relays_json() {
@@ -968,6 +1064,7 @@ mod postgres {
         a_publish_behind_the_stream_end_is_fenced,
         an_idle_stream_keeps_its_end_through_expiry,
         from_now_continues_a_stream_that_can_be_continued,
+        a_secured_nats_needs_its_credentials_and_ca,
         a_lost_reseed_ack_does_not_skip_revisions,
         an_unlimited_max_age_writes_no_marker_storm,
         a_nats_token_in_the_url_is_not_logged,
