@@ -22,26 +22,6 @@ pub fn url() -> Option<String> {
     }
 }
 
-/// The `nats-server` binary, for tests that run a NATS server of their own
-/// (with credentials and TLS); None (a note on stderr) when it is not
-/// installed, an error when METADATA_REQUIRE_NATS is set.
-pub fn server_binary() -> Option<std::path::PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .chain([std::path::PathBuf::from("/usr/sbin")])
-            .map(|dir| dir.join("nats-server"))
-            .find(|path| path.is_file())
-    });
-    if found.is_none() {
-        assert!(
-            std::env::var_os("METADATA_REQUIRE_NATS").is_none(),
-            "METADATA_REQUIRE_NATS is set but nats-server is not installed"
-        );
-        eprintln!("skipped: nats-server is not installed");
-    }
-    found
-}
-
 /// A stream name and subject prefix no other test uses; the stream is
 /// deleted when this is dropped.
 pub struct TestStream {
