@@ -566,13 +566,13 @@ async fn floor(nats: &Nats, count: u64) -> anyhow::Result<Floor> {
 async fn revisions_after(pool: &RawPool, after: u64) -> anyhow::Result<Vec<u64>> {
     let rows: Vec<i64> = match pool {
         RawPool::Postgres(pool) => {
-            sqlx::query_scalar("SELECT revision FROM events WHERE revision > $1 ORDER BY revision")
+            sqlx::query_scalar("SELECT revision FROM events WHERE revision > $1 AND change_type <> 'void' ORDER BY revision")
                 .bind(after as i64)
                 .fetch_all(pool)
                 .await?
         }
         RawPool::Sqlite(pool) => {
-            sqlx::query_scalar("SELECT revision FROM events WHERE revision > ?1 ORDER BY revision")
+            sqlx::query_scalar("SELECT revision FROM events WHERE revision > ?1 AND change_type <> 'void' ORDER BY revision")
                 .bind(after as i64)
                 .fetch_all(pool)
                 .await?
@@ -581,15 +581,18 @@ async fn revisions_after(pool: &RawPool, after: u64) -> anyhow::Result<Vec<u64>>
     Ok(rows.into_iter().map(|r| r as u64).collect())
 }
 
+// Voids (revisions taken and never committed, settled by a dispatcher's
+// claim: on Postgres, with a relay process beside the server, that happens)
+// are in the table and never in the stream: every query here skips them.
 async fn event_count(pool: &RawPool) -> anyhow::Result<u64> {
     let count: i64 = match pool {
         RawPool::Postgres(pool) => {
-            sqlx::query_scalar("SELECT count(*) FROM events")
+            sqlx::query_scalar("SELECT count(*) FROM events WHERE change_type <> 'void'")
                 .fetch_one(pool)
                 .await?
         }
         RawPool::Sqlite(pool) => {
-            sqlx::query_scalar("SELECT count(*) FROM events")
+            sqlx::query_scalar("SELECT count(*) FROM events WHERE change_type <> 'void'")
                 .fetch_one(pool)
                 .await?
         }
@@ -598,18 +601,21 @@ async fn event_count(pool: &RawPool) -> anyhow::Result<u64> {
 }
 
 async fn newest_revision(pool: &RawPool) -> anyhow::Result<u64> {
-    let newest: i64 = match pool {
-        RawPool::Postgres(pool) => {
-            sqlx::query_scalar("SELECT COALESCE(max(revision), 0)::bigint FROM events")
+    let newest: i64 =
+        match pool {
+            RawPool::Postgres(pool) => sqlx::query_scalar(
+                "SELECT COALESCE(max(revision), 0)::bigint FROM events WHERE change_type <> 'void'",
+            )
+            .fetch_one(pool)
+            .await?,
+            RawPool::Sqlite(pool) => {
+                sqlx::query_scalar(
+                    "SELECT COALESCE(max(revision), 0) FROM events WHERE change_type <> 'void'",
+                )
                 .fetch_one(pool)
                 .await?
-        }
-        RawPool::Sqlite(pool) => {
-            sqlx::query_scalar("SELECT COALESCE(max(revision), 0) FROM events")
-                .fetch_one(pool)
-                .await?
-        }
-    };
+            }
+        };
     Ok(newest as u64)
 }
 
