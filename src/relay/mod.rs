@@ -230,8 +230,7 @@ impl Relay {
         on_health: Box<dyn Fn(bool) + Send + Sync>,
         shutdown: CancellationToken,
     ) -> Result<Relay, RelayError> {
-        let nats = JetStream::connect(options.nats.clone()).await?;
-        let mut nats = nats;
+        let mut nats = JetStream::connect(options.nats.clone()).await?;
         nats.ensure_stream().await?;
         let state = Arc::new(RelayState::default());
         metrics.observe(state.clone(), broker.clone());

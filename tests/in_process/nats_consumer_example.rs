@@ -7,7 +7,6 @@ mod consumer;
 
 use std::time::Duration;
 
-use metadata_service::relay::{Format, NatsOptions, RelayOptions};
 use serde_json::json;
 
 use crate::common::Backend;
@@ -20,26 +19,7 @@ async fn resumes_after_a_restart_without_repeats() {
         return;
     };
     let stream = TestStream::new(&url).await;
-    let relay = RelayOptions {
-        nats: NatsOptions {
-            url: url.clone(),
-            stream: stream.name.clone(),
-            subject_prefix: stream.prefix.clone(),
-            creds: None,
-            user: None,
-            password: None,
-            tls_ca: None,
-            max_age: Duration::from_secs(3600),
-            duplicate_window: Duration::from_secs(120),
-            replicas: 1,
-            timeout: Duration::from_secs(2),
-        },
-        format: Format::Protobuf,
-        from_now: false,
-        batch: 512,
-        lease_interval: Duration::from_millis(200),
-        pauses: Default::default(),
-    };
+    let relay = crate::relay::options(&stream, &url);
     let mut server = harness::start_with(Backend::Sqlite, |config| config.relay = Some(relay))
         .await
         .unwrap();

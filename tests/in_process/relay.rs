@@ -35,7 +35,9 @@ use crate::harness::{self, TestServer, connect, write};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-fn options(stream: &TestStream, url: &str) -> RelayOptions {
+/// The relay's options for `stream` on the NATS at `url`, quick to take
+/// over and to time out (also the consumer example's).
+pub(crate) fn options(stream: &TestStream, url: &str) -> RelayOptions {
     RelayOptions {
         nats: NatsOptions {
             url: url.to_owned(),
