@@ -255,12 +255,13 @@ impl Metrics {
                 m.db_max_connections.set(pool.max as i64);
             }
             use std::sync::atomic::Ordering::Relaxed;
-            let announced = store.announcer_state();
-            for (outcome, total) in [("sent", &announced.sent), ("failed", &announced.failed)] {
-                catch_up(
-                    &m.commit_notifications.with_label_values(&[outcome]),
-                    total.load(Relaxed),
-                );
+            if let Some(announced) = store.announcer_state() {
+                for (outcome, total) in [("sent", &announced.sent), ("failed", &announced.failed)] {
+                    catch_up(
+                        &m.commit_notifications.with_label_values(&[outcome]),
+                        total.load(Relaxed),
+                    );
+                }
             }
             let stats = &broker.stats;
             m.watch_streams.set(stats.open_streams.load(Relaxed) as i64);

@@ -226,7 +226,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
     }
     let mut builder = builder.layer(RequestLayer::new(metrics.clone()));
     log_configuration(config);
-    let mut store = open_store(&config.database_url, &config.store).await?;
+    let store = open_store(&config.database_url, &config.store).await?;
     store.instrument(metrics.db_acquire.clone(), metrics.write_group_size.clone());
     let store = Arc::new(store);
     let listener = TcpListener::bind(config.listen)

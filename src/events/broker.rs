@@ -605,9 +605,9 @@ async fn settle_gap(broker: &Broker, last: &mut u64, visible: u64) -> Result<Nex
         broker.fanout.publish(skipped_to, None);
         return Ok(Next::More);
     }
-    if broker.store.backend() != sea_orm::DatabaseBackend::Postgres {
-        // One writer at a time, revisions dense: a revision missing below
-        // a visible one was never committed and never will be.
+    if broker.store.revisions_dense() {
+        // One writer at a time: a revision missing below a visible one was
+        // never committed and never will be.
         *last = visible - 1;
         broker.fanout.publish(*last, None);
         return Ok(Next::More);

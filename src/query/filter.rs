@@ -795,7 +795,7 @@ mod tests {
                 Ok(Some(filter)) => {
                     filter.matches(&public(json!({"a": [1, "x"], "b": {"c": null}})));
                     for backend in [sea_orm::DatabaseBackend::Postgres, sea_orm::DatabaseBackend::Sqlite] {
-                        let mut sql = crate::query::sql::Sql::new(backend);
+                        let mut sql = crate::store::sql::Sql::new(backend);
                         sql.filter(&filter);
                     }
                 }

@@ -1,10 +1,10 @@
 //! Queries over stored metadata: the filter language that List and Watch
-//! accept (`filter.rs`, evaluated in plain Rust), its translation to SQL
-//! (`sql.rs`), and List's page tokens (`page.rs`). No I/O here.
+//! accept (`filter.rs`, evaluated in plain Rust), and List's page tokens
+//! (`page.rs`). No I/O here; a filter's SQL is the store's to render, in
+//! its backend's dialect (`store/sql.rs`).
 
 pub mod filter;
 pub mod page;
-pub mod sql;
 
 pub use filter::{Filter, MAX_FILTER_BYTES, parse};
 pub use page::{PageToken, page_size};

@@ -154,7 +154,7 @@ const PROCESS_NAMES: &[&str] = &["", RELAY_HEALTH];
 
 pub async fn start_process(config: RelayProcessConfig) -> anyhow::Result<RunningRelay> {
     let store = crate::server::open_store(&config.database_url, &config.store).await?;
-    if store.backend() != sea_orm::DatabaseBackend::Postgres {
+    if !store.shared() {
         anyhow::bail!(
             "`relay` needs PostgreSQL; with SQLite one process owns the file, so run the relay \
              inside the server instead: `serve --relay-nats-url ...`"

@@ -107,6 +107,18 @@ impl From<DbErr> for StoreError {
     }
 }
 
+/// A driver error from a connection outside the pool (`conns.rs`),
+/// classified as the pool's errors are.
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        match classify(&err) {
+            Class::Transient(reason) => StoreError::unavailable(reason, &err),
+            Class::ReadOnly => StoreError::ReadOnly(err.to_string()),
+            Class::Other => StoreError::Internal(err.to_string()),
+        }
+    }
+}
+
 enum Class {
     Transient(&'static str),
     ReadOnly,

@@ -5,7 +5,9 @@
 //! *generation*, the sum of the kind's schema versions (versions only
 //! grow, so any change moves it). A write validates what it will store
 //! against the cached schemas, and its statement writes only if the
-//! generation in the database is still the cached one (`GUARD`); otherwise
+//! generation in the database is still the cached one (the guard in each
+//! backend's write statement: `postgres/write_change.sql`,
+//! `sqlite/write.rs`); otherwise
 //! it writes nothing, the cache is reloaded and the write runs again.
 //!
 //! SetSchema locks the `metadata` table against writes (`SHARE ROW
@@ -28,15 +30,6 @@ use tokio_stream::StreamExt;
 use super::StoreError;
 use crate::model::{Field, Fields, Kind};
 use crate::schema::{MAX_VIOLATIONS, Schema};
-
-/// The condition a write statement adds so that it writes only under the
-/// generation it validated against: `$kind` and `$generation` are its
-/// placeholders for the kind and the cached generation.
-pub(super) fn guard(kind: &str, generation: &str) -> String {
-    format!(
-        "(SELECT COALESCE(SUM(version), 0) FROM metadata_schemas WHERE kind = {kind}) = {generation}"
-    )
-}
 
 /// A schema as stored: None when none is set (never, or deleted).
 #[derive(Clone, Debug, PartialEq)]
@@ -249,7 +242,7 @@ pub(super) async fn set(
         }
     };
     let current = read(&txn, request.kind, request.field).await?;
-    super::check_version(request.expected_version, current.version)?;
+    super::write::check_version(request.expected_version, current.version)?;
     let nonconforming = scan(&txn, request.kind, request.field, &request.compiled).await?;
     if nonconforming.count > 0 {
         txn.rollback().await?;
@@ -264,7 +257,7 @@ pub(super) async fn set(
         field: request.field,
         schema: Some(request.schema),
         version: current.version + 1,
-        updated_at: Some(super::now()),
+        updated_at: Some(super::write::now()),
     };
     if request.validate_only {
         txn.rollback().await?;
@@ -285,7 +278,7 @@ pub(super) async fn delete(
 ) -> Result<bool, StoreError> {
     let txn = db.begin().await?;
     let current = read(&txn, kind, field).await?;
-    super::check_version(expected_version, current.version)?;
+    super::write::check_version(expected_version, current.version)?;
     if current.schema.is_none() {
         txn.rollback().await?;
         return Ok(false);
@@ -293,7 +286,7 @@ pub(super) async fn delete(
     let next = StoredSchema {
         schema: None,
         version: current.version + 1,
-        updated_at: Some(super::now()),
+        updated_at: Some(super::write::now()),
         ..current
     };
     // A version that moved since the read fails the update's check and
@@ -368,7 +361,7 @@ fn values(schema: &StoredSchema) -> [sea_orm::Value; 5] {
         schema.field.name().into(),
         schema.schema.clone().unwrap_or(Value::Null).into(),
         (schema.version as i64).into(),
-        schema.updated_at.unwrap_or_else(super::now).into(),
+        schema.updated_at.unwrap_or_else(super::write::now).into(),
     ]
 }
 

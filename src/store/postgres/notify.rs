@@ -21,32 +21,16 @@ use sea_orm::sqlx::{Connection, Executor, PgConnection};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::StoreError;
+use super::Postgres;
 use crate::pause::PausePoint;
+use crate::store::StoreError;
 
 /// Postgres channel on which commits are announced to all replicas.
-pub(super) const CHANNEL: &str = "metadata_events";
+const CHANNEL: &str = "metadata_events";
 
 /// `application_name` of the announcer's connection, so that an operator
 /// (or a test) can find it in `pg_stat_activity`.
 pub const ANNOUNCER_APPLICATION_NAME: &str = "metadata-service notifier";
-
-/// Raised after every commit of this store: wakes this server's event
-/// dispatcher, and its announcer (Postgres) which tells the other replicas.
-/// Each is a `Notify` holding at most one pending wake-up, so a burst of
-/// commits while either is busy costs it one more round, not one per commit.
-#[derive(Clone, Default)]
-pub(crate) struct Commits {
-    pub(super) local: Arc<Notify>,
-    pub(super) announce: Arc<Notify>,
-}
-
-impl Commits {
-    pub(super) fn committed(&self) {
-        self.local.notify_one();
-        self.announce.notify_one();
-    }
-}
 
 /// The announcer's counts of `NOTIFY`s, for the metrics, and the backend
 /// of its connection, whose notifications this server's listener skips.
@@ -75,7 +59,7 @@ pub struct CommitAnnouncer {
 const RETRY_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(1));
 
 impl CommitAnnouncer {
-    pub(super) fn new(
+    fn new(
         pool_options: &PgConnectOptions,
         commits: Arc<Notify>,
         stats: Arc<AnnouncerState>,
@@ -155,16 +139,53 @@ impl CommitAnnouncer {
     }
 }
 
+impl Postgres {
+    /// The task that tells other replicas of this store's commits (run it
+    /// with [`CommitAnnouncer::run`]).
+    pub(in crate::store) fn commit_announcer(&self) -> CommitAnnouncer {
+        CommitAnnouncer::new(
+            &self
+                .shared
+                .db
+                .get_postgres_connection_pool()
+                .connect_options(),
+            self.shared.commits.announce.clone(),
+            self.announcer_state.clone(),
+            self.shared.pauses.announce.clone(),
+        )
+    }
+
+    pub(in crate::store) fn announcer_state(&self) -> &AnnouncerState {
+        &self.announcer_state
+    }
+
+    /// A listener for commits made by any replica.
+    pub(in crate::store) async fn listen_for_commits(&self) -> Result<CommitListener, StoreError> {
+        let pool = self.shared.db.get_postgres_connection_pool();
+        let mut listener = PgListener::connect_with(pool)
+            .await
+            .map_err(|e| StoreError::unavailable("cannot listen for events", e))?;
+        listener
+            .listen(CHANNEL)
+            .await
+            .map_err(|e| StoreError::unavailable("cannot listen for events", e))?;
+        Ok(CommitListener {
+            listener,
+            own: self.announcer_state.clone(),
+        })
+    }
+}
+
 /// `NOTIFY` takes an identifier, which cannot be a bound parameter.
 const NOTIFY: &str = "NOTIFY metadata_events";
 
 /// Wakes a replica whenever another replica commits (Postgres LISTEN).
 pub struct CommitListener {
-    pub(super) listener: PgListener,
+    listener: PgListener,
     /// This server's own announcer, whose commits woke the dispatcher in
     /// process already: a second wake-up would cost a second read of the
     /// log for nothing.
-    pub(super) own: Arc<AnnouncerState>,
+    own: Arc<AnnouncerState>,
 }
 
 /// What [`CommitListener::next`] heard.

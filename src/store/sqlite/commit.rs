@@ -13,10 +13,17 @@
 //!   not run; once it began, the write runs whether or not its caller
 //!   still waits, and the caller is told it may have happened (`Sent`).
 
+use std::sync::Arc;
+
+use sea_orm::sqlx::{self, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
-use super::{Done, Op, Step, StoreError, Writer, step};
+use super::write::step;
+use crate::store::StoreError;
+use crate::store::conns::{Conns, Held};
+use crate::store::shared::Shared;
+use crate::store::write::{Done, Op, Step};
 
 /// Most writes in one transaction: bounds how long the first one waits.
 const MAX_GROUP: usize = 64;
@@ -32,10 +39,17 @@ pub(super) struct Committer {
     jobs: mpsc::UnboundedSender<Job>,
 }
 
+/// The committer's side: its one connection, and what every write needs.
+struct Writer {
+    shared: Arc<Shared>,
+    connection: Arc<Conns<SqliteConnection>>,
+}
+
 impl Committer {
-    pub(super) fn start(writer: Writer) -> Committer {
+    /// `connection` allows one connection: SQLite has one writer anyway.
+    pub(super) fn start(shared: Arc<Shared>, connection: Arc<Conns<SqliteConnection>>) -> Self {
         let (jobs, queue) = mpsc::unbounded_channel();
-        tokio::spawn(run(writer, queue));
+        tokio::spawn(run(Writer { shared, connection }, queue));
         Committer { jobs }
     }
 
@@ -129,20 +143,20 @@ async fn try_group(
     writer: &Writer,
     group: &mut Vec<Job>,
 ) -> Result<Vec<Result<Done, StoreError>>, StoreError> {
-    let txn = writer.begin().await?;
+    let mut held = writer.begin().await?;
     // Marked before the check: a caller that gives up after its mark is
     // told its write may have happened, and it will (see `Sent`).
     for job in group.iter() {
         job.op.sent().mark();
     }
     group.retain(|job| !job.reply.is_closed());
-    if let (Some(sizes), false) = (writer.group_sizes.get(), group.is_empty()) {
+    if let (Some(sizes), false) = (writer.shared.group_sizes.get(), group.is_empty()) {
         sizes.observe(group.len() as f64);
     }
     let mut results = Vec::with_capacity(group.len());
     let mut wrote = false;
     for job in group.iter_mut() {
-        match step(writer, &txn, &mut job.op).await {
+        match step(&writer.shared, held.connection(), &mut job.op).await {
             Ok(Step::Unchanged(done)) => results.push(Ok(done)),
             Ok(Step::Written(done)) => {
                 wrote = true;
@@ -151,22 +165,95 @@ async fn try_group(
             Ok(Step::StartOver) => {
                 // Cannot happen under SQLite's single writer: it needs a
                 // concurrent writer. Run the group again, each write alone.
-                txn.rollback().await?;
+                rollback(held).await?;
                 return Err(StoreError::Internal(
                     "a write had to start over under SQLite".into(),
                 ));
             }
             Err(err) if refused(&err) => results.push(Err(err)),
             Err(err) => {
-                txn.rollback().await.ok();
+                let _ = rollback(held).await;
                 return Err(err);
             }
         }
     }
     if wrote {
-        writer.commit(txn).await?;
+        writer.commit(held).await?;
     } else {
-        txn.rollback().await?;
+        rollback(held).await?;
     }
     Ok(results)
+}
+
+impl Writer {
+    /// The connection in a write transaction: the write lock taken up
+    /// front (a deferred transaction that reads and then writes can fail
+    /// with SQLITE_BUSY mid-way). The wait is what the acquire histogram
+    /// records.
+    async fn begin(&self) -> Result<Held<SqliteConnection>, StoreError> {
+        let timer = self.shared.acquire_timer.get().map(|h| h.start_timer());
+        let mut held = self.connection.get().await?;
+        let begun = sqlx::raw_sql("BEGIN IMMEDIATE")
+            .execute(held.connection())
+            .await;
+        // On failure the connection is dropped, and closed with it.
+        begun?;
+        drop(timer);
+        Ok(held)
+    }
+
+    /// Commits in a task of its own: once a COMMIT is due, it completes
+    /// even if the caller stops waiting, who is then told that the write
+    /// may have happened (`Sent`); it must not depend on when they left.
+    async fn commit(&self, mut held: Held<SqliteConnection>) -> Result<(), StoreError> {
+        let shared = self.shared.clone();
+        let commit = tokio::spawn(async move {
+            shared.pauses.commit.pass().await;
+            let committed = sqlx::raw_sql("COMMIT").execute(held.connection()).await;
+            held.release(&committed);
+            committed?;
+            shared.commits.committed();
+            Ok(())
+        });
+        commit
+            .await
+            .map_err(|err| StoreError::Internal(format!("the commit task failed: {err}")))?
+    }
+
+    /// One operation in its own transaction, started over (with the
+    /// kind's schemas read again) while its statement writes nothing.
+    async fn run_alone(&self, mut op: Op) -> Result<Done, StoreError> {
+        loop {
+            let mut held = self.begin().await?;
+            match step(&self.shared, held.connection(), &mut op).await {
+                Ok(Step::Unchanged(done)) => {
+                    rollback(held).await?;
+                    return Ok(done);
+                }
+                Ok(Step::Written(done)) => {
+                    op.sent().mark();
+                    self.commit(held).await?;
+                    return Ok(done);
+                }
+                Ok(Step::StartOver) => {
+                    rollback(held).await?;
+                    self.shared
+                        .schemas
+                        .refresh(&self.shared.db, op.kind())
+                        .await?;
+                }
+                Err(err) => {
+                    let _ = rollback(held).await;
+                    return Err(err);
+                }
+            }
+        }
+    }
+}
+
+async fn rollback(mut held: Held<SqliteConnection>) -> Result<(), StoreError> {
+    let rolled_back = sqlx::raw_sql("ROLLBACK").execute(held.connection()).await;
+    held.release(&rolled_back);
+    rolled_back?;
+    Ok(())
 }

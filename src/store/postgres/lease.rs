@@ -4,25 +4,27 @@
 //! On Postgres it is a session advisory lock on a connection of its own:
 //! Postgres releases it the moment that connection ends, so a holder killed
 //! with SIGKILL frees it as soon as its socket closes, and a standby polling
-//! with `pg_try_advisory_lock` takes over within one poll. On SQLite one
-//! process owns the file, so the lease is always granted.
+//! with `pg_try_advisory_lock` takes over within one poll. (On SQLite one
+//! process owns the file, so the lease is always granted: [`Lease::sole`].)
 
 use std::time::Duration;
 
-use sea_orm::DatabaseBackend;
 use sea_orm::sqlx::postgres::PgConnectOptions;
 use sea_orm::sqlx::{Connection, PgConnection};
 
-use super::{Store, StoreError};
+use super::Postgres;
+use crate::store::StoreError;
 
 /// `application_name` of a lease's connection, so that an operator (or a
 /// test) can find the holder in `pg_stat_activity`.
 pub const LEASE_APPLICATION_NAME: &str = "metadata-service relay lease";
 
-/// First key of the two-key advisory lock: "meta" in ASCII, so that the
-/// service's locks do not collide with another application's on the same
-/// database. The second key is the lease's name, hashed by Postgres.
-const LOCK_CLASS: i32 = 0x6d65_7461;
+// The first key of the two-key advisory lock is the one writers use on
+// their revisions ("meta" in ASCII), so that the service's locks do not
+// collide with another application's; the second is the lease's name,
+// hashed by Postgres, which keeps it apart from the revisions' (0..2^31)
+// only by chance: a collision would make the dispatcher wait, never skip.
+use super::log::LOCK_CLASS;
 
 /// A held lease. Dropping it (or losing its connection) releases it.
 pub struct Lease {
@@ -45,14 +47,22 @@ impl Lease {
     }
 }
 
-impl Store {
+impl Lease {
+    /// The lease of a store only one process uses (SQLite): always granted.
+    pub(in crate::store) fn sole() -> Lease {
+        Lease { connection: None }
+    }
+}
+
+impl Postgres {
     /// Takes the lease called `name` if no other process holds it: `None`
     /// when another does.
-    pub async fn try_lease(&self, name: &str) -> Result<Option<Lease>, StoreError> {
-        if self.backend() != DatabaseBackend::Postgres {
-            return Ok(Some(Lease { connection: None }));
-        }
+    pub(in crate::store) async fn try_lease(
+        &self,
+        name: &str,
+    ) -> Result<Option<Lease>, StoreError> {
         let options: PgConnectOptions = self
+            .shared
             .db
             .get_postgres_connection_pool()
             .connect_options()

@@ -15,16 +15,10 @@
 //! Containment is never NULL (the columns are NOT NULL) and stays bare so
 //! that the planner sees it.
 
-use sea_orm::{DatabaseBackend, Value as SqlValue};
+use sea_orm::{DatabaseBackend, Statement, Value as SqlValue};
 use serde_json::{Number, Value};
 
-use super::filter::{Filter, Op, Path};
-
-/// A condition and the values bound to its placeholders, in order.
-pub struct Condition {
-    pub sql: String,
-    pub values: Vec<SqlValue>,
-}
+use crate::query::filter::{Filter, Op, Path};
 
 /// Builds SQL text and its bound values together, so that placeholders and
 /// values stay in step (SQLite's `?` are positional).
@@ -59,6 +53,20 @@ impl Sql {
             _ => self.text.push('?'),
         }
         self
+    }
+
+    /// A subquery whose rows are the elements of a JSON array of strings,
+    /// bound as one value (one prepared statement whatever its length).
+    pub fn json_array_elements(&mut self, array: Value) -> &mut Self {
+        match self.backend {
+            DatabaseBackend::Postgres => self.push("SELECT jsonb_array_elements_text("),
+            _ => self.push("SELECT value FROM json_each("),
+        };
+        self.bind(array).push(")")
+    }
+
+    pub fn statement(self) -> Statement {
+        Statement::from_sql_and_values(self.backend, self.text, self.values)
     }
 
     /// Appends the condition of `filter`.

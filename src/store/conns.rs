@@ -1,0 +1,156 @@
+//! Connections for the hot paths, kept out of sqlx's pool.
+//!
+//! sqlx 0.9 pings every connection returned to its pool
+//! (`PoolConnection::return_to_pool`, not configurable): one more round
+//! trip after every point read, every write and every read of the log,
+//! which on two shared cores cost a third of a Merge's round trips. The
+//! reader, the writers and the event dispatcher therefore take their
+//! connections from a [`Conns`]: idle connections on a stack, at most
+//! `max` in use, connected on demand and never pinged. Instead of a ping,
+//! a connection goes back only when its last call left it in a known state
+//! ([`Held::release`] after a success or an error the database answered);
+//! one dropped mid-call (cancelled) or broken is closed, and the next user
+//! connects anew. The pool stays for everything else (migrations, schemas,
+//! queries, pruning).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sea_orm::sqlx::{self, ConnectOptions, Connection};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::StoreError;
+
+/// Connections of one kind to one database, without a release ping.
+pub(super) struct Conns<C: Connection> {
+    options: <C as Connection>::Options,
+    idle: Mutex<Vec<C>>,
+    permits: Arc<Semaphore>,
+    /// How long to wait for a free connection, or for a new one.
+    timeout: Duration,
+    closed: AtomicBool,
+}
+
+/// A connection in use. Dropped without [`Held::release`], it is closed.
+pub(super) struct Held<C: Connection> {
+    connection: Option<C>,
+    home: Arc<Conns<C>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl<C: Connection> Conns<C> {
+    pub(super) fn new(
+        options: <C as Connection>::Options,
+        max: u32,
+        timeout: Duration,
+    ) -> Arc<Self> {
+        Arc::new(Conns {
+            options,
+            idle: Mutex::default(),
+            permits: Arc::new(Semaphore::new(max.max(1) as usize)),
+            timeout,
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// A connection, waiting for one to be free (at most the timeout).
+    pub(super) async fn get(self: &Arc<Self>) -> Result<Held<C>, StoreError> {
+        let permit = tokio::time::timeout(self.timeout, self.permits.clone().acquire_owned())
+            .await
+            .map_err(|_| StoreError::unavailable("no database connection available", "timed out"))?
+            .map_err(|_| closed())?;
+        self.held(permit).await
+    }
+
+    /// A connection only if one is free now: a caller with another way to
+    /// go (a queue) does not wait.
+    pub(super) async fn try_get(self: &Arc<Self>) -> Option<Result<Held<C>, StoreError>> {
+        let permit = self.permits.clone().try_acquire_owned().ok()?;
+        Some(self.held(permit).await)
+    }
+
+    async fn held(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> Result<Held<C>, StoreError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(closed());
+        }
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let connection = match idle {
+            Some(connection) => connection,
+            None => tokio::time::timeout(self.timeout, self.options.connect())
+                .await
+                .map_err(|_| {
+                    StoreError::unavailable("cannot connect to the database", "timed out")
+                })?
+                // Whatever the reason (refused, a database that does not
+                // accept connections now), as the pool reports it.
+                .map_err(|err| StoreError::unavailable("cannot connect to the database", err))?,
+        };
+        Ok(Held {
+            connection: Some(connection),
+            home: self.clone(),
+            _permit: permit,
+        })
+    }
+
+    /// Closes the idle connections, and every other one as it comes back;
+    /// later calls fail with UNAVAILABLE.
+    pub(super) async fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.permits.close();
+        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
+        for connection in idle {
+            let _ = connection.close().await;
+        }
+    }
+}
+
+impl<C: Connection> Held<C> {
+    pub(super) fn connection(&mut self) -> &mut C {
+        // Only `release` takes it, and that consumes the guard.
+        self.connection.as_mut().expect("a held connection")
+    }
+
+    /// Returns the connection for reuse if `outcome` leaves it usable: a
+    /// success, or an error the database itself answered (the connection
+    /// is in step with it). Anything else closes it.
+    pub(super) fn release<T, E: Reuse>(mut self, outcome: &Result<T, E>) {
+        let usable = outcome.as_ref().err().is_none_or(Reuse::leaves_usable);
+        if usable
+            && !self.home.closed.load(Ordering::SeqCst)
+            && let Some(connection) = self.connection.take()
+        {
+            self.home
+                .idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(connection);
+        }
+    }
+}
+
+/// Whether a connection is still usable after a call failed with this.
+pub(super) trait Reuse {
+    fn leaves_usable(&self) -> bool;
+}
+
+impl Reuse for sqlx::Error {
+    fn leaves_usable(&self) -> bool {
+        matches!(self, sqlx::Error::Database(_))
+    }
+}
+
+impl Reuse for StoreError {
+    /// Conservative: a transient failure may be a broken connection, and a
+    /// new one costs only a connect.
+    fn leaves_usable(&self) -> bool {
+        !matches!(
+            self,
+            StoreError::Unavailable { .. } | StoreError::ReadOnly(_)
+        )
+    }
+}
+
+fn closed() -> StoreError {
+    StoreError::unavailable("the store is shutting down", "its connections are closed")
+}

@@ -1,0 +1,136 @@
+//! Postgres: many replicas on one database.
+//!
+//! - Revisions come from a sequence; each writer holds an advisory lock on
+//!   its revision until it ends, and the dispatcher settles a revision
+//!   missing below a visible one by waiting for that writer or writing a
+//!   void in its place (`log.rs`).
+//! - A Merge or Replace of an existing row is two round trips: a batched
+//!   point read without a lock, then one statement (`write_change.sql`)
+//!   that writes only if the row is still at the revision read; anything
+//!   else runs in a transaction that locks the row first (`write.rs`).
+//! - Replicas hear of each other's commits by LISTEN/NOTIFY, sent after
+//!   commits by one announcer per server, never inside them (`notify.rs`).
+//! - A lease (a session advisory lock) elects one relay (`lease.rs`).
+//!
+//! The reader, the writers and the dispatcher's tail of the log use
+//! connections outside sqlx's pool, never pinged on release (`conns.rs`).
+
+mod lease;
+mod log;
+mod notify;
+mod write;
+
+use std::sync::Arc;
+
+use sea_orm::sqlx;
+use sea_orm::sqlx::postgres::{PgConnectOptions, PgConnection};
+
+use super::conns::Conns;
+use super::entities::{event, metadata};
+use super::reads::{PointRead, Reader};
+use super::rows::{Logged, decode, logged_from_row};
+use super::shared::Shared;
+use super::{StoreError, StoreOptions};
+use crate::model::Kind;
+
+pub use lease::{LEASE_APPLICATION_NAME, Lease};
+pub use log::take_revision_sql;
+pub use notify::{
+    ANNOUNCER_APPLICATION_NAME, AnnouncerState, CommitAnnouncer, CommitListener, Heard,
+};
+
+pub(super) struct Postgres {
+    shared: Arc<Shared>,
+    /// The writers' and the dispatcher's connections.
+    conns: Arc<Conns<PgConnection>>,
+    reader: Reader<PointReads>,
+    announcer_state: Arc<AnnouncerState>,
+}
+
+impl Postgres {
+    pub(super) fn new(shared: Arc<Shared>, options: &StoreOptions) -> Self {
+        let connect: PgConnectOptions = shared
+            .db
+            .get_postgres_connection_pool()
+            .connect_options()
+            .as_ref()
+            .clone();
+        let conns = Conns::new(
+            connect.clone(),
+            options.max_connections,
+            options.connect_timeout,
+        );
+        let reader = Reader::start(Conns::new(connect, 1, options.connect_timeout));
+        Postgres {
+            shared,
+            conns,
+            reader,
+            announcer_state: Arc::default(),
+        }
+    }
+
+    pub(super) async fn get(
+        &self,
+        kind: Kind,
+        id: &str,
+    ) -> Result<crate::model::Record, StoreError> {
+        self.reader.get(kind, id).await
+    }
+
+    /// The dispatcher's tail of the log, on a connection of its own.
+    pub(super) async fn read_log(
+        &self,
+        after: u64,
+        up_to: u64,
+        limit: u64,
+    ) -> Result<Vec<Logged>, StoreError> {
+        let mut held = self.conns.get().await?;
+        let rows = sqlx::query(
+            "SELECT * FROM events WHERE revision > $1 AND revision <= $2 \
+             ORDER BY revision LIMIT $3",
+        )
+        .bind(super::log::bound(after))
+        .bind(super::log::bound(up_to))
+        .bind(super::log::bound(limit))
+        .fetch_all(held.connection())
+        .await;
+        held.release(&rows);
+        rows?
+            .into_iter()
+            .map(|row| logged_from_row(decode::<event::Model>(row)?))
+            .collect()
+    }
+
+    pub(super) async fn close(&self) {
+        self.conns.close().await;
+        self.reader.close().await;
+    }
+}
+
+/// Point reads: one statement whatever the number of ids (an `IN` list
+/// would be a new prepared statement, and a round trip, per size).
+pub(super) struct PointReads;
+
+impl PointRead for PointReads {
+    type Connection = PgConnection;
+
+    async fn read(
+        connection: &mut PgConnection,
+        kind: Kind,
+        ids: &[&str],
+    ) -> Result<Vec<metadata::Model>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM metadata WHERE kind = $1 AND id = ANY($2)")
+            .bind(kind.as_str())
+            .bind(ids)
+            .fetch_all(connection)
+            .await?;
+        rows.into_iter().map(decode).collect()
+    }
+}
+
+/// Whether `err` is the database's answer with this SQLSTATE.
+fn sqlstate_is(err: &sqlx::Error, code: &str) -> bool {
+    err.as_database_error()
+        .and_then(|db| db.code())
+        .is_some_and(|c| c == code)
+}
