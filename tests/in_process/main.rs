@@ -34,6 +34,7 @@ macro_rules! backend_tests {
 #[path = "../common/mod.rs"]
 mod common;
 mod harness;
+mod pg_proxy;
 #[macro_use]
 mod kinds;
 
@@ -50,6 +51,7 @@ mod notifications;
 mod properties;
 mod queries;
 mod relay;
+mod round_trips;
 mod schema_rules;
 mod schemas;
 mod semantics;
