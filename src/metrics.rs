@@ -268,8 +268,13 @@ impl Metrics {
             catch_up(&m.events_delivered, stats.delivered.load(Relaxed));
             catch_up(&m.watch_lagged, stats.lagged.load(Relaxed));
             m.dispatched_revision.set(broker.head() as i64);
-            m.delivery_lag
-                .set((m.latest_revision.get() - m.dispatched_revision.get()).max(0));
+            // An idle dispatcher (nobody watching) delivers nothing and so
+            // lags behind nothing, however old its mark.
+            let lag = match broker.following() {
+                true => (m.latest_revision.get() - m.dispatched_revision.get()).max(0),
+                false => 0,
+            };
+            m.delivery_lag.set(lag);
         });
     }
 }

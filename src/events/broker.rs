@@ -16,6 +16,16 @@
 //! step, under the lock the dispatcher publishes under: every revision is
 //! then either at or below the mark it reads (and in the table) or in its
 //! receiver.
+//!
+//! The dispatcher reads the log only while someone needs it: a Watch
+//! stream, a relay, a Watch being set up, or a List or BatchGet in the
+//! last [`LINGER`] (their revision is the mark). Otherwise commits do not
+//! wake it into a read, and its mark stays where it was. Whoever needs it
+//! again registers an [`Interest`] first and waits for the mark to reach
+//! what was committed before; while nobody is subscribed to the broadcast
+//! the dispatcher moves the mark reading revision numbers only
+//! ([`Fanout::skip_to`]: never past a subscriber, checked under the lock
+//! subscribers take).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -142,6 +152,25 @@ impl Fanout {
         (self.sender.subscribe(), *head)
     }
 
+    /// Moves the mark to `revision` without its event, only while nobody is
+    /// subscribed: false (and nothing moves) once somebody is, and the
+    /// event must then be read and published.
+    fn skip_to(&self, revision: u64) -> bool {
+        {
+            let mut head = self.head.lock().unwrap_or_else(|e| e.into_inner());
+            if self.sender.receiver_count() > 0 {
+                return false;
+            }
+            *head = revision;
+        }
+        self.moved.send_replace(revision);
+        true
+    }
+
+    fn subscribed(&self) -> bool {
+        self.sender.receiver_count() > 0
+    }
+
     /// Publishes `revision`: the mark moves and its event, if it has one
     /// (a void has none), is broadcast, as one step.
     fn publish(&self, revision: u64, event: Option<Event>) {
@@ -157,9 +186,39 @@ impl Fanout {
     }
 }
 
+/// How long a List or BatchGet keeps the dispatcher reading after it: their
+/// revision is the mark, which must then be fresh, and a client that pages
+/// through a listing should not pay for waking the dispatcher every page.
+pub const LINGER: Duration = Duration::from_secs(10);
+
+/// Who needs the dispatcher to read the log, besides subscribers.
+#[derive(Default)]
+struct Demand {
+    /// Relays, and Watch streams being set up.
+    interests: std::sync::atomic::AtomicUsize,
+    /// Until when a List or BatchGet keeps it reading.
+    linger_until: Mutex<Option<Instant>>,
+    /// Raised when demand appears.
+    changed: Notify,
+    /// The dispatcher read the log since its last wake-up (its mark is as
+    /// fresh as a following dispatcher's).
+    following: std::sync::atomic::AtomicBool,
+}
+
+/// Keeps the dispatcher reading the log while held; registered on creation,
+/// unregistered on drop.
+pub struct Interest(Arc<Broker>);
+
+impl Drop for Interest {
+    fn drop(&mut self) {
+        self.0.demand.interests.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 pub struct Broker {
     store: Arc<Store>,
     fanout: Fanout,
+    demand: Demand,
     /// Permits for the table reads of catching-up streams.
     replay: Semaphore,
     shutdown: CancellationToken,
@@ -193,6 +252,7 @@ impl Broker {
                 moved,
             },
             replay: Semaphore::new(options.replay_reads.max(1)),
+            demand: Demand::default(),
             shutdown,
             options,
             stats: BrokerStats::default(),
@@ -202,9 +262,62 @@ impl Broker {
     }
 
     /// The last revision dispatched to live streams: the safe high-water
-    /// mark, below which every committed event is known.
+    /// mark, below which every committed event is known. While nobody needs
+    /// the dispatcher it stays where it was: see [`Broker::mark`].
     pub fn head(&self) -> u64 {
         self.fanout.head()
+    }
+
+    /// Keeps the dispatcher reading the log until dropped.
+    pub fn interest(self: &Arc<Self>) -> Interest {
+        self.demand.interests.fetch_add(1, Ordering::SeqCst);
+        self.demand.changed.notify_one();
+        Interest(self.clone())
+    }
+
+    /// The mark, as fresh as if the dispatcher always read the log: what a
+    /// List or BatchGet reports as the revision its records reflect at
+    /// least. Keeps the dispatcher reading for [`LINGER`]; when it was
+    /// idle, waits (at most a second) for it to reach what was committed
+    /// before this call.
+    pub async fn mark(self: &Arc<Self>) -> Result<u64, StoreError> {
+        let until = Instant::now() + LINGER;
+        let was_idle = {
+            let mut linger = self
+                .demand
+                .linger_until
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let was_idle = linger.is_none_or(|t| t <= Instant::now());
+            *linger = Some(until);
+            was_idle
+        };
+        if was_idle {
+            self.demand.changed.notify_one();
+        }
+        if self.demand.following.load(Ordering::SeqCst) {
+            return Ok(self.head());
+        }
+        let _interest = self.interest();
+        self.settle_head().await
+    }
+
+    /// Whether the dispatcher must read the log.
+    fn wanted(&self) -> bool {
+        self.fanout.subscribed()
+            || self.demand.interests.load(Ordering::SeqCst) > 0
+            || self
+                .demand
+                .linger_until
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some_and(|t| t > Instant::now())
+    }
+
+    /// Whether the dispatcher is reading the log (for the delivery lag,
+    /// which means nothing while it does not).
+    pub fn following(&self) -> bool {
+        self.demand.following.load(Ordering::SeqCst)
     }
 
     /// Resolves once the high-water mark is above `revision`, or at
@@ -249,9 +362,12 @@ impl Broker {
         if self.shutdown.is_cancelled() {
             return Err(WatchError::ShuttingDown);
         }
-        let (live, head) = self.fanout.subscribe();
+        // The dispatcher may be idle, its mark behind: bring it up to what
+        // was committed before this call, then subscribe.
+        let interest = self.interest();
+        let settled = self.settle_head().await?;
         let position = match request.start_revision {
-            0 => self.settle_head().await?.max(head),
+            0 => settled,
             n => {
                 let compacted = self.store.compacted_revision().await?;
                 if n <= compacted {
@@ -262,6 +378,13 @@ impl Broker {
                 }
                 n - 1
             }
+        };
+        let (live, head) = self.fanout.subscribe();
+        // The receiver keeps the dispatcher reading from here on.
+        drop(interest);
+        let position = match request.start_revision {
+            0 => position.max(head),
+            _ => position,
         };
         let (tx, rx) = mpsc::channel(self.options.stream_queue.max(1));
         let stream = Stream {
@@ -523,8 +646,23 @@ async fn dispatch(broker: Arc<Broker>, wake: Arc<Notify>) {
     let mut last = broker.head();
     let mut gap = None;
     loop {
+        if !broker.wanted() {
+            // Nobody needs the log read: commits wake nothing until
+            // somebody does.
+            broker.demand.following.store(false, Ordering::SeqCst);
+            tokio::select! {
+                () = broker.demand.changed.notified() => {}
+                () = broker.shutdown.cancelled() => return,
+            }
+            continue;
+        }
         let next = match dispatch_once(&broker, &mut last, &mut gap).await {
-            Ok(next) => next,
+            Ok(next) => {
+                if matches!(next, Next::Idle) {
+                    broker.demand.following.store(true, Ordering::SeqCst);
+                }
+                next
+            }
             Err(err) => {
                 tracing::warn!(error = %err, "reading events failed; retrying");
                 Next::Soon
@@ -538,10 +676,15 @@ async fn dispatch(broker: Arc<Broker>, wake: Arc<Notify>) {
         tokio::select! {
             () = wake.notified() => {}
             () = tokio::time::sleep(wait) => {}
+            () = broker.demand.changed.notified() => {}
             () = broker.shutdown.cancelled() => return,
         }
     }
 }
+
+/// Revisions read per query while the mark moves without events: numbers
+/// only, so many at a time.
+const SKIP_BATCH: u64 = 8192;
 
 /// A missing revision, and when the dispatcher first found it missing.
 struct Gap {
@@ -560,8 +703,23 @@ async fn dispatch_once(
     last: &mut u64,
     gap: &mut Option<Gap>,
 ) -> Result<Next, StoreError> {
-    let batch = broker.options.batch;
-    let entries = broker.store.read_log(*last, u64::MAX, batch).await?;
+    // Nobody subscribed: the events would be read and decoded for nobody.
+    // Revision numbers are enough to move the mark, gaps settled the same.
+    let subscribed = broker.fanout.subscribed();
+    let (entries, batch) = if subscribed {
+        let batch = broker.options.batch;
+        (broker.store.read_log(*last, u64::MAX, batch).await?, batch)
+    } else {
+        let revisions = broker.store.read_revisions(*last, SKIP_BATCH).await?;
+        let entries = revisions
+            .into_iter()
+            .map(|revision| Logged {
+                revision,
+                event: None,
+            })
+            .collect();
+        (entries, SKIP_BATCH)
+    };
     let full = entries.len() as u64 >= batch;
     for Logged { revision, event } in entries {
         if revision != *last + 1 {
@@ -579,8 +737,14 @@ async fn dispatch_once(
             }
             return settle_gap(broker, last, revision).await;
         }
+        if subscribed {
+            broker.fanout.publish(revision, event);
+        } else if !broker.fanout.skip_to(revision) {
+            // Somebody subscribed meanwhile: from this revision on, every
+            // event is read and published.
+            return Ok(Next::More);
+        }
         *last = revision;
-        broker.fanout.publish(revision, event);
         broker.options.pauses.published.pass().await;
     }
     Ok(if full { Next::More } else { Next::Idle })

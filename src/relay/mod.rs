@@ -260,7 +260,10 @@ impl Relay {
             self.state.holds_lease.store(true, Ordering::Relaxed);
             self.metrics.lease_held.set(1);
             tracing::info!(stream = %self.options.nats.stream, "relay lease taken; publishing");
+            // The relay follows the dispatcher's mark: keep it moving.
+            let interest = self.broker.interest();
             let turn = self.publish_while_held(&mut lease).await;
+            drop(interest);
             self.state.holds_lease.store(false, Ordering::Relaxed);
             self.metrics.lease_held.set(0);
             drop(lease);

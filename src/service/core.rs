@@ -72,7 +72,7 @@ impl Core {
         ids: &[String],
     ) -> Result<(Vec<Record>, u64), StoreError> {
         json::validate_batch_ids(kind, ids)?;
-        let revision = self.broker.head();
+        let revision = self.broker.mark().await?;
         let records = self.store.get_many(kind, ids).await?;
         Ok((records, revision))
     }
@@ -84,7 +84,7 @@ impl Core {
     /// own). It is the store's mark, not the records', so it is as recent
     /// as the read and retention counts from it.
     pub async fn list(&self, query: &ListQuery) -> Result<Page, StoreError> {
-        let revision = self.broker.head();
+        let revision = self.broker.mark().await?;
         let mut records = self
             .store
             .list(

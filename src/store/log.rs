@@ -39,6 +39,16 @@ impl Store {
         }
     }
 
+    /// The revisions after `after` in the log (events and voids alike),
+    /// oldest first, at most `limit`: how the dispatcher moves its mark
+    /// while nobody needs the events themselves.
+    pub async fn read_revisions(&self, after: u64, limit: u64) -> Result<Vec<u64>, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(sqlite) => sqlite.read_revisions(after, limit).await,
+            Backend::Postgres(postgres) => postgres.read_revisions(after, limit).await,
+        }
+    }
+
     /// The events of `kind` (and of `ids`, unless empty) with
     /// `after < revision <= up_to`, oldest first, at most `limit`: a Watch
     /// stream's catch-up, filtered in the database.

@@ -24,7 +24,15 @@ use crate::store::entities::metadata;
 use crate::store::rows::{changed_fields_json, decode, record_from_row, row_from_record, snapshot};
 use crate::store::write::{Done, Op, Plan, Step, now, plan, written};
 
-const WRITE_CHANGE: &str = include_str!("write_change.sql");
+/// `write_change.sql` without its comments, which would otherwise travel
+/// with every prepare and fill the statement's name in `pg_stat_statements`.
+static WRITE_CHANGE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    include_str!("write_change.sql")
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join("\n")
+});
 
 impl Postgres {
     pub(in crate::store) async fn submit(&self, mut op: Op) -> Result<Done, StoreError> {
@@ -259,7 +267,7 @@ async fn write_change(
     generation: Option<i64>,
 ) -> Result<Option<Record>, sqlx::Error> {
     let row = row_from_record(&next, at);
-    let answer = sqlx::query(WRITE_CHANGE)
+    let answer = sqlx::query(sqlx::AssertSqlSafe(WRITE_CHANGE.as_str()))
         .bind(row.kind)
         .bind(row.id)
         .bind(row.public_metadata)

@@ -101,6 +101,23 @@ impl Sqlite {
         Ok(newest.max(compacted))
     }
 
+    pub(super) async fn read_revisions(
+        &self,
+        after: u64,
+        limit: u64,
+    ) -> Result<Vec<u64>, StoreError> {
+        let mut held = self.tail.get().await?;
+        let revisions: Result<Vec<i64>, _> = sqlx::query_scalar(
+            "SELECT revision FROM events WHERE revision > ? ORDER BY revision LIMIT ?",
+        )
+        .bind(super::log::bound(after))
+        .bind(super::log::bound(limit))
+        .fetch_all(held.connection())
+        .await;
+        held.release(&revisions);
+        Ok(revisions?.into_iter().map(|r| r as u64).collect())
+    }
+
     pub(super) async fn close(&self) {
         self.writing.close().await;
         self.tail.close().await;
