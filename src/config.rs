@@ -337,7 +337,8 @@ pub struct DatabaseArgs {
         hide_env_values = true
     )]
     pub database_url: String,
-    /// Largest number of open database connections.
+    /// Largest number of connections in the database pool; the hot paths
+    /// (reads, writes, the dispatcher) open at most as many again besides it.
     #[arg(long, env = "METADATA_DB_MAX_CONNECTIONS", default_value_t = 16)]
     pub db_max_connections: u32,
     /// How long to wait for a database connection, at start and per call.

@@ -336,7 +336,13 @@ impl Broker {
     /// in flight may hold the mark back, and then the stream starts lower
     /// (its first message says where).
     async fn settle_head(&self) -> Result<u64, StoreError> {
-        let newest = self.store.newest_revision().await?;
+        // A log pruned empty still had its revisions: the mark goes up to
+        // the compaction mark at least.
+        let newest = self
+            .store
+            .newest_revision()
+            .await?
+            .max(self.store.compacted_revision().await?);
         let mut moved = self.fanout.moved.subscribe();
         let reached =
             tokio::time::timeout(Duration::from_secs(1), moved.wait_for(|h| *h >= newest));
@@ -645,6 +651,7 @@ enum Next {
 async fn dispatch(broker: Arc<Broker>, wake: Arc<Notify>) {
     let mut last = broker.head();
     let mut gap = None;
+    let mut was_idle = false;
     loop {
         if !broker.wanted() {
             // Nobody needs the log read: commits wake nothing until
@@ -654,7 +661,16 @@ async fn dispatch(broker: Arc<Broker>, wake: Arc<Notify>) {
                 () = broker.demand.changed.notified() => {}
                 () = broker.shutdown.cancelled() => return,
             }
+            was_idle = true;
             continue;
+        }
+        if was_idle {
+            match pass_pruned(&broker, &mut last).await {
+                Ok(()) => was_idle = false,
+                Err(err) => {
+                    tracing::warn!(error = %err, "reading the compaction mark failed; retrying")
+                }
+            }
         }
         let next = match dispatch_once(&broker, &mut last, &mut gap).await {
             Ok(next) => {
@@ -685,6 +701,19 @@ async fn dispatch(broker: Arc<Broker>, wake: Arc<Notify>) {
 /// Revisions read per query while the mark moves without events: numbers
 /// only, so many at a time.
 const SKIP_BATCH: u64 = 8192;
+
+/// After an idle spell: events pruned meanwhile can no longer be read, and
+/// with none left above them no gap would show it. The mark goes past
+/// them at once (a stream that needed them meets the jump and ends with
+/// FAILED_PRECONDITION, as when they are pruned under it).
+async fn pass_pruned(broker: &Broker, last: &mut u64) -> Result<(), StoreError> {
+    let compacted = broker.store.compacted_revision().await?;
+    if compacted > *last {
+        *last = compacted;
+        broker.fanout.publish(compacted, None);
+    }
+    Ok(())
+}
 
 /// A missing revision, and when the dispatcher first found it missing.
 struct Gap {

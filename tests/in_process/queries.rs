@@ -162,6 +162,9 @@ async fn list_then_watch_misses_nothing_and_marks_what_it_has(backend: Backend) 
         return;
     };
     let first = write(&mut s.users, "a", json!({"plan": "gold", "n": 1})).await;
+    // A List keeps the dispatcher reading the log for a while (it reads
+    // only while someone needs it): the next write is then dispatched.
+    list(&mut s.users, GOLD).await;
     published.arm(1);
     let second = write(&mut s.users, "a", json!({"n": 2})).await;
     assert!(
