@@ -10,6 +10,7 @@ mod db;
 mod etcd;
 mod interference;
 mod load;
+mod pgbench;
 mod process;
 mod query;
 mod relay;
@@ -175,17 +176,21 @@ struct LoadRow {
     workload: &'static str,
     /// "service", "raw-sql" (the floor: the same data work), or, for
     /// Postgres merges, "raw-sql+notify" (the same plus `pg_notify` before
-    /// COMMIT).
+    /// COMMIT) and "pgbench" (the raw-sql merge run by pgbench's C client:
+    /// pgbench.rs).
     target: &'static str,
     ops: u64,
     errors: u64,
     ops_per_second: f64,
-    p50_ms: f64,
-    p95_ms: f64,
-    p99_ms: f64,
-    max_ms: f64,
+    /// Percentiles: None on the pgbench row (pgbench reports an average).
+    p50_ms: Option<f64>,
+    p95_ms: Option<f64>,
+    p99_ms: Option<f64>,
+    max_ms: Option<f64>,
+    latency_avg_ms: Option<f64>,
     /// This row's throughput / the raw-SQL (no notify) throughput of the
-    /// same workload (service and raw-sql+notify rows; merge2: of merge).
+    /// same workload (service, raw-sql+notify and pgbench rows; merge2: of
+    /// merge).
     ratio: Option<f64>,
     /// Server CPU in cores (1.0 = one core busy), service rows only; merge2:
     /// both replicas'.
@@ -202,6 +207,15 @@ struct LoadRow {
     bound_p50_ms: Option<f64>,
     /// Service get: throughput / bound_ops_per_second.
     ratio_to_bound: Option<f64>,
+    /// Service merge (Postgres): throughput / the pgbench row's, same ids
+    /// and clients (issue 26: >= 0.55 at 16 clients).
+    ratio_to_pgbench: Option<f64>,
+    /// Service merge: throughput / etcd's rmw at the same ids and clients,
+    /// when the etcd workload ran (etcd.rs).
+    ratio_to_etcd_rmw: Option<f64>,
+    /// The pgbench row: the numbers it ran with (-c -j -T -D ids=); the
+    /// rest of the command and the script are in `pgbench` at the top.
+    pgbench_args: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -246,6 +260,9 @@ struct Report {
     schema: Option<schema::SchemaReport>,
     /// Workload relay.
     relay: Option<relay::RelayReport>,
+    /// The pgbench merge rows (Postgres, workload merge): the version,
+    /// command and script, or why they were skipped.
+    pgbench: Option<pgbench::PgbenchInfo>,
 }
 
 fn parse_env(text: &str) -> Result<(String, String), String> {
@@ -280,10 +297,11 @@ fn row(
         ops: m.ops,
         errors: m.errors,
         ops_per_second: m.throughput(),
-        p50_ms: q(0.5),
-        p95_ms: q(0.95),
-        p99_ms: q(0.99),
-        max_ms: ms(m.latency.max()),
+        p50_ms: Some(q(0.5)),
+        p95_ms: Some(q(0.95)),
+        p99_ms: Some(q(0.99)),
+        max_ms: Some(ms(m.latency.max())),
+        latency_avg_ms: Some(m.latency.mean() / 1000.0),
         ratio: None,
         server_cpu_cores: None,
         server_rss_mb: None,
@@ -291,6 +309,44 @@ fn row(
         bound_ops_per_second: None,
         bound_p50_ms: None,
         ratio_to_bound: None,
+        ratio_to_pgbench: None,
+        ratio_to_etcd_rmw: None,
+        pgbench_args: None,
+    }
+}
+
+/// The pgbench merge row: its rate over the raw-SQL floor's in `ratio`.
+fn pgbench_row(
+    backend: Backend,
+    ids: u64,
+    clients: usize,
+    run: pgbench::Outcome,
+    floor: &Measured,
+) -> LoadRow {
+    LoadRow {
+        backend: backend.name(),
+        ids,
+        clients,
+        workload: Workload::Merge.name(),
+        target: "pgbench",
+        ops: run.transactions,
+        errors: run.failed,
+        ops_per_second: run.tps,
+        p50_ms: None,
+        p95_ms: None,
+        p99_ms: None,
+        max_ms: None,
+        latency_avg_ms: run.latency_avg_ms,
+        ratio: Some(run.tps / floor.throughput()),
+        server_cpu_cores: None,
+        server_rss_mb: None,
+        ratio_to_one_replica: None,
+        bound_ops_per_second: None,
+        bound_p50_ms: None,
+        ratio_to_bound: None,
+        ratio_to_pgbench: None,
+        ratio_to_etcd_rmw: None,
+        pgbench_args: Some(run.args),
     }
 }
 
@@ -406,6 +462,25 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
         server: binary.display().to_string(),
         ..Report::default()
     };
+    // The pgbench floor of the Postgres merge (pgbench.rs): without pgbench
+    // its rows are skipped, never the run.
+    let pgbench = if backend == Backend::Postgres && workloads.contains(&Workload::Merge) {
+        match pgbench::locate().await {
+            Ok(pgbench) => {
+                report.pgbench = Some(pgbench::PgbenchInfo::of(&pgbench));
+                Some(pgbench)
+            }
+            Err(why) => {
+                if !args.json {
+                    eprintln!("pgbench: skipped ({why})");
+                }
+                report.pgbench = Some(pgbench::PgbenchInfo::skipped(why));
+                None
+            }
+        }
+    } else {
+        None
+    };
     let result = async {
         for (round, &ids) in args.ids.iter().enumerate() {
             if workloads.is_empty() && !watch && !watch_filter {
@@ -487,8 +562,24 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
                     } else {
                         None
                     };
+                    // Right after the raw-sql rows, in the same minute.
+                    let pgbench_run = match (&pgbench, &pool) {
+                        (Some(pgbench), db::RawPool::Postgres(pg))
+                            if workload == Workload::Merge =>
+                        {
+                            Some(
+                                pgbench
+                                    .merge(db.url(), pg, ids, clients, args.pool, warmup, duration)
+                                    .await?,
+                            )
+                        }
+                        _ => None,
+                    };
                     let mut service_row = row(backend, ids, clients, workload, "service", &service);
                     service_row.ratio = Some(service.throughput() / floor.throughput());
+                    service_row.ratio_to_pgbench = pgbench_run
+                        .as_ref()
+                        .map(|run| service.throughput() / run.tps);
                     service_row.server_cpu_cores = Some(cpu_cores(before, after, service.elapsed));
                     service_row.server_rss_mb = Some(mb(after.rss_bytes));
                     if workload == Workload::Get
@@ -500,8 +591,9 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
                         let bound = 1.0 / (1.0 / ping.ops_per_second + 1.0 / floor.throughput());
                         service_row.bound_ops_per_second = Some(bound);
                         service_row.ratio_to_bound = Some(service.throughput() / bound);
-                        service_row.bound_p50_ms =
-                            Some(ping.p50_ms + ms(floor.latency.value_at_quantile(0.5)));
+                        service_row.bound_p50_ms = ping
+                            .p50_ms
+                            .map(|p50| p50 + ms(floor.latency.value_at_quantile(0.5)));
                     }
                     progress(&service_row, args.json);
                     report.load.push(service_row);
@@ -513,6 +605,21 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
                             row(backend, ids, clients, workload, "raw-sql+notify", &notified);
                         notify_row.ratio = Some(notified.throughput() / floor.throughput());
                         report.load.push(notify_row);
+                    }
+                    if let Some(run) = pgbench_run {
+                        let pgbench_row = pgbench_row(backend, ids, clients, run, &floor);
+                        if !args.json {
+                            eprintln!(
+                                "  {} ids={} clients={} merge pgbench: {:.0} tps (x{:.2} of raw SQL; service x{:.2} of pgbench)",
+                                pgbench_row.backend,
+                                ids,
+                                clients,
+                                pgbench_row.ops_per_second,
+                                pgbench_row.ratio.unwrap_or(f64::NAN),
+                                service.throughput() / pgbench_row.ops_per_second
+                            );
+                        }
+                        report.load.push(pgbench_row);
                     }
                 }
             }
@@ -605,6 +712,18 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
                 );
                 row.service_ops_per_second = service.map(|s| s.ops_per_second);
                 row.service_ratio = service.map(|s| s.ops_per_second / row.ops_per_second);
+                // Also on the service merge row, so that its ratios to
+                // every floor of the run are read in one place.
+                if row.workload == "rmw"
+                    && let Some(merge) = report.load.iter_mut().find(|r| {
+                        r.ids == row.ids
+                            && r.clients == row.clients
+                            && r.workload == "merge"
+                            && r.target == "service"
+                    })
+                {
+                    merge.ratio_to_etcd_rmw = Some(merge.ops_per_second / row.ops_per_second);
+                }
             }
             report.etcd = Some(etcd);
         }
@@ -836,35 +955,62 @@ fn print_load(report: &Report) {
         "cpu",
         "rss MB"
     );
+    let percent = |x: Option<f64>| x.map_or(String::new(), |x| format!("{:.0}%", x * 100.0));
+    let millis = |x: Option<f64>| x.map_or(String::new(), |x| format!("{x:.2}"));
     for r in &report.load {
-        let note = match (r.ratio_to_one_replica, r.bound_ops_per_second) {
-            (Some(x), _) => format!("{:.0}% of merge on 1 replica", x * 100.0),
-            (_, Some(bound)) => format!(
+        let mut notes = Vec::new();
+        if let Some(x) = r.ratio_to_one_replica {
+            notes.push(format!("{:.0}% of merge on 1 replica", x * 100.0));
+        }
+        if let Some(bound) = r.bound_ops_per_second {
+            notes.push(format!(
                 "{:.0}% of bound {bound:.0}/s (ping + raw-sql get; p50 {:.2} ms)",
                 r.ratio_to_bound.unwrap_or(f64::NAN) * 100.0,
                 r.bound_p50_ms.unwrap_or(f64::NAN)
-            ),
-            _ => String::new(),
-        };
+            ));
+        }
+        if let Some(x) = r.ratio_to_pgbench {
+            notes.push(format!("{:.0}% of pgbench", x * 100.0));
+        }
+        if let Some(x) = r.ratio_to_etcd_rmw {
+            notes.push(format!("{:.0}% of etcd rmw", x * 100.0));
+        }
+        if let Some(args) = &r.pgbench_args {
+            notes.push(format!(
+                "avg {} ms (pgbench gives no percentiles); {args}",
+                millis(r.latency_avg_ms)
+            ));
+        }
+        let note = notes.join("; ");
         println!(
-            "{:<9} {:>8} {:>7} {:<6} {:<14} {:>9.0} {:>7.2} {:>7.2} {:>7.2} {:>8.2} {:>6} {:>5} {:>7}  {}",
+            "{:<9} {:>8} {:>7} {:<6} {:<14} {:>9.0} {:>7} {:>7} {:>7} {:>8} {:>6} {:>5} {:>7}  {}",
             r.backend,
             r.ids,
             r.clients,
             r.workload,
             r.target,
             r.ops_per_second,
-            r.p50_ms,
-            r.p95_ms,
-            r.p99_ms,
-            r.max_ms,
-            r.ratio
-                .map_or(String::new(), |x| format!("{:.0}%", x * 100.0)),
+            millis(r.p50_ms),
+            millis(r.p95_ms),
+            millis(r.p99_ms),
+            millis(r.max_ms),
+            percent(r.ratio),
             r.server_cpu_cores
                 .map_or(String::new(), |x| format!("{x:.2}")),
             r.server_rss_mb.map_or(String::new(), |x| format!("{x:.1}")),
             note
         );
+    }
+    match &report.pgbench {
+        Some(pgbench::PgbenchInfo {
+            skipped: Some(why), ..
+        }) => println!("pgbench: skipped ({why})"),
+        Some(info) => println!(
+            "pgbench rows: {}, {} (script: --json, \"pgbench\")",
+            info.version.as_deref().unwrap_or("?"),
+            info.command.as_deref().unwrap_or("?")
+        ),
+        None => {}
     }
 }
 
