@@ -92,8 +92,13 @@ impl<R: PointRead> Reader<R> {
         {
             let mut held = held?;
             let ids = [id];
-            let span =
-                tracing::info_span!(target: crate::otel::TARGET, "db.read", kind = kind.as_str());
+            // A batch of one, named as every read is.
+            let span = tracing::info_span!(
+                target: crate::otel::TARGET,
+                "db.read_batch",
+                kind = kind.as_str(),
+                size = 1i64,
+            );
             let rows = R::read(held.connection(), kind, &ids)
                 .instrument(span)
                 .await;

@@ -904,7 +904,47 @@ async fn recovery_after_pruning_terminates_for_a_never_written_id(backend: Backe
     assert_eq!(event.after.unwrap(), written);
 }
 
+/// The dispatcher reads the log only while someone needs it. Writes land
+/// while nobody does; a List then keeps it reading, and with nobody
+/// subscribed it moves its mark by revision numbers alone. Stopped right
+/// after moving the mark past a revision whose event it never read, two
+/// streams subscribe: each still receives every revision, the one from
+/// revision 1 from the table, both the next write live.
+async fn streams_arriving_while_the_mark_moves_without_events_miss_nothing(backend: Backend) {
+    let pauses = BrokerPauses::default();
+    let published = pauses.published.clone();
+    let Some(mut s) = start_with(backend, |c| c.events.broker.pauses = pauses).await else {
+        return;
+    };
+    write(&mut s.users, "u1", json!({"a":1})).await;
+    write(&mut s.users, "u2", json!({"a":2})).await;
+    s.users
+        .list(ListUserMetadataRequest::default())
+        .await
+        .unwrap();
+    published.arm(1);
+    let third = write(&mut s.users, "u1", json!({"b":3})).await;
+    assert_eq!(third.revision, 3);
+    assert!(
+        published.reached(Duration::from_secs(10)).await,
+        "the dispatcher moved its mark to revision 3"
+    );
+    let mut from_now = watch(&mut s.users, 0, &[]).await;
+    assert_eq!(expect_progress(&mut from_now).await, 3);
+    let mut from_one = watch(&mut s.users, 1, &[]).await;
+    assert_eq!(expect_progress(&mut from_one).await, 0);
+    published.release();
+    let fourth = write(&mut s.users, "u2", json!({"b":4})).await;
+    assert_eq!(next_event(&mut from_now).await.revision, fourth.revision);
+    let got = events(&mut from_one, 4).await;
+    assert_eq!(
+        got.iter().map(|e| e.revision).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+}
+
 backend_tests!(
+    streams_arriving_while_the_mark_moves_without_events_miss_nothing,
     subscribing_right_after_a_publish_misses_nothing,
     streams_resuming_at_the_newest_revision_under_load,
     impossible_start_revisions_are_refused,
