@@ -154,6 +154,10 @@ async fn run<R: PointRead>(shared: Arc<Shared<R>>) {
             };
             batch.retain(|job| !job.reply.is_closed());
             if batch.is_empty() {
+                // Unused, so still good: back to the stack, not closed.
+                if let Ok(held) = held {
+                    held.release::<(), StoreError>(&Ok(()));
+                }
                 if shared.queue().is_empty() {
                     break;
                 }
