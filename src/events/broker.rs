@@ -275,11 +275,12 @@ impl Broker {
         Interest(self.clone())
     }
 
-    /// The mark, as fresh as if the dispatcher always read the log: what a
-    /// List or BatchGet reports as the revision its records reflect at
-    /// least. Keeps the dispatcher reading for [`LINGER`]; when it was
-    /// idle, waits (at most a second) for it to reach what was committed
-    /// before this call.
+    /// The mark, as a List or BatchGet reports it: a revision the records
+    /// read after this call reflect at least. Keeps the dispatcher reading
+    /// for [`LINGER`], so that the next pages get a fresh mark. After an
+    /// idle spell it answers at once with the mark it has, never below the
+    /// compaction mark (a Watch from there must not be refused as too old):
+    /// every revision up to either is committed, so the read reflects it.
     pub async fn mark(self: &Arc<Self>) -> Result<u64, StoreError> {
         let until = Instant::now() + LINGER;
         let was_idle = {
@@ -295,11 +296,11 @@ impl Broker {
         if was_idle {
             self.demand.changed.notify_one();
         }
+        let head = self.head();
         if self.demand.following.load(Ordering::SeqCst) {
-            return Ok(self.head());
+            return Ok(head);
         }
-        let _interest = self.interest();
-        self.settle_head().await
+        Ok(head.max(self.store.compacted_revision().await?))
     }
 
     /// Whether the dispatcher must read the log.
