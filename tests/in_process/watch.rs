@@ -918,10 +918,26 @@ async fn streams_arriving_while_the_mark_moves_without_events_miss_nothing(backe
     };
     write(&mut s.users, "u1", json!({"a":1})).await;
     write(&mut s.users, "u2", json!({"a":2})).await;
-    s.users
-        .list(ListUserMetadataRequest::default())
-        .await
-        .unwrap();
+    // A List keeps the dispatcher reading; its mark (the List's revision)
+    // reaches 2 once the dispatcher has caught up, by numbers only.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let listed = s
+            .users
+            .list(ListUserMetadataRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        if listed.revision == 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the mark stays at {}",
+            listed.revision
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     published.arm(1);
     let third = write(&mut s.users, "u1", json!({"b":3})).await;
     assert_eq!(third.revision, 3);
