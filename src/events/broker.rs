@@ -303,6 +303,13 @@ impl Broker {
         Ok(head.max(self.store.compacted_revision().await?))
     }
 
+    /// The mark once it has reached what was committed before this call
+    /// (waiting at most a second), for a caller that starts from it.
+    pub async fn settle(self: &Arc<Self>) -> Result<u64, StoreError> {
+        let _interest = self.interest();
+        self.settle_head().await
+    }
+
     /// Whether the dispatcher must read the log.
     fn wanted(&self) -> bool {
         self.fanout.subscribed()
@@ -373,10 +380,12 @@ impl Broker {
         // was committed before this call, then subscribe.
         let interest = self.interest();
         let settled = self.settle_head().await?;
+        let compacted = self.store.compacted_revision().await?;
         let position = match request.start_revision {
-            0 => settled,
+            // Never below what was pruned: a stream "from now" must not
+            // meet a jump it would have to report as too old.
+            0 => settled.max(compacted),
             n => {
-                let compacted = self.store.compacted_revision().await?;
                 if n <= compacted {
                     return Err(WatchError::TooOld {
                         requested: n,
@@ -645,6 +654,8 @@ enum Next {
     Idle,
     /// A revision is still missing: look again soon.
     Soon,
+    /// The read failed this many times in a row.
+    Failed(u32),
 }
 
 /// Tails the log and publishes each revision once, in order, never past
@@ -653,6 +664,7 @@ async fn dispatch(broker: Arc<Broker>, wake: Arc<Notify>) {
     let mut last = broker.head();
     let mut gap = None;
     let mut was_idle = false;
+    let mut failures = 0u32;
     loop {
         if !broker.wanted() {
             // Nobody needs the log read: commits wake nothing until
@@ -681,14 +693,27 @@ async fn dispatch(broker: Arc<Broker>, wake: Arc<Notify>) {
                 next
             }
             Err(err) => {
-                tracing::warn!(error = %err, "reading events failed; retrying");
-                Next::Soon
+                failures = failures.saturating_add(1);
+                if failures == 1 {
+                    tracing::warn!(error = %err, "reading events failed; retrying");
+                } else {
+                    tracing::debug!(error = %err, "reading events still fails; retrying");
+                }
+                Next::Failed(failures)
             }
         };
+        if !matches!(next, Next::Failed(_)) {
+            failures = 0;
+        }
         let wait = match next {
             Next::More => continue,
             Next::Idle => broker.options.poll_interval,
             Next::Soon => GAP_GRACE,
+            // A database that refuses connections answers at once: back
+            // off, up to the poll's interval, rather than retry 100 times a
+            // second.
+            Next::Failed(n) => (GAP_GRACE * 2u32.saturating_pow(n.min(16)))
+                .min(broker.options.poll_interval.max(GAP_GRACE)),
         };
         tokio::select! {
             () = wake.notified() => {}

@@ -262,6 +262,11 @@ impl Relay {
             tracing::info!(stream = %self.options.nats.stream, "relay lease taken; publishing");
             // The relay follows the dispatcher's mark: keep it moving.
             let interest = self.broker.interest();
+            // A mark left behind while nobody needed it would make a
+            // reseed (--from-now) start in the past.
+            if let Err(err) = self.broker.settle().await {
+                tracing::warn!(error = %err, "cannot bring the event mark up to date; going on");
+            }
             let turn = self.publish_while_held(&mut lease).await;
             drop(interest);
             self.state.holds_lease.store(false, Ordering::Relaxed);

@@ -15,7 +15,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sea_orm::sqlx::{self, ConnectOptions, Connection};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -25,11 +25,21 @@ use super::StoreError;
 /// Connections of one kind to one database, without a release ping.
 pub(super) struct Conns<C: Connection> {
     options: <C as Connection>::Options,
-    idle: Mutex<Vec<C>>,
+    idle: Mutex<Vec<Idle<C>>>,
     permits: Arc<Semaphore>,
     /// How long to wait for a free connection, or for a new one.
     timeout: Duration,
     closed: AtomicBool,
+}
+
+/// How long a connection may sit idle before it is pinged on reuse, as
+/// the pool does (`test_before_acquire_if_idle_for`): a database restart or
+/// a dropped idle socket then costs a reconnect, not a failed call.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(10);
+
+struct Idle<C> {
+    connection: C,
+    since: Instant,
 }
 
 /// A connection in use. Dropped without [`Held::release`], it is closed.
@@ -75,6 +85,13 @@ impl<C: Connection> Conns<C> {
             return Err(closed());
         }
         let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let idle = match idle {
+            Some(mut idle) if idle.since.elapsed() >= PING_IF_IDLE_FOR => {
+                let alive = tokio::time::timeout(self.timeout, idle.connection.ping()).await;
+                matches!(alive, Ok(Ok(()))).then_some(idle.connection)
+            }
+            idle => idle.map(|idle| idle.connection),
+        };
         let connection = match idle {
             Some(connection) => connection,
             None => tokio::time::timeout(self.timeout, self.options.connect())
@@ -96,11 +113,14 @@ impl<C: Connection> Conns<C> {
     /// Closes the idle connections, and every other one as it comes back;
     /// later calls fail with UNAVAILABLE.
     pub(super) async fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
+        let idle = {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            self.closed.store(true, Ordering::SeqCst);
+            std::mem::take(&mut *idle)
+        };
         self.permits.close();
-        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
-        for connection in idle {
-            let _ = connection.close().await;
+        for idle in idle {
+            let _ = idle.connection.close().await;
         }
     }
 }
@@ -116,15 +136,19 @@ impl<C: Connection> Held<C> {
     /// is in step with it). Anything else closes it.
     pub(super) fn release<T, E: Reuse>(mut self, outcome: &Result<T, E>) {
         let usable = outcome.as_ref().err().is_none_or(Reuse::leaves_usable);
-        if usable
-            && !self.home.closed.load(Ordering::SeqCst)
+        if !usable {
+            return;
+        }
+        // Checked under the stack's lock, which `close` takes after setting
+        // it: a connection is either drained by `close` or never pushed.
+        let mut idle = self.home.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.home.closed.load(Ordering::SeqCst)
             && let Some(connection) = self.connection.take()
         {
-            self.home
-                .idle
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(connection);
+            idle.push(Idle {
+                connection,
+                since: Instant::now(),
+            });
         }
     }
 }
@@ -135,8 +159,11 @@ pub(super) trait Reuse {
 }
 
 impl Reuse for sqlx::Error {
+    /// An error the database answered, unless it says the session is over
+    /// or in doubt (a shutdown, a lost connection, a terminated backend:
+    /// what the store reports as UNAVAILABLE).
     fn leaves_usable(&self) -> bool {
-        matches!(self, sqlx::Error::Database(_))
+        matches!(self, sqlx::Error::Database(_)) && StoreError::from_sqlx(self).leaves_usable()
     }
 }
 

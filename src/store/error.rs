@@ -111,8 +111,14 @@ impl From<DbErr> for StoreError {
 /// classified as the pool's errors are.
 impl From<sqlx::Error> for StoreError {
     fn from(err: sqlx::Error) -> Self {
-        match classify(&err) {
-            Class::Transient(reason) => StoreError::unavailable(reason, &err),
+        StoreError::from_sqlx(&err)
+    }
+}
+
+impl StoreError {
+    pub(crate) fn from_sqlx(err: &sqlx::Error) -> Self {
+        match classify(err) {
+            Class::Transient(reason) => StoreError::unavailable(reason, err),
             Class::ReadOnly => StoreError::ReadOnly(err.to_string()),
             Class::Other => StoreError::Internal(err.to_string()),
         }

@@ -560,6 +560,40 @@ async fn sqlite_locked_database_is_a_clear_error() {
     assert_eq!(get(&mut s.users, "u").await.version, 1);
 }
 
+/// A write whose caller gave up (told UNAVAILABLE: certainly not applied)
+/// while its group could not begin must not be run alone afterwards: the
+/// caller may retry, and the write would then land twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_write_given_up_before_its_group_began_never_lands() {
+    let busy = Duration::from_millis(300);
+    let mut s = start_with(Backend::Sqlite, |c| {
+        c.store.sqlite_busy_timeout = busy;
+        c.db_timeout = Duration::from_millis(150);
+    })
+    .await
+    .unwrap();
+    let lock = SqliteLock::take(&s).await;
+    let status = s
+        .users
+        .merge(merge("u", json!({"given_up": true})))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("retry later"), "{status:?}");
+    // Past the busy timeout, the group's BEGIN has failed (had it not, the
+    // group would drop the write whose caller left, which passes too).
+    tokio::time::sleep(busy + Duration::from_millis(100)).await;
+    lock.release().await;
+    let next = s
+        .users
+        .merge(merge("u", json!({"next": true})))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next.version, 1, "the given-up write landed first");
+    assert_eq!(field(&next.public_metadata), json!({"next": true}));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_read_only_database_is_a_clear_error() {
     let mut s = start(Backend::Sqlite).await.unwrap();

@@ -19,12 +19,13 @@ use crate::store::StoreError;
 /// test) can find the holder in `pg_stat_activity`.
 pub const LEASE_APPLICATION_NAME: &str = "metadata-service relay lease";
 
-// The first key of the two-key advisory lock is the one writers use on
-// their revisions ("meta" in ASCII), so that the service's locks do not
-// collide with another application's; the second is the lease's name,
-// hashed by Postgres, which keeps it apart from the revisions' (0..2^31)
-// only by chance: a collision would make the dispatcher wait, never skip.
-use super::log::LOCK_CLASS;
+/// First key of the two-key advisory lock: "metl" in ASCII, so that the
+/// service's locks do not collide with another application's, and never
+/// with the writers' revision locks ("meta", `log.rs`): a lease whose name
+/// hashed to a revision would make every dispatcher wait for that
+/// revision's "writer" for as long as the lease is held. The second key is
+/// the lease's name, hashed by Postgres.
+const LOCK_CLASS: i32 = 0x6d65_746c;
 
 /// A held lease. Dropping it (or losing its connection) releases it.
 pub struct Lease {

@@ -41,9 +41,12 @@ pub use notify::{
 
 pub(super) struct Postgres {
     shared: Arc<Shared>,
-    /// The writers' and the dispatcher's connections.
+    /// The writers' connections.
     conns: Arc<Conns<PgConnection>>,
     reader: Reader<PointReads>,
+    /// The dispatcher's: writers queued on a busy row never hold up the
+    /// log's tail.
+    tail: Arc<Conns<PgConnection>>,
     announcer_state: Arc<AnnouncerState>,
 }
 
@@ -60,11 +63,12 @@ impl Postgres {
             options.max_connections,
             options.connect_timeout,
         );
-        let reader = Reader::start(Conns::new(connect, 1, options.connect_timeout));
+        let reader = Reader::start(Conns::new(connect.clone(), 1, options.connect_timeout));
         Postgres {
             shared,
             conns,
             reader,
+            tail: Conns::new(connect, 1, options.connect_timeout),
             announcer_state: Arc::default(),
         }
     }
@@ -84,7 +88,7 @@ impl Postgres {
         up_to: u64,
         limit: u64,
     ) -> Result<Vec<Logged>, StoreError> {
-        let mut held = self.conns.get().await?;
+        let mut held = self.tail.get().await?;
         let rows = sqlx::query(
             "SELECT * FROM events WHERE revision > $1 AND revision <= $2 \
              ORDER BY revision LIMIT $3",
@@ -106,7 +110,7 @@ impl Postgres {
         after: u64,
         limit: u64,
     ) -> Result<Vec<u64>, StoreError> {
-        let mut held = self.conns.get().await?;
+        let mut held = self.tail.get().await?;
         let revisions: Result<Vec<i64>, _> = sqlx::query_scalar(
             "SELECT revision FROM events WHERE revision > $1 ORDER BY revision LIMIT $2",
         )
@@ -120,6 +124,7 @@ impl Postgres {
 
     pub(super) async fn close(&self) {
         self.conns.close().await;
+        self.tail.close().await;
         self.reader.close().await;
     }
 }

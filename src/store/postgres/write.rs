@@ -76,12 +76,13 @@ impl Postgres {
                     generation,
                 } => (change, next, at, generation),
             };
+        // The connection first: a caller that gives up while waiting for
+        // one is told its write certainly did not happen, and it does not.
+        let mut held = self.conns.get().await?;
         sent.mark();
-        let conns = self.conns.clone();
         let shared = self.shared.clone();
         let write = tokio::spawn(async move {
             shared.pauses.commit.pass().await;
-            let mut held = conns.get().await?;
             let stored =
                 write_change(held.connection(), change, &current, next, at, generation).await;
             held.release(&stored);
@@ -154,7 +155,11 @@ impl Postgres {
         let commit = tokio::spawn(async move {
             shared.pauses.commit.pass().await;
             let committed = sqlx::raw_sql("COMMIT").execute(held.connection()).await;
-            held.release(&committed);
+            // A failed COMMIT may leave the transaction open: the
+            // connection is closed (on drop), not reused.
+            if committed.is_ok() {
+                held.release(&committed);
+            }
             committed?;
             shared.commits.committed();
             Ok(())

@@ -129,7 +129,14 @@ async fn run_group(writer: &Writer, mut group: Vec<Job>) {
         Err(_) => {
             // Nothing of the group was committed: each write alone, so that
             // each gets the outcome it would have got without the others.
+            // Marked before the check, as in a group: a caller that gave up
+            // before it was told its write certainly did not happen, and
+            // it is not run.
             for Job { op, reply, .. } in group {
+                op.sent().mark();
+                if reply.is_closed() {
+                    continue;
+                }
                 let _ = reply.send(writer.run_alone(op).await);
             }
         }
@@ -163,8 +170,9 @@ async fn try_group(
                 results.push(Ok(done));
             }
             Ok(Step::StartOver) => {
-                // Cannot happen under SQLite's single writer: it needs a
-                // concurrent writer. Run the group again, each write alone.
+                // The kind's schemas changed since this process read them
+                // (the write's guard failed): run the group again, each
+                // write alone, which reads them again.
                 rollback(held).await?;
                 return Err(StoreError::Internal(
                     "a write had to start over under SQLite".into(),
@@ -210,7 +218,11 @@ impl Writer {
         let commit = tokio::spawn(async move {
             shared.pauses.commit.pass().await;
             let committed = sqlx::raw_sql("COMMIT").execute(held.connection()).await;
-            held.release(&committed);
+            // A failed COMMIT may leave the transaction open: the
+            // connection is closed (on drop), not reused.
+            if committed.is_ok() {
+                held.release(&committed);
+            }
             committed?;
             shared.commits.committed();
             Ok(())
