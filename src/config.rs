@@ -337,8 +337,9 @@ pub struct DatabaseArgs {
         hide_env_values = true
     )]
     pub database_url: String,
-    /// Largest number of connections in the database pool; the hot paths
-    /// (reads, writes, the dispatcher) open at most as many again besides it.
+    /// Largest number of connections in the database pool; the writers open
+    /// at most as many again besides it (plus one for point reads and one
+    /// for the event dispatcher).
     #[arg(long, env = "METADATA_DB_MAX_CONNECTIONS", default_value_t = 16)]
     pub db_max_connections: u32,
     /// How long to wait for a database connection, at start and per call.

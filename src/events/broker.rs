@@ -278,9 +278,11 @@ impl Broker {
     /// The mark, as a List or BatchGet reports it: a revision the records
     /// read after this call reflect at least. Keeps the dispatcher reading
     /// for [`LINGER`], so that the next pages get a fresh mark. After an
-    /// idle spell it answers at once with the mark it has, never below the
-    /// compaction mark (a Watch from there must not be refused as too old):
-    /// every revision up to either is committed, so the read reflects it.
+    /// idle spell its mark is old: it is brought (waiting at most a
+    /// second) up to what this process has committed, and never below the
+    /// compaction mark (a Watch from there must not be refused as too
+    /// old). What it returns is that target, not wherever the mark has
+    /// gone meanwhile: as fresh as a following dispatcher's, no fresher.
     pub async fn mark(self: &Arc<Self>) -> Result<u64, StoreError> {
         let until = Instant::now() + LINGER;
         let was_idle = {
@@ -296,11 +298,20 @@ impl Broker {
         if was_idle {
             self.demand.changed.notify_one();
         }
-        let head = self.head();
         if self.demand.following.load(Ordering::SeqCst) {
-            return Ok(head);
+            return Ok(self.head());
         }
-        Ok(head.max(self.store.compacted_revision().await?))
+        let compacted = self.store.compacted_revision().await?;
+        let target = self.store.committed_here().max(compacted);
+        let _interest = self.interest();
+        let mut moved = self.fanout.moved.subscribe();
+        let reached =
+            tokio::time::timeout(Duration::from_secs(1), moved.wait_for(|h| *h >= target));
+        Ok(match reached.await {
+            Ok(Ok(_)) => target,
+            // Held back (a writer in flight below it): what is settled.
+            _ => self.head().max(compacted),
+        })
     }
 
     /// The mark once it has reached what was committed before this call

@@ -261,7 +261,7 @@ impl Store {
                 span.record("revision", outcome.record.revision as i64);
                 Ok(outcome)
             }
-            Done::Deleted(_) => Err(StoreError::Internal("a write answered as a delete".into())),
+            Done::Deleted(..) => Err(StoreError::Internal("a write answered as a delete".into())),
         }
     }
 
@@ -284,15 +284,28 @@ impl Store {
         let span =
             tracing::info_span!(target: crate::otel::TARGET, "store.delete", kind = kind.as_str());
         match self.submit(op).instrument(span).await? {
-            Done::Deleted(existed) => Ok(existed),
+            Done::Deleted(existed, _) => Ok(existed),
             Done::Written(_) => Err(StoreError::Internal("a delete answered as a write".into())),
         }
     }
 
     async fn submit(&self, op: Op) -> Result<Done, StoreError> {
-        match &self.backend {
+        let done = match &self.backend {
             Backend::Sqlite(sqlite) => sqlite.submit(op).await,
             Backend::Postgres(postgres) => postgres.submit(op).await,
-        }
+        }?;
+        self.shared
+            .committed_here
+            .fetch_max(done.committed(), std::sync::atomic::Ordering::SeqCst);
+        Ok(done)
+    }
+
+    /// The newest revision this process's writes committed (0 before the
+    /// first): a revision known to be committed without asking the
+    /// database.
+    pub fn committed_here(&self) -> u64 {
+        self.shared
+            .committed_here
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 }

@@ -21,6 +21,8 @@ pub(super) struct Shared {
     pub acquire_timer: OnceLock<prometheus::Histogram>,
     /// Where the size of each SQLite write group is recorded, if anywhere.
     pub group_sizes: OnceLock<prometheus::Histogram>,
+    /// The newest revision this process committed.
+    pub committed_here: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -32,6 +34,7 @@ impl Shared {
             commits: Commits::default(),
             acquire_timer: OnceLock::new(),
             group_sizes: OnceLock::new(),
+            committed_here: Default::default(),
         })
     }
 }

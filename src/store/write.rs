@@ -85,7 +85,19 @@ impl Op {
 
 pub(super) enum Done {
     Written(WriteOutcome),
-    Deleted(bool),
+    /// Whether anything was stored, and the delete's revision (0 if not).
+    Deleted(bool, u64),
+}
+
+impl Done {
+    /// The revision this write committed, 0 when it wrote nothing.
+    pub(super) fn committed(&self) -> u64 {
+        match self {
+            Done::Written(outcome) if outcome.changed => outcome.record.revision,
+            Done::Written(_) => 0,
+            Done::Deleted(_, revision) => *revision,
+        }
+    }
 }
 
 /// What one operation did inside a transaction.
@@ -156,7 +168,7 @@ pub(super) async fn plan(
         } => {
             check_version(*expected_version, current.version)?;
             if current.version == 0 {
-                return Ok(Plan::Unchanged(Done::Deleted(false)));
+                return Ok(Plan::Unchanged(Done::Deleted(false, 0)));
             }
             Ok(Plan::Store {
                 change: ChangeType::Deleted,
@@ -175,7 +187,7 @@ pub(super) fn written(op: &Op, next: Record) -> Done {
             record: next,
             changed: true,
         }),
-        Op::Delete { .. } => Done::Deleted(true),
+        Op::Delete { .. } => Done::Deleted(true, next.revision),
     }
 }
 
