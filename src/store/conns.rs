@@ -13,6 +13,7 @@
 //! connects anew. The pool stays for everything else (migrations, schemas,
 //! queries, pruning).
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -125,7 +126,34 @@ impl<C: Connection> Conns<C> {
     }
 }
 
+/// How long one call on a hot-path connection may take, as a multiple of
+/// the connect timeout: a peer that vanished without closing its socket
+/// (a partition, a frozen host) would otherwise hold the call, and the
+/// task that made it, for the kernel's retransmission timeout (about a
+/// quarter of an hour), and with the reader's one connection every Get.
+const CALL_LIMIT_FACTOR: u32 = 2;
+
+/// Runs `call` for at most `limit`; past it, a timed-out I/O error, which
+/// closes the connection on release (see [`Reuse`]).
+pub(super) async fn within<T, E: From<sqlx::Error>>(
+    limit: Duration,
+    call: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(E::from(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the database did not answer in time",
+        )))),
+    }
+}
+
 impl<C: Connection> Held<C> {
+    /// The longest one call on this connection may take (see [`within`]).
+    pub(super) fn limit(&self) -> Duration {
+        self.home.timeout * CALL_LIMIT_FACTOR
+    }
+
     pub(super) fn connection(&mut self) -> &mut C {
         // Only `release` takes it, and that consumes the guard.
         self.connection.as_mut().expect("a held connection")

@@ -21,7 +21,7 @@ use tokio::sync::{Notify, oneshot};
 use tracing::Instrument;
 
 use super::StoreError;
-use super::conns::Conns;
+use super::conns::{Conns, within};
 use super::entities::metadata::Model;
 use super::rows::record_from_row;
 use crate::model::{Kind, Record};
@@ -99,7 +99,8 @@ impl<R: PointRead> Reader<R> {
                 kind = kind.as_str(),
                 size = 1i64,
             );
-            let rows = R::read(held.connection(), kind, &ids)
+            let limit = held.limit();
+            let rows = within(limit, R::read(held.connection(), kind, &ids))
                 .instrument(span)
                 .await;
             held.release(&rows);
@@ -180,7 +181,8 @@ async fn run<R: PointRead>(shared: Arc<Shared<R>>) {
                 }
                 let span = batch_span(kind, &jobs);
                 let ids: Vec<&str> = jobs.iter().map(|job| job.id.as_str()).collect();
-                let rows = R::read(held.connection(), kind, &ids)
+                let limit = held.limit();
+                let rows = within(limit, R::read(held.connection(), kind, &ids))
                     .instrument(span)
                     .await;
                 if let Err(err) = &rows {

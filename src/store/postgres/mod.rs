@@ -25,7 +25,7 @@ use std::sync::Arc;
 use sea_orm::sqlx;
 use sea_orm::sqlx::postgres::{PgConnectOptions, PgConnection};
 
-use super::conns::Conns;
+use super::conns::{Conns, within};
 use super::entities::{event, metadata};
 use super::reads::{PointRead, Reader};
 use super::rows::{Logged, decode, logged_from_row};
@@ -89,14 +89,18 @@ impl Postgres {
         limit: u64,
     ) -> Result<Vec<Logged>, StoreError> {
         let mut held = self.tail.get().await?;
-        let rows = sqlx::query(
-            "SELECT * FROM events WHERE revision > $1 AND revision <= $2 \
+        let call_limit = held.limit();
+        let rows = within(
+            call_limit,
+            sqlx::query(
+                "SELECT * FROM events WHERE revision > $1 AND revision <= $2 \
              ORDER BY revision LIMIT $3",
+            )
+            .bind(super::log::bound(after))
+            .bind(super::log::bound(up_to))
+            .bind(super::log::bound(limit))
+            .fetch_all(held.connection()),
         )
-        .bind(super::log::bound(after))
-        .bind(super::log::bound(up_to))
-        .bind(super::log::bound(limit))
-        .fetch_all(held.connection())
         .await;
         held.release(&rows);
         rows?
@@ -111,12 +115,16 @@ impl Postgres {
         limit: u64,
     ) -> Result<Vec<u64>, StoreError> {
         let mut held = self.tail.get().await?;
-        let revisions: Result<Vec<i64>, _> = sqlx::query_scalar(
-            "SELECT revision FROM events WHERE revision > $1 ORDER BY revision LIMIT $2",
+        let call_limit = held.limit();
+        let revisions: Result<Vec<i64>, sqlx::Error> = within(
+            call_limit,
+            sqlx::query_scalar(
+                "SELECT revision FROM events WHERE revision > $1 ORDER BY revision LIMIT $2",
+            )
+            .bind(super::log::bound(after))
+            .bind(super::log::bound(limit))
+            .fetch_all(held.connection()),
         )
-        .bind(super::log::bound(after))
-        .bind(super::log::bound(limit))
-        .fetch_all(held.connection())
         .await;
         held.release(&revisions);
         Ok(revisions?.into_iter().map(|r| r as u64).collect())

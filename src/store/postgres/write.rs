@@ -19,7 +19,7 @@ use tracing::Instrument;
 use super::{Postgres, sqlstate_is};
 use crate::model::{ChangeType, Kind, Record};
 use crate::store::StoreError;
-use crate::store::conns::Held;
+use crate::store::conns::{Held, within};
 use crate::store::entities::metadata;
 use crate::store::rows::{changed_fields_json, decode, record_from_row, row_from_record, snapshot};
 use crate::store::write::{Done, Op, Plan, Step, now, plan, written};
@@ -83,8 +83,12 @@ impl Postgres {
         let shared = self.shared.clone();
         let write = tokio::spawn(async move {
             shared.pauses.commit.pass().await;
-            let stored =
-                write_change(held.connection(), change, &current, next, at, generation).await;
+            let limit = held.limit();
+            let stored = within(
+                limit,
+                write_change(held.connection(), change, &current, next, at, generation),
+            )
+            .await;
             held.release(&stored);
             if matches!(stored, Ok(Some(_))) {
                 shared.commits.committed();
@@ -154,7 +158,8 @@ impl Postgres {
         let shared = self.shared.clone();
         let commit = tokio::spawn(async move {
             shared.pauses.commit.pass().await;
-            let committed = sqlx::raw_sql("COMMIT").execute(held.connection()).await;
+            let limit = held.limit();
+            let committed = within(limit, sqlx::raw_sql("COMMIT").execute(held.connection())).await;
             // A failed COMMIT may leave the transaction open: the
             // connection is closed (on drop), not reused.
             if committed.is_ok() {

@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use super::write::step;
 use crate::store::StoreError;
-use crate::store::conns::{Conns, Held};
+use crate::store::conns::{Conns, Held, within};
 use crate::store::shared::Shared;
 use crate::store::write::{Done, Op, Step};
 
@@ -217,7 +217,8 @@ impl Writer {
         let shared = self.shared.clone();
         let commit = tokio::spawn(async move {
             shared.pauses.commit.pass().await;
-            let committed = sqlx::raw_sql("COMMIT").execute(held.connection()).await;
+            let limit = held.limit();
+            let committed = within(limit, sqlx::raw_sql("COMMIT").execute(held.connection())).await;
             // A failed COMMIT may leave the transaction open: the
             // connection is closed (on drop), not reused.
             if committed.is_ok() {

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use sea_orm::TransactionTrait;
 use sea_orm::sqlx::{self, SqliteConnection};
 
-use super::conns::Conns;
+use super::conns::{Conns, within};
 use super::entities::{event, metadata};
 use super::reads::{PointRead, Reader};
 use super::rows::{Logged, decode, logged_from_row};
@@ -75,13 +75,14 @@ impl Sqlite {
         limit: u64,
     ) -> Result<Vec<Logged>, StoreError> {
         let mut held = self.tail.get().await?;
-        let rows = sqlx::query(
+        let call_limit = held.limit();
+        let rows = within(call_limit, sqlx::query(
             "SELECT * FROM events WHERE revision > ? AND revision <= ? ORDER BY revision LIMIT ?",
         )
         .bind(log::bound(after))
         .bind(log::bound(up_to))
         .bind(log::bound(limit))
-        .fetch_all(held.connection())
+        .fetch_all(held.connection()))
         .await;
         held.release(&rows);
         rows?
@@ -107,12 +108,16 @@ impl Sqlite {
         limit: u64,
     ) -> Result<Vec<u64>, StoreError> {
         let mut held = self.tail.get().await?;
-        let revisions: Result<Vec<i64>, _> = sqlx::query_scalar(
-            "SELECT revision FROM events WHERE revision > ? ORDER BY revision LIMIT ?",
+        let call_limit = held.limit();
+        let revisions: Result<Vec<i64>, sqlx::Error> = within(
+            call_limit,
+            sqlx::query_scalar(
+                "SELECT revision FROM events WHERE revision > ? ORDER BY revision LIMIT ?",
+            )
+            .bind(super::log::bound(after))
+            .bind(super::log::bound(limit))
+            .fetch_all(held.connection()),
         )
-        .bind(super::log::bound(after))
-        .bind(super::log::bound(limit))
-        .fetch_all(held.connection())
         .await;
         held.release(&revisions);
         Ok(revisions?.into_iter().map(|r| r as u64).collect())
