@@ -12,8 +12,13 @@
 //! - a write whose caller gave up before the group's transaction began is
 //!   not run; once it began, the write runs whether or not its caller
 //!   still waits, and the caller is told it may have happened (`Sent`).
+//!
+//! A write that finds nothing queued and the connection free is a group of
+//! one: it runs in its caller's task, without the hand-over to the
+//! committer and back (as a lone Get does, `store/reads.rs`).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use sea_orm::sqlx::{self, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
@@ -37,6 +42,9 @@ struct Job {
 
 pub(super) struct Committer {
     jobs: mpsc::UnboundedSender<Job>,
+    /// Jobs sent and not yet taken by the committer task.
+    queued: Arc<AtomicUsize>,
+    writer: Arc<Writer>,
 }
 
 /// The committer's side: its one connection, and what every write needs.
@@ -49,11 +57,30 @@ impl Committer {
     /// `connection` allows one connection: SQLite has one writer anyway.
     pub(super) fn start(shared: Arc<Shared>, connection: Arc<Conns<SqliteConnection>>) -> Self {
         let (jobs, queue) = mpsc::unbounded_channel();
-        tokio::spawn(run(Writer { shared, connection }, queue));
-        Committer { jobs }
+        let writer = Arc::new(Writer { shared, connection });
+        let queued = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(run(writer.clone(), queue, queued.clone()));
+        Committer {
+            jobs,
+            queued,
+            writer,
+        }
     }
 
     pub(super) async fn submit(&self, op: Op) -> Result<Done, StoreError> {
+        if self.queued.load(Ordering::SeqCst) == 0
+            && let Some(held) = self.writer.connection.try_get().await
+        {
+            let span = tracing::info_span!(
+                target: crate::otel::TARGET,
+                "sqlite.group_commit",
+                size = 1i64,
+            );
+            if let Some(sizes) = self.writer.shared.group_sizes.get() {
+                sizes.observe(1.0);
+            }
+            return self.writer.run_alone_on(held?, op).instrument(span).await;
+        }
         let (reply, answer) = oneshot::channel();
         let span = if crate::otel::exporting() {
             tracing::Span::current()
@@ -61,6 +88,7 @@ impl Committer {
             tracing::Span::none()
         };
         let job = Job { op, reply, span };
+        self.queued.fetch_add(1, Ordering::SeqCst);
         self.jobs.send(job).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
@@ -84,7 +112,11 @@ fn refused(err: &StoreError) -> bool {
     )
 }
 
-async fn run(writer: Writer, mut queue: mpsc::UnboundedReceiver<Job>) {
+async fn run(
+    writer: Arc<Writer>,
+    mut queue: mpsc::UnboundedReceiver<Job>,
+    queued: Arc<AtomicUsize>,
+) {
     while let Some(first) = queue.recv().await {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -93,6 +125,7 @@ async fn run(writer: Writer, mut queue: mpsc::UnboundedReceiver<Job>) {
                 Err(_) => break,
             }
         }
+        queued.fetch_sub(group.len(), Ordering::SeqCst);
         group.retain(|job| !job.reply.is_closed());
         if group.is_empty() {
             continue;
@@ -200,13 +233,21 @@ impl Writer {
     /// records.
     async fn begin(&self) -> Result<Held<SqliteConnection>, StoreError> {
         let timer = self.shared.acquire_timer.get().map(|h| h.start_timer());
-        let mut held = self.connection.get().await?;
+        let held = self.connection.get().await?;
+        let held = self.begin_on(held).await?;
+        drop(timer);
+        Ok(held)
+    }
+
+    async fn begin_on(
+        &self,
+        mut held: Held<SqliteConnection>,
+    ) -> Result<Held<SqliteConnection>, StoreError> {
         let begun = sqlx::raw_sql("BEGIN IMMEDIATE")
             .execute(held.connection())
             .await;
         // On failure the connection is dropped, and closed with it.
         begun?;
-        drop(timer);
         Ok(held)
     }
 
@@ -235,9 +276,28 @@ impl Writer {
 
     /// One operation in its own transaction, started over (with the
     /// kind's schemas read again) while its statement writes nothing.
-    async fn run_alone(&self, mut op: Op) -> Result<Done, StoreError> {
+    async fn run_alone(&self, op: Op) -> Result<Done, StoreError> {
+        let held = self.connection.get().await?;
+        self.run_alone_on(held, op).await
+    }
+
+    /// [`Writer::run_alone`] on a connection already taken.
+    async fn run_alone_on(
+        &self,
+        held: Held<SqliteConnection>,
+        mut op: Op,
+    ) -> Result<Done, StoreError> {
+        let mut first = Some(held);
         loop {
-            let mut held = self.begin().await?;
+            let mut held = match first.take() {
+                Some(held) => {
+                    let timer = self.shared.acquire_timer.get().map(|h| h.start_timer());
+                    let held = self.begin_on(held).await?;
+                    drop(timer);
+                    held
+                }
+                None => self.begin().await?,
+            };
             match step(&self.shared, held.connection(), &mut op).await {
                 Ok(Step::Unchanged(done)) => {
                     rollback(held).await?;
