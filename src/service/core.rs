@@ -28,6 +28,15 @@ pub struct Page {
     pub revision: u64,
 }
 
+/// A SetSchema as a caller asked it, its schema not yet compiled.
+pub struct SchemaChange {
+    pub kind: Kind,
+    pub field: Field,
+    pub schema: serde_json::Value,
+    pub expected_version: Option<u64>,
+    pub validate_only: bool,
+}
+
 /// What both services do, independent of protobuf: validate, then store.
 pub struct Core {
     store: Arc<Store>,
@@ -112,25 +121,32 @@ impl Core {
     pub async fn set_schema(
         &self,
         caller: &Caller,
-        kind: Kind,
-        field: Field,
-        schema: serde_json::Value,
-        expected_version: Option<u64>,
-        validate_only: bool,
+        change: SchemaChange,
+        sent: &Sent,
     ) -> Result<StoredSchema, StoreError> {
+        let SchemaChange {
+            kind,
+            field,
+            schema,
+            expected_version,
+            validate_only,
+        } = change;
         let compiled = Schema::compile(&schema).map_err(|err| {
             ValidationError::new(JsonPath::root("schema"), Problem::Schema(err.0))
         })?;
         let stored = self
             .store
-            .set_schema(SetSchema {
-                kind,
-                field,
-                schema,
-                compiled,
-                expected_version,
-                validate_only,
-            })
+            .set_schema(
+                SetSchema {
+                    kind,
+                    field,
+                    schema,
+                    compiled,
+                    expected_version,
+                    validate_only,
+                },
+                sent,
+            )
             .await?;
         if !validate_only {
             tracing::info!(
@@ -151,10 +167,11 @@ impl Core {
         kind: Kind,
         field: Field,
         expected_version: Option<u64>,
+        sent: &Sent,
     ) -> Result<bool, StoreError> {
         let existed = self
             .store
-            .delete_schema(kind, field, expected_version)
+            .delete_schema(kind, field, expected_version, sent)
             .await?;
         if existed {
             tracing::info!(

@@ -24,6 +24,14 @@ impl From<StoreError> for Status {
                 tracing::warn!(error = %detail, "database unavailable");
                 Status::unavailable(format!("{reason}; retry later"))
             }
+            StoreError::InDoubt { detail } => {
+                tracing::warn!(error = %detail, "write outcome unknown");
+                Status::deadline_exceeded(
+                    "lost the database connection after the write was sent, and could not \
+                     reach the database since to learn its outcome; it may have been applied: \
+                     read before retrying",
+                )
+            }
             StoreError::ReadOnly(detail) => {
                 tracing::error!(error = %detail, "database refuses writes");
                 Status::failed_precondition("the database is read-only")

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::core::SchemaChange;
 use super::{Core, authorize};
 use crate::auth::{Action, FieldSet, Operation};
 use crate::convert::{proto_from_json, struct_to_json, timestamp};
@@ -16,7 +17,7 @@ use crate::proto::v1::{
     DeleteSchemaRequest, DeleteSchemaResponse, GetSchemaRequest, MetadataField, MetadataKind,
     MetadataSchema, SetSchemaRequest,
 };
-use crate::store::StoredSchema;
+use crate::store::{Sent, StoredSchema};
 
 /// How long a SetSchema may check stored values when the client sets no
 /// deadline (about 1,000,000 documents take seconds; BENCHMARKS.md).
@@ -135,15 +136,22 @@ impl MetadataSchemaService for SchemaHandlers {
         let (caller, call) = self.admit(&headers, &extensions, kind, Action::SetSchema)?;
         let call = call.with_budget(SET_SCHEMA_BUDGET);
         let schema = struct_to_json("schema", schema.unwrap_or_default())?;
+        let sent = Sent::default();
         let stored = call
-            .run(self.core.set_schema(
-                &caller,
-                kind,
-                field,
-                schema,
-                expected_version,
-                validate_only,
-            ))
+            .run_write(
+                &sent,
+                self.core.set_schema(
+                    &caller,
+                    SchemaChange {
+                        kind,
+                        field,
+                        schema,
+                        expected_version,
+                        validate_only,
+                    },
+                    &sent,
+                ),
+            )
             .await?;
         Ok(Response::new(schema_message(stored)))
     }
@@ -172,10 +180,12 @@ impl MetadataSchemaService for SchemaHandlers {
         } = message;
         let (kind, field) = target(kind, field)?;
         let (caller, call) = self.admit(&headers, &extensions, kind, Action::DeleteSchema)?;
+        let sent = Sent::default();
         let existed = call
-            .run(
+            .run_write(
+                &sent,
                 self.core
-                    .delete_schema(&caller, kind, field, expected_version),
+                    .delete_schema(&caller, kind, field, expected_version, &sent),
             )
             .await?;
         Ok(Response::new(DeleteSchemaResponse { existed }))

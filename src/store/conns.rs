@@ -26,6 +26,9 @@ use super::StoreError;
 /// Connections of one kind to one database, without a release ping.
 pub(super) struct Conns<C: Connection> {
     options: <C as Connection>::Options,
+    /// Gives each new connection a session name of its own (see
+    /// [`Conns::named`]).
+    name: Option<Namer<C>>,
     idle: Mutex<Vec<Idle<C>>>,
     permits: Arc<Semaphore>,
     /// How long to wait for a free connection, or for a new one.
@@ -38,14 +41,19 @@ pub(super) struct Conns<C: Connection> {
 /// a dropped idle socket then costs a reconnect, not a failed call.
 const PING_IF_IDLE_FOR: Duration = Duration::from_secs(10);
 
+/// The options a connection is opened with, given its session name.
+type Namer<C> = fn(&<C as Connection>::Options, &str) -> <C as Connection>::Options;
+
 struct Idle<C> {
     connection: C,
+    session: Option<Arc<str>>,
     since: Instant,
 }
 
 /// A connection in use. Dropped without [`Held::release`], it is closed.
 pub(super) struct Held<C: Connection> {
     connection: Option<C>,
+    session: Option<Arc<str>>,
     home: Arc<Conns<C>>,
     _permit: OwnedSemaphorePermit,
 }
@@ -58,11 +66,27 @@ impl<C: Connection> Conns<C> {
     ) -> Arc<Self> {
         Arc::new(Conns {
             options,
+            name: None,
             idle: Mutex::default(),
             permits: Arc::new(Semaphore::new(max.max(1) as usize)),
             timeout,
             closed: AtomicBool::new(false),
         })
+    }
+
+    /// Connections that each open a session the database knows by a name
+    /// of its own ([`Held::session`]), which `name` sets in the options: a
+    /// connection lost mid-call leaves a session that can then be found
+    /// and ended from another connection.
+    pub(super) fn named(
+        options: <C as Connection>::Options,
+        max: u32,
+        timeout: Duration,
+        name: Namer<C>,
+    ) -> Arc<Self> {
+        let mut conns = Self::new(options, max, timeout);
+        Arc::get_mut(&mut conns).expect("not shared yet").name = Some(name);
+        conns
     }
 
     /// A connection, waiting for one to be free (at most the timeout).
@@ -89,23 +113,37 @@ impl<C: Connection> Conns<C> {
         let idle = match idle {
             Some(mut idle) if idle.since.elapsed() >= PING_IF_IDLE_FOR => {
                 let alive = tokio::time::timeout(self.timeout, idle.connection.ping()).await;
-                matches!(alive, Ok(Ok(()))).then_some(idle.connection)
+                matches!(alive, Ok(Ok(()))).then_some(idle)
             }
-            idle => idle.map(|idle| idle.connection),
+            idle => idle,
         };
-        let connection = match idle {
-            Some(connection) => connection,
-            None => tokio::time::timeout(self.timeout, self.options.connect())
-                .await
-                .map_err(|_| {
-                    StoreError::unavailable("cannot connect to the database", "timed out")
-                })?
-                // Whatever the reason (refused, a database that does not
-                // accept connections now), as the pool reports it.
-                .map_err(|err| StoreError::unavailable("cannot connect to the database", err))?,
+        if let Some(Idle {
+            connection,
+            session,
+            ..
+        }) = idle
+        {
+            return Ok(Held {
+                connection: Some(connection),
+                session,
+                home: self.clone(),
+                _permit: permit,
+            });
+        }
+        let session = self.name.map(|_| new_session_name("writer"));
+        let options = match (self.name, &session) {
+            (Some(name), Some(session)) => name(&self.options, session),
+            _ => self.options.clone(),
         };
+        let connection = tokio::time::timeout(self.timeout, options.connect())
+            .await
+            .map_err(|_| StoreError::unavailable("cannot connect to the database", "timed out"))?
+            // Whatever the reason (refused, a database that does not
+            // accept connections now), as the pool reports it.
+            .map_err(|err| StoreError::unavailable("cannot connect to the database", err))?;
         Ok(Held {
             connection: Some(connection),
+            session,
             home: self.clone(),
             _permit: permit,
         })
@@ -154,6 +192,11 @@ impl<C: Connection> Held<C> {
         self.home.timeout * CALL_LIMIT_FACTOR
     }
 
+    /// The session name of a connection from [`Conns::named`].
+    pub(super) fn session(&self) -> Option<Arc<str>> {
+        self.session.clone()
+    }
+
     pub(super) fn connection(&mut self) -> &mut C {
         // Only `release` takes it, and that consumes the guard.
         self.connection.as_mut().expect("a held connection")
@@ -175,6 +218,7 @@ impl<C: Connection> Held<C> {
         {
             idle.push(Idle {
                 connection,
+                session: self.session.take(),
                 since: Instant::now(),
             });
         }
@@ -204,6 +248,21 @@ impl Reuse for StoreError {
             StoreError::Unavailable { .. } | StoreError::ReadOnly(_)
         )
     }
+}
+
+/// A session name no other connection has, on any replica: what it is for
+/// (a word), a random number for the process (from the standard library's
+/// hash seed) and a counter. Short of Postgres's 63 bytes.
+pub(super) fn new_session_name(role: &str) -> Arc<str> {
+    use std::hash::{BuildHasher, Hasher};
+    static PROCESS: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+    });
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("metadata-service {role} {:016x}.{n}", *PROCESS).into()
 }
 
 fn closed() -> StoreError {

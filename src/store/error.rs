@@ -17,6 +17,11 @@ pub enum StoreError {
         reason: &'static str,
         detail: String,
     },
+    /// A write whose connection failed after it was sent, and whose outcome
+    /// could not be learned since (the database stayed out of reach): it
+    /// may have been applied. `detail` is for logs.
+    #[error("the write may have been applied: {detail}")]
+    InDoubt { detail: String },
     /// The database refuses writes (a read-only SQLite file or mode).
     #[error("the database is read-only: {0}")]
     ReadOnly(String),
@@ -53,6 +58,9 @@ impl StoreError {
                 detail: scrub(detail),
             },
             StoreError::Internal(text) => StoreError::Internal(scrub(text)),
+            StoreError::InDoubt { detail } => StoreError::InDoubt {
+                detail: scrub(detail),
+            },
             other => other,
         }
     }

@@ -10,7 +10,7 @@ use super::entities::metadata::{Entity, Model};
 use super::rows::record_from_row;
 use super::schemas::{self, SetSchema, StoredSchema};
 use super::sql::Sql;
-use super::{Store, StoreError};
+use super::{Sent, Store, StoreError};
 use crate::model::{Field, Kind, Record};
 use crate::query::Filter;
 
@@ -95,10 +95,15 @@ impl Store {
     /// Checks every stored value of the field against the schema, then
     /// stores it (unless `validate_only`). Writes wait meanwhile; once it
     /// returns, no replica stores a value that breaks it.
-    pub async fn set_schema(&self, request: SetSchema) -> Result<StoredSchema, StoreError> {
+    /// `sent` is set once the outcome no longer depends on the caller.
+    pub async fn set_schema(
+        &self,
+        request: SetSchema,
+        sent: &Sent,
+    ) -> Result<StoredSchema, StoreError> {
         let kind = request.kind;
         let db = &self.shared.db;
-        let stored = schemas::set(db, request, &self.shared.pauses.set_schema).await?;
+        let stored = schemas::set(db, request, &self.shared.pauses.set_schema, sent).await?;
         // Not needed for correctness (writes check the generation), but it
         // spares this process's next write a retry.
         self.shared.schemas.refresh(db, kind).await?;
@@ -111,9 +116,10 @@ impl Store {
         kind: Kind,
         field: Field,
         expected_version: Option<u64>,
+        sent: &Sent,
     ) -> Result<bool, StoreError> {
         let db = &self.shared.db;
-        let existed = schemas::delete(db, kind, field, expected_version).await?;
+        let existed = schemas::delete(db, kind, field, expected_version, sent).await?;
         self.shared.schemas.refresh(db, kind).await?;
         Ok(existed)
     }

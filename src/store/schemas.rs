@@ -23,11 +23,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
-use sea_orm::{ConnectionTrait, DatabaseBackend, Statement, StreamTrait, TransactionTrait};
+use sea_orm::{
+    ConnectionTrait, DatabaseBackend, DatabaseConnection, DatabaseTransaction, Statement,
+    StreamTrait, TransactionTrait,
+};
 use serde_json::Value;
 use tokio_stream::StreamExt;
 
-use super::StoreError;
+use super::{Sent, StoreError};
 use crate::model::{Field, Fields, Kind};
 use crate::schema::{MAX_VIOLATIONS, Schema};
 
@@ -221,8 +224,10 @@ pub(super) async fn set(
     db: &sea_orm::DatabaseConnection,
     request: SetSchema,
     before_commit: &crate::pause::PausePoint,
+    sent: &Sent,
 ) -> Result<StoredSchema, StoreError> {
     let backend = db.get_database_backend();
+    let mut session = None;
     let txn = match backend {
         // A dry run stores nothing, so no write has to wait for it: its
         // answer is the one SetSchema would give on the same snapshot.
@@ -231,6 +236,7 @@ pub(super) async fn set(
             let txn = db.begin().await?;
             txn.execute_unprepared("LOCK TABLE metadata IN SHARE ROW EXCLUSIVE MODE")
                 .await?;
+            session = Some(name_session(&txn).await?);
             txn
         }
         _ => {
@@ -265,7 +271,7 @@ pub(super) async fn set(
     }
     store(&txn, &next).await?;
     before_commit.pass().await;
-    txn.commit().await?;
+    commit(db, txn, session, &next, sent).await?;
     Ok(next)
 }
 
@@ -275,8 +281,13 @@ pub(super) async fn delete(
     kind: Kind,
     field: Field,
     expected_version: Option<u64>,
+    sent: &Sent,
 ) -> Result<bool, StoreError> {
     let txn = db.begin().await?;
+    let session = match db.get_database_backend() {
+        DatabaseBackend::Postgres => Some(name_session(&txn).await?),
+        _ => None,
+    };
     let current = read(&txn, kind, field).await?;
     super::write::check_version(expected_version, current.version)?;
     if current.schema.is_none() {
@@ -299,8 +310,51 @@ pub(super) async fn delete(
             actual: current.version + 1,
         });
     }
-    txn.commit().await?;
+    commit(db, txn, session, &next, sent).await?;
     Ok(true)
+}
+
+/// Names the transaction's session (Postgres) until it ends, so that if
+/// its connection fails after the COMMIT was sent, the session can be
+/// found and ended (`postgres/doubt.rs`).
+async fn name_session(txn: &DatabaseTransaction) -> Result<Arc<str>, StoreError> {
+    let session = super::conns::new_session_name("schema");
+    // The name is ours: hex digits, dots and spaces only.
+    txn.execute_unprepared(&format!("SET LOCAL application_name = '{session}'"))
+        .await?;
+    Ok(session)
+}
+
+/// Commits a schema change. If the COMMIT's connection fails (Postgres),
+/// the change may or may not be stored: its session is ended and the
+/// schema read back to learn which, before answering.
+async fn commit(
+    db: &DatabaseConnection,
+    txn: DatabaseTransaction,
+    session: Option<Arc<str>>,
+    next: &StoredSchema,
+    sent: &Sent,
+) -> Result<(), StoreError> {
+    sent.mark();
+    let failure = match txn.commit().await {
+        Ok(()) => return Ok(()),
+        Err(err) => StoreError::from(err),
+    };
+    let (Some(session), StoreError::Unavailable { .. }) = (session, &failure) else {
+        return Err(failure);
+    };
+    let stored = super::postgres::settle(db, &session, &failure, || async {
+        let current = read(db, next.kind, next.field).await?;
+        Ok(
+            (current.version == next.version && current.updated_at == next.updated_at)
+                .then_some(()),
+        )
+    })
+    .await?;
+    match stored {
+        Some(()) => Ok(()),
+        None => Err(super::postgres::not_applied(failure)),
+    }
 }
 
 async fn store(db: &impl ConnectionTrait, schema: &StoredSchema) -> Result<(), StoreError> {

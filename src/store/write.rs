@@ -77,8 +77,13 @@ impl Op {
     }
 
     pub(super) fn kind(&self) -> Kind {
+        self.target().0
+    }
+
+    /// The record it writes.
+    pub(super) fn target(&self) -> (Kind, &str) {
         match self {
-            Op::Write { kind, .. } | Op::Delete { kind, .. } => *kind,
+            Op::Write { kind, id, .. } | Op::Delete { kind, id, .. } => (*kind, id),
         }
     }
 }

@@ -43,6 +43,7 @@ mod bad_input;
 mod batch_get;
 mod consumer_example;
 mod fuzz_corpus;
+mod in_doubt;
 mod integrity;
 mod list;
 mod metrics;

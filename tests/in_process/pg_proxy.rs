@@ -11,12 +11,17 @@
 //! encryption itself (it answers 'N' to SSLRequest and GSSENCRequest), so a
 //! client must not require it: give it `sslmode=disable`.
 //!
+//! It can also cut a connection at a chosen message ([`PgProxy::cut`]):
+//! after the server has answered it, or before the server hears it, with
+//! the server's side left open, as a network partition leaves it (issue
+//! 27: a write whose connection is lost after its COMMIT was sent).
+//!
 //! It lives with its only user, the in-process tests: `tests/common` is
 //! compiled into every test binary, where it would be dead code.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -69,8 +74,40 @@ struct Connection {
     sent: Vec<Message>,
 }
 
-#[derive(Default)]
+/// Where a [`PgProxy::cut`] ends the client's connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cut {
+    /// The message (and whatever the client sent with it) reaches the
+    /// server, which does the work and answers; the answer never reaches
+    /// the client, whose connection is closed once the server is ready
+    /// for the next query.
+    AfterServerAnswers,
+    /// The message and everything after it are dropped and the client's
+    /// connection is closed; the server's side stays open until the proxy
+    /// stops, as after a partition: its session, with any transaction it
+    /// has open and the locks it holds, goes on until it is terminated.
+    BeforeServerHears,
+}
+
+type Matcher = Box<dyn Fn(&Sent) -> bool + Send + Sync>;
+
+/// A cut armed and waiting for its message.
+struct Armed {
+    when: Matcher,
+    how: Cut,
+    /// Then the database is out of reach (see [`PgProxy::set_reachable`]).
+    then_unreachable: bool,
+}
+
 struct Shared {
+    /// One cut at a time, taken by the first message it matches.
+    armed: Mutex<Option<Armed>>,
+    /// Cuts made so far.
+    cuts: AtomicU64,
+    /// False: every connection is closed and new ones are refused.
+    reachable: tokio::sync::watch::Sender<bool>,
+    /// Server sides of connections cut with [`Cut::BeforeServerHears`].
+    held_open: Mutex<Vec<OwnedWriteHalf>>,
     /// Indexed by connection id, in the order they were accepted.
     connections: Mutex<Vec<Connection>>,
     /// Bytes forwarded either way on any connection, to tell when the
@@ -78,6 +115,20 @@ struct Shared {
     bytes: AtomicU64,
     /// The next message's number.
     seq: AtomicU64,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            armed: Mutex::default(),
+            cuts: AtomicU64::default(),
+            reachable: tokio::sync::watch::Sender::new(true),
+            held_open: Mutex::default(),
+            connections: Mutex::default(),
+            bytes: AtomicU64::default(),
+            seq: AtomicU64::default(),
+        }
+    }
 }
 
 /// How far each connection's log went at one moment.
@@ -154,6 +205,9 @@ impl PgProxy {
                 // Owned here: aborting this task aborts every connection.
                 let mut connections = JoinSet::new();
                 while let Ok((client, _)) = listener.accept().await {
+                    if !*shared.reachable.borrow() {
+                        continue;
+                    }
                     let id = {
                         let mut all = shared.connections.lock().unwrap();
                         all.push(Connection::default());
@@ -191,6 +245,41 @@ impl PgProxy {
                 "the traffic through the Postgres proxy did not stop for {quiet:?} within {timeout:?}"
             );
         }
+    }
+
+    /// Arms a cut: the next message any client sends that `when` matches
+    /// ends its connection as `how` says. One cut at a time; it fires once.
+    pub fn cut(&self, when: impl Fn(&Sent) -> bool + Send + Sync + 'static, how: Cut) {
+        self.arm(Box::new(when), how, false);
+    }
+
+    /// [`PgProxy::cut`], after which the database is out of reach until
+    /// [`PgProxy::set_reachable`] says otherwise.
+    pub fn cut_then_unreachable(
+        &self,
+        when: impl Fn(&Sent) -> bool + Send + Sync + 'static,
+        how: Cut,
+    ) {
+        self.arm(Box::new(when), how, true);
+    }
+
+    fn arm(&self, when: Matcher, how: Cut, then_unreachable: bool) {
+        *self.shared.armed.lock().unwrap() = Some(Armed {
+            when,
+            how,
+            then_unreachable,
+        });
+    }
+
+    /// Unreachable: every connection through the proxy is closed and new
+    /// ones are closed as they come, as when the database's host is down.
+    pub fn set_reachable(&self, reachable: bool) {
+        self.shared.reachable.send_replace(reachable);
+    }
+
+    /// How many cuts have fired.
+    pub fn cuts(&self) -> u64 {
+        self.shared.cuts.load(Ordering::SeqCst)
     }
 
     pub fn mark(&self) -> Mark {
@@ -246,11 +335,22 @@ async fn serve(mut client: TcpStream, upstream: (String, u16), id: usize, shared
     }
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
+    let answered = Arc::new(tokio::sync::Notify::new());
+    let withhold = Arc::new(AtomicBool::new(false));
+    let mut reachable = shared.reachable.subscribe();
     // Either side closing ends both directions: dropping the halves
     // closes the other socket too.
     tokio::select! {
-        () = from_client(client_read, server_write, id, &shared) => {}
-        () = copy(server_read, client_write, &shared) => {}
+        _ = reachable.wait_for(|reachable| !reachable) => {}
+        (held, then_unreachable) = from_client(client_read, server_write, id, &shared, &withhold, &answered) => {
+            if let Some(server_write) = held {
+                shared.held_open.lock().unwrap().push(server_write);
+            }
+            if then_unreachable {
+                shared.reachable.send_replace(false);
+            }
+        }
+        () = copy(server_read, client_write, &shared, &withhold, &answered) => {}
     }
 }
 
@@ -312,23 +412,28 @@ fn cstring(bytes: &[u8]) -> (Option<String>, &[u8]) {
 
 /// Forwards what the client sends, recording each message before the
 /// server can answer it (so a settled log holds everything answered).
+/// Returns the server's side when a cut leaves it open, and whether the
+/// cut makes the database unreachable.
 async fn from_client(
     mut client: OwnedReadHalf,
     mut server: OwnedWriteHalf,
     id: usize,
     shared: &Shared,
-) {
+    withhold: &AtomicBool,
+    answered: &tokio::sync::Notify,
+) -> (Option<OwnedWriteHalf>, bool) {
     let mut unparsed = Vec::new();
     // Statement name -> SQL, to name what a Bind runs ("" is the unnamed one).
     let mut statements = HashMap::new();
     let mut chunk = vec![0; 64 * 1024];
     loop {
         let n = match client.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => return (None, false),
             Ok(n) => n,
         };
         unparsed.extend_from_slice(&chunk[..n]);
         let mut start = 0;
+        let mut cut = None;
         // Every message after the startup one: type byte, i32 length
         // (counting itself), body.
         while let Some(header) = unparsed.get(start..start + 5) {
@@ -337,15 +442,54 @@ async fn from_client(
             let Some(body) = unparsed.get(start + 5..end) else {
                 break;
             };
-            record(header[0], body, id, shared, &mut statements);
+            let sent = record(header[0], body, id, shared, &mut statements);
+            if cut.is_none() {
+                cut = sent
+                    .and_then(|sent| fires(shared, &sent))
+                    .map(|(how, then_unreachable)| (how, then_unreachable, start));
+            }
             start = end;
         }
-        unparsed.drain(..start);
-        shared.bytes.fetch_add(n as u64, Ordering::SeqCst);
-        if server.write_all(&chunk[..n]).await.is_err() {
-            return;
+        // Whole messages only are forwarded: the rest waits for its end.
+        let forward: Vec<u8> = unparsed.drain(..start).collect();
+        shared
+            .bytes
+            .fetch_add(forward.len() as u64, Ordering::SeqCst);
+        match cut {
+            None => {
+                if server.write_all(&forward).await.is_err() {
+                    return (None, false);
+                }
+            }
+            Some((Cut::BeforeServerHears, then_unreachable, at)) => {
+                let _ = server.write_all(&forward[..at]).await;
+                return (Some(server), then_unreachable);
+            }
+            Some((Cut::AfterServerAnswers, then_unreachable, _)) => {
+                // Set before the server can answer: `copy` keeps the
+                // answer from the client and says when it is complete.
+                withhold.store(true, Ordering::SeqCst);
+                let notified = answered.notified();
+                if server.write_all(&forward).await.is_err() {
+                    return (None, then_unreachable);
+                }
+                notified.await;
+                return (None, then_unreachable);
+            }
         }
     }
+}
+
+/// Takes the armed cut if `sent` is its message.
+fn fires(shared: &Shared, sent: &Sent) -> Option<(Cut, bool)> {
+    let mut armed = shared.armed.lock().unwrap();
+    let (how, then_unreachable) = armed
+        .as_ref()
+        .filter(|a| (a.when)(sent))
+        .map(|a| (a.how, a.then_unreachable))?;
+    *armed = None;
+    shared.cuts.fetch_add(1, Ordering::SeqCst);
+    Some((how, then_unreachable))
 }
 
 fn record(
@@ -354,7 +498,7 @@ fn record(
     id: usize,
     shared: &Shared,
     statements: &mut HashMap<String, String>,
-) {
+) -> Option<Sent> {
     let sent = match kind {
         b'Q' => Sent::Query(cstring(body).0.unwrap_or_default()),
         b'P' => {
@@ -376,7 +520,7 @@ fn record(
         b'S' => Sent::Sync,
         // Terminate, Describe, Execute, Close, Flush, authentication: no
         // round trip of their own, or none a call makes.
-        _ => return,
+        _ => return None,
     };
     let mut all = shared.connections.lock().unwrap();
     let connection = &mut all[id];
@@ -385,20 +529,111 @@ fn record(
     }
     // Taken under the lock: numbers and log order agree.
     let seq = shared.seq.fetch_add(1, Ordering::SeqCst);
-    connection.sent.push(Message { seq, sent });
+    connection.sent.push(Message {
+        seq,
+        sent: sent.clone(),
+    });
+    Some(sent)
 }
 
-/// Forwards what the server sends, counting only its bytes.
-async fn copy(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, shared: &Shared) {
+/// ReadyForQuery: the server has answered everything sent before it.
+const READY_FOR_QUERY: u8 = b'Z';
+
+/// Forwards what the server sends, counting its bytes. Once `withhold` is
+/// set, nothing more reaches the client, and `answered` is notified at the
+/// server's next ReadyForQuery.
+async fn copy(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    shared: &Shared,
+    withhold: &AtomicBool,
+    answered: &tokio::sync::Notify,
+) {
     let mut chunk = vec![0; 64 * 1024];
+    // Every message the server sends is typed: type byte, i32 length.
+    let mut unparsed = Vec::new();
     loop {
         let n = match from.read(&mut chunk).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
         shared.bytes.fetch_add(n as u64, Ordering::SeqCst);
+        if withhold.load(Ordering::SeqCst) {
+            unparsed.extend_from_slice(&chunk[..n]);
+            let mut start = 0;
+            while let Some(header) = unparsed.get(start..start + 5) {
+                let len = i32::from_be_bytes(header[1..5].try_into().unwrap());
+                let end = start + 1 + usize::try_from(len).unwrap_or(0).max(4);
+                if unparsed.len() < end {
+                    break;
+                }
+                if header[0] == READY_FOR_QUERY {
+                    // `from_client` ends the connection.
+                    answered.notify_one();
+                }
+                start = end;
+            }
+            unparsed.drain(..start);
+            continue;
+        }
         if to.write_all(&chunk[..n]).await.is_err() {
             return;
         }
     }
+}
+
+/// Where the database server of `url` listens (TCP only: the proxy
+/// forwards TCP).
+pub fn upstream(url: &str) -> (String, u16) {
+    let options: sqlx::postgres::PgConnectOptions = url.parse().expect("a postgres:// URL");
+    assert!(
+        options.get_socket().is_none(),
+        "TEST_DATABASE_URL must name a TCP host for this test, not a Unix socket"
+    );
+    (options.get_host().to_owned(), options.get_port())
+}
+
+/// `url` with the proxy as host and port, and without encryption, which
+/// would hide the protocol from the proxy.
+pub fn through(url: &str, proxy: SocketAddr) -> String {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let authority_start = base.find("://").expect("a URL") + 3;
+    let path_start = base[authority_start..]
+        .find('/')
+        .map_or(base.len(), |i| authority_start + i);
+    let userinfo = base[authority_start..path_start]
+        .rsplit_once('@')
+        .map_or(String::new(), |(userinfo, _)| format!("{userinfo}@"));
+    let parameters: Vec<&str> = query
+        .split('&')
+        .filter(|p| {
+            !p.is_empty()
+                && !["sslmode=", "host=", "hostaddr=", "port="]
+                    .iter()
+                    .any(|name| p.starts_with(name))
+        })
+        .chain(["sslmode=disable"])
+        .collect();
+    format!(
+        "{}{userinfo}{proxy}{}?{}",
+        &base[..authority_start],
+        &base[path_start..],
+        parameters.join("&")
+    )
+}
+
+#[test]
+fn the_url_through_the_proxy_keeps_user_and_database() {
+    let proxy: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+    assert_eq!(
+        through("postgres://postgres@db.example:5432/mdtest_1", proxy),
+        "postgres://postgres@127.0.0.1:7000/mdtest_1?sslmode=disable"
+    );
+    assert_eq!(
+        through(
+            "postgres://u:p@w@h/x?sslmode=require&application_name=a",
+            proxy
+        ),
+        "postgres://u:p@w@127.0.0.1:7000/x?application_name=a&sslmode=disable"
+    );
 }

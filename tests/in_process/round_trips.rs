@@ -10,7 +10,6 @@
 //! own connection, for the other replicas) and the LISTEN connection;
 //! they are printed beside the counts.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use metadata_service::proto::v1::GetUserMetadataRequest;
@@ -19,7 +18,7 @@ use serde_json::json;
 
 use crate::common::{self, Backend, TestDb};
 use crate::harness::{TestServer, write};
-use crate::pg_proxy::{Activity, PgProxy};
+use crate::pg_proxy::{Activity, PgProxy, through, upstream};
 
 const MERGE_LIMIT: usize = 2;
 const GET_LIMIT: usize = 1;
@@ -190,60 +189,4 @@ impl Measured {
         }
         out
     }
-}
-
-/// Where the database server of `url` listens (TCP only: the proxy
-/// forwards TCP).
-fn upstream(url: &str) -> (String, u16) {
-    let options: sqlx::postgres::PgConnectOptions = url.parse().expect("a postgres:// URL");
-    assert!(
-        options.get_socket().is_none(),
-        "TEST_DATABASE_URL must name a TCP host for this test, not a Unix socket"
-    );
-    (options.get_host().to_owned(), options.get_port())
-}
-
-/// `url` with the proxy as host and port, and without encryption, which
-/// would hide the protocol from the proxy.
-fn through(url: &str, proxy: SocketAddr) -> String {
-    let (base, query) = url.split_once('?').unwrap_or((url, ""));
-    let authority_start = base.find("://").expect("a URL") + 3;
-    let path_start = base[authority_start..]
-        .find('/')
-        .map_or(base.len(), |i| authority_start + i);
-    let userinfo = base[authority_start..path_start]
-        .rsplit_once('@')
-        .map_or(String::new(), |(userinfo, _)| format!("{userinfo}@"));
-    let parameters: Vec<&str> = query
-        .split('&')
-        .filter(|p| {
-            !p.is_empty()
-                && !["sslmode=", "host=", "hostaddr=", "port="]
-                    .iter()
-                    .any(|name| p.starts_with(name))
-        })
-        .chain(["sslmode=disable"])
-        .collect();
-    format!(
-        "{}{userinfo}{proxy}{}?{}",
-        &base[..authority_start],
-        &base[path_start..],
-        parameters.join("&")
-    )
-}
-
-#[test]
-fn the_url_through_the_proxy_keeps_user_and_database() {
-    let proxy: SocketAddr = "127.0.0.1:7000".parse().unwrap();
-    assert_eq!(
-        through("postgres://postgres@db.example:5432/mdtest_1", proxy),
-        "postgres://postgres@127.0.0.1:7000/mdtest_1?sslmode=disable"
-    );
-    assert_eq!(
-        through(
-            "postgres://u:p@w@h/x?sslmode=require&application_name=a",
-            proxy
-        ),
-        "postgres://u:p@w@127.0.0.1:7000/x?application_name=a&sslmode=disable"
-    );
 }

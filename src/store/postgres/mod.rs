@@ -12,9 +12,13 @@
 //!   commits by one announcer per server, never inside them (`notify.rs`).
 //! - A lease (a session advisory lock) elects one relay (`lease.rs`).
 //!
+//! - A write whose connection fails after it was sent is settled before it
+//!   is answered: committed or certainly not (`doubt.rs`).
+//!
 //! The reader, the writers and the dispatcher's tail of the log use
 //! connections outside sqlx's pool, never pinged on release (`conns.rs`).
 
+mod doubt;
 mod lease;
 mod log;
 mod notify;
@@ -33,6 +37,7 @@ use super::shared::Shared;
 use super::{StoreError, StoreOptions};
 use crate::model::Kind;
 
+pub(super) use doubt::{not_applied, settle};
 pub use lease::{LEASE_APPLICATION_NAME, Lease};
 pub use log::take_revision_sql;
 pub use notify::{
@@ -58,10 +63,13 @@ impl Postgres {
             .connect_options()
             .as_ref()
             .clone();
-        let conns = Conns::new(
+        // Named: a write whose connection fails is settled by ending its
+        // session (`doubt.rs`).
+        let conns = Conns::named(
             connect.clone(),
             options.max_connections,
             options.connect_timeout,
+            |options: &PgConnectOptions, session| options.clone().application_name(session),
         );
         let reader = Reader::start(Conns::new(connect.clone(), 1, options.connect_timeout));
         Postgres {

@@ -10,16 +10,21 @@
 //! instead of racing, and neither fails nor burns a revision) and runs the
 //! same statement. A COMMIT, once due, runs in a task of its own: it
 //! completes even if the caller stops waiting, who is then told that the
-//! write may have happened (`Sent`).
+//! write may have happened (`Sent`). A write whose connection fails after
+//! it was sent is settled before it is answered: applied, or certainly not
+//! (`doubt.rs`).
+
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use sea_orm::sqlx::{self, PgConnection, Row};
 use tracing::Instrument;
 
+use super::doubt::{Trace, end_session_later, not_applied};
 use super::{Postgres, sqlstate_is};
 use crate::model::{ChangeType, Kind, Record};
 use crate::store::StoreError;
-use crate::store::conns::{Held, within};
+use crate::store::conns::{Held, Reuse, within};
 use crate::store::entities::metadata;
 use crate::store::rows::{changed_fields_json, decode, record_from_row, row_from_record, snapshot};
 use crate::store::write::{Done, Op, Plan, Step, now, plan, written};
@@ -79,6 +84,7 @@ impl Postgres {
         // The connection first: a caller that gives up while waiting for
         // one is told its write certainly did not happen, and it does not.
         let mut held = self.conns.get().await?;
+        let session = held.session();
         sent.mark();
         let shared = self.shared.clone();
         let write = tokio::spawn(async move {
@@ -86,24 +92,60 @@ impl Postgres {
             let limit = held.limit();
             let stored = within(
                 limit,
-                write_change(held.connection(), change, &current, next, at, generation),
+                write_change(held.connection(), change, &current, &next, at, generation),
             )
             .await;
             held.release(&stored);
             if matches!(stored, Ok(Some(_))) {
                 shared.commits.committed();
             }
-            stored.map_err(StoreError::from)
+            (stored, current, next)
         });
-        let stored = write
+        let (stored, current, mut next) = write
             .await
-            .map_err(|err| StoreError::Internal(format!("the write task failed: {err}")))??;
-        match stored {
-            Some(record) => Ok(Some(written(op, record))),
-            None => {
+            .map_err(|err| StoreError::Internal(format!("the write task failed: {err}")))?;
+        next.revision = match stored {
+            Ok(Some(revision)) => revision,
+            Ok(None) => {
                 sent.unmark();
-                Ok(None)
+                return Ok(None);
             }
+            Err(err) if !err.leaves_usable() => {
+                let snapshot = snapshot(&next);
+                let trace = Trace::FirstAfter {
+                    kind,
+                    id: &next.id,
+                    after: current.revision,
+                    snapshot: &snapshot,
+                };
+                self.settle_sent(session, trace, err).await?
+            }
+            Err(err) => return Err(err.into()),
+        };
+        Ok(Some(written(op, next)))
+    }
+
+    /// The revision of a write whose connection failed after it was sent,
+    /// if it committed; UNAVAILABLE if it certainly did not (`doubt.rs`).
+    async fn settle_sent(
+        &self,
+        session: Option<Arc<str>>,
+        trace: Trace<'_>,
+        failure: sqlx::Error,
+    ) -> Result<u64, StoreError> {
+        let Some(session) = session else {
+            return Err(StoreError::InDoubt {
+                detail: format!("{failure} (on a connection without a session name)"),
+            });
+        };
+        match self.settle(&session, trace, &failure).await? {
+            Some(revision) => {
+                // Its commit was not seen here: the dispatcher and the
+                // announcer still have to hear of it.
+                self.shared.commits.committed();
+                Ok(revision)
+            }
+            None => Err(not_applied(failure)),
         }
     }
 
@@ -115,16 +157,29 @@ impl Postgres {
             let mut held = self.begin().await?;
             match self.step(held.connection(), &mut op).await {
                 Ok(Step::Unchanged(done)) => {
-                    rollback(held).await?;
+                    self.roll_back(held).await?;
                     return Ok(done);
                 }
                 Ok(Step::Written(done)) => {
                     op.sent().mark();
-                    self.commit(held).await?;
-                    return Ok(done);
+                    let session = held.session();
+                    return match self.commit(held).await {
+                        Ok(()) => Ok(done),
+                        Err(err) if !err.leaves_usable() => {
+                            let (kind, id) = op.target();
+                            let trace = Trace::Revision {
+                                kind,
+                                id,
+                                revision: done.committed(),
+                            };
+                            self.settle_sent(session, trace, err).await?;
+                            Ok(done)
+                        }
+                        Err(err) => Err(err.into()),
+                    };
                 }
                 Ok(Step::StartOver) => {
-                    rollback(held).await?;
+                    self.roll_back(held).await?;
                     // The kind's schemas may have changed (the write's
                     // guard failed): read them again before the next try.
                     self.shared
@@ -135,7 +190,7 @@ impl Postgres {
                 Err(err) => {
                     // The error is the answer; a failed rollback only
                     // costs the connection.
-                    let _ = rollback(held).await;
+                    let _ = self.roll_back(held).await;
                     return Err(err);
                 }
             }
@@ -154,7 +209,7 @@ impl Postgres {
     }
 
     /// Commits in a task of its own (see the module's comment).
-    async fn commit(&self, mut held: Held<PgConnection>) -> Result<(), StoreError> {
+    async fn commit(&self, mut held: Held<PgConnection>) -> Result<(), sqlx::Error> {
         let shared = self.shared.clone();
         let commit = tokio::spawn(async move {
             shared.pauses.commit.pass().await;
@@ -169,9 +224,26 @@ impl Postgres {
             shared.commits.committed();
             Ok(())
         });
+        // A commit task that failed is a COMMIT in doubt like any other.
         commit
             .await
-            .map_err(|err| StoreError::Internal(format!("the commit task failed: {err}")))?
+            .map_err(|err| sqlx::Error::Protocol(format!("the commit task failed: {err}")))?
+    }
+
+    /// Rolls the transaction back. If that fails, the connection is lost;
+    /// its session, if a partition keeps it open, would go on holding the
+    /// row's lock, so it is ended (`doubt.rs`).
+    async fn roll_back(&self, mut held: Held<PgConnection>) -> Result<(), StoreError> {
+        let session = held.session();
+        let rolled_back = sqlx::raw_sql("ROLLBACK").execute(held.connection()).await;
+        held.release(&rolled_back);
+        if let (Err(err), Some(session)) = (&rolled_back, session)
+            && !err.leaves_usable()
+        {
+            end_session_later(&self.shared.db, session);
+        }
+        rolled_back?;
+        Ok(())
     }
 
     /// One operation inside the transaction on `connection`: lock the row,
@@ -210,18 +282,14 @@ impl Postgres {
                 return Ok(Step::StartOver);
             }
         }
-        match write_change(connection, change, &current, next, at, generation).await? {
-            Some(record) => Ok(Step::Written(written(op, record))),
+        match write_change(connection, change, &current, &next, at, generation).await? {
+            Some(revision) => {
+                let next = Record { revision, ..next };
+                Ok(Step::Written(written(op, next)))
+            }
             None => Ok(Step::StartOver),
         }
     }
-}
-
-async fn rollback(mut held: Held<PgConnection>) -> Result<(), StoreError> {
-    let rolled_back = sqlx::raw_sql("ROLLBACK").execute(held.connection()).await;
-    held.release(&rolled_back);
-    rolled_back?;
-    Ok(())
 }
 
 async fn lock_row(
@@ -261,7 +329,7 @@ async fn create_row(connection: &mut PgConnection, kind: Kind, id: &str) -> Resu
 }
 
 /// Stores `next` as the row's new state and appends the change's event
-/// under a new revision (`write_change.sql`). None when nothing was
+/// under a new revision (`write_change.sql`), which it returns. None when nothing was
 /// written: the row moved on since `before` was read (its revision is
 /// unique to each write, so this cannot be fooled the way a version could,
 /// by a delete and new writes), another transaction holds its lock
@@ -272,11 +340,11 @@ async fn write_change(
     connection: &mut PgConnection,
     change: ChangeType,
     before: &Record,
-    mut next: Record,
+    next: &Record,
     at: DateTime<Utc>,
     generation: Option<i64>,
-) -> Result<Option<Record>, sqlx::Error> {
-    let row = row_from_record(&next, at);
+) -> Result<Option<u64>, sqlx::Error> {
+    let row = row_from_record(next, at);
     let answer = sqlx::query(sqlx::AssertSqlSafe(WRITE_CHANGE.as_str()))
         .bind(row.kind)
         .bind(row.id)
@@ -287,9 +355,9 @@ async fn write_change(
         .bind(row.created_at)
         .bind(row.updated_at)
         .bind(change.as_str())
-        .bind(changed_fields_json(before, &next))
+        .bind(changed_fields_json(before, next))
         .bind(snapshot(before))
-        .bind(snapshot(&next))
+        .bind(snapshot(next))
         .bind(before.revision as i64)
         .bind(generation)
         .fetch_optional(connection)
@@ -312,8 +380,7 @@ async fn write_change(
             "a write locked its row but did not store it".into(),
         ));
     }
-    next.revision = answer.try_get::<i64, _>("latest")? as u64;
-    Ok(Some(next))
+    Ok(Some(answer.try_get::<i64, _>("latest")? as u64))
 }
 
 #[cfg(test)]
