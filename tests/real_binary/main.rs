@@ -8,6 +8,7 @@ mod programs;
 mod served;
 
 mod binary;
+mod chaos;
 mod cli;
 mod grpcurl;
 mod readme;
