@@ -9,10 +9,11 @@ use prost_types::{ListValue, Struct, Timestamp, Value as ProtoValue};
 use serde_json::{Map, Value};
 
 use crate::auth::FieldSet;
-use crate::json::{JsonPath, Problem, ValidationError, json_number};
-use crate::json::{Segment, TreeError, within};
+use crate::json::json_number;
 use crate::model::{ChangeType, Field, Record};
 use crate::proto::v1 as pb;
+use crate::validation::{JsonPath, Problem, ValidationError};
+use crate::validation::{Segment, TreeError, within};
 
 fn json_from_proto(value: ProtoValue) -> Result<Value, TreeError> {
     match value.kind {

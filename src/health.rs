@@ -10,6 +10,11 @@ use tonic_health::server::HealthReporter;
 
 use crate::store::Store;
 
+/// Health name that is SERVING for as long as the process serves, whatever
+/// the database does: for liveness probes, which must not restart a pod
+/// because its database is away.
+pub const LIVENESS: &str = "liveness";
+
 /// Whether the last check reached the database. Calls are refused at once
 /// while it is down, instead of each waiting out its timeout.
 #[derive(Debug)]

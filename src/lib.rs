@@ -5,6 +5,7 @@
 //! [`model`] types; [`json`] holds the pure merge, replace and validation
 //! rules.
 
+pub mod api;
 pub mod auth;
 pub mod build_info;
 pub mod client;
@@ -26,3 +27,4 @@ pub mod schema;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod validation;

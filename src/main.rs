@@ -39,7 +39,7 @@ async fn server_process(run: ServerRun) -> anyhow::Result<()> {
     match run {
         ServerRun::Migrate(args) => {
             let options = args.database.store_options();
-            server::open_store(&args.database.database_url, &options)
+            metadata_service::store::Store::open(&args.database.database_url, &options)
                 .await?
                 .close()
                 .await?;

@@ -13,16 +13,16 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic_health::ServingStatus;
 
+use crate::api::{Organizations, Users};
 use crate::auth::Authenticator;
 use crate::events::{self, Broker, BrokerOptions};
-use crate::health::DbHealth;
+use crate::health::{DbHealth, LIVENESS};
 use crate::http::HttpServer;
 use crate::json::Limits;
 use crate::metrics::Metrics;
 use crate::proto::v1::metadata_schema_service_server::MetadataSchemaServiceServer;
 use crate::service::{
-    Admission, ApiKind, Authenticate, Bounds, Core, Handlers, Organizations, RequestLayer, Routed,
-    SchemaHandlers, Users,
+    Admission, Authenticate, Bounds, Core, Handlers, RequestLayer, Routed, SchemaHandlers, Served,
 };
 use crate::store::{Store, StoreOptions};
 
@@ -125,18 +125,6 @@ impl Default for EventOptions {
     }
 }
 
-/// Connects to the database and applies the migrations.
-pub async fn open_store(database_url: &str, options: &StoreOptions) -> anyhow::Result<Store> {
-    let store = Store::connect(database_url, options)
-        .await
-        .context("cannot connect to the database")?;
-    store
-        .migrate()
-        .await
-        .context("cannot apply database migrations")?;
-    Ok(store)
-}
-
 /// A server accepting calls; stop it with [`RunningServer::shutdown`].
 pub struct RunningServer {
     addr: SocketAddr,
@@ -197,16 +185,11 @@ impl RunningServer {
     }
 }
 
-/// Health name that is SERVING for as long as the process serves, whatever
-/// the database does: for liveness probes, which must not restart a pod
-/// because its database is away.
-pub const LIVENESS: &str = "liveness";
-
 /// Health names that follow the database and shutdown (readiness).
 const SERVICE_NAMES: &[&str] = &[
     "",
-    <<Users as ApiKind>::Server as tonic::server::NamedService>::NAME,
-    <<Organizations as ApiKind>::Server as tonic::server::NamedService>::NAME,
+    <<Users as Served>::Server as tonic::server::NamedService>::NAME,
+    <<Organizations as Served>::Server as tonic::server::NamedService>::NAME,
     <MetadataSchemaServiceServer<SchemaHandlers> as tonic::server::NamedService>::NAME,
 ];
 
@@ -226,7 +209,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
     }
     let mut builder = builder.layer(RequestLayer::new(metrics.clone()));
     log_configuration(config);
-    let store = open_store(&config.database_url, &config.store).await?;
+    let store = Store::open(&config.database_url, &config.store).await?;
     store.instrument(metrics.db_acquire.clone(), metrics.write_group_size.clone());
     let store = Arc::new(store);
     let listener = TcpListener::bind(config.listen)
@@ -399,7 +382,7 @@ fn db_readiness(db: Arc<DbHealth>) -> crate::http::Readiness {
 
 /// One kind's service as served: authenticated, Watch routed to the
 /// encode-once path, everything else to the generated server.
-fn mount<K: ApiKind>(
+fn mount<K: Served>(
     core: &Arc<Core>,
     authenticate: &Authenticate,
     max_request_bytes: usize,

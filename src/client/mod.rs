@@ -27,11 +27,11 @@ use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+use crate::api::{ApiKind, Organizations, Users, WriteParts};
 use crate::convert::proto_from_json;
 use crate::model::{Field, Kind};
 use crate::proto::v1::organization_metadata_service_client::OrganizationMetadataServiceClient;
 use crate::proto::v1::user_metadata_service_client::UserMetadataServiceClient;
-use crate::service::{ApiKind, Organizations, Users, WriteParts};
 use records::{Calls, Intercepted};
 pub use schemas::SchemaCommand;
 

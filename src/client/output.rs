@@ -3,10 +3,10 @@
 
 use serde_json::{Map, Value, json};
 
+use crate::api::{EventView, RecordView};
 use crate::convert::json_for_display;
 use crate::model::Kind;
 use crate::proto::v1::{ChangeType, MetadataField, MetadataKind, MetadataSchema};
-use crate::service::{EventView, RecordView};
 
 pub fn print(value: &Value, pretty: bool) {
     let text = if pretty {

@@ -10,9 +10,9 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use super::Bearer;
+use crate::api::{ApiKind, Organizations, Users};
 use crate::proto::v1::organization_metadata_service_client::OrganizationMetadataServiceClient;
 use crate::proto::v1::user_metadata_service_client::UserMetadataServiceClient;
-use crate::service::{ApiKind, Organizations, Users};
 
 /// Watch responses, as they arrive.
 pub(super) type Responses<K> =

@@ -38,12 +38,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::SharedEvent;
-use crate::json::{JsonPath, Problem, ValidationError};
 use crate::model::Event;
 use crate::model::Kind;
 use crate::pause::PausePoint;
 use crate::query::Filter;
 use crate::store::{Claim, Heard, Logged, Store, StoreError};
+use crate::validation::{JsonPath, Problem, ValidationError};
 
 /// The largest revision there can be: revisions are a database bigint.
 pub const MAX_REVISION: u64 = i64::MAX as u64;

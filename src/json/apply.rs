@@ -1,9 +1,9 @@
 use serde_json::Value;
 
-use super::error::{JsonPath, Problem, ValidationError};
 use super::merge::merge_patch;
 use super::validate::{Limits, measure};
 use crate::model::{Field, Fields, Mode};
+use crate::validation::{JsonPath, Problem, ValidationError};
 
 /// Computes the fields that result from a write, and checks the limits that
 /// depend on the stored value (a merge can grow a field past the limit even

@@ -2,14 +2,11 @@
 //! is unit-tested on its own and the store only calls [`apply`].
 
 mod apply;
-mod error;
 mod merge;
 mod number;
 mod validate;
 
 pub use apply::apply;
-pub use error::{JsonPath, Problem, ValidationError};
-pub(crate) use error::{Segment, TreeError, within};
 pub use merge::merge_patch;
 pub use number::{canonical_numbers, json_number};
 pub use validate::{

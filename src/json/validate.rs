@@ -1,7 +1,7 @@
 use serde_json::Value;
 
-use super::error::{JsonPath, Problem, Segment, TreeError, ValidationError, within};
 use crate::model::{DeleteCommand, Kind, Mode, WriteCommand};
+use crate::validation::{JsonPath, Problem, Segment, TreeError, ValidationError, within};
 
 pub const MAX_ID_BYTES: usize = 256;
 

@@ -30,6 +30,7 @@ use serde_json::Value;
 
 use crate::json::json_number;
 use crate::model::{Field, Fields};
+pub use crate::validation::FilterError;
 
 /// Longest filter accepted, in bytes.
 pub const MAX_FILTER_BYTES: usize = 2048;
@@ -71,14 +72,6 @@ pub enum Op {
     Le,
     Gt,
     Ge,
-}
-
-/// Why a filter was refused, and where: `column` counts characters from 1.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{message} at column {column}")]
-pub struct FilterError {
-    pub column: usize,
-    pub message: String,
 }
 
 /// Parses `text`; `fields` are the top-level fields of the kind (an

@@ -11,8 +11,8 @@ pub use page::{PageToken, page_size};
 
 use std::sync::Arc;
 
-use crate::json::{JsonPath, Problem, ValidationError};
 use crate::model::{Field, Kind};
+use crate::validation::{JsonPath, Problem, ValidationError};
 
 /// The filter of a List or Watch request, parsed for a kind with `fields`;
 /// None when empty. An error names the `filter` field and the column.

@@ -8,8 +8,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest, Sha256};
 
-use crate::json::{JsonPath, Problem, ValidationError, validate_id};
+use crate::json::validate_id;
 use crate::model::Kind;
+use crate::validation::{JsonPath, Problem, ValidationError};
 
 /// Page size when the request names none.
 pub const DEFAULT_PAGE_SIZE: u64 = 50;

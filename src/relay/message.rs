@@ -14,8 +14,8 @@ use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 
 use super::subject;
+use crate::api::{ApiKind, Organizations, Users};
 use crate::model::{Event, Kind};
-use crate::service::{ApiKind, Organizations, Users};
 
 /// The body's encoding (`--format`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -153,7 +153,7 @@ impl RunningRelay {
 const PROCESS_NAMES: &[&str] = &["", RELAY_HEALTH];
 
 pub async fn start_process(config: RelayProcessConfig) -> anyhow::Result<RunningRelay> {
-    let store = crate::server::open_store(&config.database_url, &config.store).await?;
+    let store = crate::store::Store::open(&config.database_url, &config.store).await?;
     if !store.shared() {
         anyhow::bail!(
             "`relay` needs PostgreSQL; with SQLite one process owns the file, so run the relay \
@@ -177,7 +177,7 @@ pub async fn start_process(config: RelayProcessConfig) -> anyhow::Result<Running
         .context("cannot start the event dispatcher")?;
     let (reporter, health_service) = tonic_health::server::health_reporter();
     reporter
-        .set_service_status(crate::server::LIVENESS, ServingStatus::Serving)
+        .set_service_status(crate::health::LIVENESS, ServingStatus::Serving)
         .await;
     let relay = Relay::connect(
         store.clone(),

@@ -1,18 +1,51 @@
 //! The generated tonic service traits, each RPC one line: the work is in
-//! `handlers.rs`, once for both kinds.
+//! `handlers.rs`, once for both kinds. And each kind's generated server
+//! ([`Served`]), which the API (`crate::api`) does not know of: the client
+//! and the relay use the API without the server.
 
 use tonic::{Request, Response, Status};
 
 use super::handlers::{Handlers, WatchStream};
-use super::kind::{ApiKind, Organizations, Users};
-use crate::proto::v1::organization_metadata_service_server::OrganizationMetadataService;
-use crate::proto::v1::user_metadata_service_server::UserMetadataService;
+use crate::api::{ApiKind, Organizations, Users};
+use crate::proto::v1::organization_metadata_service_server::{
+    OrganizationMetadataService, OrganizationMetadataServiceServer,
+};
+use crate::proto::v1::user_metadata_service_server::{
+    UserMetadataService, UserMetadataServiceServer,
+};
+
+/// A kind whose API this process serves.
+pub trait Served: ApiKind {
+    /// The generated tonic server of this kind's service.
+    type Server: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+            Future: Send + 'static,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static;
+
+    /// The generated server over `handlers`, refusing requests larger than
+    /// `max_request_bytes` before decoding them.
+    fn server(handlers: Handlers<Self>, max_request_bytes: usize) -> Self::Server;
+}
 
 type Answer<T> = Result<Response<T>, Status>;
 
 /// The two traits differ only in their names and message types.
 macro_rules! delegate {
-    ($service:ident for $kind:ty) => {
+    ($service:ident, $server:ident for $kind:ty) => {
+        impl Served for $kind {
+            type Server = $server<Handlers<Self>>;
+
+            fn server(handlers: Handlers<Self>, max_request_bytes: usize) -> Self::Server {
+                $server::new(handlers).max_decoding_message_size(max_request_bytes)
+            }
+        }
+
         #[tonic::async_trait]
         impl $service for Handlers<$kind> {
             async fn get(
@@ -62,8 +95,8 @@ macro_rules! delegate {
     };
 }
 
-delegate!(UserMetadataService for Users);
-delegate!(OrganizationMetadataService for Organizations);
+delegate!(UserMetadataService, UserMetadataServiceServer for Users);
+delegate!(OrganizationMetadataService, OrganizationMetadataServiceServer for Organizations);
 
 #[cfg(test)]
 mod tests {
@@ -77,12 +110,13 @@ mod tests {
     use tokio_util::sync::CancellationToken;
 
     use super::*;
+    use crate::api::WriteParts;
     use crate::auth::Caller;
     use crate::events::{Broker, BrokerOptions};
     use crate::health::DbHealth;
     use crate::json::Limits;
     use crate::metrics::Metrics;
-    use crate::service::{Admission, Bounds, Core, WriteParts};
+    use crate::service::{Admission, Bounds, Core};
     use crate::store::{Store, StoreOptions};
 
     async fn core(dir: &tempfile::TempDir) -> Arc<Core> {

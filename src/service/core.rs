@@ -7,7 +7,6 @@ use std::sync::Arc;
 use crate::auth::Caller;
 use crate::events::{Broker, WatchError, WatchRequest};
 use crate::json::{self, Limits};
-use crate::json::{JsonPath, Problem, ValidationError};
 use crate::logging::Escaped;
 use crate::metrics::Metrics;
 use crate::model::{ChangeType, DeleteCommand, Field, Kind, Mode, Record, WriteCommand};
@@ -15,6 +14,7 @@ use crate::query::ListQuery;
 use crate::schema::Schema;
 use crate::store::{Sent, Store, StoreError};
 use crate::store::{SetSchema, StoredSchema};
+use crate::validation::{JsonPath, Problem, ValidationError};
 
 use super::WatchItems;
 use super::admission::Admission;

@@ -4,8 +4,8 @@ use tonic::Status;
 
 use crate::auth::{AuthError, Denied};
 use crate::events::WatchError;
-use crate::json::ValidationError;
 use crate::store::StoreError;
+use crate::validation::ValidationError;
 
 impl From<ValidationError> for Status {
     fn from(err: ValidationError) -> Self {

@@ -13,13 +13,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use super::kind::{ApiKind, WriteParts};
 use super::{Core, authorize};
+use crate::api::{ApiKind, WriteParts};
 use crate::auth::{Action, FieldSet, Operation};
 use crate::convert::{Shown, TreeConvert};
-use crate::json::{JsonPath, Problem, ValidationError};
 use crate::model::Mode;
 use crate::store::Sent;
+use crate::validation::{JsonPath, Problem, ValidationError};
 
 /// Most bytes of records in one List page, encoded: under the 4 MiB a
 /// gRPC client accepts by default.

@@ -6,17 +6,16 @@ mod caller;
 mod core;
 mod error;
 mod handlers;
-mod kind;
 mod schemas;
 mod telemetry;
 mod watch;
 
+pub use adapters::Served;
 pub use admission::{Admission, Bounds, StreamPermit};
 pub use caller::Authenticate;
 pub use core::{Core, Page};
 pub use handlers::Handlers;
 pub use handlers::{MAX_BATCH_BYTES, MAX_PAGE_BYTES};
-pub use kind::{ApiKind, EventView, Organizations, RecordView, Users, WriteParts};
 pub use schemas::SchemaHandlers;
 pub use telemetry::RequestLayer;
 pub use watch::Routed;

@@ -10,7 +10,6 @@ use super::core::SchemaChange;
 use super::{Core, authorize};
 use crate::auth::{Action, FieldSet, Operation};
 use crate::convert::{proto_from_json, struct_to_json, timestamp};
-use crate::json::{JsonPath, Problem, ValidationError};
 use crate::model::{Field, Kind};
 use crate::proto::v1::metadata_schema_service_server::MetadataSchemaService;
 use crate::proto::v1::{
@@ -18,6 +17,7 @@ use crate::proto::v1::{
     MetadataSchema, SetSchemaRequest,
 };
 use crate::store::{Sent, StoredSchema};
+use crate::validation::{JsonPath, Problem, ValidationError};
 
 /// How long a SetSchema may check stored values when the client sets no
 /// deadline (about 1,000,000 documents take seconds; BENCHMARKS.md).

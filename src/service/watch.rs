@@ -23,7 +23,7 @@ use tonic::{Request, Response, Status};
 
 use super::Core;
 use super::handlers::Handlers;
-use super::kind::ApiKind;
+use crate::api::ApiKind;
 use crate::events::WatchItem;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -154,11 +154,11 @@ impl Encoder for BytesEncoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::Users;
     use crate::events::SharedEvent;
     use crate::model::{ChangeType, Event};
     use crate::model::{Kind, Record};
     use crate::proto::v1::WatchUserMetadataResponse;
-    use crate::service::kind::Users;
 
     #[test]
     fn an_event_is_encoded_once_and_as_the_generated_code_would() {

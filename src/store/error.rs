@@ -1,6 +1,6 @@
 use sea_orm::{DbErr, RuntimeErr, sqlx};
 
-use crate::json::ValidationError;
+use crate::validation::ValidationError;
 
 /// What can go wrong in a storage call; mapped to a gRPC status in
 /// `service::error` and nowhere else.

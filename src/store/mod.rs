@@ -113,6 +113,20 @@ enum Backend {
 }
 
 impl Store {
+    /// Connects to the database and applies the migrations: what the
+    /// server and the relay do first.
+    pub async fn open(url: &str, options: &StoreOptions) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let store = Store::connect(url, options)
+            .await
+            .context("cannot connect to the database")?;
+        store
+            .migrate()
+            .await
+            .context("cannot apply database migrations")?;
+        Ok(store)
+    }
+
     pub async fn connect(url: &str, options: &StoreOptions) -> Result<Self, StoreError> {
         let mut connect = ConnectOptions::new(url);
         connect

@@ -11,8 +11,8 @@ use sea_orm::DatabaseConnection;
 
 use super::StoreError;
 use super::schemas::SchemaCache;
-use crate::json::ValidationError;
 use crate::model::{ChangeType, Field, Fields, Kind, Record};
+use crate::validation::ValidationError;
 
 /// Whether a write may have reached the database: set once its outcome no
 /// longer depends on its caller (SQLite: the committer took it into a

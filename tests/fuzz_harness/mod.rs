@@ -3,10 +3,10 @@
 //! corpus replay test that CI runs (`tests/in_process/fuzz_corpus.rs`). It must never
 //! panic: every assert here is an invariant of the service.
 
+use metadata_service::api::{ApiKind, Users};
 use metadata_service::json::{Limits, apply, measure, validate_command};
 use metadata_service::model::{Field, Fields, Mode};
 use metadata_service::proto::v1::{MergeUserMetadataRequest, ReplaceUserMetadataRequest};
-use metadata_service::service::{ApiKind, Users};
 use prost::Message;
 use serde_json::json;
 

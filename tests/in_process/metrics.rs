@@ -256,7 +256,7 @@ async fn probes_follow_readiness_and_shutdown() {
     let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
     let liveness = health
         .check(tonic_health::pb::HealthCheckRequest {
-            service: metadata_service::server::LIVENESS.into(),
+            service: metadata_service::health::LIVENESS.into(),
         })
         .await
         .unwrap()

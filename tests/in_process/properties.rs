@@ -4,13 +4,14 @@
 //!
 //! Each property runs 256 cases; set `PROPTEST_CASES` for a longer run.
 
+use metadata_service::api::{ApiKind, Users};
 use metadata_service::convert::proto_from_json;
 use metadata_service::json::{
-    Limits, Problem, apply, canonical_numbers, json_number, merge_patch, validate_command,
+    Limits, apply, canonical_numbers, json_number, merge_patch, validate_command,
 };
 use metadata_service::model::{Field, Fields, Kind, Mode, WriteCommand};
 use metadata_service::proto::v1::{MergeUserMetadataRequest, ReplaceUserMetadataRequest};
-use metadata_service::service::{ApiKind, Users};
+use metadata_service::validation::Problem;
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 use prost_types::Struct;

@@ -1,3 +1,8 @@
+//! Why a request is refused, and where: the problem and the path of the
+//! offending value. Its own module because every layer that checks input
+//! reports through it (JSON values, ids, filters, page tokens, schemas),
+//! and none of them should depend on another to do so.
+
 use std::fmt;
 
 /// Why a request or its result is refused. Always reported as
@@ -27,7 +32,7 @@ pub enum Problem {
     #[error("must hold at least one id")]
     NoIds,
     #[error("{0}")]
-    Filter(crate::query::filter::FilterError),
+    Filter(FilterError),
     #[error("must not be negative")]
     NegativePageSize,
     #[error("must be set")]
@@ -50,6 +55,14 @@ pub enum Problem {
     /// the patch without its null members, which the result contains.
     #[error("would be at least {bytes} bytes as compact JSON, the limit is {limit}")]
     MergeTooLarge { bytes: usize, limit: usize },
+}
+
+/// Why a filter was refused, and where: `column` counts characters from 1.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message} at column {column}")]
+pub struct FilterError {
+    pub column: usize,
+    pub message: String,
 }
 
 /// The location of a value inside a request, e.g. `public_metadata.a.b[2]`.

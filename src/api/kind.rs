@@ -3,8 +3,10 @@
 //! build each response. Requests are destructured exhaustively
 //! (`let MergeUserMetadataRequest { user_id, .. every field } = request;`),
 //! so a field added to the proto fails to compile until it is handled
-//! here. Everything else, the handlers included, is written once for both
-//! kinds (`handlers.rs`), over the kind-neutral parts below.
+//! here. Everything else, the server's handlers (`service/handlers.rs`)
+//! and the client's calls (`client/records.rs`) included, is written once
+//! for both kinds, over the kind-neutral parts below. Nothing here knows
+//! the server: the client and the relay use it without it.
 //!
 //! The check is the compiler's: a pattern that leaves out a field of the
 //! message (here `expected_version`, as a field added to the proto would
@@ -30,14 +32,13 @@
 use prost::Message;
 use prost_types::{Struct, Value as ProtoValue};
 
-use super::handlers::Handlers;
 use crate::auth::{Action, FieldSet, Operation};
 use crate::convert::{Shown, TreeConvert, timestamp};
 use crate::events::{WatchItem, WatchRequest};
-use crate::json::ValidationError;
 use crate::model::{DeleteCommand, Event, Field, Kind, Mode, WriteCommand};
 use crate::proto::v1::{self as pb, WatchProgress};
 use crate::query::{ListQuery, parse_filter};
+use crate::validation::ValidationError;
 use prost_types::Timestamp;
 
 /// A Merge or Replace request, taken apart: `T` is `Struct` for Merge and
@@ -129,18 +130,6 @@ pub trait ApiKind: Sized + Send + Sync + 'static {
     /// The gRPC path of Watch (served by `watch::Routed`).
     const WATCH_PATH: &'static str;
 
-    /// The generated tonic server of this kind's service.
-    type Server: tower::Service<
-            http::Request<tonic::body::Body>,
-            Response = http::Response<tonic::body::Body>,
-            Error = std::convert::Infallible,
-            Future: Send + 'static,
-        > + tonic::server::NamedService
-        + Clone
-        + Send
-        + Sync
-        + 'static;
-
     type Record: Message + Clone + Send + 'static;
     type Get: Message + Default + Send + 'static;
     type Merge: Message + Default + Send + 'static;
@@ -155,10 +144,6 @@ pub trait ApiKind: Sized + Send + Sync + 'static {
     type BatchGot: Message + Send + 'static;
     type List: Message + Default + Send + 'static;
     type Listed: Message + Send + 'static;
-
-    /// The generated server over `handlers`, refusing requests larger than
-    /// `max_request_bytes` before decoding them.
-    fn server(handlers: Handlers<Self>, max_request_bytes: usize) -> Self::Server;
 
     // Requests taken apart (the server).
     fn get(request: Self::Get) -> String;
@@ -287,7 +272,7 @@ macro_rules! write_request {
 /// proto is a compile error (E0027 or E0063) here until it is handled.
 macro_rules! api_kind {
     (
-        $api:ident, $kind:expr, $watch_path:literal, $server_module:ident :: $server:ident,
+        $api:ident, $kind:expr, $watch_path:literal,
         record: $record:ident, get: $get:ident, merge: $merge:ident, replace: $replace:ident,
         delete: $delete:ident, deleted: $deleted:ident, watch: $watch:ident,
         watch_response: $watch_response:ident :: $response_module:ident, event: $event:ident,
@@ -301,7 +286,6 @@ macro_rules! api_kind {
                 &[Field::Public, Field::Private $(, unsafe_field!($unsafe))?];
             const WATCH_PATH: &'static str = $watch_path;
 
-            type Server = pb::$server_module::$server<Handlers<Self>>;
             type Record = pb::$record;
             type Get = pb::$get;
             type Merge = pb::$merge;
@@ -315,11 +299,6 @@ macro_rules! api_kind {
             type BatchGot = pb::$batch_got;
             type List = pb::$list;
             type Listed = pb::$listed;
-
-            fn server(handlers: Handlers<Self>, max_request_bytes: usize) -> Self::Server {
-                pb::$server_module::$server::new(handlers)
-                    .max_decoding_message_size(max_request_bytes)
-            }
 
             fn get(request: Self::Get) -> String {
                 let pb::$get { $id } = request;
@@ -556,7 +535,6 @@ macro_rules! api_kind {
 
 api_kind!(
     Users, Kind::User, "/metadata.v1.UserMetadataService/Watch",
-    user_metadata_service_server::UserMetadataServiceServer,
     record: UserMetadata, get: GetUserMetadataRequest, merge: MergeUserMetadataRequest,
     replace: ReplaceUserMetadataRequest, delete: DeleteUserMetadataRequest,
     deleted: DeleteUserMetadataResponse, watch: WatchUserMetadataRequest,
@@ -569,7 +547,6 @@ api_kind!(
 
 api_kind!(
     Organizations, Kind::Organization, "/metadata.v1.OrganizationMetadataService/Watch",
-    organization_metadata_service_server::OrganizationMetadataServiceServer,
     record: OrganizationMetadata, get: GetOrganizationMetadataRequest,
     merge: MergeOrganizationMetadataRequest, replace: ReplaceOrganizationMetadataRequest,
     delete: DeleteOrganizationMetadataRequest, deleted: DeleteOrganizationMetadataResponse,
@@ -584,7 +561,7 @@ api_kind!(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::json::Problem;
+    use crate::validation::Problem;
     use prost_types::ListValue;
     use prost_types::value::Kind as ProtoKind;
     use serde_json::json;

@@ -1,0 +1,8 @@
+//! The gRPC API of each kind, as both ends see it: its messages, and how
+//! each is taken apart (the server) or built (the client, the relay), in
+//! terms of the proto-free [`crate::model`]. No server here: `service`
+//! serves it, `client` calls it, `relay` publishes its events.
+
+mod kind;
+
+pub use kind::{ApiKind, EventView, Organizations, RecordView, Users, WriteParts};
