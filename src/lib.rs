@@ -1,9 +1,11 @@
 //! metadata-service: JSON metadata for users and organizations over gRPC.
 //!
 //! Layers, outermost first: [`server`] wires [`service`] (gRPC translation,
-//! error mapping) to [`store`] (sea-orm); [`convert`] turns protobuf into the
-//! [`model`] types; [`json`] holds the pure merge, replace and validation
-//! rules.
+//! error mapping) to [`store`] (sea-orm); [`api`] is each kind's messages,
+//! taken apart and built, shared by the service, the [`client`] and the
+//! [`relay`]; [`convert`] turns protobuf into the [`model`] types; [`json`]
+//! holds the pure merge, replace and validation rules, and [`validation`]
+//! says why input was refused.
 
 pub mod api;
 pub mod auth;
