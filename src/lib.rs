@@ -24,6 +24,7 @@ pub mod otel;
 pub mod pause;
 pub mod proto;
 pub mod query;
+pub mod reason;
 pub mod relay;
 pub mod schema;
 pub mod server;

@@ -5,6 +5,8 @@
 
 use std::fmt;
 
+use crate::reason::Reason;
+
 /// Why a request or its result is refused. Always reported as
 /// INVALID_ARGUMENT with the path of the offending value.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -55,6 +57,36 @@ pub enum Problem {
     /// the patch without its null members, which the result contains.
     #[error("would be at least {bytes} bytes as compact JSON, the limit is {limit}")]
     MergeTooLarge { bytes: usize, limit: usize },
+}
+
+impl Problem {
+    /// Its stable code (see `crate::reason`).
+    pub fn reason(&self) -> Reason {
+        match self {
+            Problem::EmptyId => Reason::EmptyId,
+            Problem::IdTooLong { .. } => Reason::IdTooLong,
+            Problem::IdCharacter { .. } => Reason::IdCharacter,
+            Problem::NonFiniteNumber => Reason::NonFiniteNumber,
+            Problem::MissingValue => Reason::MissingValue,
+            Problem::NotAnObject { .. } => Reason::NotAnObject,
+            Problem::NulInKey => Reason::NulInKey,
+            Problem::NulInString => Reason::NulInString,
+            Problem::TooManyIds { .. } => Reason::TooManyIds,
+            Problem::TooManyDistinctIds { .. } => Reason::TooManyDistinctIds,
+            Problem::NoIds => Reason::NoIds,
+            Problem::Filter(_) => Reason::InvalidFilter,
+            Problem::NegativePageSize => Reason::NegativePageSize,
+            Problem::Unspecified => Reason::Unspecified,
+            Problem::AnswerTooLarge { .. } => Reason::AnswerTooLarge,
+            Problem::NoSuchField { .. } => Reason::NoSuchField,
+            Problem::Schema(_) => Reason::InvalidSchema,
+            Problem::PageToken(_) => Reason::InvalidPageToken,
+            Problem::TooDeep { .. } => Reason::TooDeep,
+            Problem::TooLarge { .. } => Reason::TooLarge,
+            Problem::RevisionTooLarge { .. } => Reason::RevisionTooLarge,
+            Problem::MergeTooLarge { .. } => Reason::MergeTooLarge,
+        }
+    }
 }
 
 /// Why a filter was refused, and where: `column` counts characters from 1.

@@ -102,9 +102,12 @@ fn decoding_key(key: &[u8]) -> Result<DecodingKey, String> {
         })
 }
 
+/// What an expired token is refused with (its reason is TOKEN_EXPIRED).
+pub const EXPIRED: &str = "expired";
+
 fn describe(kind: &ErrorKind) -> String {
     match kind {
-        ErrorKind::ExpiredSignature => "expired".into(),
+        ErrorKind::ExpiredSignature => EXPIRED.into(),
         ErrorKind::ImmatureSignature => "not valid yet (nbf)".into(),
         ErrorKind::InvalidSignature => "bad signature".into(),
         ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {

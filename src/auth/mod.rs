@@ -55,6 +55,20 @@ pub enum AuthError {
     Token(String),
 }
 
+impl AuthError {
+    /// Its stable code (see `crate::reason`).
+    pub fn reason(&self) -> crate::reason::Reason {
+        use crate::reason::Reason;
+        match self {
+            AuthError::Missing => Reason::MissingCredentials,
+            AuthError::Malformed => Reason::MalformedAuthorization,
+            AuthError::UnknownKey => Reason::UnknownApiKey,
+            AuthError::Token(why) if why == frontend::EXPIRED => Reason::TokenExpired,
+            AuthError::Token(_) => Reason::InvalidToken,
+        }
+    }
+}
+
 /// Turns the `authorization` header into a [`Caller`].
 #[derive(Default)]
 pub struct Authenticator {

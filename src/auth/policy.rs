@@ -5,6 +5,7 @@
 //! public metadata of the organization named in its token.
 
 use crate::model::{Field, Kind};
+use crate::reason::Reason;
 
 use super::Caller;
 
@@ -84,8 +85,11 @@ pub struct Operation<'a> {
 
 /// PERMISSION_DENIED, with a message saying what the caller may do instead.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{0}")]
-pub struct Denied(pub String);
+#[error("{message}")]
+pub struct Denied {
+    pub reason: Reason,
+    pub message: String,
+}
 
 /// The fields the caller may see in the response, or why it may not call.
 pub fn authorize(caller: &Caller, op: &Operation) -> Result<FieldSet, Denied> {
@@ -95,19 +99,25 @@ pub fn authorize(caller: &Caller, op: &Operation) -> Result<FieldSet, Denied> {
     };
     match (op.kind, op.action) {
         (Kind::User, Action::Get | Action::BatchGet | Action::Merge) if op.id != user_id => {
-            Err(Denied(format!(
-                "a frontend token may {} only its own user (the token's sub)",
-                op.action.rpc()
-            )))
+            Err(Denied {
+                reason: Reason::NotOwnRecord,
+                message: format!(
+                    "a frontend token may {} only its own user (the token's sub)",
+                    op.action.rpc()
+                ),
+            })
         }
         (Kind::User, Action::Get | Action::BatchGet) => {
             Ok(FieldSet::of([Field::Public, Field::Unsafe]))
         }
         (Kind::User, Action::Merge) => match op.written.iter().find(|f| *f != Field::Unsafe) {
-            Some(field) => Err(Denied(format!(
-                "{} is written by backend callers only; a frontend token may merge only unsafe_metadata",
-                field.name()
-            ))),
+            Some(field) => Err(Denied {
+                reason: Reason::FieldNotWritable,
+                message: format!(
+                    "{} is written by backend callers only; a frontend token may merge only unsafe_metadata",
+                    field.name()
+                ),
+            }),
             None => Ok(FieldSet::of([Field::Public, Field::Unsafe])),
         },
         (Kind::Organization, Action::Get | Action::BatchGet)
@@ -115,15 +125,21 @@ pub fn authorize(caller: &Caller, op: &Operation) -> Result<FieldSet, Denied> {
         {
             Ok(FieldSet::of([Field::Public]))
         }
-        (Kind::Organization, Action::Get | Action::BatchGet) => Err(Denied(format!(
-            "a frontend token may {} only the organization in its org_id claim",
-            op.action.rpc()
-        ))),
-        (kind, action) => Err(Denied(format!(
-            "{} on {} metadata is for backend callers only",
-            action.rpc(),
-            kind.as_str()
-        ))),
+        (Kind::Organization, Action::Get | Action::BatchGet) => Err(Denied {
+            reason: Reason::NotOwnRecord,
+            message: format!(
+                "a frontend token may {} only the organization in its org_id claim",
+                op.action.rpc()
+            ),
+        }),
+        (kind, action) => Err(Denied {
+            reason: Reason::BackendOnly,
+            message: format!(
+                "{} on {} metadata is for backend callers only",
+                action.rpc(),
+                kind.as_str()
+            ),
+        }),
     }
 }
 
@@ -181,7 +197,9 @@ mod tests {
             [Field::Public, Field::Unsafe]
         );
         let other = authorize(&frontend(None), &op(Kind::User, Action::Get, "user_2", &[]));
-        assert!(other.unwrap_err().0.contains("only its own user"));
+        let denied = other.unwrap_err();
+        assert!(denied.message.contains("only its own user"));
+        assert_eq!(denied.reason, Reason::NotOwnRecord);
     }
 
     #[test]
@@ -192,7 +210,8 @@ mod tests {
         for field in [Field::Public, Field::Private] {
             let op = op(Kind::User, Action::Merge, "user_1", &[Field::Unsafe, field]);
             let denied = authorize(&caller, &op).unwrap_err();
-            assert!(denied.0.starts_with(field.name()), "{denied}");
+            assert!(denied.message.starts_with(field.name()), "{denied}");
+            assert_eq!(denied.reason, Reason::FieldNotWritable);
         }
         let other = op(Kind::User, Action::Merge, "user_2", &[Field::Unsafe]);
         assert!(authorize(&caller, &other).is_err());
@@ -212,7 +231,8 @@ mod tests {
             ] {
                 let op = op(kind, action, "user_1", &[Field::Unsafe]);
                 let denied = authorize(&frontend(Some("user_1")), &op).unwrap_err();
-                assert!(denied.0.contains("backend callers only"), "{denied}");
+                assert!(denied.message.contains("backend callers only"), "{denied}");
+                assert_eq!(denied.reason, Reason::BackendOnly);
             }
         }
     }
@@ -223,7 +243,12 @@ mod tests {
         let own = authorize(&caller, &op(Kind::User, Action::BatchGet, "user_1", &[]));
         assert_eq!(own, Ok(FieldSet::of([Field::Public, Field::Unsafe])));
         let other = authorize(&caller, &op(Kind::User, Action::BatchGet, "user_2", &[]));
-        assert!(other.unwrap_err().0.contains("BatchGet only its own user"));
+        assert!(
+            other
+                .unwrap_err()
+                .message
+                .contains("BatchGet only its own user")
+        );
         let org = authorize(
             &caller,
             &op(Kind::Organization, Action::BatchGet, "org_1", &[]),

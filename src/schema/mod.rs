@@ -85,9 +85,8 @@ impl Schema {
     }
 
     /// The first [`MAX_VIOLATIONS`] ways `value`, stored as `field`, breaks
-    /// the schema, each as `field/pointer: message (keyword)`; empty when
-    /// it conforms.
-    pub fn violations(&self, field: Field, value: &Value) -> Vec<String> {
+    /// the schema; empty when it conforms.
+    pub fn violations(&self, field: Field, value: &Value) -> Vec<Violation> {
         self.validator
             .iter_errors(value)
             .take(MAX_VIOLATIONS)
@@ -97,10 +96,24 @@ impl Schema {
                 if !message.contains(&keyword) {
                     message.push_str(&format!(" ({keyword})"));
                 }
-                format!("{}{}: {message}", field.name(), error.instance_path())
+                Violation {
+                    location: format!("{}{}", field.name(), error.instance_path()),
+                    message,
+                }
             })
             .collect()
     }
+}
+
+/// One way a value breaks its field's schema; shown as
+/// `field/pointer: message (keyword)`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{location}: {message}")]
+pub struct Violation {
+    /// The field and the JSON pointer in it: `unsafe_metadata/age`.
+    pub location: String,
+    /// What is wrong, naming the schema keyword.
+    pub message: String,
 }
 
 #[cfg(test)]
@@ -131,18 +144,23 @@ mod tests {
                 .is_empty()
         );
         let found = schema.violations(Field::Unsafe, &json!({"age": -3}));
+        assert_eq!(found[0].location, "unsafe_metadata/age");
+        let found: Vec<String> = found.iter().map(ToString::to_string).collect();
         assert_eq!(
             found,
             ["unsafe_metadata/age: -3 is less than the minimum of 0"]
         );
-        let found = schema.violations(Field::Public, &json!({"age": 1, "theme": "pink"}));
+        let text = |found: Vec<Violation>| -> Vec<String> {
+            found.iter().map(ToString::to_string).collect()
+        };
+        let found = text(schema.violations(Field::Public, &json!({"age": 1, "theme": "pink"})));
         assert_eq!(found.len(), 1);
         assert!(found[0].starts_with("public_metadata/theme: "), "{found:?}");
         assert!(found[0].ends_with("(enum)"), "{found:?}");
-        let found = schema.violations(Field::Public, &json!({"age": 1, "prefs": {"x": 1}}));
+        let found = text(schema.violations(Field::Public, &json!({"age": 1, "prefs": {"x": 1}})));
         assert!(found[0].starts_with("public_metadata/prefs: "), "{found:?}");
         assert!(found[0].contains("additionalProperties"), "{found:?}");
-        let found = schema.violations(Field::Public, &json!({}));
+        let found = text(schema.violations(Field::Public, &json!({})));
         assert!(found[0].starts_with("public_metadata: "), "{found:?}");
         assert!(found[0].contains("required"), "{found:?}");
         assert!(!schema.is_valid(&Value::Null));

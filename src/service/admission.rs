@@ -15,7 +15,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tonic::metadata::MetadataMap;
 
+use super::error;
 use crate::health::DbHealth;
+use crate::reason::Reason;
 use crate::store::Sent;
 
 /// How many calls may be in progress at once.
@@ -78,10 +80,15 @@ impl Admission {
     pub fn unary(&self, metadata: &MetadataMap) -> Result<Call, Status> {
         let mut call = self.check(metadata)?;
         let permit = self.permits.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!(
-                "the server is at its limit of {} concurrent requests; retry with backoff",
-                self.bounds.max_concurrent
-            ))
+            error::exhausted(
+                format!(
+                    "the server is at its limit of {} concurrent requests; retry with backoff",
+                    self.bounds.max_concurrent
+                ),
+                Reason::TooManyRequests,
+                "max_concurrent_requests",
+                self.bounds.max_concurrent,
+            )
         })?;
         call._permit = Some(permit);
         Ok(call)
@@ -95,11 +102,16 @@ impl Admission {
         let call = self.check(metadata)?;
         let Ok(permit) = self.streams.clone().try_acquire_owned() else {
             self.streams_refused.inc();
-            return Err(Status::resource_exhausted(format!(
-                "the server is at its limit of {} Watch streams; retry with backoff or on \
-                 another replica",
-                self.bounds.max_streams
-            )));
+            return Err(error::exhausted(
+                format!(
+                    "the server is at its limit of {} Watch streams; retry with backoff or on \
+                     another replica",
+                    self.bounds.max_streams
+                ),
+                Reason::TooManyStreams,
+                "max_watch_streams",
+                self.bounds.max_streams,
+            ));
         };
         Ok((call, StreamPermit { _permit: permit }))
     }
@@ -108,17 +120,20 @@ impl Admission {
     fn check(&self, metadata: &MetadataMap) -> Result<Call, Status> {
         let deadline = grpc_timeout(metadata);
         if deadline == Some(Duration::ZERO) {
-            return Err(Status::deadline_exceeded(
+            return Err(error::deadline_expired(
                 "the deadline expired before the call started",
             ));
         }
         if self.draining.is_cancelled() {
-            return Err(Status::unavailable(
+            return Err(error::shutting_down(
                 "server is shutting down; retry on another replica or later",
             ));
         }
         if !self.db.is_up() {
-            return Err(Status::unavailable("database unavailable; retry later"));
+            return Err(error::unavailable(
+                "database unavailable; retry later",
+                Reason::DatabaseUnavailable,
+            ));
         }
         // Give up a little before the client does, so that it receives this
         // server's DEADLINE_EXCEEDED rather than only its own cancellation.
@@ -185,7 +200,7 @@ impl Call {
     {
         match tokio::time::timeout(self.budget, work).await {
             Ok(result) => result.map_err(Status::from),
-            Err(_) if self.client_deadline => Err(Status::deadline_exceeded("deadline exceeded")),
+            Err(_) if self.client_deadline => Err(error::deadline_expired("deadline exceeded")),
             Err(_) => Err(self.timed_out()),
         }
     }
@@ -208,8 +223,13 @@ impl Call {
         // marked as sent can no longer be (see `Sent`).
         match tokio::time::timeout(self.budget, work).await {
             Ok(result) => result.map_err(Status::from),
-            Err(_) if self.client_deadline => Err(Status::deadline_exceeded("deadline exceeded")),
-            Err(_) if sent.may_have_committed() => Err(Status::deadline_exceeded(format!(
+            Err(_) if self.client_deadline && sent.may_have_committed() => {
+                // The client's deadline, as gRPC words it; the reason
+                // says what the code alone cannot: it may have happened.
+                Err(error::in_doubt("deadline exceeded"))
+            }
+            Err(_) if self.client_deadline => Err(error::deadline_expired("deadline exceeded")),
+            Err(_) if sent.may_have_committed() => Err(error::in_doubt(format!(
                 "the database did not confirm the write within {:?}; it may have been applied: \
                  read before retrying",
                 self.db_timeout
@@ -219,10 +239,13 @@ impl Call {
     }
 
     fn timed_out(&self) -> Status {
-        Status::unavailable(format!(
-            "the database did not answer within {:?}; retry later",
-            self.db_timeout
-        ))
+        error::unavailable(
+            format!(
+                "the database did not answer within {:?}; retry later",
+                self.db_timeout
+            ),
+            Reason::DatabaseTimeout,
+        )
     }
 }
 
@@ -312,6 +335,8 @@ mod tests {
         ] {
             assert_eq!(status.code(), Code::Unavailable);
             assert!(status.message().contains("shutting down"), "{status:?}");
+            let info = tonic_types::StatusExt::get_details_error_info(&status).unwrap();
+            assert_eq!(info.reason, "SHUTTING_DOWN");
         }
     }
 
@@ -320,10 +345,14 @@ mod tests {
         let admission = admission(Duration::from_secs(5)).0;
         let mut metadata = MetadataMap::new();
         metadata.insert("grpc-timeout", "0n".parse().unwrap());
-        let status = admission.unary(&metadata).err().unwrap();
-        assert_eq!(status.code(), Code::DeadlineExceeded);
-        let status = admission.stream(&metadata).err().unwrap();
-        assert_eq!(status.code(), Code::DeadlineExceeded);
+        for status in [
+            admission.unary(&metadata).err().unwrap(),
+            admission.stream(&metadata).err().unwrap(),
+        ] {
+            assert_eq!(status.code(), Code::DeadlineExceeded);
+            let info = tonic_types::StatusExt::get_details_error_info(&status).unwrap();
+            assert_eq!(info.reason, "DEADLINE_EXPIRED");
+        }
         // The refused call took no permit.
         assert!(admission.unary(&MetadataMap::new()).is_ok());
     }

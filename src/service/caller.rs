@@ -38,5 +38,5 @@ pub fn caller(extensions: &tonic::Extensions) -> Result<Caller, Status> {
     extensions
         .get::<Caller>()
         .cloned()
-        .ok_or_else(|| Status::internal("call was not authenticated"))
+        .ok_or_else(|| super::error::internal("call was not authenticated"))
 }

@@ -1,32 +1,130 @@
-//! The one place where errors become gRPC statuses.
+//! The one place where errors become gRPC statuses. Every status carries,
+//! besides its sentence for people, details a program can act on
+//! (`google.rpc.Status.details`, AIP-193): an `ErrorInfo` with the stable
+//! reason (`crate::reason`) and its metadata, and where they apply a
+//! `BadRequest` naming each invalid field, a `PreconditionFailure`, a
+//! `QuotaFailure` or a `RetryInfo`.
+
+use std::collections::HashMap;
+use std::time::Duration;
 
 use tonic::Status;
+use tonic_types::{ErrorDetails, FieldViolation, PreconditionViolation, QuotaViolation, StatusExt};
 
 use crate::auth::{AuthError, Denied};
 use crate::events::WatchError;
+use crate::reason::{DOMAIN, Reason};
 use crate::store::StoreError;
 use crate::validation::ValidationError;
 
+/// How long a caller should wait before retrying a call the database could
+/// not serve: about the health check's interval, after which a database
+/// that came back is known to be back.
+const RETRY_DATABASE: Duration = Duration::from_secs(1);
+/// ... one refused at a concurrency bound: a moment, with backoff.
+const RETRY_OVERLOAD: Duration = Duration::from_millis(100);
+
+/// A status of the reason's code, with the reason and its metadata, plus
+/// `more`.
+fn status(
+    message: impl Into<String>,
+    reason: Reason,
+    metadata: &[(&str, String)],
+    more: impl FnOnce(&mut ErrorDetails),
+) -> Status {
+    let metadata: HashMap<String, String> = metadata
+        .iter()
+        .map(|(key, value)| ((*key).to_owned(), value.clone()))
+        .collect();
+    let mut details = ErrorDetails::with_error_info(reason.as_str(), DOMAIN, metadata);
+    more(&mut details);
+    Status::with_error_details(reason.code(), message, details)
+}
+
+fn none(_: &mut ErrorDetails) {}
+
 impl From<ValidationError> for Status {
     fn from(err: ValidationError) -> Self {
-        Status::invalid_argument(err.to_string())
+        let reason = err.problem.reason();
+        let field = err.path.to_string();
+        let violation = FieldViolation {
+            field: field.clone(),
+            description: err.problem.to_string(),
+            reason: reason.as_str().to_owned(),
+            localized_message: None,
+        };
+        status(err.to_string(), reason, &[("field", field)], |details| {
+            details.set_bad_request(vec![violation]);
+        })
     }
 }
 
 impl From<StoreError> for Status {
     fn from(err: StoreError) -> Self {
+        let message = err.to_string();
         match err {
             StoreError::Invalid(err) => err.into(),
-            StoreError::VersionMismatch { .. } => Status::aborted(err.to_string()),
-            StoreError::SchemaViolation(_) => Status::invalid_argument(err.to_string()),
-            StoreError::Nonconforming { .. } => Status::failed_precondition(err.to_string()),
+            StoreError::VersionMismatch { expected, actual } => status(
+                message,
+                Reason::VersionMismatch,
+                &[
+                    ("expected_version", expected.to_string()),
+                    ("current_version", actual.to_string()),
+                ],
+                none,
+            ),
+            StoreError::SchemaViolation(violations) => {
+                let fields = violations
+                    .into_iter()
+                    .map(|violation| FieldViolation {
+                        field: violation.location,
+                        description: violation.message,
+                        reason: Reason::SchemaViolation.as_str().to_owned(),
+                        localized_message: None,
+                    })
+                    .collect::<Vec<_>>();
+                status(message, Reason::SchemaViolation, &[], |details| {
+                    details.set_bad_request(fields);
+                })
+            }
+            StoreError::Nonconforming { kind, field, found } => {
+                let violations = found
+                    .ids
+                    .iter()
+                    .map(|id| {
+                        PreconditionViolation::new(
+                            Reason::NonconformingDocuments.as_str(),
+                            format!("{}/{id}", kind.as_str()),
+                            format!("its {} does not conform to the schema", field.name()),
+                        )
+                    })
+                    .collect::<Vec<_>>();
+                status(
+                    message,
+                    Reason::NonconformingDocuments,
+                    &[
+                        ("kind", kind.as_str().to_owned()),
+                        ("field", field.name().to_owned()),
+                        ("count", found.count.to_string()),
+                    ],
+                    |details| {
+                        details.set_precondition_failure(violations);
+                    },
+                )
+            }
             StoreError::Unavailable { reason, detail } => {
                 tracing::warn!(error = %detail, "database unavailable");
-                Status::unavailable(format!("{reason}; retry later"))
+                // A write settled as not applied says so in its reason.
+                let code = if reason == crate::store::NOT_APPLIED {
+                    Reason::WriteNotApplied
+                } else {
+                    Reason::DatabaseUnavailable
+                };
+                unavailable(format!("{reason}; retry later"), code)
             }
             StoreError::InDoubt { detail } => {
                 tracing::warn!(error = %detail, "write outcome unknown");
-                Status::deadline_exceeded(
+                in_doubt(
                     "lost the database connection after the write was sent, and could not \
                      reach the database since to learn its outcome; it may have been applied: \
                      read before retrying",
@@ -34,12 +132,17 @@ impl From<StoreError> for Status {
             }
             StoreError::ReadOnly(detail) => {
                 tracing::error!(error = %detail, "database refuses writes");
-                Status::failed_precondition("the database is read-only")
+                status(
+                    "the database is read-only",
+                    Reason::ReadOnlyDatabase,
+                    &[],
+                    none,
+                )
             }
             StoreError::Internal(detail) => {
                 // The detail can hold SQL; it goes to the log, not the caller.
                 tracing::error!(error = %detail, "database error");
-                Status::internal("internal error")
+                internal("internal error")
             }
         }
     }
@@ -47,10 +150,19 @@ impl From<StoreError> for Status {
 
 impl From<WatchError> for Status {
     fn from(err: WatchError) -> Self {
+        let message = err.to_string();
         match err {
-            WatchError::TooOld { .. } => Status::failed_precondition(err.to_string()),
+            WatchError::TooOld { requested, oldest } => status(
+                message,
+                Reason::RevisionCompacted,
+                &[
+                    ("requested_revision", requested.to_string()),
+                    ("oldest_revision", oldest.to_string()),
+                ],
+                none,
+            ),
             WatchError::ShuttingDown => {
-                Status::unavailable("server is shutting down; resume on another replica or later")
+                shutting_down("server is shutting down; resume on another replica or later")
             }
             WatchError::Invalid(err) => err.into(),
             WatchError::Store(err) => err.into(),
@@ -60,12 +172,58 @@ impl From<WatchError> for Status {
 
 impl From<AuthError> for Status {
     fn from(err: AuthError) -> Self {
-        Status::unauthenticated(err.to_string())
+        status(err.to_string(), err.reason(), &[], none)
     }
 }
 
 impl From<Denied> for Status {
     fn from(err: Denied) -> Self {
-        Status::permission_denied(err.0)
+        status(err.message, err.reason, &[], none)
     }
+}
+
+/// UNAVAILABLE: the database could not serve the call; retry after a while.
+pub(super) fn unavailable(message: impl Into<String>, reason: Reason) -> Status {
+    status(message, reason, &[], |details| {
+        details.set_retry_info(Some(RETRY_DATABASE));
+    })
+}
+
+/// UNAVAILABLE: this server is shutting down; another replica can serve.
+pub(super) fn shutting_down(message: impl Into<String>) -> Status {
+    status(message, Reason::ShuttingDown, &[], |details| {
+        details.set_retry_info(Some(Duration::ZERO));
+    })
+}
+
+/// RESOURCE_EXHAUSTED at a bound of `limit` (`quota` names it); retry with
+/// backoff.
+pub(super) fn exhausted(message: String, reason: Reason, quota: &str, limit: usize) -> Status {
+    let violation = QuotaViolation::new(quota, message.clone());
+    status(
+        message,
+        reason,
+        &[("limit", limit.to_string())],
+        |details| {
+            details
+                .set_retry_info(Some(RETRY_OVERLOAD))
+                .set_quota_failure(vec![violation]);
+        },
+    )
+}
+
+/// DEADLINE_EXCEEDED: the call's deadline ran out (or had before it began).
+pub(super) fn deadline_expired(message: impl Into<String>) -> Status {
+    status(message, Reason::DeadlineExpired, &[], none)
+}
+
+/// DEADLINE_EXCEEDED for a write that may have been applied.
+pub(super) fn in_doubt(message: impl Into<String>) -> Status {
+    status(message, Reason::WriteInDoubt, &[], none)
+}
+
+/// INTERNAL: a bug or an unexpected database answer; the message says no
+/// more than that.
+pub(super) fn internal(message: impl Into<String>) -> Status {
+    status(message, Reason::Internal, &[], none)
 }

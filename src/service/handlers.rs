@@ -109,7 +109,7 @@ impl<K: ApiKind> Handlers<K> {
         let answer = |id: &String| {
             encoded
                 .get(id)
-                .ok_or_else(|| Status::internal("a requested id was not answered"))
+                .ok_or_else(|| super::error::internal("a requested id was not answered"))
         };
         let mut total = 0;
         for id in &ids {

@@ -29,8 +29,8 @@ pub enum StoreError {
     Internal(String),
     /// A write whose result breaks its field's schema: each violation,
     /// `field/pointer: message`, joined by "; ".
-    #[error("{0}")]
-    SchemaViolation(String),
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    SchemaViolation(Vec<crate::schema::Violation>),
     /// SetSchema refused: stored values break the schema.
     #[error(
         "{} stored {} {} value(s) do not conform to the schema (ids: {}); change them first",
@@ -85,6 +85,10 @@ pub fn redact_url(url: &str) -> String {
         _ => url.to_owned(),
     }
 }
+
+/// The reason of an UNAVAILABLE write whose connection failed after it was
+/// sent, settled as certainly not applied.
+pub const NOT_APPLIED: &str = "lost the database connection; the write was not applied";
 
 impl StoreError {
     pub(crate) fn unavailable(reason: &'static str, detail: impl ToString) -> Self {

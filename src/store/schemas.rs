@@ -66,7 +66,7 @@ impl KindSchemas {
         violations.truncate(MAX_VIOLATIONS);
         match violations.is_empty() {
             true => Ok(()),
-            false => Err(StoreError::SchemaViolation(violations.join("; "))),
+            false => Err(StoreError::SchemaViolation(violations)),
         }
     }
 

@@ -67,6 +67,11 @@ pub(crate) fn session(sub: &str, org: Option<&str>) -> String {
     hs256(claims)
 }
 
+/// A session token that expired a minute ago.
+pub(crate) fn expired_session(sub: &str) -> String {
+    hs256(json!({"sub": sub, "exp": now() - 60, "iat": now() - 600}))
+}
+
 pub(crate) fn with_token<T>(message: T, token: Option<&str>) -> Request<T> {
     let mut request = Request::new(message);
     if let Some(token) = token {

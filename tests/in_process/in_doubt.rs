@@ -112,6 +112,8 @@ async fn a_write_cut_after_it_committed_while_the_database_stays_out_of_reach_ma
         status.message().contains("may have been applied"),
         "{status:?}"
     );
+    let info = tonic_types::StatusExt::get_details_error_info(&status).expect("an ErrorInfo");
+    assert_eq!(info.reason, "WRITE_IN_DOUBT");
 
     proxy.set_reachable(true);
     // The server's health follows the database back within its interval.
@@ -235,6 +237,11 @@ async fn cut_write(case: Case, how: Cut) {
                 status.code(),
                 Code::Unavailable,
                 "{case:?}: a write that certainly did not happen must say so: {status:?}"
+            );
+            let info = tonic_types::StatusExt::get_details_error_info(&status);
+            assert!(
+                info.is_some_and(|info| info.reason == "WRITE_NOT_APPLIED"),
+                "{case:?}: {status:?}"
             );
             assert_eq!(after, before, "{case:?}: the record changed");
             assert!(

@@ -42,6 +42,7 @@ mod auth;
 mod bad_input;
 mod batch_get;
 mod consumer_example;
+mod error_details;
 mod fuzz_corpus;
 mod in_doubt;
 mod integrity;

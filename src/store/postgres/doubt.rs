@@ -191,8 +191,5 @@ where
 
 /// A write that certainly did not commit: UNAVAILABLE, "retry".
 pub(in crate::store) fn not_applied(failure: impl std::fmt::Display) -> StoreError {
-    StoreError::unavailable(
-        "lost the database connection; the write was not applied",
-        failure,
-    )
+    StoreError::unavailable(crate::store::NOT_APPLIED, failure)
 }
