@@ -241,9 +241,55 @@ pub async fn run(invocation: Invocation) -> ExitCode {
         }
         Err(Failure::Rpc(status)) => {
             eprintln!("error: {:?}: {}", status.code(), status.message());
+            for line in details(&status) {
+                eprintln!("  {line}");
+            }
             ExitCode::from(64 + status.code() as u8)
         }
     }
+}
+
+/// The status's details, a line each, for a person reading stderr: the
+/// reason and its metadata, each invalid field, each failed precondition,
+/// when to retry. Nothing when it has none (or they do not decode).
+fn details(status: &Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    let Ok(details) = status.check_error_details() else {
+        return Vec::new();
+    };
+    let mut lines = Vec::new();
+    if let Some(info) = details.error_info() {
+        let mut metadata: Vec<_> = info.metadata.iter().collect();
+        metadata.sort();
+        let metadata: Vec<String> = metadata.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        lines.push(
+            format!("reason: {} {}", info.reason, metadata.join(" "))
+                .trim_end()
+                .to_owned(),
+        );
+    }
+    for violation in details
+        .bad_request()
+        .map_or(&[][..], |b| &b.field_violations)
+    {
+        lines.push(format!(
+            "field {}: {} ({})",
+            violation.field, violation.description, violation.reason
+        ));
+    }
+    for violation in details
+        .precondition_failure()
+        .map_or(&[][..], |p| &p.violations)
+    {
+        lines.push(format!(
+            "precondition {}: {}",
+            violation.subject, violation.description
+        ));
+    }
+    if let Some(delay) = details.retry_info().and_then(|r| r.retry_delay) {
+        lines.push(format!("retry after: {delay:?}"));
+    }
+    lines
 }
 
 /// An error and its sources, outermost first: tonic's own message is only

@@ -325,3 +325,198 @@ fn upper_snake(camel: &str) -> String {
     }
     out
 }
+
+/// The same details read from outside, by Python's grpcio-status, one call
+/// per status family (INTERNAL has no call that can provoke it; its
+/// mapping is the one function every status goes through).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_grpcio_status_reads_them() {
+    use metadata_service::proto::v1::DeleteUserMetadataRequest;
+    use prost::Message;
+    use serde_json::Value as Json;
+
+    fn call(method: &str, request: impl Message, metadata: &[(&str, &str)]) -> Json {
+        json!({
+            "method": format!("/metadata.v1.{method}"),
+            "request_hex": hex::encode(request.encode_to_vec()),
+            "metadata": metadata,
+        })
+    }
+    let get = |id: &str| GetUserMetadataRequest { user_id: id.into() };
+
+    // One server for what needs no special set-up, a locked database.
+    let mut s = start_with(Backend::Sqlite, |c| {
+        c.db_timeout = Duration::from_millis(500)
+    })
+    .await
+    .unwrap();
+    write(&mut s.users, "u", json!({"n": "text"})).await;
+    let calls = vec![
+        call("UserMetadataService/Get", get(""), &[]),
+        call(
+            "UserMetadataService/Delete",
+            DeleteUserMetadataRequest {
+                user_id: "u".into(),
+                expected_version: Some(4),
+            },
+            &[],
+        ),
+        call(
+            "MetadataSchemaService/SetSchema",
+            SetSchemaRequest {
+                kind: MetadataKind::User as i32,
+                field: MetadataField::Public as i32,
+                schema: Some(structure(
+                    &json!({"properties": {"n": {"type": "integer"}}}),
+                )),
+                validate_only: false,
+                expected_version: None,
+            },
+            &[],
+        ),
+    ];
+    let Some(mut answers) = python(s.addr, &calls).await else {
+        return;
+    };
+    let lock = crate::integrity::SqliteLock::take(&s).await;
+    let mut with_deadline = call(
+        "UserMetadataService/Merge",
+        merge("u", json!({"c": 1})),
+        &[],
+    );
+    // Shorter than --db-timeout: the server answers for the client's
+    // deadline, a little before it.
+    with_deadline["timeout"] = json!(0.3);
+    let locked = vec![
+        call(
+            "UserMetadataService/Merge",
+            merge("u", json!({"b": 1})),
+            &[],
+        ),
+        with_deadline,
+    ];
+    answers.extend(python(s.addr, &locked).await.unwrap());
+    lock.release().await;
+
+    let overloaded = start_with(Backend::Sqlite, |c| c.max_concurrent_requests = 0)
+        .await
+        .unwrap();
+    answers.extend(
+        python(
+            overloaded.addr,
+            &[call("UserMetadataService/Get", get("u"), &[])],
+        )
+        .await
+        .unwrap(),
+    );
+
+    let secured = start_with(Backend::Sqlite, |c| {
+        c.auth = authenticator(crate::auth::SECRET)
+    })
+    .await
+    .unwrap();
+    let token = format!("Bearer {}", session(USER, Some(ORG)));
+    answers.extend(
+        python(
+            secured.addr,
+            &[
+                call("UserMetadataService/Get", get(USER), &[]),
+                call(
+                    "UserMetadataService/Get",
+                    get("another"),
+                    &[("authorization", &token)],
+                ),
+            ],
+        )
+        .await
+        .unwrap(),
+    );
+
+    let expected = [
+        ("INVALID_ARGUMENT", "EMPTY_ID"),
+        ("ABORTED", "VERSION_MISMATCH"),
+        ("FAILED_PRECONDITION", "NONCONFORMING_DOCUMENTS"),
+        ("UNAVAILABLE", "DATABASE_TIMEOUT"),
+        ("DEADLINE_EXCEEDED", "DEADLINE_EXPIRED"),
+        ("RESOURCE_EXHAUSTED", "TOO_MANY_REQUESTS"),
+        ("UNAUTHENTICATED", "MISSING_CREDENTIALS"),
+        ("PERMISSION_DENIED", "NOT_OWN_RECORD"),
+    ];
+    assert_eq!(answers.len(), expected.len(), "{answers:#?}");
+    for (answer, (code, reason)) in answers.iter().zip(expected) {
+        assert_eq!(answer["code"], code, "{answer}");
+        let info = answer["details"]
+            .as_array()
+            .and_then(|d| d.iter().find(|d| d["type"] == "ErrorInfo"))
+            .unwrap_or_else(|| panic!("no ErrorInfo: {answer}"));
+        assert_eq!(info["reason"], reason, "{answer}");
+        assert_eq!(info["domain"], DOMAIN, "{answer}");
+    }
+    let kinds = |i: usize| -> Vec<String> {
+        answers[i]["details"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["type"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(answers[0]["details"][1]["fields"][0]["field"], "user_id");
+    assert_eq!(answers[1]["details"][0]["metadata"]["current_version"], "1");
+    assert!(kinds(2).contains(&"PreconditionFailure".to_owned()));
+    assert!(kinds(3).contains(&"RetryInfo".to_owned()));
+    assert!(kinds(5).contains(&"QuotaFailure".to_owned()));
+}
+
+/// Runs `calls` against `addr` through `tests/fixtures/status_details.py`;
+/// None (with the reason printed) when Python lacks grpcio or
+/// grpcio-status, unless METADATA_REQUIRE_GRPCIO is set.
+async fn python(
+    addr: std::net::SocketAddr,
+    calls: &[serde_json::Value],
+) -> Option<Vec<serde_json::Value>> {
+    use tokio::io::AsyncWriteExt;
+    let probe = tokio::process::Command::new("python3")
+        .args(["-c", "import grpc, grpc_status"])
+        .output()
+        .await;
+    if !probe.as_ref().is_ok_and(|out| out.status.success()) {
+        assert!(
+            std::env::var_os("METADATA_REQUIRE_GRPCIO").is_none(),
+            "METADATA_REQUIRE_GRPCIO is set but python3 cannot import grpc and grpc_status: \
+             {probe:?}"
+        );
+        eprintln!("skipped: pip install grpcio grpcio-status");
+        return None;
+    }
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/status_details.py"
+    );
+    let mut child = tokio::process::Command::new("python3")
+        .arg(script)
+        .arg(addr.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run python3");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(serde_json::to_string(calls).unwrap().as_bytes())
+        .await
+        .unwrap();
+    drop(stdin);
+    let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .expect("the Python client finishes")
+        .unwrap();
+    assert!(out.status.success(), "status_details.py failed: {out:?}");
+    Some(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("a JSON line"))
+            .collect(),
+    )
+}

@@ -375,10 +375,10 @@ async fn postgres_a_write_overtaken_after_its_read_builds_on_the_newer_row() {
 }
 
 /// Holds SQLite's write lock from another connection until dropped.
-struct SqliteLock(DatabaseConnection);
+pub(crate) struct SqliteLock(DatabaseConnection);
 
 impl SqliteLock {
-    async fn take(s: &TestServer) -> SqliteLock {
+    pub(crate) async fn take(s: &TestServer) -> SqliteLock {
         let db = s.db.connect().await;
         db.execute_unprepared("BEGIN EXCLUSIVE")
             .await
@@ -386,7 +386,7 @@ impl SqliteLock {
         SqliteLock(db)
     }
 
-    async fn release(self) {
+    pub(crate) async fn release(self) {
         self.0.execute_unprepared("ROLLBACK").await.unwrap();
         self.0.close().await.ok();
     }

@@ -340,12 +340,27 @@ async fn grpc_errors_print_the_code_and_exit_64_plus_it() {
         stderr.starts_with("error: InvalidArgument: user_id"),
         "{stderr}"
     );
+    // The details follow the message: the reason and the field.
+    assert!(
+        stderr.contains("\n  reason: EMPTY_ID field=user_id\n"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("\n  field user_id: must not be empty (EMPTY_ID)"),
+        "{stderr}"
+    );
+    merge(&s, "user", "user_1", r#"{"a":1}"#);
     let out = cli(
         &s,
         &["user", "delete", "user_1", "--expected-version", "4"],
         None,
     );
     assert_eq!(out.status.code(), Some(64 + 10), "ABORTED: {out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("reason: VERSION_MISMATCH current_version=1 expected_version=4"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
