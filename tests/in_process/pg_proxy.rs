@@ -585,7 +585,8 @@ async fn copy(
 /// Where the database server of `url` listens (TCP only: the proxy
 /// forwards TCP).
 pub fn upstream(url: &str) -> (String, u16) {
-    let options: sqlx::postgres::PgConnectOptions = url.parse().expect("a postgres:// URL");
+    let options: sea_orm::sqlx::postgres::PgConnectOptions =
+        url.parse().expect("a postgres:// URL");
     assert!(
         options.get_socket().is_none(),
         "TEST_DATABASE_URL must name a TCP host for this test, not a Unix socket"

@@ -23,17 +23,16 @@ pub struct ServerProcess {
 
 /// The `metadata-service` binary next to this one (same cargo profile).
 pub fn sibling_binary() -> anyhow::Result<PathBuf> {
-    // The bench is an example: target/<profile>/examples/bench, the
-    // server target/<profile>/metadata-service.
+    // Both are binaries of the workspace: target/<profile>/bench and
+    // target/<profile>/metadata-service.
     let me = std::env::current_exe()?;
     let profile_dir = me
         .parent()
-        .and_then(|examples| examples.parent())
         .ok_or_else(|| anyhow::anyhow!("cannot place {}", me.display()))?;
     let path = profile_dir.join("metadata-service");
     if !path.exists() {
         bail!(
-            "{} not found: build it first (cargo build --release --bins --example bench) \
+            "{} not found: build it first (cargo build --release --workspace --bins) \
              or pass --server-bin",
             path.display()
         );

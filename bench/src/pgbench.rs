@@ -139,7 +139,7 @@ pub fn script() -> String {
     let take_revision = metadata_service::store::take_revision_sql();
     format!(
         r#"-- metadata-service bench: the raw-sql merge on Postgres, no NOTIFY
--- (examples/bench/load.rs, raw_merge_postgres). Run with -M prepared -D ids=N.
+-- (bench/src/load.rs, raw_merge_postgres). Run with -M prepared -D ids=N.
 -- The bench seeds ids bench_0 .. bench_{{N-1}}; a patch is 3 keys, each a
 -- random value in 0..1000000 (load.rs, patch).
 \set id random(0, :ids - 1)
