@@ -13,6 +13,9 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto ./proto
 COPY src ./src
+# The workspace's other member: cargo reads its manifest and targets to
+# load the workspace, though this build compiles none of it.
+COPY bench ./bench
 # .git stays out of the context (.dockerignore), so build.rs cannot ask git
 # which commit this is: `--version` and metadata_build_info say "unknown"
 # unless the build argument names it.
