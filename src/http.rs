@@ -33,15 +33,24 @@ pub struct HttpServer {
     pub task: JoinHandle<()>,
 }
 
+/// Binds the metrics port; done before anything slow (connecting to the
+/// database, migrations), so that a port in use fails the start at once.
+pub async fn bind(listen: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(listen).await.with_context(|| {
+        format!(
+            "cannot listen on {listen} for metrics (/metrics, /healthz, /readyz): choose \
+             another address with --metrics-listen (METADATA_METRICS_LISTEN), or \
+             --metrics-listen off"
+        )
+    })
+}
+
 pub async fn serve(
-    listen: SocketAddr,
+    listener: TcpListener,
     metrics: Arc<Metrics>,
     ready: Readiness,
     draining: CancellationToken,
 ) -> anyhow::Result<HttpServer> {
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen} for metrics"))?;
     let addr = listener.local_addr()?;
     let router = Router::new()
         .route("/metrics", get(metrics_text))

@@ -209,13 +209,23 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
     }
     let mut builder = builder.layer(RequestLayer::new(metrics.clone()));
     log_configuration(config);
+    // The ports first: a port in use fails the start at once, before the
+    // database is connected to and migrated.
+    let listener = TcpListener::bind(config.listen).await.with_context(|| {
+        format!(
+            "cannot listen on {} for gRPC: choose another address with --listen \
+             (METADATA_LISTEN)",
+            config.listen
+        )
+    })?;
+    let addr = listener.local_addr()?;
+    let http_listener = match config.metrics_listen {
+        Some(listen) => Some(crate::http::bind(listen).await?),
+        None => None,
+    };
     let store = Store::open(&config.database_url, &config.store).await?;
     store.instrument(metrics.db_acquire.clone(), metrics.write_group_size.clone());
     let store = Arc::new(store);
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let addr = listener.local_addr()?;
 
     let shutdown = CancellationToken::new();
     let broker = Broker::start(
@@ -265,10 +275,10 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         config.db_health_interval,
         shutdown.clone(),
     ));
-    let http = match config.metrics_listen {
-        Some(listen) => Some(
+    let http = match http_listener {
+        Some(listener) => Some(
             crate::http::serve(
-                listen,
+                listener,
                 metrics.clone(),
                 db_readiness(db_health.clone()),
                 shutdown.clone(),

@@ -216,7 +216,8 @@ pub async fn start_process(config: RelayProcessConfig) -> anyhow::Result<Running
                     Err("relay paused: NATS or the database is unreachable")
                 }
             });
-            Some(crate::http::serve(listen, metrics.clone(), ready, shutdown.clone()).await?)
+            let listener = crate::http::bind(listen).await?;
+            Some(crate::http::serve(listener, metrics.clone(), ready, shutdown.clone()).await?)
         }
         None => None,
     };

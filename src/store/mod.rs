@@ -117,9 +117,10 @@ impl Store {
     /// server and the relay do first.
     pub async fn open(url: &str, options: &StoreOptions) -> anyhow::Result<Self> {
         use anyhow::Context;
-        let store = Store::connect(url, options)
-            .await
-            .context("cannot connect to the database")?;
+        let store = match Store::connect(url, options).await {
+            Ok(store) => store,
+            Err(err) => anyhow::bail!("{}", connect_failure(url, options, &err).await),
+        };
         store
             .migrate()
             .await
@@ -127,6 +128,7 @@ impl Store {
         Ok(store)
     }
 
+    /// Connects to the database, without migrating.
     pub async fn connect(url: &str, options: &StoreOptions) -> Result<Self, StoreError> {
         let mut connect = ConnectOptions::new(url);
         connect
@@ -322,4 +324,37 @@ impl Store {
             .committed_here
             .load(std::sync::atomic::Ordering::SeqCst)
     }
+}
+
+/// Why the database at `url` cannot be used, once, in words a person can
+/// act on. The pool only says that it timed out waiting for a connection,
+/// which hides the cause (refused, no such database, bad password): one
+/// connection is made alone to learn it.
+async fn connect_failure(url: &str, options: &StoreOptions, pool: &StoreError) -> String {
+    use sea_orm::sqlx::{Connection, PgConnection, SqliteConnection};
+    let alone = async {
+        if url.starts_with("postgres") {
+            PgConnection::connect(url).await?.close().await
+        } else if url.starts_with("sqlite") {
+            SqliteConnection::connect(url).await?.close().await
+        } else {
+            Err(sea_orm::sqlx::Error::Configuration(
+                "the URL must start with postgres:// or sqlite:".into(),
+            ))
+        }
+    };
+    let cause = match tokio::time::timeout(options.connect_timeout, alone).await {
+        Err(_) => format!("no answer within {:?}", options.connect_timeout),
+        Ok(Err(sea_orm::sqlx::Error::Database(db))) => db.message().to_owned(),
+        Ok(Err(sea_orm::sqlx::Error::Io(io))) => io.to_string(),
+        Ok(Err(other)) => other.to_string(),
+        // Alone it connects: the pool's own error is the one to show.
+        Ok(Ok(())) => pool.to_string(),
+    };
+    let url = redact_url(url);
+    format!(
+        "cannot connect to the database at {url}: {cause}; check that it is running and \
+         that --database-url (METADATA_DATABASE_URL) names it",
+        cause = cause.replace(&url, "<url>"),
+    )
 }

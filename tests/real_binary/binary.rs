@@ -169,9 +169,10 @@ async fn bad_database_url_is_one_error_line() {
         let run = run_bin(dir.path(), args).await;
         let line = assert_one_line_error(&run);
         assert!(
-            line.starts_with("error: cannot connect to the database: "),
+            line.starts_with("error: cannot connect to the database at nonsense://x: "),
             "{args:?}: {run:?}"
         );
+        assert!(line.contains("postgres:// or sqlite:"), "{args:?}: {run:?}");
     }
     // A SQLite file in a missing directory is a start-up error too.
     let missing = dir.path().join("no/such/dir");
@@ -198,10 +199,17 @@ async fn unreachable_postgres_fails_within_connect_timeout() {
         )
         .await;
         let line = assert_one_line_error(&run);
+        // Once, where, why, and what to check (issue 28): not the pool's
+        // "timed out while waiting for an open connection".
         assert!(
-            line.starts_with("error: cannot connect to the database: "),
+            line.starts_with(
+                "error: cannot connect to the database at postgres://postgres@127.0.0.1:1/x: "
+            ),
             "{run:?}"
         );
+        assert!(line.contains("Connection refused"), "{run:?}");
+        assert!(line.contains("--database-url"), "{run:?}");
+        assert_eq!(line.matches("cannot connect").count(), 1, "{run:?}");
         // 2 s to give up, plus slack for a loaded machine; far below the
         // default 5 s timeout plus slack, so the flag is honoured.
         assert!(
@@ -209,6 +217,51 @@ async fn unreachable_postgres_fails_within_connect_timeout() {
             "{command}: {run:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_missing_postgres_database_is_named() {
+    let Some(db) = crate::common::TestDb::create(crate::common::Backend::Postgres).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (base, _) = db.url().rsplit_once('/').unwrap();
+    let url = format!("{base}/no_such_database_here");
+    let run = run_bin(dir.path(), &["migrate", "--database-url", &url]).await;
+    let line = assert_one_line_error(&run);
+    assert!(
+        line.contains(r#"database "no_such_database_here" does not exist"#),
+        "{run:?}"
+    );
+    assert!(!line.contains("at line"), "{run:?}");
+}
+
+#[tokio::test]
+async fn a_metrics_port_in_use_is_named_before_the_database_is_touched() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("m.db");
+    let run = run_bin(
+        dir.path(),
+        &[
+            "--database-url",
+            &sqlite_url(dir.path()),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            &port,
+        ],
+    )
+    .await;
+    let line = assert_one_line_error(&run);
+    assert!(
+        line.contains(&format!("cannot listen on {port}")),
+        "{run:?}"
+    );
+    assert!(line.contains("--metrics-listen off"), "{run:?}");
+    // Refused before the database was opened, let alone migrated.
+    assert!(!db.exists(), "{run:?}");
 }
 
 /// Asserts that `url` holds exactly the applied migrations and a `metadata`
