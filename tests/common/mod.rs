@@ -77,9 +77,7 @@ pub struct PgDatabase {
 impl PgDatabase {
     async fn create(admin_url: String) -> PgDatabase {
         let name = format!("mdtest_{}", uuid::Uuid::new_v4().simple());
-        let admin = Database::connect(&admin_url)
-            .await
-            .expect("connect to TEST_DATABASE_URL");
+        let (admin, admin_url) = connect_admin(admin_url).await;
         admin
             .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
             .await
@@ -116,6 +114,31 @@ impl Drop for PgDatabase {
             });
         })
         .join();
+    }
+}
+
+/// A connection to create test databases from: TEST_DATABASE_URL's
+/// database or, when that one does not exist (a fresh server has no
+/// `test`), the same server's `postgres` database; and the URL used. A
+/// server that cannot be reached is one line saying so.
+async fn connect_admin(url: String) -> (sea_orm::DatabaseConnection, String) {
+    let shown = metadata_service::store::redact_url(&url);
+    match Database::connect(&url).await {
+        Ok(admin) => (admin, url),
+        Err(err) if err.to_string().contains("does not exist") => {
+            let fallback = with_database(&url, "postgres");
+            match Database::connect(&fallback).await {
+                Ok(admin) => (admin, fallback),
+                Err(err) => panic!(
+                    "TEST_DATABASE_URL ({shown}) names a database that does not exist, and the \
+                     server's `postgres` database cannot be used instead: {err}"
+                ),
+            }
+        }
+        Err(err) => panic!(
+            "cannot connect to TEST_DATABASE_URL ({shown}): {err}; start PostgreSQL, or \
+             point TEST_DATABASE_URL at a running server"
+        ),
     }
 }
 
