@@ -351,6 +351,11 @@ fn write_parts<K: ApiKind, T>(
 
 /// All of standard input, for `--flag -`.
 fn read_stdin(flag: &str) -> Result<String, Failure> {
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() {
+        // Otherwise it would look as if the command hung.
+        eprintln!("--{flag}: reading JSON from standard input; end it with Ctrl-D");
+    }
     let mut input = String::new();
     std::io::stdin()
         .read_to_string(&mut input)

@@ -5,7 +5,7 @@
 //! How the README is played:
 //! - Each command runs in bash (with `pipefail`) in one scratch directory,
 //!   the reader's working directory. The harness has put there the files the
-//!   README assumes the reader has: `private.json`, `clerk-public.pem` (with
+//!   README assumes the reader has: `clerk-public.pem` (with
 //!   a matching `$SESSION_JWT`), `ca.pem`, `server.pem`, `server-key.pem`,
 //!   `clients-ca.pem`, `client.pem`, `client-key.pem`. Shell variables a
 //!   command assigns (`KEY=...`) carry over to later commands.
@@ -398,7 +398,6 @@ impl Reader {
         path.push(std::env::var_os("PATH").unwrap_or_default());
 
         let files = dir.path();
-        std::fs::write(files.join("private.json"), r#"{"stripe_id":"cus_1"}"#).unwrap();
         std::fs::write(
             files.join("clerk-public.pem"),
             include_str!("../fixtures/jwt-rsa-public.pem"),
