@@ -114,13 +114,17 @@ impl From<StoreError> for Status {
             }
             StoreError::Unavailable { reason, detail } => {
                 tracing::warn!(error = %detail, "database unavailable");
-                // A write settled as not applied says so in its reason.
-                let code = if reason == crate::store::NOT_APPLIED {
-                    Reason::WriteNotApplied
-                } else {
-                    Reason::DatabaseUnavailable
-                };
-                unavailable(format!("{reason}; retry later"), code)
+                unavailable(
+                    format!("{reason}; retry later"),
+                    Reason::DatabaseUnavailable,
+                )
+            }
+            StoreError::NotApplied { detail } => {
+                tracing::warn!(error = %detail, "write settled as not applied");
+                unavailable(
+                    "lost the database connection; the write was not applied; retry later",
+                    Reason::WriteNotApplied,
+                )
             }
             StoreError::InDoubt { detail } => {
                 tracing::warn!(error = %detail, "write outcome unknown");

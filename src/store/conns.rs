@@ -245,7 +245,10 @@ impl Reuse for StoreError {
     fn leaves_usable(&self) -> bool {
         !matches!(
             self,
-            StoreError::Unavailable { .. } | StoreError::ReadOnly(_)
+            StoreError::Unavailable { .. }
+                | StoreError::NotApplied { .. }
+                | StoreError::InDoubt { .. }
+                | StoreError::ReadOnly(_)
         )
     }
 }

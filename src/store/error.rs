@@ -17,6 +17,10 @@ pub enum StoreError {
         reason: &'static str,
         detail: String,
     },
+    /// A write whose connection failed after it was sent, settled as
+    /// certainly not applied (UNAVAILABLE: retry). `detail` is for logs.
+    #[error("lost the database connection; the write was not applied: {detail}")]
+    NotApplied { detail: String },
     /// A write whose connection failed after it was sent, and whose outcome
     /// could not be learned since (the database stayed out of reach): it
     /// may have been applied. `detail` is for logs.
@@ -61,6 +65,9 @@ impl StoreError {
             StoreError::InDoubt { detail } => StoreError::InDoubt {
                 detail: scrub(detail),
             },
+            StoreError::NotApplied { detail } => StoreError::NotApplied {
+                detail: scrub(detail),
+            },
             other => other,
         }
     }
@@ -85,10 +92,6 @@ pub fn redact_url(url: &str) -> String {
         _ => url.to_owned(),
     }
 }
-
-/// The reason of an UNAVAILABLE write whose connection failed after it was
-/// sent, settled as certainly not applied.
-pub const NOT_APPLIED: &str = "lost the database connection; the write was not applied";
 
 impl StoreError {
     pub(crate) fn unavailable(reason: &'static str, detail: impl ToString) -> Self {

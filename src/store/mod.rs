@@ -41,7 +41,7 @@ use sea_orm::{ConnectOptions, Database, DatabaseBackend};
 use sea_orm_migration::MigratorTrait;
 use tracing::Instrument;
 
-pub use error::{NOT_APPLIED, StoreError, redact_url};
+pub use error::{StoreError, redact_url};
 pub use log::Claim;
 pub use postgres::{
     ANNOUNCER_APPLICATION_NAME, AnnouncerState, CommitAnnouncer, CommitListener, Heard,

@@ -191,5 +191,7 @@ where
 
 /// A write that certainly did not commit: UNAVAILABLE, "retry".
 pub(in crate::store) fn not_applied(failure: impl std::fmt::Display) -> StoreError {
-    StoreError::unavailable(crate::store::NOT_APPLIED, failure)
+    StoreError::NotApplied {
+        detail: failure.to_string(),
+    }
 }
