@@ -28,6 +28,14 @@ impl Kind {
     }
 
     /// Name of the id field in requests, used in error messages.
+    /// The metadata fields records of this kind have.
+    pub const fn fields(self) -> &'static [Field] {
+        match self {
+            Kind::User => &Field::ALL,
+            Kind::Organization => &[Field::Public, Field::Private],
+        }
+    }
+
     pub const fn id_field(self) -> &'static str {
         match self {
             Kind::User => "user_id",
@@ -172,6 +180,16 @@ pub struct DeleteCommand {
     pub expected_version: Option<u64>,
 }
 
+/// A Restore request after conversion from protobuf: put back the record's
+/// fields as they were right after `revision`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestoreCommand {
+    pub kind: Kind,
+    pub id: String,
+    pub revision: u64,
+    pub expected_version: Option<u64>,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChangeType {
     Merged,
@@ -208,6 +226,18 @@ pub struct Event {
     pub before: Record,
     pub after: Record,
     pub committed_at: DateTime<Utc>,
+    pub origin: Origin,
+}
+
+/// Who made a change, as its event records it. Never a credential: an API
+/// key by its name, a frontend token by its `sub`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// `key:<api key name>`, `frontend:<sub>`, or empty (a server without
+    /// credentials, or an event written before actors were recorded).
+    pub actor: String,
+    /// The W3C trace id of the call, empty when it carried none.
+    pub trace_id: String,
 }
 
 impl Event {

@@ -164,6 +164,17 @@ fn server_fault(code: Code) -> bool {
     )
 }
 
+/// The trace id of the call's W3C `traceparent` header, empty when it has
+/// none or one that is not valid (an event records it, never the rest).
+pub fn trace_id(headers: &http::HeaderMap) -> String {
+    headers
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|text| check_traceparent(text).ok())
+        .and_then(|text| text.split('-').nth(1).map(str::to_owned))
+        .unwrap_or_default()
+}
+
 /// Checks a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`, lower case,
 /// ids not all zero), as the CLI sends it.
 pub fn check_traceparent(text: &str) -> Result<String, String> {
@@ -216,6 +227,21 @@ mod tests {
         );
         assert!(sampler(Some("traceidratio"), Some("2")).is_err());
         assert!(sampler(Some("traceidratio"), Some("half")).is_err());
+    }
+
+    #[test]
+    fn the_trace_id_is_taken_from_a_valid_traceparent_only() {
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(trace_id(&headers), "");
+        headers.insert(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(trace_id(&headers), "0af7651916cd43dd8448eb211c80319c");
+        headers.insert("traceparent", "00-zz-b7ad6b7169203331-01".parse().unwrap());
+        assert_eq!(trace_id(&headers), "");
     }
 
     #[test]

@@ -66,6 +66,9 @@ reasons! {
     /// A write whose result breaks its field's schema: one violation per
     /// schema error, `field/pointer`.
     SchemaViolation => "SCHEMA_VIOLATION", InvalidArgument;
+    // OUT_OF_RANGE
+    /// A read at a revision the log has not reached yet.
+    RevisionNotReached => "REVISION_NOT_REACHED", OutOfRange;
     // ABORTED
     VersionMismatch => "VERSION_MISMATCH", Aborted;
     // FAILED_PRECONDITION

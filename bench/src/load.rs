@@ -208,7 +208,10 @@ pub async fn service_seeded(
                 users.merge(request).await.map(drop)
             } else {
                 users
-                    .get(GetUserMetadataRequest { user_id })
+                    .get(GetUserMetadataRequest {
+                        user_id,
+                        revision: None,
+                    })
                     .await
                     .map(drop)
             }

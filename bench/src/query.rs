@@ -358,7 +358,10 @@ async fn service_loop(
                 Call::Get => {
                     let user_id = ids.into_iter().next().unwrap_or_default();
                     let record = users
-                        .get(GetUserMetadataRequest { user_id })
+                        .get(GetUserMetadataRequest {
+                            user_id,
+                            revision: None,
+                        })
                         .await
                         .map_err(status)?
                         .into_inner();
@@ -369,7 +372,10 @@ async fn service_loop(
                 Call::BatchGet => {
                     let asked = ids.len();
                     let got = users
-                        .batch_get(BatchGetUserMetadataRequest { user_ids: ids })
+                        .batch_get(BatchGetUserMetadataRequest {
+                            user_ids: ids,
+                            revision: None,
+                        })
                         .await
                         .map_err(status)?
                         .into_inner();

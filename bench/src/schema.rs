@@ -665,7 +665,13 @@ async fn timed_set(
             while !stop.load(Ordering::Relaxed) {
                 let user_id = id(rand::random_range(0..documents));
                 let started = Instant::now();
-                match users.get(GetUserMetadataRequest { user_id }).await {
+                match users
+                    .get(GetUserMetadataRequest {
+                        user_id,
+                        revision: None,
+                    })
+                    .await
+                {
                     Ok(_) => latency.saturating_record(started.elapsed().as_micros() as u64),
                     Err(_) => errors += 1,
                 }

@@ -163,6 +163,7 @@ async fn resync(
         let user = users
             .get(GetUserMetadataRequest {
                 user_id: user_id.clone(),
+                revision: None,
             })
             .await?
             .into_inner();

@@ -35,9 +35,9 @@ use prost_types::{Struct, Value as ProtoValue};
 use crate::auth::{Action, FieldSet, Operation};
 use crate::convert::{Shown, TreeConvert, timestamp};
 use crate::events::{WatchItem, WatchRequest};
-use crate::model::{DeleteCommand, Event, Field, Kind, Mode, WriteCommand};
+use crate::model::{DeleteCommand, Event, Field, Kind, Mode, RestoreCommand, WriteCommand};
 use crate::proto::v1::{self as pb, WatchProgress};
-use crate::query::{ListQuery, parse_filter};
+use crate::query::{HistoryQuery, ListQuery, parse_filter};
 use crate::validation::ValidationError;
 use prost_types::Timestamp;
 
@@ -120,6 +120,8 @@ pub struct EventView {
     pub before: Option<RecordView>,
     pub after: Option<RecordView>,
     pub committed_at: Option<Timestamp>,
+    pub actor: String,
+    pub trace_id: String,
 }
 
 /// One kind's API. Implemented by [`Users`] and [`Organizations`].
@@ -144,30 +146,48 @@ pub trait ApiKind: Sized + Send + Sync + 'static {
     type BatchGot: Message + Send + 'static;
     type List: Message + Default + Send + 'static;
     type Listed: Message + Send + 'static;
+    type History: Message + Default + Send + 'static;
+    type HistoryPage: Message + Send + 'static;
+    type Restore: Message + Default + Send + 'static;
 
     // Requests taken apart (the server).
-    fn get(request: Self::Get) -> String;
+    /// The id, and the revision to read at when one is asked.
+    fn get(request: Self::Get) -> (String, Option<u64>);
     fn merge(request: Self::Merge) -> WriteParts<Struct>;
     fn replace(request: Self::Replace) -> WriteParts<ProtoValue>;
     fn delete(request: Self::Delete) -> DeleteCommand;
     /// Fails on a filter that does not parse.
     fn watch(request: Self::Watch) -> Result<WatchRequest, ValidationError>;
-    fn batch_get(request: Self::BatchGet) -> Vec<String>;
+    fn batch_get(request: Self::BatchGet) -> (Vec<String>, Option<u64>);
     /// Fails on a bad filter, page size or page token.
     fn list(request: Self::List) -> Result<ListQuery, ValidationError>;
+    /// Fails on a bad id, page size or page token.
+    fn history(request: Self::History) -> Result<HistoryQuery, ValidationError>;
+    fn restore(request: Self::Restore) -> RestoreCommand;
 
     // Responses built (the server).
     fn deleted(existed: bool) -> Self::Deleted;
     /// A record as the caller may see it.
     fn record(shown: Shown) -> Self::Record;
     fn watch_response(item: WatchItem) -> Self::WatchResponse;
-    /// An event of this kind as its message.
-    fn event(event: &Event) -> Self::Event;
+    /// An event of this kind as its message, as a caller that sees
+    /// `fields` may: the others are unset in before and after and left out
+    /// of changed_fields.
+    fn shown_event(event: &Event, fields: FieldSet) -> Self::Event;
+    /// An event of this kind as its message, whole (backend callers, relays).
+    fn event(event: &Event) -> Self::Event {
+        Self::shown_event(event, FieldSet::ALL)
+    }
     fn batch_got(records: Vec<Self::Record>, revision: u64) -> Self::BatchGot;
     fn listed(records: Vec<Self::Record>, next_page_token: String, revision: u64) -> Self::Listed;
+    fn history_page(
+        events: Vec<Self::Event>,
+        next_page_token: String,
+        oldest_revision: u64,
+    ) -> Self::HistoryPage;
 
     // Requests built and responses taken apart (the client).
-    fn get_request(id: String) -> Self::Get;
+    fn get_request(id: String, revision: Option<u64>) -> Self::Get;
     /// `parts.unsafe_` is dropped for a kind without unsafe metadata.
     fn merge_request(parts: WriteParts<Struct>) -> Self::Merge;
     fn replace_request(parts: WriteParts<ProtoValue>) -> Self::Replace;
@@ -178,16 +198,27 @@ pub trait ApiKind: Sized + Send + Sync + 'static {
         progress_notify: bool,
         filter: String,
     ) -> Self::Watch;
-    fn batch_get_request(ids: Vec<String>) -> Self::BatchGet;
+    fn batch_get_request(ids: Vec<String>, revision: Option<u64>) -> Self::BatchGet;
     fn list_request(filter: String, page_size: i32, page_token: String) -> Self::List;
+    fn history_request(
+        id: String,
+        page_size: i32,
+        page_token: String,
+        oldest_first: bool,
+    ) -> Self::History;
+    fn restore_request(id: String, revision: u64, expected_version: Option<u64>) -> Self::Restore;
     fn existed(response: Self::Deleted) -> bool;
     /// The records of a BatchGet response, and its revision.
     fn batch_got_view(response: Self::BatchGot) -> (Vec<RecordView>, u64);
     /// The records of a List page, its next page token and its revision.
     fn listed_view(response: Self::Listed) -> (Vec<RecordView>, String, u64);
+    /// The events of a history page, its next page token and the oldest
+    /// revision the log holds.
+    fn history_view(response: Self::HistoryPage) -> (Vec<EventView>, String, u64);
     fn record_view(record: Self::Record) -> RecordView;
     /// The event of a Watch response; None for progress.
     fn event_view(response: Self::WatchResponse) -> Option<EventView>;
+    fn event_message_view(event: Self::Event) -> EventView;
 
     /// A Merge request as the command it asks for.
     fn merge_command(request: Self::Merge) -> Result<WriteCommand, ValidationError> {
@@ -206,10 +237,11 @@ pub struct Users;
 /// The organization API (`metadata.v1.OrganizationMetadataService`).
 pub struct Organizations;
 
-fn changed_fields(event: &Event) -> Vec<String> {
+fn changed_fields(event: &Event, fields: FieldSet) -> Vec<String> {
     event
         .changed_fields
         .iter()
+        .filter(|f| fields.contains(**f))
         .map(|f| f.name().to_owned())
         .collect()
 }
@@ -277,7 +309,8 @@ macro_rules! api_kind {
         delete: $delete:ident, deleted: $deleted:ident, watch: $watch:ident,
         watch_response: $watch_response:ident :: $response_module:ident, event: $event:ident,
         batch_get: $batch_get:ident, batch_got: $batch_got:ident, list: $list:ident,
-        listed: $listed:ident, records: $records:ident,
+        listed: $listed:ident, history: $history:ident, history_page: $history_page:ident,
+        restore: $restore:ident, records: $records:ident,
         id: $id:ident, ids: $ids:ident $(, unsafe: $unsafe:ident)?
     ) => {
         impl ApiKind for $api {
@@ -299,10 +332,13 @@ macro_rules! api_kind {
             type BatchGot = pb::$batch_got;
             type List = pb::$list;
             type Listed = pb::$listed;
+            type History = pb::$history;
+            type HistoryPage = pb::$history_page;
+            type Restore = pb::$restore;
 
-            fn get(request: Self::Get) -> String {
-                let pb::$get { $id } = request;
-                $id
+            fn get(request: Self::Get) -> (String, Option<u64>) {
+                let pb::$get { $id, revision } = request;
+                ($id, revision)
             }
 
             fn merge(request: Self::Merge) -> WriteParts<Struct> {
@@ -338,9 +374,9 @@ macro_rules! api_kind {
                 })
             }
 
-            fn batch_get(request: Self::BatchGet) -> Vec<String> {
-                let pb::$batch_get { $ids } = request;
-                $ids
+            fn batch_get(request: Self::BatchGet) -> (Vec<String>, Option<u64>) {
+                let pb::$batch_get { $ids, revision } = request;
+                ($ids, revision)
             }
 
             fn list(request: Self::List) -> Result<ListQuery, ValidationError> {
@@ -350,6 +386,30 @@ macro_rules! api_kind {
                     page_token,
                 } = request;
                 ListQuery::new(Self::KIND, Self::FIELDS, filter, page_size, &page_token)
+            }
+
+            fn history(request: Self::History) -> Result<HistoryQuery, ValidationError> {
+                let pb::$history {
+                    $id,
+                    page_size,
+                    page_token,
+                    oldest_first,
+                } = request;
+                HistoryQuery::new(Self::KIND, $id, page_size, &page_token, oldest_first)
+            }
+
+            fn restore(request: Self::Restore) -> RestoreCommand {
+                let pb::$restore {
+                    $id,
+                    revision,
+                    expected_version,
+                } = request;
+                RestoreCommand {
+                    kind: Self::KIND,
+                    id: $id,
+                    revision,
+                    expected_version,
+                }
             }
 
             fn batch_got(records: Vec<Self::Record>, revision: u64) -> Self::BatchGot {
@@ -368,6 +428,18 @@ macro_rules! api_kind {
                     $records: records,
                     next_page_token,
                     revision,
+                }
+            }
+
+            fn history_page(
+                events: Vec<Self::Event>,
+                next_page_token: String,
+                oldest_revision: u64,
+            ) -> Self::HistoryPage {
+                pb::$history_page {
+                    events,
+                    next_page_token,
+                    oldest_revision,
                 }
             }
 
@@ -401,20 +473,28 @@ macro_rules! api_kind {
                 }
             }
 
-            fn event(event: &Event) -> Self::Event {
+            fn shown_event(event: &Event, fields: FieldSet) -> Self::Event {
+                let shown = |record: &crate::model::Record| {
+                    Self::record(Shown {
+                        record: record.clone(),
+                        fields,
+                    })
+                };
                 pb::$event {
                     revision: event.revision,
                     change_type: change_type(event),
                     $id: event.id().to_owned(),
-                    changed_fields: changed_fields(event),
-                    before: Some(Self::record(Shown::all(event.before.clone()))),
-                    after: Some(Self::record(Shown::all(event.after.clone()))),
+                    changed_fields: changed_fields(event, fields),
+                    before: Some(shown(&event.before)),
+                    after: Some(shown(&event.after)),
                     committed_at: Some(timestamp(event.committed_at)),
+                    actor: event.origin.actor.clone(),
+                    trace_id: event.origin.trace_id.clone(),
                 }
             }
 
-            fn get_request(id: String) -> Self::Get {
-                pb::$get { $id: id }
+            fn get_request(id: String, revision: Option<u64>) -> Self::Get {
+                pb::$get { $id: id, revision }
             }
 
             fn merge_request(parts: WriteParts<Struct>) -> Self::Merge {
@@ -446,8 +526,34 @@ macro_rules! api_kind {
                 }
             }
 
-            fn batch_get_request(ids: Vec<String>) -> Self::BatchGet {
-                pb::$batch_get { $ids: ids }
+            fn batch_get_request(ids: Vec<String>, revision: Option<u64>) -> Self::BatchGet {
+                pb::$batch_get { $ids: ids, revision }
+            }
+
+            fn history_request(
+                id: String,
+                page_size: i32,
+                page_token: String,
+                oldest_first: bool,
+            ) -> Self::History {
+                pb::$history {
+                    $id: id,
+                    page_size,
+                    page_token,
+                    oldest_first,
+                }
+            }
+
+            fn restore_request(
+                id: String,
+                revision: u64,
+                expected_version: Option<u64>,
+            ) -> Self::Restore {
+                pb::$restore {
+                    $id: id,
+                    revision,
+                    expected_version,
+                }
             }
 
             fn list_request(filter: String, page_size: i32, page_token: String) -> Self::List {
@@ -471,6 +577,16 @@ macro_rules! api_kind {
                 } = response;
                 let records = $records.into_iter().map(Self::record_view).collect();
                 (records, next_page_token, revision)
+            }
+
+            fn history_view(response: Self::HistoryPage) -> (Vec<EventView>, String, u64) {
+                let pb::$history_page {
+                    events,
+                    next_page_token,
+                    oldest_revision,
+                } = response;
+                let events = events.into_iter().map(Self::event_message_view).collect();
+                (events, next_page_token, oldest_revision)
             }
 
             fn existed(response: Self::Deleted) -> bool {
@@ -510,6 +626,10 @@ macro_rules! api_kind {
                 let Some(Response::Event(event)) = response else {
                     return None;
                 };
+                Some(Self::event_message_view(event))
+            }
+
+            fn event_message_view(event: Self::Event) -> EventView {
                 let pb::$event {
                     revision,
                     change_type,
@@ -518,8 +638,10 @@ macro_rules! api_kind {
                     before,
                     after,
                     committed_at,
+                    actor,
+                    trace_id,
                 } = event;
-                Some(EventView {
+                EventView {
                     revision,
                     change_type,
                     id: $id,
@@ -527,7 +649,9 @@ macro_rules! api_kind {
                     before: before.map(Self::record_view),
                     after: after.map(Self::record_view),
                     committed_at,
-                })
+                    actor,
+                    trace_id,
+                }
             }
         }
     };
@@ -541,7 +665,9 @@ api_kind!(
     watch_response: WatchUserMetadataResponse::watch_user_metadata_response,
     event: UserMetadataEvent, batch_get: BatchGetUserMetadataRequest,
     batch_got: BatchGetUserMetadataResponse, list: ListUserMetadataRequest,
-    listed: ListUserMetadataResponse, records: users,
+    listed: ListUserMetadataResponse, history: ListUserMetadataHistoryRequest,
+    history_page: ListUserMetadataHistoryResponse, restore: RestoreUserMetadataRequest,
+    records: users,
     id: user_id, ids: user_ids, unsafe: unsafe_metadata
 );
 
@@ -554,7 +680,9 @@ api_kind!(
     watch_response: WatchOrganizationMetadataResponse::watch_organization_metadata_response,
     event: OrganizationMetadataEvent, batch_get: BatchGetOrganizationMetadataRequest,
     batch_got: BatchGetOrganizationMetadataResponse, list: ListOrganizationMetadataRequest,
-    listed: ListOrganizationMetadataResponse, records: organizations,
+    listed: ListOrganizationMetadataResponse, history: ListOrganizationMetadataHistoryRequest,
+    history_page: ListOrganizationMetadataHistoryResponse,
+    restore: RestoreOrganizationMetadataRequest, records: organizations,
     id: organization_id, ids: organization_ids
 );
 

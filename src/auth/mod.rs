@@ -30,6 +30,18 @@ pub enum Caller {
     },
 }
 
+impl Caller {
+    /// Who the events of this caller's writes name: `key:<name>` for an API
+    /// key, `frontend:<sub>` for a token, nobody on an open server.
+    pub fn actor(&self) -> String {
+        match self {
+            Caller::Open => String::new(),
+            Caller::Backend { name } => format!("key:{name}"),
+            Caller::Frontend { user_id, .. } => format!("frontend:{user_id}"),
+        }
+    }
+}
+
 impl fmt::Display for Caller {
     /// Names the caller in logs; never contains a credential. A token's
     /// `sub` is whatever its issuer signed, so names are escaped.

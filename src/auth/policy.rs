@@ -49,6 +49,8 @@ pub enum Action {
     Watch,
     BatchGet,
     List,
+    History,
+    Restore,
     SetSchema,
     GetSchema,
     DeleteSchema,
@@ -64,6 +66,8 @@ impl Action {
             Action::Watch => "Watch",
             Action::BatchGet => "BatchGet",
             Action::List => "List",
+            Action::History => "ListHistory",
+            Action::Restore => "Restore",
             Action::SetSchema => "SetSchema",
             Action::GetSchema => "GetSchema",
             Action::DeleteSchema => "DeleteSchema",
@@ -98,7 +102,9 @@ pub fn authorize(caller: &Caller, op: &Operation) -> Result<FieldSet, Denied> {
         Caller::Frontend { user_id, org_id } => (user_id, org_id),
     };
     match (op.kind, op.action) {
-        (Kind::User, Action::Get | Action::BatchGet | Action::Merge) if op.id != user_id => {
+        (Kind::User, Action::Get | Action::BatchGet | Action::History | Action::Merge)
+            if op.id != user_id =>
+        {
             Err(Denied {
                 reason: Reason::NotOwnRecord,
                 message: format!(
@@ -107,7 +113,7 @@ pub fn authorize(caller: &Caller, op: &Operation) -> Result<FieldSet, Denied> {
                 ),
             })
         }
-        (Kind::User, Action::Get | Action::BatchGet) => {
+        (Kind::User, Action::Get | Action::BatchGet | Action::History) => {
             Ok(FieldSet::of([Field::Public, Field::Unsafe]))
         }
         (Kind::User, Action::Merge) => match op.written.iter().find(|f| *f != Field::Unsafe) {
@@ -120,12 +126,12 @@ pub fn authorize(caller: &Caller, op: &Operation) -> Result<FieldSet, Denied> {
             }),
             None => Ok(FieldSet::of([Field::Public, Field::Unsafe])),
         },
-        (Kind::Organization, Action::Get | Action::BatchGet)
+        (Kind::Organization, Action::Get | Action::BatchGet | Action::History)
             if org_id.as_deref() == Some(op.id) =>
         {
             Ok(FieldSet::of([Field::Public]))
         }
-        (Kind::Organization, Action::Get | Action::BatchGet) => Err(Denied {
+        (Kind::Organization, Action::Get | Action::BatchGet | Action::History) => Err(Denied {
             reason: Reason::NotOwnRecord,
             message: format!(
                 "a frontend token may {} only the organization in its org_id claim",
@@ -147,7 +153,7 @@ pub fn authorize(caller: &Caller, op: &Operation) -> Result<FieldSet, Denied> {
 mod tests {
     use super::*;
 
-    const ACTIONS: [Action; 10] = [
+    const ACTIONS: [Action; 12] = [
         Action::SetSchema,
         Action::GetSchema,
         Action::DeleteSchema,
@@ -158,6 +164,8 @@ mod tests {
         Action::Watch,
         Action::BatchGet,
         Action::List,
+        Action::History,
+        Action::Restore,
     ];
 
     fn frontend(org: Option<&str>) -> Caller {
@@ -225,6 +233,7 @@ mod tests {
                 Action::Delete,
                 Action::Watch,
                 Action::List,
+                Action::Restore,
                 Action::SetSchema,
                 Action::GetSchema,
                 Action::DeleteSchema,
@@ -259,6 +268,25 @@ mod tests {
             &op(Kind::Organization, Action::BatchGet, "org_2", &[]),
         );
         assert!(other.is_err());
+    }
+
+    #[test]
+    fn frontend_reads_the_history_of_its_own_records_only() {
+        let caller = frontend(Some("org_1"));
+        let history = |kind, id| authorize(&caller, &op(kind, Action::History, id, &[]));
+        assert_eq!(
+            history(Kind::User, "user_1"),
+            Ok(FieldSet::of([Field::Public, Field::Unsafe]))
+        );
+        assert_eq!(
+            history(Kind::User, "user_2").unwrap_err().reason,
+            Reason::NotOwnRecord
+        );
+        assert_eq!(
+            history(Kind::Organization, "org_1"),
+            Ok(FieldSet::of([Field::Public]))
+        );
+        assert!(history(Kind::Organization, "org_2").is_err());
     }
 
     #[test]

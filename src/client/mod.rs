@@ -110,7 +110,12 @@ impl std::fmt::Debug for Token {
 #[derive(Debug, Subcommand)]
 pub enum Action {
     /// Print the stored metadata.
-    Get { id: String },
+    Get {
+        id: String,
+        /// As it was right after this revision (within the event retention).
+        #[arg(long)]
+        at: Option<u64>,
+    },
     /// Deep-merge the given fields (null removes a key at any level).
     Merge {
         id: String,
@@ -151,6 +156,9 @@ pub enum Action {
     BatchGet {
         #[arg(required = true)]
         ids: Vec<String>,
+        /// As they were right after this revision.
+        #[arg(long)]
+        at: Option<u64>,
     },
     /// Print the records whose metadata matches a filter, ordered by id:
     /// one page as a JSON object, or with --all every record, one per line.
@@ -167,6 +175,27 @@ pub enum Action {
         /// Follow every page to the end.
         #[arg(long)]
         all: bool,
+    },
+    /// Print the id's changes, newest first, one JSON object per line (as
+    /// far back as the event retention keeps them).
+    History {
+        id: String,
+        /// Print at most this many events.
+        #[arg(long, default_value_t = 50)]
+        limit: u64,
+        /// Oldest first.
+        #[arg(long)]
+        oldest_first: bool,
+    },
+    /// Put back every field as it was right after a revision (deletes the
+    /// record if it did not exist then).
+    Restore {
+        id: String,
+        /// The revision to go back to.
+        #[arg(long)]
+        to: u64,
+        #[arg(long)]
+        expected_version: Option<u64>,
     },
 }
 
@@ -394,6 +423,7 @@ fn patch(flag: &str, value: Value) -> Result<prost_types::Struct, Failure> {
 enum Call {
     Get {
         id: String,
+        at: Option<u64>,
     },
     Merge(WriteParts<prost_types::Struct>),
     Replace(WriteParts<prost_types::Value>),
@@ -409,6 +439,7 @@ enum Call {
     },
     BatchGet {
         ids: Vec<String>,
+        at: Option<u64>,
     },
     List {
         filter: String,
@@ -416,11 +447,21 @@ enum Call {
         page_token: String,
         all: bool,
     },
+    History {
+        id: String,
+        limit: u64,
+        oldest_first: bool,
+    },
+    Restore {
+        id: String,
+        to: u64,
+        expected: Option<u64>,
+    },
 }
 
 fn prepare<K: ApiKind>(action: Action) -> Result<Call, Failure> {
     Ok(match action {
-        Action::Get { id } => Call::Get { id },
+        Action::Get { id, at } => Call::Get { id, at },
         Action::Merge {
             id,
             values,
@@ -454,7 +495,25 @@ fn prepare<K: ApiKind>(action: Action) -> Result<Call, Failure> {
             max_events,
             filter,
         },
-        Action::BatchGet { ids } => Call::BatchGet { ids },
+        Action::BatchGet { ids, at } => Call::BatchGet { ids, at },
+        Action::History {
+            id,
+            limit,
+            oldest_first,
+        } => Call::History {
+            id,
+            limit,
+            oldest_first,
+        },
+        Action::Restore {
+            id,
+            to,
+            expected_version,
+        } => Call::Restore {
+            id,
+            to,
+            expected: expected_version,
+        },
         Action::List {
             filter,
             page_size,
@@ -552,16 +611,49 @@ async fn execute_as<K: ApiKind, C: Calls<K>>(command: ClientCommand) -> Result<(
     let mut client = C::connect(channel, bearer);
     let printed = |record: K::Record| output::record(K::KIND, &K::record_view(record));
     let result = match call {
-        Call::Get { id } => client.get(K::get_request(id)).await.map(printed),
+        Call::Get { id, at } => client.get(K::get_request(id, at)).await.map(printed),
+        Call::Restore { id, to, expected } => client
+            .restore(K::restore_request(id, to, expected))
+            .await
+            .map(printed),
+        Call::History {
+            id,
+            limit,
+            oldest_first,
+        } => {
+            let mut printed = 0;
+            let mut page_token = String::new();
+            while printed < limit {
+                let page_size = (limit - printed).min(1000) as i32;
+                let request = K::history_request(id.clone(), page_size, page_token, oldest_first);
+                let page = client.history(request).await.map_err(first_call)?;
+                let (events, next, oldest) = K::history_view(page);
+                for event in events.iter().take((limit - printed) as usize) {
+                    output::print(&output::event(K::KIND, event), false);
+                    printed += 1;
+                }
+                if next.is_empty() {
+                    if oldest > 1 {
+                        eprintln!(
+                            "note: the log holds events from revision {oldest} on \
+                             (older ones passed the event retention)"
+                        );
+                    }
+                    break;
+                }
+                page_token = next;
+            }
+            return Ok(());
+        }
         Call::Merge(parts) => client.merge(K::merge_request(parts)).await.map(printed),
         Call::Replace(parts) => client.replace(K::replace_request(parts)).await.map(printed),
         Call::Delete { id, expected } => client
             .delete(K::delete_request(id, expected))
             .await
             .map(|deleted| serde_json::json!({ "existed": K::existed(deleted) })),
-        Call::BatchGet { ids } => {
+        Call::BatchGet { ids, at } => {
             client
-                .batch_get(K::batch_get_request(ids))
+                .batch_get(K::batch_get_request(ids, at))
                 .await
                 .map(|response| {
                     let (records, revision) = K::batch_got_view(response);

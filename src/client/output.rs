@@ -70,6 +70,8 @@ pub fn event(kind: Kind, view: &EventView) -> Value {
     map.insert("before".into(), record(&view.before));
     map.insert("after".into(), record(&view.after));
     map.insert("committed_at".into(), time(&view.committed_at));
+    map.insert("actor".into(), json!(view.actor));
+    map.insert("trace_id".into(), json!(view.trace_id));
     Value::Object(map)
 }
 

@@ -33,6 +33,8 @@ pub(super) trait Calls<K: ApiKind> {
     async fn watch(&mut self, request: K::Watch) -> Result<Responses<K>, Status>;
     async fn batch_get(&mut self, request: K::BatchGet) -> Result<K::BatchGot, Status>;
     async fn list(&mut self, request: K::List) -> Result<K::Listed, Status>;
+    async fn history(&mut self, request: K::History) -> Result<K::HistoryPage, Status>;
+    async fn restore(&mut self, request: K::Restore) -> Result<K::Record, Status>;
 }
 
 /// The two generated clients differ only in their names and types.
@@ -85,6 +87,18 @@ macro_rules! calls {
                 r: <$kind as ApiKind>::List,
             ) -> Result<<$kind as ApiKind>::Listed, Status> {
                 Ok($client::list(self, r).await?.into_inner())
+            }
+            async fn history(
+                &mut self,
+                r: <$kind as ApiKind>::History,
+            ) -> Result<<$kind as ApiKind>::HistoryPage, Status> {
+                Ok($client::list_history(self, r).await?.into_inner())
+            }
+            async fn restore(
+                &mut self,
+                r: <$kind as ApiKind>::Restore,
+            ) -> Result<<$kind as ApiKind>::Record, Status> {
+                Ok($client::restore(self, r).await?.into_inner())
             }
         }
     };

@@ -191,6 +191,10 @@ impl Fanout {
 /// through a listing should not pay for waking the dispatcher every page.
 pub const LINGER: Duration = Duration::from_secs(10);
 
+/// How long a read waits for the revisions below the one it reads as of
+/// to settle: a writer holds one back for at most its statement timeout.
+pub const SETTLE_WAIT: Duration = Duration::from_secs(5);
+
 /// Who needs the dispatcher to read the log, besides subscribers.
 #[derive(Default)]
 struct Demand {
@@ -275,15 +279,55 @@ impl Broker {
         Interest(self.clone())
     }
 
-    /// The mark, as a List or BatchGet reports it: a revision the records
-    /// read after this call reflect at least. Keeps the dispatcher reading
-    /// for [`LINGER`], so that the next pages get a fresh mark. After an
-    /// idle spell its mark is old: it is brought (waiting at most a
-    /// second) up to what this process has committed, and never below the
-    /// compaction mark (a Watch from there must not be refused as too
-    /// old). What it returns is that target, not wherever the mark has
-    /// gone meanwhile: as fresh as a following dispatcher's, no fresher.
-    pub async fn mark(self: &Arc<Self>) -> Result<u64, StoreError> {
+    /// The revision a List or BatchGet reads as of: everything at or below
+    /// it is settled (nothing there can still commit), and it is at least
+    /// every revision committed before this call, on any replica, so that
+    /// the read shows every acknowledged write. The read then shows each
+    /// record exactly as of it (`Store::get_many_at`, `Store::list_at`),
+    /// and a Watch from the next revision sends every later change, none
+    /// twice. Keeps the dispatcher reading for [`LINGER`], so that the
+    /// next pages find it there.
+    pub async fn read_revision(self: &Arc<Self>) -> Result<u64, StoreError> {
+        self.linger();
+        let target = if self.store.shared() {
+            // Other replicas commit too: the log says how far they went.
+            let (newest, compacted) = self.store.log_bounds().await?;
+            newest.max(compacted)
+        } else {
+            // One process writes: what it committed, or what was there at
+            // start (the mark begins there and only grows).
+            self.store.committed_here().max(self.head())
+        };
+        self.reach(target).await?;
+        Ok(target)
+    }
+
+    /// `revision` itself, once settled, for a read as of it: OUT_OF_RANGE
+    /// past the newest revision in the log, FAILED_PRECONDITION below what
+    /// was pruned.
+    pub async fn settled_at(self: &Arc<Self>, revision: u64) -> Result<u64, StoreError> {
+        let (newest, compacted) = self.store.log_bounds().await?;
+        let current = newest.max(compacted);
+        if revision > current {
+            return Err(StoreError::RevisionNotReached {
+                requested: revision,
+                current,
+            });
+        }
+        if revision < compacted {
+            return Err(StoreError::RevisionCompacted {
+                requested: revision,
+                oldest: compacted,
+            });
+        }
+        self.linger();
+        self.reach(revision).await?;
+        Ok(revision)
+    }
+
+    /// Keeps the dispatcher reading for [`LINGER`] from now, waking it if
+    /// it was idle.
+    fn linger(&self) {
         let until = Instant::now() + LINGER;
         let was_idle = {
             let mut linger = self
@@ -298,20 +342,28 @@ impl Broker {
         if was_idle {
             self.demand.changed.notify_one();
         }
-        if self.demand.following.load(Ordering::SeqCst) {
-            return Ok(self.head());
-        }
-        let compacted = self.store.compacted_revision().await?;
-        let target = self.store.committed_here().max(compacted);
+    }
+
+    /// Waits until the mark is at `target` or past it: every revision up
+    /// to it settled. UNAVAILABLE after [`SETTLE_WAIT`]: a writer in flight
+    /// below it holds the log back for longer than a read should wait.
+    async fn reach(self: &Arc<Self>, target: u64) -> Result<(), StoreError> {
         let _interest = self.interest();
         let mut moved = self.fanout.moved.subscribe();
-        let reached =
-            tokio::time::timeout(Duration::from_secs(1), moved.wait_for(|h| *h >= target));
-        Ok(match reached.await {
-            Ok(Ok(_)) => target,
-            // Held back (a writer in flight below it): what is settled.
-            _ => self.head().max(compacted),
-        })
+        match tokio::time::timeout(SETTLE_WAIT, moved.wait_for(|h| *h >= target)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(StoreError::Unavailable {
+                reason: "the server is shutting down",
+                detail: "the dispatcher stopped".into(),
+            }),
+            Err(_) => Err(StoreError::Unavailable {
+                reason: "the event log is held back by a write in flight",
+                detail: format!(
+                    "the mark stayed at {} below revision {target} for {SETTLE_WAIT:?}",
+                    self.head()
+                ),
+            }),
+        }
     }
 
     /// The mark once it has reached what was committed before this call

@@ -1,12 +1,14 @@
 //! Queries over stored metadata: the filter language that List and Watch
-//! accept (`filter.rs`, evaluated in plain Rust), and List's page tokens
-//! (`page.rs`). No I/O here; a filter's SQL is the store's to render, in
+//! accept (`filter.rs`, evaluated in plain Rust), List's page tokens
+//! (`page.rs`) and ListHistory's (`history.rs`). No I/O here; a filter's SQL is the store's to render, in
 //! its backend's dialect (`store/sql.rs`).
 
 pub mod filter;
+pub mod history;
 pub mod page;
 
 pub use filter::{Filter, MAX_FILTER_BYTES, parse};
+pub use history::HistoryQuery;
 pub use page::{PageToken, page_size};
 
 use std::sync::Arc;

@@ -19,7 +19,7 @@ pub const MAX_PAGE_SIZE: u64 = 1000;
 
 /// Bumped if the layout below changes: older tokens are then refused.
 const TOKEN_VERSION: u8 = 1;
-const DIGEST_BYTES: usize = 8;
+pub(super) const DIGEST_BYTES: usize = 8;
 
 /// The page size a request asks for, as AIP-158 reads it.
 pub fn page_size(requested: i32) -> Result<u64, ValidationError> {
@@ -42,7 +42,7 @@ pub struct PageToken {
     filter: [u8; DIGEST_BYTES],
 }
 
-fn digest(filter: &str) -> [u8; DIGEST_BYTES] {
+pub(super) fn digest(filter: &str) -> [u8; DIGEST_BYTES] {
     let hash = Sha256::digest(filter.as_bytes());
     let mut digest = [0; DIGEST_BYTES];
     digest.copy_from_slice(&hash[..DIGEST_BYTES]);
@@ -95,7 +95,7 @@ impl PageToken {
     }
 }
 
-fn kind_byte(kind: Kind) -> u8 {
+pub(super) fn kind_byte(kind: Kind) -> u8 {
     match kind {
         Kind::User => 1,
         Kind::Organization => 2,

@@ -30,6 +30,9 @@ pub const REVISION: &str = "Metadata-Revision";
 pub const KIND: &str = "Metadata-Kind";
 pub const CHANGE_TYPE: &str = "Metadata-Change-Type";
 pub const MARKER: &str = "Metadata-Marker";
+/// Who made the change (the event's `actor`), percent-encoded outside
+/// printable ASCII; absent when nobody is named.
+pub const ACTOR: &str = "Metadata-Actor";
 pub const CONTENT_TYPE: &str = "Content-Type";
 pub const MSG_ID: &str = "Nats-Msg-Id";
 
@@ -105,6 +108,9 @@ pub fn for_event(event: &Event, prefix: &str, format: Format) -> Outgoing {
     headers.insert(REVISION, revision.as_str());
     headers.insert(KIND, subject::kind_token(kind));
     headers.insert(CHANGE_TYPE, event.change.as_str());
+    if !event.origin.actor.is_empty() {
+        headers.insert(ACTOR, header_value(&event.origin.actor).as_str());
+    }
     headers.insert(CONTENT_TYPE, content_type.as_str());
     Outgoing {
         subject: subject::event_subject(prefix, kind, event.id()),
@@ -112,6 +118,21 @@ pub fn for_event(event: &Event, prefix: &str, format: Format) -> Outgoing {
         body: body.into(),
         revision: event.revision,
     }
+}
+
+/// `text` as a header value: a token's `sub` is whatever its issuer signed,
+/// and a line break would end the header. Bytes outside printable ASCII,
+/// and `%` itself, are percent-encoded.
+fn header_value(text: &str) -> String {
+    let mut value = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        match byte {
+            b'%' => value.push_str("%25"),
+            0x20..=0x7e => value.push(byte as char),
+            _ => value.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    value
 }
 
 /// Why the relay published a marker.
@@ -171,4 +192,18 @@ pub fn marker(reason: MarkerReason, revision: u64, at: u64, prefix: &str) -> Out
 /// The revision a stored message says the stream is complete up to.
 pub fn stored_revision(headers: Option<&HeaderMap>) -> Option<u64> {
     headers?.get(REVISION)?.as_str().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn actors_stay_one_header_line() {
+        assert_eq!(header_value("key:billing"), "key:billing");
+        assert_eq!(
+            header_value("frontend:a\r\nX-Evil: 1%é"),
+            "frontend:a%0D%0AX-Evil: 1%25%C3%A9"
+        );
+    }
 }

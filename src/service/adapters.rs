@@ -84,6 +84,18 @@ macro_rules! delegate {
             ) -> Answer<<$kind as ApiKind>::Listed> {
                 Handlers::list(self, r).await
             }
+            async fn list_history(
+                &self,
+                r: Request<<$kind as ApiKind>::History>,
+            ) -> Answer<<$kind as ApiKind>::HistoryPage> {
+                Handlers::history(self, r).await
+            }
+            async fn restore(
+                &self,
+                r: Request<<$kind as ApiKind>::Restore>,
+            ) -> Answer<<$kind as ApiKind>::Record> {
+                Handlers::restore(self, r).await
+            }
             type WatchStream = WatchStream<$kind>;
             async fn watch(
                 &self,

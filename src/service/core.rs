@@ -9,8 +9,10 @@ use crate::events::{Broker, WatchError, WatchRequest};
 use crate::json::{self, Limits};
 use crate::logging::Escaped;
 use crate::metrics::Metrics;
-use crate::model::{ChangeType, DeleteCommand, Field, Kind, Mode, Record, WriteCommand};
-use crate::query::ListQuery;
+use crate::model::{
+    ChangeType, DeleteCommand, Field, Kind, Mode, Origin, Record, RestoreCommand, WriteCommand,
+};
+use crate::query::{HistoryQuery, ListQuery};
 use crate::schema::Schema;
 use crate::store::{Sent, Store, StoreError};
 use crate::store::{SetSchema, StoredSchema};
@@ -21,11 +23,20 @@ use super::admission::Admission;
 
 /// One page of a List, before it is encoded.
 pub struct Page {
-    /// At most the page size, ordered by id.
+    /// At most the page size, ordered by id, each exactly as of `revision`.
     pub records: Vec<Record>,
-    /// Whether records follow the last one.
-    pub more: bool,
+    /// Where the next page starts after, when records may follow.
+    pub next_after: Option<String>,
     pub revision: u64,
+}
+
+/// One page of a record's history, before it is encoded.
+pub struct HistoryPage {
+    pub events: Vec<crate::model::Event>,
+    /// The revision the next page starts past, when events may follow.
+    pub next_cursor: Option<u64>,
+    /// The oldest revision the log still holds.
+    pub oldest_revision: u64,
 }
 
 /// A SetSchema as a caller asked it, its schema not yet compiled.
@@ -73,43 +84,122 @@ impl Core {
         self.store.get(kind, id).await
     }
 
+    /// The record as it was right after `revision`; its revision is the one
+    /// asked for.
+    pub async fn get_at(&self, kind: Kind, id: &str, revision: u64) -> Result<Record, StoreError> {
+        json::validate_id(kind, id)?;
+        let revision = self.broker.settled_at(revision).await?;
+        let record = self.store.get_at(kind, id, revision).await?;
+        Ok(Record { revision, ..record })
+    }
+
     /// The records of the distinct `ids`, in the order they first appear,
-    /// and a revision they reflect at least (see [`Core::list`]).
+    /// exactly as of the revision returned: `at` when given, else one at
+    /// least as new as every write acknowledged before the call (see
+    /// [`Broker::read_revision`]).
     pub async fn batch_get(
         &self,
         kind: Kind,
         ids: &[String],
+        at: Option<u64>,
     ) -> Result<(Vec<Record>, u64), StoreError> {
         json::validate_batch_ids(kind, ids)?;
-        let revision = self.broker.mark().await?;
-        let records = self.store.get_many(kind, ids).await?;
+        let revision = match at {
+            Some(revision) => self.broker.settled_at(revision).await?,
+            None => self.broker.read_revision().await?,
+        };
+        let records = self.store.get_many_at(kind, ids, revision).await?;
         Ok((records, revision))
     }
 
-    /// One page of a listing. Its revision is the dispatcher's mark taken
-    /// before the read: every change up to it is committed and so in the
-    /// read, and a Watch from the next revision sends every change after
-    /// it (one the read already shows has a revision at most the record's
-    /// own). It is the store's mark, not the records', so it is as recent
-    /// as the read and retention counts from it.
+    /// One page of a listing, exactly as of its revision (as BatchGet's):
+    /// a Watch from the next revision sends every change after the page,
+    /// and none it already shows.
     pub async fn list(&self, query: &ListQuery) -> Result<Page, StoreError> {
-        let revision = self.broker.mark().await?;
-        let mut records = self
+        let revision = self.broker.read_revision().await?;
+        let listed = self
             .store
-            .list(
+            .list_at(
                 query.kind,
                 query.filter.as_deref(),
                 query.after.as_deref(),
+                query.page_size,
+                revision,
+            )
+            .await?;
+        Ok(Page {
+            records: listed.records,
+            next_after: listed.next_after,
+            revision,
+        })
+    }
+
+    /// One page of a record's events.
+    pub async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage, StoreError> {
+        let mut events = self
+            .store
+            .history(
+                query.kind,
+                &query.id,
+                query.cursor,
+                query.oldest_first,
                 query.page_size + 1,
             )
             .await?;
-        let more = records.len() as u64 > query.page_size;
-        records.truncate(query.page_size as usize);
-        Ok(Page {
-            records,
-            more,
-            revision,
+        let more = events.len() as u64 > query.page_size;
+        events.truncate(query.page_size as usize);
+        let next_cursor = more.then(|| events.last().map(|e| e.revision)).flatten();
+        // Read after the events: a prune in between can only make it newer
+        // than what they show, never claim history that is gone.
+        let oldest_revision = self.store.compacted_revision().await? + 1;
+        Ok(HistoryPage {
+            events,
+            next_cursor,
+            oldest_revision,
         })
+    }
+
+    /// Puts back the record's fields as they were right after the
+    /// revision: a Replace of every field, or a Delete when the record did
+    /// not exist then. Answers the record as it is afterwards.
+    pub async fn restore(
+        &self,
+        caller: &Caller,
+        command: RestoreCommand,
+        sent: Sent,
+        origin: Origin,
+    ) -> Result<Record, StoreError> {
+        let RestoreCommand {
+            kind,
+            id,
+            revision,
+            expected_version,
+        } = command;
+        json::validate_id(kind, &id)?;
+        let revision = self.broker.settled_at(revision).await?;
+        let then = self.store.get_at(kind, &id, revision).await?;
+        if then.version == 0 {
+            let delete = DeleteCommand {
+                kind,
+                id: id.clone(),
+                expected_version,
+            };
+            self.delete(caller, delete, sent, origin).await?;
+            return self.store.get(kind, &id).await;
+        }
+        let values = kind
+            .fields()
+            .iter()
+            .map(|field| (*field, then.fields.get(*field).clone()))
+            .collect();
+        let command = WriteCommand {
+            kind,
+            id,
+            mode: Mode::Replace,
+            values,
+            expected_version,
+        };
+        self.write(caller, command, sent, origin).await
     }
 
     pub async fn schema(&self, kind: Kind, field: Field) -> Result<StoredSchema, StoreError> {
@@ -192,6 +282,7 @@ impl Core {
         caller: &Caller,
         command: WriteCommand,
         sent: Sent,
+        origin: Origin,
     ) -> Result<Record, StoreError> {
         json::validate_command(&command, &self.limits)?;
         let WriteCommand {
@@ -212,7 +303,16 @@ impl Core {
         });
         let outcome = self
             .store
-            .write(kind, &id, expected_version, change, provided, compute, sent)
+            .write(
+                kind,
+                &id,
+                expected_version,
+                change,
+                provided,
+                compute,
+                sent,
+                origin,
+            )
             .await?;
         if outcome.changed {
             self.metrics
@@ -238,11 +338,18 @@ impl Core {
         caller: &Caller,
         command: DeleteCommand,
         sent: Sent,
+        origin: Origin,
     ) -> Result<bool, StoreError> {
         json::validate_delete(&command)?;
         let existed = self
             .store
-            .delete(command.kind, &command.id, command.expected_version, sent)
+            .delete(
+                command.kind,
+                &command.id,
+                command.expected_version,
+                sent,
+                origin,
+            )
             .await?;
         if existed {
             self.metrics

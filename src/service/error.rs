@@ -143,6 +143,24 @@ impl From<StoreError> for Status {
                     none,
                 )
             }
+            StoreError::RevisionCompacted { requested, oldest } => status(
+                message,
+                Reason::RevisionCompacted,
+                &[
+                    ("requested_revision", requested.to_string()),
+                    ("oldest_revision", oldest.to_string()),
+                ],
+                none,
+            ),
+            StoreError::RevisionNotReached { requested, current } => status(
+                message,
+                Reason::RevisionNotReached,
+                &[
+                    ("requested_revision", requested.to_string()),
+                    ("current_revision", current.to_string()),
+                ],
+                none,
+            ),
             StoreError::Internal(detail) => {
                 // The detail can hold SQL; it goes to the log, not the caller.
                 tracing::error!(error = %detail, "database error");

@@ -15,9 +15,9 @@ use tonic::{Request, Response, Status};
 
 use super::{Core, authorize};
 use crate::api::{ApiKind, WriteParts};
-use crate::auth::{Action, FieldSet, Operation};
+use crate::auth::{Action, Caller, FieldSet, Operation};
 use crate::convert::{Shown, TreeConvert};
-use crate::model::Mode;
+use crate::model::{Mode, Origin};
 use crate::store::Sent;
 use crate::validation::{JsonPath, Problem, ValidationError};
 
@@ -33,6 +33,14 @@ pub const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
 /// A stream of one kind's Watch responses, encoded per stream.
 pub type WatchStream<K> =
     Pin<Box<dyn Stream<Item = Result<<K as ApiKind>::WatchResponse, Status>> + Send>>;
+
+/// Who makes a write, as its event records it.
+fn origin(caller: &Caller, headers: &tonic::metadata::MetadataMap) -> Origin {
+    Origin {
+        actor: caller.actor(),
+        trace_id: crate::otel::trace_id(headers.as_ref()),
+    }
+}
 
 /// One kind's service: the handlers, over [`Core`].
 pub struct Handlers<K> {
@@ -52,7 +60,7 @@ impl<K> Handlers<K> {
 impl<K: ApiKind> Handlers<K> {
     pub async fn get(&self, request: Request<K::Get>) -> Result<Response<K::Record>, Status> {
         let (headers, extensions, message) = request.into_parts();
-        let id = K::get(message);
+        let (id, revision) = K::get(message);
         let operation = Operation {
             kind: K::KIND,
             action: Action::Get,
@@ -61,7 +69,10 @@ impl<K: ApiKind> Handlers<K> {
         };
         let (_, fields) = authorize(&extensions, &operation)?;
         let call = self.core.admission.unary(&headers)?;
-        let record = call.run(self.core.get(K::KIND, &id)).await?;
+        let record = match revision {
+            None => call.run(self.core.get(K::KIND, &id)).await?,
+            Some(revision) => call.run(self.core.get_at(K::KIND, &id, revision)).await?,
+        };
         Ok(Response::new(K::record(Shown { record, fields })))
     }
 
@@ -74,7 +85,7 @@ impl<K: ApiKind> Handlers<K> {
         request: Request<K::BatchGet>,
     ) -> Result<Response<K::BatchGot>, Status> {
         let (headers, extensions, message) = request.into_parts();
-        let ids = K::batch_get(message);
+        let (ids, at) = K::batch_get(message);
         let mut fields = None;
         // No id at all is authorized as an empty one, so that the refusal
         // of a caller comes before the request's own errors.
@@ -94,7 +105,7 @@ impl<K: ApiKind> Handlers<K> {
         }
         let fields = fields.unwrap_or(FieldSet::NONE);
         let call = self.core.admission.unary(&headers)?;
-        let (distinct, revision) = call.run(self.core.batch_get(K::KIND, &ids)).await?;
+        let (distinct, revision) = call.run(self.core.batch_get(K::KIND, &ids, at)).await?;
         let encoded: HashMap<String, (K::Record, usize)> = distinct
             .into_iter()
             .map(|record| {
@@ -161,8 +172,9 @@ impl<K: ApiKind> Handlers<K> {
             records.push(message);
             last = Some(id);
         }
-        let next_page_token = match (cut || page.more, last) {
-            (true, Some(last)) => query.next_token(&last),
+        let next_page_token = match (cut, last, page.next_after) {
+            (true, Some(last), _) => query.next_token(&last),
+            (false, _, Some(after)) => query.next_token(&after),
             _ => String::new(),
         };
         Ok(Response::new(K::listed(
@@ -170,6 +182,61 @@ impl<K: ApiKind> Handlers<K> {
             next_page_token,
             page.revision,
         )))
+    }
+
+    /// A frontend token sees its own record's history, of the fields it
+    /// may read: events that changed none of them are left out.
+    pub async fn history(
+        &self,
+        request: Request<K::History>,
+    ) -> Result<Response<K::HistoryPage>, Status> {
+        let (headers, extensions, message) = request.into_parts();
+        let query = K::history(message)?;
+        let operation = Operation {
+            kind: K::KIND,
+            action: Action::History,
+            id: &query.id,
+            written: FieldSet::NONE,
+        };
+        let (_, fields) = authorize(&extensions, &operation)?;
+        let call = self.core.admission.unary(&headers)?;
+        let page = call.run(self.core.history(&query)).await?;
+        let events = page
+            .events
+            .iter()
+            .filter(|event| event.changed_fields.iter().any(|f| fields.contains(*f)))
+            .map(|event| K::shown_event(event, fields))
+            .collect();
+        let next_page_token = page
+            .next_cursor
+            .map(|cursor| query.next_token(cursor))
+            .unwrap_or_default();
+        Ok(Response::new(K::history_page(
+            events,
+            next_page_token,
+            page.oldest_revision,
+        )))
+    }
+
+    pub async fn restore(
+        &self,
+        request: Request<K::Restore>,
+    ) -> Result<Response<K::Record>, Status> {
+        let (headers, extensions, message) = request.into_parts();
+        let command = K::restore(message);
+        let operation = Operation {
+            kind: K::KIND,
+            action: Action::Restore,
+            id: &command.id,
+            written: FieldSet::ALL,
+        };
+        let (caller, fields) = authorize(&extensions, &operation)?;
+        let call = self.core.admission.unary(&headers)?;
+        let sent = Sent::default();
+        let origin = origin(&caller, &headers);
+        let restore = self.core.restore(&caller, command, sent.clone(), origin);
+        let record = call.run_write(&sent, restore).await?;
+        Ok(Response::new(K::record(Shown { record, fields })))
     }
 
     pub async fn merge(&self, request: Request<K::Merge>) -> Result<Response<K::Record>, Status> {
@@ -202,7 +269,8 @@ impl<K: ApiKind> Handlers<K> {
         let call = self.core.admission.unary(headers)?;
         let command = parts.command(K::KIND, mode)?;
         let sent = Sent::default();
-        let write = self.core.write(&caller, command, sent.clone());
+        let origin = origin(&caller, headers);
+        let write = self.core.write(&caller, command, sent.clone(), origin);
         let record = call.run_write(&sent, write).await?;
         Ok(Response::new(K::record(Shown { record, fields })))
     }
@@ -222,7 +290,8 @@ impl<K: ApiKind> Handlers<K> {
         let (caller, _) = authorize(&extensions, &operation)?;
         let call = self.core.admission.unary(&headers)?;
         let sent = Sent::default();
-        let delete = self.core.delete(&caller, command, sent.clone());
+        let origin = origin(&caller, &headers);
+        let delete = self.core.delete(&caller, command, sent.clone(), origin);
         let existed = call.run_write(&sent, delete).await?;
         Ok(Response::new(K::deleted(existed)))
     }

@@ -174,6 +174,10 @@ mod tests {
             before: Record::empty(Kind::User, "user_1".into()),
             after,
             committed_at: chrono::Utc::now(),
+            origin: crate::model::Origin {
+                actor: "key:billing".into(),
+                trace_id: String::new(),
+            },
         }));
         let expected = Users::watch_response(WatchItem::Event(event.clone())).encode_to_vec();
         let first = encode::<Users>(WatchItem::Event(event.clone()));

@@ -31,6 +31,15 @@ pub enum StoreError {
     ReadOnly(String),
     #[error("database error: {0}")]
     Internal(String),
+    /// A read at a revision whose history was pruned (FAILED_PRECONDITION).
+    #[error(
+        "revision {requested} is older than the history kept: the oldest revision still \
+         readable is {oldest} (see --event-retention)"
+    )]
+    RevisionCompacted { requested: u64, oldest: u64 },
+    /// A read at a revision not committed yet (OUT_OF_RANGE).
+    #[error("revision {requested} is not reached yet: the current revision is {current}")]
+    RevisionNotReached { requested: u64, current: u64 },
     /// A write whose result breaks its field's schema: each violation,
     /// `field/pointer: message`, joined by "; ".
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]

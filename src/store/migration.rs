@@ -13,6 +13,7 @@ impl MigratorTrait for Migrator {
             Box::new(CreateTables),
             Box::new(MetadataIndexes),
             Box::new(CreateSchemas),
+            Box::new(EventHistory),
         ]
     }
 }
@@ -44,6 +45,8 @@ enum Events {
     Before,
     After,
     CommittedAt,
+    Actor,
+    TraceId,
 }
 
 #[derive(DeriveIden)]
@@ -266,5 +269,69 @@ impl MigrationTrait for CreateSchemas {
         manager
             .drop_table(Table::drop().table(MetadataSchemas::Table).to_owned())
             .await
+    }
+}
+
+/// History (issue 29): who made each change, and an index that finds one
+/// record's events in revision order, for ListHistory and reads as of a
+/// revision (the first event of a record after a revision holds its state
+/// at that revision in `before`). Events written before this migration
+/// read as made by nobody (`''`).
+struct EventHistory;
+
+impl MigrationName for EventHistory {
+    fn name(&self) -> &str {
+        "m20261207_000001_event_history"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for EventHistory {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        // One column per statement: SQLite's ALTER TABLE adds one at a time.
+        for column in [Events::Actor, Events::TraceId] {
+            manager
+                .alter_table(
+                    Table::alter()
+                        .table(Events::Table)
+                        .add_column_if_not_exists(string(column).default(""))
+                        .to_owned(),
+                )
+                .await?;
+        }
+        manager
+            .create_index(
+                Index::create()
+                    .name("events_record")
+                    .table(Events::Table)
+                    .col(Events::Kind)
+                    .col(Events::Id)
+                    .col(Events::Revision)
+                    .if_not_exists()
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .drop_index(
+                Index::drop()
+                    .name("events_record")
+                    .table(Events::Table)
+                    .to_owned(),
+            )
+            .await?;
+        for column in [Events::Actor, Events::TraceId] {
+            manager
+                .alter_table(
+                    Table::alter()
+                        .table(Events::Table)
+                        .drop_column(column)
+                        .to_owned(),
+                )
+                .await?;
+        }
+        Ok(())
     }
 }

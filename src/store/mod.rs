@@ -12,6 +12,7 @@
 //! - `log.rs`: the event log and who hears of it (the facade's calls for
 //!   the dispatcher, Watch and the relay);
 //! - `queries.rs`: BatchGet, List and schemas (the facade's calls);
+//! - `history.rs`: one record's events, and reads as of a revision;
 //! - `schemas.rs`, `sql.rs` (a filter as SQL, per dialect),
 //!   `migration.rs`, `entities/`, `error.rs`.
 //!
@@ -21,6 +22,7 @@
 mod conns;
 mod entities;
 mod error;
+mod history;
 mod log;
 mod migration;
 mod postgres;
@@ -42,6 +44,7 @@ use sea_orm_migration::MigratorTrait;
 use tracing::Instrument;
 
 pub use error::{StoreError, redact_url};
+pub use history::ListedAt;
 pub use log::Claim;
 pub use postgres::{
     ANNOUNCER_APPLICATION_NAME, AnnouncerState, CommitAnnouncer, CommitListener, Heard,
@@ -51,7 +54,7 @@ pub use rows::Logged;
 pub use schemas::{MAX_LISTED_IDS, Nonconforming, SetSchema, StoredSchema};
 pub use write::{Compute, Sent, WriteOutcome};
 
-use crate::model::{ChangeType, Field, Kind, Record};
+use crate::model::{ChangeType, Field, Kind, Origin, Record};
 use crate::pause::PausePoint;
 use shared::Shared;
 use write::{Done, Op};
@@ -251,6 +254,7 @@ impl Store {
         provided: Vec<Field>,
         compute: Compute,
         sent: Sent,
+        origin: Origin,
     ) -> Result<WriteOutcome, StoreError> {
         let id = id.to_owned();
         let op = Op::Write {
@@ -261,6 +265,7 @@ impl Store {
             provided,
             compute,
             sent,
+            origin,
         };
         // Kind and change only: the request span already has the id, and a
         // trace never carries metadata.
@@ -290,12 +295,14 @@ impl Store {
         id: &str,
         expected_version: Option<u64>,
         sent: Sent,
+        origin: Origin,
     ) -> Result<bool, StoreError> {
         let op = Op::Delete {
             kind,
             id: id.to_owned(),
             expected_version,
             sent,
+            origin,
         };
         let span =
             tracing::info_span!(target: crate::otel::TARGET, "store.delete", kind = kind.as_str());

@@ -15,7 +15,7 @@ use crate::model::{Field, Kind, Record};
 use crate::query::Filter;
 
 impl Store {
-    fn sql(&self) -> Sql {
+    pub(super) fn sql(&self) -> Sql {
         Sql::new(self.shared.db.get_database_backend())
     }
 

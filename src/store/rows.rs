@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use super::StoreError;
 use super::entities::{event, metadata};
 use crate::json::canonical_numbers;
-use crate::model::{ChangeType, Event, Field, Fields, Kind, Record, changed_fields};
+use crate::model::{ChangeType, Event, Field, Fields, Kind, Origin, Record, changed_fields};
 
 /// `change_type` of a void row: a revision taken and never committed
 /// (Postgres; see `postgres/log.rs`).
@@ -110,6 +110,7 @@ pub(super) fn event_row(
     before: &Record,
     after: &Record,
     committed_at: DateTime<Utc>,
+    origin: &Origin,
 ) -> event::Model {
     event::Model {
         revision: after.revision as i64,
@@ -120,6 +121,8 @@ pub(super) fn event_row(
         before: snapshot(before),
         after: snapshot(after),
         committed_at,
+        actor: origin.actor.clone(),
+        trace_id: origin.trace_id.clone(),
     }
 }
 
@@ -206,5 +209,9 @@ pub(super) fn event_from_row(row: event::Model) -> Result<Event, StoreError> {
         before: from_snapshot(kind, &row.id, row.before)?,
         after: from_snapshot(kind, &row.id, row.after)?,
         committed_at: row.committed_at,
+        origin: Origin {
+            actor: row.actor,
+            trace_id: row.trace_id,
+        },
     })
 }

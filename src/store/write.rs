@@ -11,7 +11,7 @@ use sea_orm::DatabaseConnection;
 
 use super::StoreError;
 use super::schemas::SchemaCache;
-use crate::model::{ChangeType, Field, Fields, Kind, Record};
+use crate::model::{ChangeType, Field, Fields, Kind, Origin, Record};
 use crate::validation::ValidationError;
 
 /// Whether a write may have reached the database: set once its outcome no
@@ -60,12 +60,14 @@ pub(super) enum Op {
         provided: Vec<Field>,
         compute: Compute,
         sent: Sent,
+        origin: Origin,
     },
     Delete {
         kind: Kind,
         id: String,
         expected_version: Option<u64>,
         sent: Sent,
+        origin: Origin,
     },
 }
 
@@ -78,6 +80,13 @@ impl Op {
 
     pub(super) fn kind(&self) -> Kind {
         self.target().0
+    }
+
+    /// Who asked for it, for its event.
+    pub(super) fn origin(&self) -> &Origin {
+        match self {
+            Op::Write { origin, .. } | Op::Delete { origin, .. } => origin,
+        }
     }
 
     /// The record it writes.

@@ -54,7 +54,10 @@ async fn resumes_across_a_server_restart_without_gaps_or_repeats() {
         let stored = s
             .users
             .clone()
-            .get(GetUserMetadataRequest { user_id: id.into() })
+            .get(GetUserMetadataRequest {
+                user_id: id.into(),
+                revision: None,
+            })
             .await
             .unwrap()
             .into_inner();
@@ -120,6 +123,7 @@ async fn resyncs_with_get_when_its_position_was_pruned() {
         .clone()
         .get(GetUserMetadataRequest {
             user_id: "user_b".into(),
+            revision: None,
         })
         .await
         .unwrap()

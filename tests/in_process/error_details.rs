@@ -82,6 +82,7 @@ async fn invalid_argument_names_each_field_with_its_reason() {
         .users
         .get(GetUserMetadataRequest {
             user_id: "has space".into(),
+            revision: None,
         })
         .await
         .unwrap_err();
@@ -221,6 +222,7 @@ async fn overload_says_when_to_retry_and_which_bound() {
         .users
         .get(GetUserMetadataRequest {
             user_id: "u".into(),
+            revision: None,
         })
         .await
         .unwrap_err();
@@ -244,7 +246,10 @@ async fn refused_callers_are_told_why_without_their_secret() {
     .await
     .unwrap();
     let mut users = s.users.clone();
-    let get = |id: &str| GetUserMetadataRequest { user_id: id.into() };
+    let get = |id: &str| GetUserMetadataRequest {
+        user_id: id.into(),
+        revision: None,
+    };
 
     let status = users.get(with_token(get(USER), None)).await.unwrap_err();
     expect(&status, Reason::MissingCredentials);
@@ -342,7 +347,10 @@ async fn python_grpcio_status_reads_them() {
             "metadata": metadata,
         })
     }
-    let get = |id: &str| GetUserMetadataRequest { user_id: id.into() };
+    let get = |id: &str| GetUserMetadataRequest {
+        user_id: id.into(),
+        revision: None,
+    };
 
     // One server for what needs no special set-up, a locked database.
     let mut s = start_with(Backend::Sqlite, |c| {

@@ -121,7 +121,10 @@ async fn a_write_cut_after_it_committed_while_the_database_stays_out_of_reach_ma
     let after = loop {
         match s
             .users
-            .get(GetUserMetadataRequest { user_id: ID.into() })
+            .get(GetUserMetadataRequest {
+                user_id: ID.into(),
+                revision: None,
+            })
             .await
         {
             Ok(record) => break record.into_inner(),
@@ -280,7 +283,10 @@ fn is_commit(sent: &Sent) -> bool {
 
 async fn get(s: &mut TestServer) -> UserMetadata {
     s.users
-        .get(GetUserMetadataRequest { user_id: ID.into() })
+        .get(GetUserMetadataRequest {
+            user_id: ID.into(),
+            revision: None,
+        })
         .await
         .expect("get")
         .into_inner()

@@ -19,7 +19,10 @@ use crate::harness::{TestServer, Users, merge, start, start_with, write};
 
 async fn get(users: &mut Users, id: &str) -> UserMetadata {
     users
-        .get(GetUserMetadataRequest { user_id: id.into() })
+        .get(GetUserMetadataRequest {
+            user_id: id.into(),
+            revision: None,
+        })
         .await
         .expect("get")
         .into_inner()
@@ -244,7 +247,10 @@ async fn concurrent_gets_each_get_their_own_record(backend: Backend) {
             let id = format!("reader{n}");
             if c % 2 == 0 {
                 let got = users
-                    .get(GetUserMetadataRequest { user_id: id })
+                    .get(GetUserMetadataRequest {
+                        user_id: id,
+                        revision: None,
+                    })
                     .await
                     .unwrap();
                 let expected = if n < 10 { json!({ "n": n }) } else { json!({}) };
@@ -252,6 +258,7 @@ async fn concurrent_gets_each_get_their_own_record(backend: Backend) {
             } else {
                 let request = GetOrganizationMetadataRequest {
                     organization_id: id,
+                    revision: None,
                 };
                 let got = orgs.get(request).await.unwrap().into_inner();
                 let expected = if n < 10 {
@@ -409,6 +416,7 @@ async fn overload_is_refused_at_once() {
         .users
         .get(GetUserMetadataRequest {
             user_id: "u".into(),
+            revision: None,
         })
         .await
         .unwrap_err();
@@ -689,6 +697,7 @@ async fn postgres_outage_and_recovery() {
         .users
         .get(GetUserMetadataRequest {
             user_id: "u".into(),
+            revision: None,
         })
         .await
         .unwrap_err();

@@ -334,12 +334,16 @@ impl KindClient {
         let request = request.into_request();
         match self {
             KindClient::User(c) => {
-                let request = request.map(|Get { id }| GetUserMetadataRequest { user_id: id });
+                let request = request.map(|Get { id }| GetUserMetadataRequest {
+                    user_id: id,
+                    revision: None,
+                });
                 Ok(c.get(request).await?.into_inner().into())
             }
             KindClient::Organization(c) => {
                 let request = request.map(|Get { id }| GetOrganizationMetadataRequest {
                     organization_id: id,
+                    revision: None,
                 });
                 Ok(c.get(request).await?.into_inner().into())
             }

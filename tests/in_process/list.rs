@@ -254,8 +254,10 @@ impl Reads for KindClient {
         let request = request.into_request();
         match self {
             KindClient::User(c) => {
-                let request =
-                    request.map(|BatchGet { ids }| BatchGetUserMetadataRequest { user_ids: ids });
+                let request = request.map(|BatchGet { ids }| BatchGetUserMetadataRequest {
+                    user_ids: ids,
+                    revision: None,
+                });
                 let BatchGetUserMetadataResponse { users, revision } =
                     c.batch_get(request).await?.into_inner();
                 Ok((users.into_iter().map(Record::from).collect(), revision))
@@ -263,6 +265,7 @@ impl Reads for KindClient {
             KindClient::Organization(c) => {
                 let request = request.map(|BatchGet { ids }| BatchGetOrganizationMetadataRequest {
                     organization_ids: ids,
+                    revision: None,
                 });
                 let BatchGetOrganizationMetadataResponse {
                     organizations,

@@ -106,7 +106,10 @@ async fn counters_move_with_traffic() {
     // A no-op merge is a call but not a change.
     users.merge(merge("m2")).await.unwrap();
     let err = users
-        .get(GetUserMetadataRequest { user_id: "".into() })
+        .get(GetUserMetadataRequest {
+            user_id: "".into(),
+            revision: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);

@@ -341,6 +341,7 @@ async fn batch_get_answers_are_bounded(backend: Backend) {
         .expect("a large record");
     let batch = |n: usize| BatchGetUserMetadataRequest {
         user_ids: vec!["u1".to_owned(); n],
+        revision: None,
     };
     let err = s
         .users

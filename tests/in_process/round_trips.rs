@@ -111,7 +111,10 @@ async fn merge(s: &mut TestServer, n: usize) {
 
 async fn get(s: &mut TestServer) {
     s.users
-        .get(GetUserMetadataRequest { user_id: ID.into() })
+        .get(GetUserMetadataRequest {
+            user_id: ID.into(),
+            revision: None,
+        })
         .await
         .expect("get");
 }

@@ -47,7 +47,10 @@ async fn merge_unsafe(
 
 async fn stored_unsafe(users: &mut Users, id: &str) -> serde_json::Value {
     let record = users
-        .get(GetUserMetadataRequest { user_id: id.into() })
+        .get(GetUserMetadataRequest {
+            user_id: id.into(),
+            revision: None,
+        })
         .await
         .expect("get")
         .into_inner();

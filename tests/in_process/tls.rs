@@ -44,6 +44,7 @@ async fn get(addr: SocketAddr, tls: Option<ClientTlsConfig>) -> Result<(), Code>
     let channel = endpoint.connect().await.map_err(|_| Code::Unavailable)?;
     let request = GetUserMetadataRequest {
         user_id: "user_1".into(),
+        revision: None,
     };
     UserMetadataServiceClient::new(channel)
         .get(request)

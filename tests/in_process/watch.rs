@@ -126,6 +126,7 @@ async fn get_then_watch_has_no_gap(backend: Backend) {
         .users
         .get(GetUserMetadataRequest {
             user_id: "u1".into(),
+            revision: None,
         })
         .await
         .unwrap()
@@ -353,6 +354,7 @@ async fn events_carry_before_after_and_changed_fields(backend: Backend) {
         .users
         .get(GetUserMetadataRequest {
             user_id: "u1".into(),
+            revision: None,
         })
         .await
         .unwrap()
@@ -491,6 +493,7 @@ async fn pruned_revisions_are_refused(backend: Backend) {
         .users
         .get(GetUserMetadataRequest {
             user_id: "u1".into(),
+            revision: None,
         })
         .await
         .unwrap()
@@ -893,6 +896,7 @@ async fn recovery_after_pruning_terminates_for_a_never_written_id(backend: Backe
         .users
         .get(GetUserMetadataRequest {
             user_id: "never".into(),
+            revision: None,
         })
         .await
         .unwrap()

@@ -132,6 +132,7 @@ async fn watch_streams_past_the_bound_are_refused_until_one_ends() {
     s.users
         .get(GetUserMetadataRequest {
             user_id: "u".into(),
+            revision: None,
         })
         .await
         .expect("unary calls are not bound by streams");

@@ -545,6 +545,7 @@ async fn graceful_stop_on(signal: &str) {
     let err = users
         .get(GetUserMetadataRequest {
             user_id: "user_bin".into(),
+            revision: None,
         })
         .await
         .expect_err("server is stopped");
@@ -555,6 +556,7 @@ async fn graceful_stop_on(signal: &str) {
     let read = users
         .get(GetUserMetadataRequest {
             user_id: "user_bin".into(),
+            revision: None,
         })
         .await
         .expect("get")
@@ -751,6 +753,7 @@ async fn crash_during_writes_loses_nothing(database_url: &str) {
         let stored = users
             .get(GetUserMetadataRequest {
                 user_id: id.clone(),
+                revision: None,
             })
             .await
             .unwrap()
@@ -905,6 +908,7 @@ async fn sigterm_during_writes_loses_nothing(database_url: &str) {
         let stored = users
             .get(GetUserMetadataRequest {
                 user_id: id.clone(),
+                revision: None,
             })
             .await
             .unwrap()
@@ -1010,6 +1014,7 @@ async fn logs_name_the_caller_but_never_values_keys_or_tokens() {
     for token in ["wrong-key-SECRET", "eyJhbGciOiJIUzI1NiJ9.e30.SECRET"] {
         let get = GetUserMetadataRequest {
             user_id: "user_log".into(),
+            revision: None,
         };
         let err = users.get(bearer(get, token)).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
@@ -1210,6 +1215,7 @@ async fn request_values_cannot_forge_log_lines() {
         for id in &ids {
             let get = || GetUserMetadataRequest {
                 user_id: id.clone(),
+                revision: None,
             };
             let merge = || MergeUserMetadataRequest {
                 user_id: id.clone(),
@@ -1226,6 +1232,7 @@ async fn request_values_cannot_forge_log_lines() {
             };
             let org = || GetOrganizationMetadataRequest {
                 organization_id: id.clone(),
+                revision: None,
             };
             // A frontend token is refused before the id is validated.
             for (code, status) in [
@@ -1276,6 +1283,7 @@ async fn request_values_cannot_forge_log_lines() {
             .get(bearer(
                 GetUserMetadataRequest {
                     user_id: evil_sub.clone(),
+                    revision: None,
                 },
                 &evil,
             ))
@@ -1286,6 +1294,7 @@ async fn request_values_cannot_forge_log_lines() {
             .get(bearer(
                 GetUserMetadataRequest {
                     user_id: "user_1".into(),
+                    revision: None,
                 },
                 &evil,
             ))

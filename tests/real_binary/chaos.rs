@@ -658,6 +658,7 @@ async fn check_records(addrs: &[SocketAddr; 2], log: &[verify::Logged], found: &
             let mut client = UserMetadataServiceClient::new(lazy_channel(*addr));
             let get = client.get(GetUserMetadataRequest {
                 user_id: user.clone(),
+                revision: None,
             });
             if let Ok(Ok(response)) = tokio::time::timeout(Duration::from_secs(5), get).await {
                 record = Some(response.into_inner());

@@ -216,12 +216,14 @@ async fn spans_join_the_callers_trace_without_metadata() {
         users
             .get(caller.request(GetUserMetadataRequest {
                 user_id: "user_traced".into(),
+                revision: None,
             }))
             .await
             .expect("get");
         let refused = users
             .get(caller.request(GetUserMetadataRequest {
                 user_id: String::new(),
+                revision: None,
             }))
             .await
             .unwrap_err();

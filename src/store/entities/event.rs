@@ -19,6 +19,9 @@ pub struct Model {
     #[sea_orm(column_type = "JsonBinary")]
     pub after: Json,
     pub committed_at: DateTimeUtc,
+    /// Who made the change (`model::Origin`); empty on older events.
+    pub actor: String,
+    pub trace_id: String,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -22,7 +22,7 @@ use tracing::Instrument;
 
 use super::doubt::{Trace, end_session_later, not_applied};
 use super::{Postgres, sqlstate_is};
-use crate::model::{ChangeType, Kind, Record};
+use crate::model::{ChangeType, Kind, Origin, Record};
 use crate::store::StoreError;
 use crate::store::conns::{Held, Reuse, within};
 use crate::store::entities::metadata;
@@ -87,12 +87,21 @@ impl Postgres {
         let session = held.session();
         sent.mark();
         let shared = self.shared.clone();
+        let origin = op.origin().clone();
         let write = tokio::spawn(async move {
             shared.pauses.commit.pass().await;
             let limit = held.limit();
             let stored = within(
                 limit,
-                write_change(held.connection(), change, &current, &next, at, generation),
+                write_change(
+                    held.connection(),
+                    change,
+                    &current,
+                    &next,
+                    at,
+                    generation,
+                    &origin,
+                ),
             )
             .await;
             held.release(&stored);
@@ -282,7 +291,17 @@ impl Postgres {
                 return Ok(Step::StartOver);
             }
         }
-        match write_change(connection, change, &current, &next, at, generation).await? {
+        match write_change(
+            connection,
+            change,
+            &current,
+            &next,
+            at,
+            generation,
+            op.origin(),
+        )
+        .await?
+        {
             Some(revision) => {
                 let next = Record { revision, ..next };
                 Ok(Step::Written(written(op, next)))
@@ -343,6 +362,7 @@ async fn write_change(
     next: &Record,
     at: DateTime<Utc>,
     generation: Option<i64>,
+    origin: &Origin,
 ) -> Result<Option<u64>, sqlx::Error> {
     let row = row_from_record(next, at);
     let answer = sqlx::query(sqlx::AssertSqlSafe(WRITE_CHANGE.as_str()))
@@ -360,6 +380,8 @@ async fn write_change(
         .bind(snapshot(next))
         .bind(before.revision as i64)
         .bind(generation)
+        .bind(&origin.actor)
+        .bind(&origin.trace_id)
         .fetch_optional(connection)
         .await;
     let answer = match answer {

@@ -22,7 +22,8 @@
 -- $1 kind, $2 id, $3..$5 public/private/unsafe metadata, $6 version,
 -- $7 created_at, $8 updated_at (and the event's committed_at), $9 change
 -- type, $10 changed fields, $11 before snapshot, $12 after snapshot,
--- $13 the revision the row must still have, $14 schema generation.
+-- $13 the revision the row must still have, $14 schema generation, $15
+-- the actor, $16 the trace id.
 WITH locked AS MATERIALIZED (
     SELECT 1 FROM metadata
     WHERE kind = $1 AND id = $2 AND revision = $13
@@ -44,9 +45,9 @@ stored AS (
 ),
 appended AS (
     INSERT INTO events (revision, kind, id, change_type, changed_fields, before, after,
-        committed_at)
+        committed_at, actor, trace_id)
     SELECT taken.latest, $1, $2, $9, $10, $11,
-        jsonb_set($12, '{revision}', to_jsonb(taken.latest)), $8
+        jsonb_set($12, '{revision}', to_jsonb(taken.latest)), $8, $15, $16
     FROM taken
     WHERE taken.owned
     RETURNING 1

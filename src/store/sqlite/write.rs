@@ -8,7 +8,7 @@
 use chrono::{DateTime, Utc};
 use sea_orm::sqlx::{self, Row, SqliteConnection};
 
-use crate::model::{ChangeType, Kind, Record};
+use crate::model::{ChangeType, Kind, Origin, Record};
 use crate::store::StoreError;
 use crate::store::entities::metadata;
 use crate::store::rows::{decode, event_row, record_from_row, row_from_record};
@@ -33,7 +33,8 @@ const STORE_ROW: &str = "INSERT INTO metadata (kind, id, public_metadata, privat
 
 /// The event; a row already at the revision makes it insert nothing.
 const APPEND_EVENT: &str = "INSERT INTO events (revision, kind, id, change_type, \
-     changed_fields, before, after, committed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
+     changed_fields, before, after, committed_at, actor, trace_id) \
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
      ON CONFLICT (revision) DO NOTHING";
 
 pub(super) async fn step(
@@ -54,7 +55,17 @@ pub(super) async fn step(
             next,
             at,
             generation,
-        } => match write_change(connection, change, &current, next, at, generation).await? {
+        } => match write_change(
+            connection,
+            change,
+            &current,
+            next,
+            at,
+            generation,
+            op.origin(),
+        )
+        .await?
+        {
             Some(record) => Ok(Step::Written(written(op, record))),
             None => Ok(Step::StartOver),
         },
@@ -84,6 +95,7 @@ async fn write_change(
     mut next: Record,
     at: DateTime<Utc>,
     generation: Option<i64>,
+    origin: &Origin,
 ) -> Result<Option<Record>, StoreError> {
     let taken = sqlx::query(TAKE_REVISION)
         .bind(generation)
@@ -107,7 +119,7 @@ async fn write_change(
         .bind(row.updated_at)
         .execute(&mut *connection)
         .await?;
-    let event = event_row(change, before, &next, at);
+    let event = event_row(change, before, &next, at, origin);
     let appended = sqlx::query(APPEND_EVENT)
         .bind(event.revision)
         .bind(event.kind)
@@ -117,6 +129,8 @@ async fn write_change(
         .bind(event.before)
         .bind(event.after)
         .bind(event.committed_at)
+        .bind(event.actor)
+        .bind(event.trace_id)
         .execute(&mut *connection)
         .await?;
     Ok((appended.rows_affected() > 0).then_some(next))

@@ -1,0 +1,220 @@
+//! History, read from the event log: one record's events, and records as
+//! they were right after a revision.
+//!
+//! A record's state at revision R is its row when the row's revision is at
+//! most R; otherwise it is the `before` of the record's first event after
+//! R (a record's events follow its writes in revision order, so that
+//! `before` is what the last change at or below R left). One query finds
+//! those first events for any number of ids, through the `events_record`
+//! index (kind, id, revision); a read at the current revision needs it only
+//! for the rows a concurrent write moved past R meanwhile.
+
+use std::collections::HashMap;
+
+use sea_orm::{EntityTrait, FromQueryResult, QueryOrder, QuerySelect, Statement};
+
+use super::entities::event;
+use super::log::bound;
+use super::rows::event_from_row;
+use super::{Store, StoreError};
+use crate::model::{Event, Kind, Record};
+use crate::query::Filter;
+
+/// One page of a List as of a revision.
+#[derive(Debug)]
+pub struct ListedAt {
+    /// Ordered by id, at most the limit asked.
+    pub records: Vec<Record>,
+    /// Where the next page starts after, when there may be one: past the
+    /// last record, or past ids scanned whose records did not belong.
+    pub next_after: Option<String>,
+}
+
+#[derive(FromQueryResult)]
+struct Bounds {
+    newest: i64,
+    compacted: i64,
+}
+
+impl Store {
+    /// The newest revision in the log (an event or a void; older ones may
+    /// still be in flight) and the compaction mark, in one statement.
+    pub async fn log_bounds(&self) -> Result<(u64, u64), StoreError> {
+        let statement = Statement::from_string(
+            self.shared.db.get_database_backend(),
+            "SELECT COALESCE((SELECT MAX(revision) FROM events), 0) AS newest, \
+             (SELECT compacted FROM revisions WHERE id = 1) AS compacted",
+        );
+        let bounds = Bounds::find_by_statement(statement)
+            .one(&self.shared.db)
+            .await?
+            .ok_or_else(|| StoreError::Internal("the revisions row is missing".into()))?;
+        Ok((bounds.newest as u64, bounds.compacted as u64))
+    }
+
+    /// Up to `limit` events of one record, newest first unless
+    /// `oldest_first`, strictly after (or before, newest first) `cursor`.
+    pub async fn history(
+        &self,
+        kind: Kind,
+        id: &str,
+        cursor: Option<u64>,
+        oldest_first: bool,
+        limit: u64,
+    ) -> Result<Vec<Event>, StoreError> {
+        use sea_orm::{ColumnTrait, QueryFilter};
+        let mut query = event::Entity::find()
+            .filter(event::Column::Kind.eq(kind.as_str()))
+            .filter(event::Column::Id.eq(id));
+        query = match (cursor, oldest_first) {
+            (Some(cursor), true) => query.filter(event::Column::Revision.gt(bound(cursor))),
+            (Some(cursor), false) => query.filter(event::Column::Revision.lt(bound(cursor))),
+            (None, _) => query,
+        };
+        query = match oldest_first {
+            true => query.order_by_asc(event::Column::Revision),
+            false => query.order_by_desc(event::Column::Revision),
+        };
+        query
+            .limit(limit)
+            .all(&self.shared.db)
+            .await?
+            .into_iter()
+            .map(event_from_row)
+            .collect()
+    }
+
+    /// The records of the distinct `ids`, in the order they first appear,
+    /// as they were right after `revision` (which must be settled: nothing
+    /// at or below it may still commit).
+    pub async fn get_many_at(
+        &self,
+        kind: Kind,
+        ids: &[String],
+        revision: u64,
+    ) -> Result<Vec<Record>, StoreError> {
+        let mut records = self.get_many(kind, ids).await?;
+        let newer: Vec<&str> = records
+            .iter()
+            .filter(|record| record.revision > revision)
+            .map(|record| record.id.as_str())
+            .collect();
+        if newer.is_empty() {
+            return Ok(records);
+        }
+        let mut then = self.states_at(kind, Some(&newer), revision).await?;
+        for record in &mut records {
+            if record.revision > revision {
+                match then.remove(&record.id) {
+                    Some(state) => *record = state,
+                    None => return Err(self.pruned(revision).await),
+                }
+            }
+        }
+        Ok(records)
+    }
+
+    /// One record as it was right after `revision` (settled).
+    pub async fn get_at(&self, kind: Kind, id: &str, revision: u64) -> Result<Record, StoreError> {
+        let mut records = self.get_many_at(kind, &[id.to_owned()], revision).await?;
+        records
+            .pop()
+            .ok_or_else(|| StoreError::Internal("a requested id was not answered".into()))
+    }
+
+    /// Up to `page_size` records of `kind` that existed and matched
+    /// `filter` right after `revision` (settled), ordered by id, from the
+    /// first id after `after`. The page is read as List reads it, at the
+    /// current state; then every record some write moved past `revision`
+    /// is taken back to its state then (found from the events after
+    /// `revision`: few for a fresh revision, so the filter still runs in
+    /// the database for everything else).
+    pub async fn list_at(
+        &self,
+        kind: Kind,
+        filter: Option<&Filter>,
+        after: Option<&str>,
+        page_size: u64,
+        revision: u64,
+    ) -> Result<ListedAt, StoreError> {
+        let scanned = self.list(kind, filter, after, page_size + 1).await?;
+        // After the page: any row it read past `revision` has its event
+        // visible by now.
+        let moved = self.states_at(kind, None, revision).await?;
+        // Past the last id scanned, a full scan says nothing.
+        let bound = match scanned.len() as u64 > page_size {
+            true => scanned.last().map(|r| r.id.clone()),
+            false => None,
+        };
+        let within = |id: &str| {
+            after.is_none_or(|after| id > after) && bound.as_deref().is_none_or(|last| id <= last)
+        };
+        let mut records: Vec<Record> = scanned
+            .into_iter()
+            .filter(|record| !moved.contains_key(&record.id))
+            .collect();
+        records.extend(moved.into_values().filter(|then| {
+            then.version > 0
+                && within(&then.id)
+                && filter.is_none_or(|filter| filter.matches(&then.fields))
+        }));
+        records.sort_by(|a, b| a.id.cmp(&b.id));
+        let next_after = if records.len() as u64 > page_size {
+            records.truncate(page_size as usize);
+            records.last().map(|r| r.id.clone())
+        } else {
+            // Everything up to the bound is in the page.
+            bound
+        };
+        Ok(ListedAt {
+            records,
+            next_after,
+        })
+    }
+
+    /// The state right after `revision` of each record of `kind` (among
+    /// `ids` when given) with an event after it: its first such event's
+    /// `before`.
+    async fn states_at(
+        &self,
+        kind: Kind,
+        ids: Option<&[&str]>,
+        revision: u64,
+    ) -> Result<HashMap<String, Record>, StoreError> {
+        let mut sql = self.sql();
+        sql.push(
+            "SELECT e.* FROM events e JOIN (SELECT id, MIN(revision) AS first FROM events \
+             WHERE kind = ",
+        );
+        sql.bind(kind.as_str());
+        if let Some(ids) = ids {
+            sql.push(" AND id IN (");
+            sql.json_array_elements(serde_json::json!(ids)).push(")");
+        }
+        sql.push(" AND revision > ")
+            .bind(bound(revision))
+            .push(" GROUP BY id) f ON e.revision = f.first");
+        let rows = event::Entity::find()
+            .from_raw_sql(sql.statement())
+            .all(&self.shared.db)
+            .await?;
+        rows.into_iter()
+            .map(|row| {
+                let event = event_from_row(row)?;
+                Ok((event.before.id.clone(), event.before))
+            })
+            .collect()
+    }
+
+    /// The error for a record whose events after `revision` were pruned
+    /// while it was read.
+    async fn pruned(&self, revision: u64) -> StoreError {
+        match self.compacted_revision().await {
+            Ok(oldest) => StoreError::RevisionCompacted {
+                requested: revision,
+                oldest,
+            },
+            Err(err) => err,
+        }
+    }
+}
