@@ -23,13 +23,29 @@ const KNOWN: &[(&str, &[&str])] = &[
     (
         "metadata.v1.UserMetadataService",
         &[
-            "Get", "Merge", "Replace", "Delete", "Watch", "BatchGet", "List",
+            "Get",
+            "Merge",
+            "Replace",
+            "Delete",
+            "Watch",
+            "BatchGet",
+            "List",
+            "ListHistory",
+            "Restore",
         ],
     ),
     (
         "metadata.v1.OrganizationMetadataService",
         &[
-            "Get", "Merge", "Replace", "Delete", "Watch", "BatchGet", "List",
+            "Get",
+            "Merge",
+            "Replace",
+            "Delete",
+            "Watch",
+            "BatchGet",
+            "List",
+            "ListHistory",
+            "Restore",
         ],
     ),
     (

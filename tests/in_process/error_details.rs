@@ -24,14 +24,14 @@ use crate::common::json::structure;
 use crate::harness::{merge, start_with, write};
 
 /// What a status says to a program: its reason, metadata and details.
-struct Said {
-    code: Code,
-    reason: String,
-    metadata: HashMap<String, String>,
-    details: ErrorDetails,
+pub(crate) struct Said {
+    pub code: Code,
+    pub reason: String,
+    pub metadata: HashMap<String, String>,
+    pub details: ErrorDetails,
 }
 
-fn said(status: &Status) -> Said {
+pub(crate) fn said(status: &Status) -> Said {
     let details = status
         .check_error_details()
         .unwrap_or_else(|err| panic!("undecodable details in {status:?}: {err}"));
@@ -48,7 +48,7 @@ fn said(status: &Status) -> Said {
 }
 
 /// `status` has `reason`, and the code that reason always comes with.
-fn expect(status: &Status, reason: Reason) -> Said {
+pub(crate) fn expect(status: &Status, reason: Reason) -> Said {
     let said = said(status);
     assert_eq!(said.reason, reason.as_str(), "{status:?}");
     assert_eq!(said.code, reason.code(), "{status:?}");

@@ -160,15 +160,116 @@ impl From<OrganizationMetadata> for Record {
     }
 }
 
-/// Get of either kind.
+/// Get of either kind, of the record now or as of a revision.
 #[derive(Clone, Debug)]
 pub struct Get {
     pub id: String,
+    pub revision: Option<u64>,
 }
 
 impl Get {
     pub fn new(id: &str) -> Get {
-        Get { id: id.into() }
+        Get {
+            id: id.into(),
+            revision: None,
+        }
+    }
+
+    pub fn at(id: &str, revision: u64) -> Get {
+        Get {
+            id: id.into(),
+            revision: Some(revision),
+        }
+    }
+}
+
+/// ListHistory of either kind.
+#[derive(Clone, Debug, Default)]
+pub struct History {
+    pub id: String,
+    pub page_size: i32,
+    pub page_token: String,
+    pub oldest_first: bool,
+}
+
+/// A page of ListHistory.
+#[derive(Clone, Debug)]
+pub struct HistoryPage {
+    pub events: Vec<Event>,
+    pub next_page_token: String,
+    pub oldest_revision: u64,
+}
+
+/// Restore of either kind.
+#[derive(Clone, Debug)]
+pub struct Restore {
+    pub id: String,
+    pub revision: u64,
+    pub expected_version: Option<u64>,
+}
+
+/// An event of either kind, as Watch and ListHistory send it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    pub revision: u64,
+    pub change_type: ChangeType,
+    pub id: String,
+    pub changed_fields: Vec<String>,
+    pub before: Record,
+    pub after: Record,
+    pub actor: String,
+    pub trace_id: String,
+}
+
+impl From<UserMetadataEvent> for Event {
+    fn from(e: UserMetadataEvent) -> Event {
+        let UserMetadataEvent {
+            revision,
+            change_type,
+            user_id,
+            changed_fields,
+            before,
+            after,
+            committed_at: _,
+            actor,
+            trace_id,
+        } = e;
+        Event {
+            revision,
+            change_type: ChangeType::try_from(change_type).expect("a known change type"),
+            id: user_id,
+            changed_fields,
+            before: before.expect("before").into(),
+            after: after.expect("after").into(),
+            actor,
+            trace_id,
+        }
+    }
+}
+
+impl From<OrganizationMetadataEvent> for Event {
+    fn from(e: OrganizationMetadataEvent) -> Event {
+        let OrganizationMetadataEvent {
+            revision,
+            change_type,
+            organization_id,
+            changed_fields,
+            before,
+            after,
+            committed_at: _,
+            actor,
+            trace_id,
+        } = e;
+        Event {
+            revision,
+            change_type: ChangeType::try_from(change_type).expect("a known change type"),
+            id: organization_id,
+            changed_fields,
+            before: before.expect("before").into(),
+            after: after.expect("after").into(),
+            actor,
+            trace_id,
+        }
     }
 }
 
@@ -334,16 +435,16 @@ impl KindClient {
         let request = request.into_request();
         match self {
             KindClient::User(c) => {
-                let request = request.map(|Get { id }| GetUserMetadataRequest {
+                let request = request.map(|Get { id, revision }| GetUserMetadataRequest {
                     user_id: id,
-                    revision: None,
+                    revision,
                 });
                 Ok(c.get(request).await?.into_inner().into())
             }
             KindClient::Organization(c) => {
-                let request = request.map(|Get { id }| GetOrganizationMetadataRequest {
+                let request = request.map(|Get { id, revision }| GetOrganizationMetadataRequest {
                     organization_id: id,
-                    revision: None,
+                    revision,
                 });
                 Ok(c.get(request).await?.into_inner().into())
             }
@@ -476,6 +577,101 @@ impl KindClient {
         }
     }
 
+    pub async fn history(
+        &mut self,
+        request: impl IntoRequest<History>,
+    ) -> Result<HistoryPage, Status> {
+        let request = request.into_request();
+        match self {
+            KindClient::User(c) => {
+                let request = request.map(|h| {
+                    let History {
+                        id,
+                        page_size,
+                        page_token,
+                        oldest_first,
+                    } = h;
+                    ListUserMetadataHistoryRequest {
+                        user_id: id,
+                        page_size,
+                        page_token,
+                        oldest_first,
+                    }
+                });
+                let ListUserMetadataHistoryResponse {
+                    events,
+                    next_page_token,
+                    oldest_revision,
+                } = c.list_history(request).await?.into_inner();
+                Ok(HistoryPage {
+                    events: events.into_iter().map(Into::into).collect(),
+                    next_page_token,
+                    oldest_revision,
+                })
+            }
+            KindClient::Organization(c) => {
+                let request = request.map(|h| {
+                    let History {
+                        id,
+                        page_size,
+                        page_token,
+                        oldest_first,
+                    } = h;
+                    ListOrganizationMetadataHistoryRequest {
+                        organization_id: id,
+                        page_size,
+                        page_token,
+                        oldest_first,
+                    }
+                });
+                let ListOrganizationMetadataHistoryResponse {
+                    events,
+                    next_page_token,
+                    oldest_revision,
+                } = c.list_history(request).await?.into_inner();
+                Ok(HistoryPage {
+                    events: events.into_iter().map(Into::into).collect(),
+                    next_page_token,
+                    oldest_revision,
+                })
+            }
+        }
+    }
+
+    pub async fn restore(&mut self, request: impl IntoRequest<Restore>) -> Result<Record, Status> {
+        let request = request.into_request();
+        match self {
+            KindClient::User(c) => {
+                let request = request.map(
+                    |Restore {
+                         id,
+                         revision,
+                         expected_version,
+                     }| RestoreUserMetadataRequest {
+                        user_id: id,
+                        revision,
+                        expected_version,
+                    },
+                );
+                Ok(c.restore(request).await?.into_inner().into())
+            }
+            KindClient::Organization(c) => {
+                let request = request.map(
+                    |Restore {
+                         id,
+                         revision,
+                         expected_version,
+                     }| RestoreOrganizationMetadataRequest {
+                        organization_id: id,
+                        revision,
+                        expected_version,
+                    },
+                );
+                Ok(c.restore(request).await?.into_inner().into())
+            }
+        }
+    }
+
     pub async fn watch(&mut self, request: impl IntoRequest<Watch>) -> Result<WatchStream, Status> {
         let request = request.into_request();
         match self {
@@ -517,6 +713,31 @@ pub enum WatchMessage {
 }
 
 impl WatchStream {
+    /// The next event, past progress messages; None when the stream ended.
+    pub async fn event(&mut self) -> Result<Option<Event>, Status> {
+        use watch_organization_metadata_response::Response as Org;
+        use watch_user_metadata_response::Response as User;
+        loop {
+            let event = match self {
+                WatchStream::User(s) => match s.message().await? {
+                    None => return Ok(None),
+                    Some(m) => match m.response.expect("response set") {
+                        User::Progress(_) => continue,
+                        User::Event(e) => Event::from(e),
+                    },
+                },
+                WatchStream::Organization(s) => match s.message().await? {
+                    None => return Ok(None),
+                    Some(m) => match m.response.expect("response set") {
+                        Org::Progress(_) => continue,
+                        Org::Event(e) => Event::from(e),
+                    },
+                },
+            };
+            return Ok(Some(event));
+        }
+    }
+
     /// The next message; None when the stream ended.
     pub async fn message(&mut self) -> Result<Option<WatchMessage>, Status> {
         use watch_organization_metadata_response::Response as Org;

@@ -86,12 +86,22 @@ impl Page {
 #[derive(Clone, Debug)]
 pub struct BatchGet {
     pub ids: Vec<String>,
+    /// Read as of this revision, rather than now.
+    pub revision: Option<u64>,
 }
 
 impl BatchGet {
     pub fn new<S: AsRef<str>>(ids: impl IntoIterator<Item = S>) -> BatchGet {
         BatchGet {
             ids: ids.into_iter().map(|id| id.as_ref().to_owned()).collect(),
+            revision: None,
+        }
+    }
+
+    pub fn at<S: AsRef<str>>(ids: impl IntoIterator<Item = S>, revision: u64) -> BatchGet {
+        BatchGet {
+            revision: Some(revision),
+            ..BatchGet::new(ids)
         }
     }
 }
@@ -254,18 +264,22 @@ impl Reads for KindClient {
         let request = request.into_request();
         match self {
             KindClient::User(c) => {
-                let request = request.map(|BatchGet { ids }| BatchGetUserMetadataRequest {
-                    user_ids: ids,
-                    revision: None,
+                let request = request.map(|BatchGet { ids, revision }| {
+                    BatchGetUserMetadataRequest {
+                        user_ids: ids,
+                        revision,
+                    }
                 });
                 let BatchGetUserMetadataResponse { users, revision } =
                     c.batch_get(request).await?.into_inner();
                 Ok((users.into_iter().map(Record::from).collect(), revision))
             }
             KindClient::Organization(c) => {
-                let request = request.map(|BatchGet { ids }| BatchGetOrganizationMetadataRequest {
-                    organization_ids: ids,
-                    revision: None,
+                let request = request.map(|BatchGet { ids, revision }| {
+                    BatchGetOrganizationMetadataRequest {
+                        organization_ids: ids,
+                        revision,
+                    }
                 });
                 let BatchGetOrganizationMetadataResponse {
                     organizations,

@@ -44,6 +44,7 @@ mod batch_get;
 mod consumer_example;
 mod error_details;
 mod fuzz_corpus;
+mod history;
 mod in_doubt;
 mod integrity;
 mod list;
