@@ -18,7 +18,9 @@ use crate::auth::{BACKEND_KEY, ORG, USER, authenticator, session, with_token};
 use crate::common::Backend;
 use crate::error_details::expect;
 use crate::harness::{start, start_with};
-use crate::kinds::{Delete, Get, History, Kind, KindClient, Merge, Record, Replace, Restore, Watch};
+use crate::kinds::{
+    Delete, Get, History, Kind, KindClient, Merge, Record, Replace, Restore, Watch,
+};
 use crate::list::{BatchGet, Reads};
 
 /// What a reader compares: everything but the revision, which names the
@@ -126,10 +128,7 @@ async fn reads_at_every_revision_match_the_writes(backend: Backend, kind: Kind) 
             assert_eq!(state(&got), state(&expected), "{id} at {revision}");
             assert_eq!(got.revision, revision, "Get answers the revision asked");
         }
-        let (records, at) = c
-            .batch_get(BatchGet::at(ids, revision))
-            .await
-            .unwrap();
+        let (records, at) = c.batch_get(BatchGet::at(ids, revision)).await.unwrap();
         assert_eq!(at, revision);
         for (id, got) in ids.iter().zip(&records) {
             let expected = timeline.at(kind, id, revision);
@@ -144,10 +143,7 @@ async fn reads_at_every_revision_match_the_writes(backend: Backend, kind: Kind) 
         }
     }
     // A plain read is the read at the revision it returns.
-    let (now, at) = c
-        .batch_get(BatchGet::new(ids))
-        .await
-        .unwrap();
+    let (now, at) = c.batch_get(BatchGet::new(ids)).await.unwrap();
     assert_eq!(at, last);
     for (id, got) in ids.iter().zip(&now) {
         assert_eq!(state(got), state(&timeline.at(kind, id, last)));
@@ -684,9 +680,7 @@ async fn a_read_waits_for_the_dispatcher_held_behind_a_committed_write(backend: 
     let mut c = Kind::User.client(&s);
     let ids = vec!["a".to_owned()];
     // Keeps the dispatcher reading, so that it publishes the next write.
-    c.batch_get(BatchGet::new(&ids))
-    .await
-    .unwrap();
+    c.batch_get(BatchGet::new(&ids)).await.unwrap();
     published.arm(1);
     let first = c
         .merge(Merge::new("a").public(json!({"n": 1})))
@@ -704,9 +698,7 @@ async fn a_read_waits_for_the_dispatcher_held_behind_a_committed_write(backend: 
     let mut read = {
         let mut c = c.clone();
         let ids = ids.clone();
-        tokio::spawn(async move {
-            c.batch_get(BatchGet::new(&ids)).await
-        })
+        tokio::spawn(async move { c.batch_get(BatchGet::new(&ids)).await })
     };
     // Before issue 29 the read answered at once with the held-back mark and
     // the newer record; now it waits for the dispatcher. A read that
@@ -765,14 +757,8 @@ async fn plain_reads_equal_reads_at_their_revision(backend: Backend) {
     let mut users = s.users.clone();
     let mut compared = 0;
     while !writers.iter().all(|w| w.is_finished()) || compared < 5 {
-        let (plain, revision) = c
-            .batch_get(BatchGet::new(&ids))
-            .await
-            .unwrap();
-        let (at, again) = c
-            .batch_get(BatchGet::at(&ids, revision))
-            .await
-            .unwrap();
+        let (plain, revision) = c.batch_get(BatchGet::new(&ids)).await.unwrap();
+        let (at, again) = c.batch_get(BatchGet::at(&ids, revision)).await.unwrap();
         assert_eq!(again, revision);
         assert_eq!(plain, at, "BatchGet at {revision}");
 
@@ -829,10 +815,7 @@ async fn a_replica_reads_what_another_acknowledged(backend: Backend) {
             .merge(Merge::new("a").public(json!({ "i": i })))
             .await
             .unwrap();
-        let (records, revision) = elsewhere
-            .batch_get(BatchGet::new(["a"]))
-            .await
-            .unwrap();
+        let (records, revision) = elsewhere.batch_get(BatchGet::new(["a"])).await.unwrap();
         assert!(
             revision >= written.revision,
             "{revision} < {}",

@@ -264,23 +264,23 @@ impl Reads for KindClient {
         let request = request.into_request();
         match self {
             KindClient::User(c) => {
-                let request = request.map(|BatchGet { ids, revision }| {
-                    BatchGetUserMetadataRequest {
+                let request =
+                    request.map(|BatchGet { ids, revision }| BatchGetUserMetadataRequest {
                         user_ids: ids,
                         revision,
-                    }
-                });
+                    });
                 let BatchGetUserMetadataResponse { users, revision } =
                     c.batch_get(request).await?.into_inner();
                 Ok((users.into_iter().map(Record::from).collect(), revision))
             }
             KindClient::Organization(c) => {
-                let request = request.map(|BatchGet { ids, revision }| {
-                    BatchGetOrganizationMetadataRequest {
-                        organization_ids: ids,
-                        revision,
-                    }
-                });
+                let request =
+                    request.map(
+                        |BatchGet { ids, revision }| BatchGetOrganizationMetadataRequest {
+                            organization_ids: ids,
+                            revision,
+                        },
+                    );
                 let BatchGetOrganizationMetadataResponse {
                     organizations,
                     revision,
