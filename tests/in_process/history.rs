@@ -826,6 +826,60 @@ async fn a_replica_reads_what_another_acknowledged(backend: Backend) {
     other.shutdown().await.unwrap();
 }
 
+/// Events written before actors were recorded (a database from an older
+/// version, its columns added by the migration) read as made by nobody,
+/// and every read at a revision still works on them.
+async fn events_from_before_actors_read_as_made_by_nobody(backend: Backend) {
+    use sea_orm::ConnectionTrait;
+    let Some(mut s) = start_with(backend, |c| c.auth = authenticator(crate::auth::SECRET)).await
+    else {
+        return;
+    };
+    let key = Some(BACKEND_KEY);
+    let mut users = Kind::User.client(&s);
+    let written = users
+        .merge(with_token(Merge::new("old").public(json!({"a": 1})), key))
+        .await
+        .unwrap();
+    s.stop().await;
+    // The database as the previous version left it.
+    let db = s.db.connect().await;
+    for statement in [
+        "DROP INDEX events_record",
+        "ALTER TABLE events DROP COLUMN actor",
+        "ALTER TABLE events DROP COLUMN trace_id",
+        "DELETE FROM seaql_migrations WHERE version = 'm20261207_000001_event_history'",
+    ] {
+        db.execute_unprepared(statement).await.unwrap();
+    }
+    db.close().await.unwrap();
+    s.restart().await;
+    let mut users = Kind::User.client(&s);
+    let page = users
+        .history(with_token(
+            History {
+                id: "old".into(),
+                ..Default::default()
+            },
+            key,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(page.events.len(), 1);
+    assert_eq!(
+        (
+            page.events[0].actor.as_str(),
+            page.events[0].trace_id.as_str()
+        ),
+        ("", "")
+    );
+    let then = users
+        .get(with_token(Get::at("old", written.revision), key))
+        .await
+        .unwrap();
+    assert_eq!(state(&then), state(&written));
+}
+
 kind_tests!(
     reads_at_every_revision_match_the_writes,
     history_pages_every_event_once_in_order_under_writes,
@@ -842,5 +896,6 @@ mod any_kind {
         a_read_waits_for_the_dispatcher_held_behind_a_committed_write,
         plain_reads_equal_reads_at_their_revision,
         a_replica_reads_what_another_acknowledged,
+        events_from_before_actors_read_as_made_by_nobody,
     );
 }

@@ -28,10 +28,11 @@ const READY_LIMIT: Duration = Duration::from_secs(20);
 /// How long a server may take to exit after SIGTERM or SIGINT.
 const STOP_LIMIT: Duration = Duration::from_secs(10);
 /// Every migration of `src/store/migration.rs`, in order.
-const MIGRATIONS: [&str; 3] = [
+const MIGRATIONS: [&str; 4] = [
     "m20261126_000001_create_tables",
     "m20261130_000001_metadata_indexes",
     "m20261130_000002_create_metadata_schemas",
+    "m20261207_000001_event_history",
 ];
 const USERS: &str = "metadata.v1.UserMetadataService";
 
@@ -294,7 +295,8 @@ async fn assert_schema(url: &str) {
     let events = db
         .query_all_raw(Statement::from_string(
             backend,
-            "SELECT revision, kind, id, change_type, changed_fields, before, after, committed_at FROM events",
+            "SELECT revision, kind, id, change_type, changed_fields, before, after, committed_at, \
+             actor, trace_id FROM events",
         ))
         .await
         .expect("events table has every column");
