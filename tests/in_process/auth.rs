@@ -18,7 +18,9 @@ use tonic::{Code, Request, Status};
 use crate::common::json::json;
 use crate::common::{self, Backend};
 use crate::harness::{TestServer, start_with};
-use crate::kinds::{Delete, Get, Kind, Merge, Record, Replace, Watch, WatchMessage};
+use crate::kinds::{
+    Delete, Get, History, Kind, Merge, Record, Replace, Restore, Watch, WatchMessage,
+};
 
 pub(crate) const BACKEND_KEY: &str = "test-backend-key-5b1c0f3e9a7d";
 pub(crate) const SECRET: &[u8] = b"test-frontend-secret-0123456789abcdef";
@@ -113,20 +115,27 @@ enum Op {
     Replace(Field),
     Delete,
     Watch,
+    /// Get as of the seeded revision.
+    GetAt,
+    History,
+    /// Restore to the seeded revision.
+    Restore,
 }
 
 use Field::{Private, Public, Unsafe};
 
 /// Every RPC of a kind, with a write of each of its fields on its own.
 #[rustfmt::skip]
-const USER_OPS: [Op; 9] = [
+const USER_OPS: [Op; 12] = [
     Op::Get, Op::Merge(Public), Op::Merge(Private), Op::Merge(Unsafe),
     Op::Replace(Public), Op::Replace(Private), Op::Replace(Unsafe), Op::Delete, Op::Watch,
+    Op::GetAt, Op::History, Op::Restore,
 ];
 #[rustfmt::skip]
-const ORG_OPS: [Op; 7] = [
+const ORG_OPS: [Op; 10] = [
     Op::Get, Op::Merge(Public), Op::Merge(Private),
     Op::Replace(Public), Op::Replace(Private), Op::Delete, Op::Watch,
+    Op::GetAt, Op::History, Op::Restore,
 ];
 
 const OK: Code = Code::Ok;
@@ -136,24 +145,24 @@ const DENIED: Code = Code::PermissionDenied;
 /// The expected code of every cell, written out by hand (columns as in
 /// USER_OPS and ORG_OPS).
 #[rustfmt::skip]
-const USER_MATRIX: [(Identity, [Code; 9]); 6] = [
-    //                             Get     M.pub   M.priv  M.unsafe R.pub  R.priv  R.unsafe Delete Watch
-    (Identity::None,              [UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH]),
-    (Identity::BadKey,            [UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH]),
-    (Identity::BackendKey,        [OK,     OK,     OK,     OK,     OK,     OK,     OK,     OK,     OK]),
-    (Identity::FrontendOwnUser,   [OK,     DENIED, DENIED, OK,     DENIED, DENIED, DENIED, DENIED, DENIED]),
-    (Identity::FrontendOtherUser, [DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED]),
-    (Identity::FrontendWithOrg,   [OK,     DENIED, DENIED, OK,     DENIED, DENIED, DENIED, DENIED, DENIED]),
+const USER_MATRIX: [(Identity, [Code; 12]); 6] = [
+    //                             Get     M.pub   M.priv  M.unsafe R.pub  R.priv  R.unsafe Delete Watch   GetAt   History Restore
+    (Identity::None,              [UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH]),
+    (Identity::BadKey,            [UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH]),
+    (Identity::BackendKey,        [OK,     OK,     OK,     OK,     OK,     OK,     OK,     OK,     OK,     OK,     OK,     OK]),
+    (Identity::FrontendOwnUser,   [OK,     DENIED, DENIED, OK,     DENIED, DENIED, DENIED, DENIED, DENIED, OK,     OK,     DENIED]),
+    (Identity::FrontendOtherUser, [DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED]),
+    (Identity::FrontendWithOrg,   [OK,     DENIED, DENIED, OK,     DENIED, DENIED, DENIED, DENIED, DENIED, OK,     OK,     DENIED]),
 ];
 #[rustfmt::skip]
-const ORG_MATRIX: [(Identity, [Code; 7]); 6] = [
-    //                             Get     M.pub   M.priv  R.pub   R.priv  Delete  Watch
-    (Identity::None,              [UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH]),
-    (Identity::BadKey,            [UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH]),
-    (Identity::BackendKey,        [OK,     OK,     OK,     OK,     OK,     OK,     OK]),
-    (Identity::FrontendOwnUser,   [DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED]),
-    (Identity::FrontendOtherUser, [DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED]),
-    (Identity::FrontendWithOrg,   [OK,     DENIED, DENIED, DENIED, DENIED, DENIED, DENIED]),
+const ORG_MATRIX: [(Identity, [Code; 10]); 6] = [
+    //                             Get     M.pub   M.priv  R.pub   R.priv  Delete  Watch   GetAt   History Restore
+    (Identity::None,              [UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH]),
+    (Identity::BadKey,            [UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH, UNAUTH]),
+    (Identity::BackendKey,        [OK,     OK,     OK,     OK,     OK,     OK,     OK,     OK,     OK,     OK]),
+    (Identity::FrontendOwnUser,   [DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED]),
+    (Identity::FrontendOtherUser, [DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, DENIED]),
+    (Identity::FrontendWithOrg,   [OK,     DENIED, DENIED, DENIED, DENIED, DENIED, DENIED, OK,     OK,     DENIED]),
 ];
 
 /// The ops of `kind` and, for each identity, the expected code of each.
@@ -229,6 +238,33 @@ async fn call(
                 other => panic!("{kind:?} watch, first message: {other:?}, newest {newest}"),
             }
             None
+        }
+        Op::GetAt => {
+            let seeded = match kind {
+                Kind::User => seeded.0.revision,
+                Kind::Organization => seeded.1.revision,
+            };
+            present(&client.get(with_token(Get::at(id, seeded), token)).await?)
+        }
+        Op::History => {
+            let request = History {
+                id: id.into(),
+                ..Default::default()
+            };
+            let page = client.history(with_token(request, token)).await?;
+            present(&page.events.first().expect("the seed's event").after)
+        }
+        Op::Restore => {
+            let revision = match kind {
+                Kind::User => seeded.0.revision,
+                Kind::Organization => seeded.1.revision,
+            };
+            let request = Restore {
+                id: id.into(),
+                revision,
+                expected_version: None,
+            };
+            present(&client.restore(with_token(request, token)).await?)
         }
     })
 }
