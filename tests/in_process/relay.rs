@@ -881,6 +881,10 @@ async fn sqlite_server_relays_json() {
         .collect();
     assert_eq!(bodies[0]["revision"], "1");
     assert_eq!(bodies[0]["changeType"], "CHANGE_TYPE_MERGED");
+    // An open server names nobody: no header, and proto3 JSON leaves the
+    // empty actor out.
+    assert_eq!(messages[1].header("Metadata-Actor"), None);
+    assert_eq!(bodies[0].get("actor"), None);
     assert_eq!(bodies[0]["userId"], "a.b");
     assert_eq!(
         bodies[0]["after"]["publicMetadata"],
@@ -1094,9 +1098,54 @@ mod postgres {
     );
 }
 
+/// SQLite: the relayed message names who made the change, in the body
+/// (`actor`, `traceId`) and in the `Metadata-Actor` header, which a server
+/// without credentials leaves out.
+async fn sqlite_relayed_messages_name_the_actor() {
+    use crate::auth::{BACKEND_KEY, SECRET, authenticator, with_token};
+    let Some(url) = nats::url() else {
+        return;
+    };
+    let stream = TestStream::new(&url).await;
+    let mut relayed = options(&stream, &url);
+    relayed.format = Format::Json;
+    let Some(mut server) = harness::start_with(Backend::Sqlite, |config| {
+        config.relay = Some(relayed);
+        config.auth = authenticator(SECRET);
+    })
+    .await
+    else {
+        return;
+    };
+    let mut request = with_token(harness::merge("u", json!({ "n": 1 })), Some(BACKEND_KEY));
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace}-b7ad6b7169203331-01").parse().unwrap(),
+    );
+    server.users.merge(request).await.unwrap();
+    stream.wait_for(1, WAIT).await;
+    let messages = stream.messages().await;
+    let event = &messages[1];
+    assert_eq!(event.header("Metadata-Actor"), Some("key:ci-backend"));
+    let body: serde_json::Value = serde_json::from_slice(&event.payload).unwrap();
+    assert_eq!(body["actor"], "key:ci-backend");
+    assert_eq!(body["traceId"], trace);
+    assert_eq!(
+        messages[0].header("Metadata-Actor"),
+        None,
+        "a marker names nobody"
+    );
+}
+
 mod sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn server_relays_json() {
         super::sqlite_server_relays_json().await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn relayed_messages_name_the_actor() {
+        super::sqlite_relayed_messages_name_the_actor().await
     }
 }
