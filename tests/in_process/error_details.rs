@@ -382,6 +382,14 @@ async fn python_grpcio_status_reads_them() {
             },
             &[],
         ),
+        call(
+            "UserMetadataService/Get",
+            GetUserMetadataRequest {
+                user_id: "u".into(),
+                revision: Some(999),
+            },
+            &[],
+        ),
     ];
     let Some(mut answers) = python(s.addr, &calls).await else {
         return;
@@ -444,6 +452,7 @@ async fn python_grpcio_status_reads_them() {
         ("INVALID_ARGUMENT", "EMPTY_ID"),
         ("ABORTED", "VERSION_MISMATCH"),
         ("FAILED_PRECONDITION", "NONCONFORMING_DOCUMENTS"),
+        ("OUT_OF_RANGE", "REVISION_NOT_REACHED"),
         ("UNAVAILABLE", "DATABASE_TIMEOUT"),
         ("DEADLINE_EXCEEDED", "DEADLINE_EXPIRED"),
         ("RESOURCE_EXHAUSTED", "TOO_MANY_REQUESTS"),
@@ -471,8 +480,9 @@ async fn python_grpcio_status_reads_them() {
     assert_eq!(answers[0]["details"][1]["fields"][0]["field"], "user_id");
     assert_eq!(answers[1]["details"][0]["metadata"]["current_version"], "1");
     assert!(kinds(2).contains(&"PreconditionFailure".to_owned()));
-    assert!(kinds(3).contains(&"RetryInfo".to_owned()));
-    assert!(kinds(5).contains(&"QuotaFailure".to_owned()));
+    assert_eq!(answers[3]["details"][0]["metadata"]["current_revision"], "1");
+    assert!(kinds(4).contains(&"RetryInfo".to_owned()));
+    assert!(kinds(6).contains(&"QuotaFailure".to_owned()));
 }
 
 /// Runs `calls` against `addr` through `tests/fixtures/status_details.py`;
