@@ -56,13 +56,18 @@ impl Sql {
     }
 
     /// A subquery whose rows are the elements of a JSON array of strings,
-    /// bound as one value (one prepared statement whatever its length).
+    /// in a column `id`, bound as one value (one prepared statement
+    /// whatever its length).
     pub fn json_array_elements(&mut self, array: Value) -> &mut Self {
         match self.backend {
             DatabaseBackend::Postgres => self.push("SELECT jsonb_array_elements_text("),
-            _ => self.push("SELECT value FROM json_each("),
+            _ => self.push("SELECT value AS id FROM json_each("),
         };
-        self.bind(array).push(")")
+        self.bind(array).push(")");
+        if self.backend == DatabaseBackend::Postgres {
+            self.push(" AS id");
+        }
+        self
     }
 
     pub fn statement(self) -> Statement {

@@ -480,7 +480,10 @@ async fn python_grpcio_status_reads_them() {
     assert_eq!(answers[0]["details"][1]["fields"][0]["field"], "user_id");
     assert_eq!(answers[1]["details"][0]["metadata"]["current_version"], "1");
     assert!(kinds(2).contains(&"PreconditionFailure".to_owned()));
-    assert_eq!(answers[3]["details"][0]["metadata"]["current_revision"], "1");
+    assert_eq!(
+        answers[3]["details"][0]["metadata"]["current_revision"],
+        "1"
+    );
     assert!(kinds(4).contains(&"RetryInfo".to_owned()));
     assert!(kinds(6).contains(&"QuotaFailure".to_owned()));
 }

@@ -880,6 +880,80 @@ async fn events_from_before_actors_read_as_made_by_nobody(backend: Backend) {
     assert_eq!(state(&then), state(&written));
 }
 
+/// The plans of the two history queries: one record's events (ListHistory,
+/// and a read as of a revision of given ids) are ranges of `events_record`;
+/// the records moved past a fresh revision (a List's) come from the
+/// primary key's range, never from every event of the kind.
+async fn history_queries_use_their_index(backend: Backend) {
+    use metadata_service::model::Kind as ModelKind;
+    use sea_orm::{ConnectionTrait, Statement};
+    let Some(s) = start(backend).await else {
+        return;
+    };
+    let mut c = Kind::User.client(&s);
+    for i in 0..200 {
+        c.merge(Merge::new(&format!("u{}", i % 20)).public(json!({ "i": i })))
+            .await
+            .unwrap();
+    }
+    let db = s.db.connect().await;
+    let store = Store::connect(s.db.url(), &StoreOptions::default())
+        .await
+        .unwrap();
+    let explain = match backend {
+        // Few rows: make the planner show what it would do on many.
+        Backend::Postgres => {
+            db.execute_unprepared("ANALYZE events").await.unwrap();
+            db.execute_unprepared("SET enable_seqscan = off")
+                .await
+                .unwrap();
+            "EXPLAIN"
+        }
+        Backend::Sqlite => "EXPLAIN QUERY PLAN",
+    };
+    let plan = |statement: Statement| {
+        let db = &db;
+        async move {
+            let explain = Statement::from_sql_and_values(
+                statement.db_backend,
+                format!("{explain} {}", statement.sql),
+                statement.values.expect("bound values").0,
+            );
+            let rows = db.query_all_raw(explain).await.unwrap();
+            rows.iter()
+                .map(|row| match backend {
+                    Backend::Postgres => row.try_get::<String>("", "QUERY PLAN").unwrap(),
+                    Backend::Sqlite => row.try_get::<String>("", "detail").unwrap(),
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+    };
+    let of_ids = plan(store.states_at_statement(ModelKind::User, Some(&["u1", "u2"]), 150)).await;
+    let moved = plan(store.states_at_statement(ModelKind::User, None, 190)).await;
+    match backend {
+        Backend::Sqlite => {
+            assert!(
+                of_ids.contains("events_record (kind=? AND id=? AND revision>?)"),
+                "{of_ids}"
+            );
+            assert!(
+                moved.contains("(rowid>?)") || moved.contains("(revision>?)"),
+                "{moved}"
+            );
+        }
+        Backend::Postgres => {
+            assert!(
+                of_ids.contains("Index Only Scan using events_record"),
+                "{of_ids}"
+            );
+            assert!(moved.contains("Index Cond: (revision > "), "{moved}");
+        }
+    }
+    assert!(!moved.contains("events_record"), "{moved}");
+    store.close().await.ok();
+}
+
 kind_tests!(
     reads_at_every_revision_match_the_writes,
     history_pages_every_event_once_in_order_under_writes,
@@ -897,5 +971,6 @@ mod any_kind {
         plain_reads_equal_reads_at_their_revision,
         a_replica_reads_what_another_acknowledged,
         events_from_before_actors_read_as_made_by_nobody,
+        history_queries_use_their_index,
     );
 }
