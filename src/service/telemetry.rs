@@ -17,37 +17,24 @@ use tracing::Instrument;
 
 use crate::metrics::Metrics;
 
+/// The methods both record services have.
+const RECORD_METHODS: &[&str] = &[
+    "Get",
+    "Merge",
+    "Replace",
+    "Delete",
+    "Watch",
+    "BatchGet",
+    "List",
+    "ListHistory",
+    "Restore",
+];
+
 /// Services and methods used as metric labels; anything else is counted as
 /// "other", so that a client cannot create label values at will.
 const KNOWN: &[(&str, &[&str])] = &[
-    (
-        "metadata.v1.UserMetadataService",
-        &[
-            "Get",
-            "Merge",
-            "Replace",
-            "Delete",
-            "Watch",
-            "BatchGet",
-            "List",
-            "ListHistory",
-            "Restore",
-        ],
-    ),
-    (
-        "metadata.v1.OrganizationMetadataService",
-        &[
-            "Get",
-            "Merge",
-            "Replace",
-            "Delete",
-            "Watch",
-            "BatchGet",
-            "List",
-            "ListHistory",
-            "Restore",
-        ],
-    ),
+    ("metadata.v1.UserMetadataService", RECORD_METHODS),
+    ("metadata.v1.OrganizationMetadataService", RECORD_METHODS),
     (
         "metadata.v1.MetadataSchemaService",
         &["SetSchema", "GetSchema", "DeleteSchema"],

@@ -247,10 +247,7 @@ async fn call(
             present(&client.get(with_token(Get::at(id, seeded), token)).await?)
         }
         Op::History => {
-            let request = History {
-                id: id.into(),
-                ..Default::default()
-            };
+            let request = History::of(id);
             let page = client.history(with_token(request, token)).await?;
             present(&page.events.first().expect("the seed's event").after)
         }

@@ -288,13 +288,7 @@ async fn retention_bounds_reads_history_and_restore(backend: Backend, kind: Kind
     assert_eq!(said.metadata["current_revision"], "4");
     assert_eq!(err.code(), Code::OutOfRange);
 
-    let page = c
-        .history(History {
-            id: "r".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let page = c.history(History::of("r")).await.unwrap();
     assert_eq!(page.oldest_revision, 4);
     assert_eq!(
         page.events.iter().map(|e| e.revision).collect::<Vec<_>>(),
@@ -503,13 +497,7 @@ async fn events_name_their_actor_and_trace(backend: Backend) {
         .await
         .unwrap();
     let page = orgs
-        .history(with_token(
-            History {
-                id: ORG.into(),
-                ..Default::default()
-            },
-            key,
-        ))
+        .history(with_token(History::of(ORG), key))
         .await
         .unwrap();
     assert_eq!(page.events[0].actor, "key:ci-backend");
@@ -523,13 +511,7 @@ async fn events_name_their_actor_and_trace(backend: Backend) {
         .merge(Merge::new("u").public(json!({"a": 1})))
         .await
         .unwrap();
-    let page = users
-        .history(History {
-            id: "u".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let page = users.history(History::of("u")).await.unwrap();
     assert_eq!(page.events[0].actor, "");
 }
 
@@ -582,13 +564,7 @@ async fn frontend_tokens_read_only_their_own_history(backend: Backend) {
     assert_eq!(then.private, None, "private stays hidden at any revision");
     assert_eq!(then.version, 1);
     let page = users
-        .history(with_token(
-            History {
-                id: USER.into(),
-                ..Default::default()
-            },
-            Some(&token),
-        ))
+        .history(with_token(History::of(USER), Some(&token)))
         .await
         .unwrap();
     assert_eq!(page.events.len(), 1, "a change of private only is left out");
@@ -605,35 +581,17 @@ async fn frontend_tokens_read_only_their_own_history(backend: Backend) {
             .await
             .unwrap_err(),
         users
-            .history(with_token(
-                History {
-                    id: "user_2".into(),
-                    ..Default::default()
-                },
-                Some(&token),
-            ))
+            .history(with_token(History::of("user_2"), Some(&token)))
             .await
             .unwrap_err(),
-        orgs.history(with_token(
-            History {
-                id: "org_2".into(),
-                ..Default::default()
-            },
-            Some(&token),
-        ))
-        .await
-        .unwrap_err(),
+        orgs.history(with_token(History::of("org_2"), Some(&token)))
+            .await
+            .unwrap_err(),
     ] {
         expect(&denied, Reason::NotOwnRecord);
     }
     let own_org = orgs
-        .history(with_token(
-            History {
-                id: ORG.into(),
-                ..Default::default()
-            },
-            Some(&token),
-        ))
+        .history(with_token(History::of(ORG), Some(&token)))
         .await
         .unwrap();
     assert_eq!(own_org.events[0].changed_fields, ["public_metadata"]);
@@ -654,13 +612,7 @@ async fn frontend_tokens_read_only_their_own_history(backend: Backend) {
         expect(&err, Reason::BackendOnly);
     }
     let err = users
-        .history(with_token(
-            History {
-                id: USER.into(),
-                ..Default::default()
-            },
-            None,
-        ))
+        .history(with_token(History::of(USER), None))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
@@ -856,13 +808,7 @@ async fn events_from_before_actors_read_as_made_by_nobody(backend: Backend) {
     s.restart().await;
     let mut users = Kind::User.client(&s);
     let page = users
-        .history(with_token(
-            History {
-                id: "old".into(),
-                ..Default::default()
-            },
-            key,
-        ))
+        .history(with_token(History::of("old"), key))
         .await
         .unwrap();
     assert_eq!(page.events.len(), 1);

@@ -192,6 +192,16 @@ pub struct History {
     pub oldest_first: bool,
 }
 
+impl History {
+    /// The first page of `id`'s history, newest first, 50 events.
+    pub fn of(id: &str) -> History {
+        History {
+            id: id.into(),
+            ..Default::default()
+        }
+    }
+}
+
 /// A page of ListHistory.
 #[derive(Clone, Debug)]
 pub struct HistoryPage {
