@@ -75,7 +75,7 @@ pub struct PgDatabase {
 }
 
 impl PgDatabase {
-    async fn create(admin_url: String) -> PgDatabase {
+    pub async fn create(admin_url: String) -> PgDatabase {
         let name = format!("mdtest_{}", uuid::Uuid::new_v4().simple());
         let (admin, admin_url) = connect_admin(admin_url).await;
         admin

@@ -58,6 +58,7 @@ mod round_trips;
 mod schema_rules;
 mod schemas;
 mod semantics;
+mod test_databases;
 mod tls;
 mod watch;
 mod watch_limits;
