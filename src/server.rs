@@ -320,6 +320,9 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // google.rpc's error details: grpcurl then prints a status's
+            // details (ErrorInfo, BadRequest, ...) instead of raw bytes.
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
     };
     let (reflection_v1, reflection_v1alpha) = if config.reflection {
         (
