@@ -1,12 +1,14 @@
 //! What both test binaries share: a fresh database per test (a SQLite file
 //! or a Postgres database of its own), the configuration of a server on
-//! 127.0.0.1:0 for it, JSON <-> protobuf, and certificates made in the test.
+//! 127.0.0.1:0 for it, JSON <-> protobuf, certificates made in the test, and
+//! waiting for a state rather than for a time.
 //! Each binary starts servers its own way (`in_process/harness.rs`,
 //! `real_binary/served.rs`).
 
 pub mod json;
 pub mod nats;
 pub mod tls;
+pub mod wait;
 
 use metadata_service::json::Limits;
 use metadata_service::server::ServerConfig;

@@ -117,19 +117,16 @@ impl TestStream {
     /// Waits until the stream holds an event with revision `revision` or
     /// later; panics after `wait`.
     pub async fn wait_for(&self, revision: u64, wait: std::time::Duration) {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
+        let what = format!("stream {} reaches revision {revision}", self.name);
+        super::wait::until(&what, wait, async || {
             let last = self.event_revisions().await.last().copied().unwrap_or(0);
             if last >= revision {
-                return;
+                Ok(())
+            } else {
+                Err(format!("at revision {last}"))
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "stream {} reached revision {last}, not {revision}, within {wait:?}",
-                self.name
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        })
+        .await
     }
 }
 

@@ -14,6 +14,7 @@ use tonic::Code;
 use crate::auth::{BACKEND_KEY, ORG, SECRET, USER, authenticator, session, with_token};
 use crate::common::Backend;
 use crate::common::json::field;
+use crate::common::wait::until;
 use crate::harness::{start, start_with};
 use crate::kinds::{Delete, Get, Kind, KindClient, Merge, Record, Replace};
 use crate::list::{
@@ -176,20 +177,18 @@ async fn reads_its_writes(backend: Backend, kind: Kind) {
 
     // The newest change; the server's mark reaches it once dispatched.
     let newest = s.db.event_revisions().await.into_iter().max().unwrap();
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
+    let what = format!("the revision reaches {newest}");
+    until(&what, std::time::Duration::from_secs(10), async || {
         let (_, revision) = c.batch_get(BatchGet::new(["w0"])).await.unwrap();
         let assigned = newest_revision(&s).await;
         assert!(revision <= assigned, "{revision} beyond {assigned}");
         if revision >= newest {
-            break;
+            Ok(())
+        } else {
+            Err(revision)
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the revision stays at {revision}, below {newest}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    })
+    .await;
 }
 
 /// Records change and go while BatchGet reads them; then more changes

@@ -12,7 +12,11 @@ use serde_json::json;
 
 use crate::common::Backend;
 use crate::common::json::structure;
+use crate::common::wait::until;
 use crate::harness::{TestServer, start, start_with};
+
+/// How long a wait for a state may take on a loaded machine.
+const WAIT: Duration = Duration::from_secs(20);
 
 async fn write(s: &TestServer, id: &str, n: u64) -> UserMetadata {
     let request = MergeUserMetadataRequest {
@@ -85,20 +89,18 @@ async fn resyncs_with_get_when_its_position_was_pruned() {
     write(&s, "user_a", 2).await;
     write(&s, "user_b", 2).await;
     let mut users = s.users.clone();
-    let mut pruned = false;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let refused = until("revision 3 is pruned", WAIT, async || {
         let request = WatchUserMetadataRequest {
             start_revision: 3,
             ..Default::default()
         };
-        if let Err(status) = users.watch(request).await {
-            assert_eq!(status.code(), tonic::Code::FailedPrecondition);
-            pruned = true;
-            break;
+        match users.watch(request).await {
+            Err(status) => Ok(status),
+            Ok(_) => Err("a Watch from revision 3 is still served"),
         }
-    }
-    assert!(pruned, "revision 3 was pruned");
+    })
+    .await;
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
 
     // The consumer comes back: too old, so it re-reads, then follows live.
     let channel = s.channel().await;
@@ -107,15 +109,17 @@ async fn resyncs_with_get_when_its_position_was_pruned() {
             .await
             .map(|()| replica)
     });
-    let mut latest = None;
-    for n in 3..100 {
-        // Keep writing until the live stream has delivered one change.
-        latest = Some(write(&s, "user_a", n).await);
-        if follower.is_finished() {
-            break;
+    // Keep writing until the live stream has delivered one change.
+    let mut n = 3;
+    let latest = until("the live stream delivers a change", WAIT, async || {
+        let written = write(&s, "user_a", n).await;
+        n += 1;
+        match follower.is_finished() {
+            true => Ok(written),
+            false => Err(format!("{} writes, the follower still waits", n - 3)),
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     let replica = follower.await.unwrap().unwrap();
     assert_eq!(replica.resyncs, 1);
     let stored_b = s
@@ -131,5 +135,5 @@ async fn resyncs_with_get_when_its_position_was_pruned() {
     assert_eq!(replica.users["user_b"], stored_b, "re-read with Get");
     let a = &replica.users["user_a"];
     assert!(a.version >= 3, "user_a moved on: {a:?}");
-    assert!(a.version <= latest.unwrap().version);
+    assert!(a.version <= latest.version);
 }

@@ -162,6 +162,20 @@ impl TestDb {
         }
     }
 
+    /// Waits until the pruner has removed every event: the retention the
+    /// test configured has passed.
+    pub async fn until_pruned(&self) {
+        crate::common::wait::until(
+            "every event is pruned",
+            std::time::Duration::from_secs(20),
+            async || match self.event_revisions().await {
+                left if left.is_empty() => Ok(()),
+                left => Err(left),
+            },
+        )
+        .await
+    }
+
     /// A connection of the test's own, beside the server's.
     pub async fn connect(&self) -> sea_orm::DatabaseConnection {
         Database::connect(self.url())
@@ -178,6 +192,36 @@ impl PgDatabase {
             .await
             .expect("connect to TEST_DATABASE_URL")
     }
+
+    /// How many sessions on this database wait for a lock another one
+    /// holds: a write that queues behind a test's transaction shows here.
+    pub async fn lock_waits(&self) -> i64 {
+        use sea_orm::{ConnectionTrait, DatabaseBackend, Statement};
+        let admin = self.admin().await;
+        let waits = admin
+            .query_one_raw(Statement::from_sql_and_values(
+                DatabaseBackend::Postgres,
+                "SELECT count(*) AS n FROM pg_stat_activity \
+                 WHERE datname = $1 AND wait_event_type = 'Lock'",
+                [self.name.clone().into()],
+            ))
+            .await
+            .expect("read pg_stat_activity")
+            .expect("a row")
+            .try_get::<i64>("", "n")
+            .expect("a count");
+        admin.close().await.ok();
+        waits
+    }
+}
+
+/// The calls of `method` to the user service in progress on a server (its
+/// metrics): a call that arrived and has not been answered.
+pub fn users_in_flight(metrics: &metadata_service::metrics::Metrics, method: &str) -> i64 {
+    metrics
+        .in_flight
+        .with_label_values(&["metadata.v1.UserMetadataService", method])
+        .get()
 }
 
 /// What the server logs, captured in memory.

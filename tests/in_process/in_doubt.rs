@@ -24,6 +24,7 @@ use serde_json::{Value as Json, json};
 use tonic::Code;
 
 use crate::common::json::{field, structure};
+use crate::common::wait::until;
 use crate::common::{self, Backend, TestDb};
 use crate::harness::{TestServer, merge, write};
 use crate::pg_proxy::{Cut, PgProxy, Sent, through, upstream};
@@ -117,9 +118,10 @@ async fn a_write_cut_after_it_committed_while_the_database_stays_out_of_reach_ma
 
     proxy.set_reachable(true);
     // The server's health follows the database back within its interval.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let after = loop {
-        match s
+    let after = until(
+        "the database comes back",
+        Duration::from_secs(20),
+        async || match s
             .users
             .get(GetUserMetadataRequest {
                 user_id: ID.into(),
@@ -127,14 +129,14 @@ async fn a_write_cut_after_it_committed_while_the_database_stays_out_of_reach_ma
             })
             .await
         {
-            Ok(record) => break record.into_inner(),
-            Err(status) if tokio::time::Instant::now() < deadline => {
+            Ok(record) => Ok(record.into_inner()),
+            Err(status) => {
                 assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                Err(status)
             }
-            Err(status) => panic!("the database did not come back: {status:?}"),
-        }
-    };
+        },
+    )
+    .await;
     assert_eq!(
         field(&after.public_metadata),
         json!({"n": 1}),

@@ -14,6 +14,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::common::json::{field, structure};
+use crate::common::wait::until;
 use crate::common::{self, Backend};
 use crate::harness::{TestServer, Users, merge, start, start_with, write};
 
@@ -401,16 +402,26 @@ impl SqliteLock {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_is_refused_at_once() {
-    let mut s = start_with(Backend::Sqlite, |c| c.max_concurrent_requests = 1)
-        .await
-        .unwrap();
+    use metadata_service::store::StorePauses;
+    let pauses = StorePauses::default();
+    let commit = pauses.commit.clone();
+    let mut s = start_with(Backend::Sqlite, |c| {
+        c.max_concurrent_requests = 1;
+        c.store.pauses = pauses;
+    })
+    .await
+    .unwrap();
     s.users.merge(merge("u", json!({"a":1}))).await.unwrap();
-    let lock = SqliteLock::take(&s).await;
-    // This write holds the only permit while it waits for the lock.
+    // This write holds the only permit while it is stopped before its
+    // COMMIT: admitted, and not done.
+    commit.arm(1);
     let mut blocked_client = s.users.clone();
     let blocked =
         tokio::spawn(async move { blocked_client.merge(merge("u", json!({"b":2}))).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        commit.reached(Duration::from_secs(10)).await,
+        "the write holding the permit is under way"
+    );
     let started = Instant::now();
     let status = s
         .users
@@ -435,7 +446,7 @@ async fn overload_is_refused_at_once() {
         .watch(WatchUserMetadataRequest::default())
         .await
         .expect("watch still admitted");
-    lock.release().await;
+    commit.release();
     assert_eq!(
         blocked
             .await
@@ -517,9 +528,15 @@ async fn timed_out_writes_say_whether_they_may_have_committed(backend: Backend) 
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     db.execute_unprepared("ROLLBACK").await.unwrap();
     db.close().await.ok();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let after = get(&mut s.users, "u").await;
-    assert_eq!(after.version, 1, "the refused write never happened");
+    // Had the refused write gone on once the lock was free, it would be
+    // ahead of this one (on SQLite for the one writer connection, on
+    // Postgres for the row's lock), and this one would not be version 2.
+    let next = write(&mut s.users, "u", json!({"d":4})).await;
+    assert_eq!(
+        (next.version, field(&next.public_metadata)),
+        (2, json!({"a":1,"d":4})),
+        "the refused write never happened"
+    );
 
     // May have: the write is stopped right before its COMMIT.
     commit.arm(1);
@@ -532,16 +549,20 @@ async fn timed_out_writes_say_whether_they_may_have_committed(backend: Backend) 
     );
     assert!(commit.reached(Duration::from_secs(5)).await);
     commit.release();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let after = get(&mut s.users, "u").await;
-        if after.version == 2 {
-            assert_eq!(field(&after.public_metadata), json!({"a":1,"c":3}));
-            break;
-        }
-        assert!(Instant::now() < deadline, "the write did commit in the end");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let after = until(
+        "the write told it may have been applied commits in the end",
+        Duration::from_secs(10),
+        async || {
+            let after = get(&mut s.users, "u").await;
+            if after.version == 3 {
+                Ok(after)
+            } else {
+                Err(after.version)
+            }
+        },
+    )
+    .await;
+    assert_eq!(field(&after.public_metadata), json!({"a":1,"d":4,"c":3}));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -589,7 +610,9 @@ async fn sqlite_a_write_given_up_before_its_group_began_never_lands() {
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("retry later"), "{status:?}");
     // Past the busy timeout, the group's BEGIN has failed (had it not, the
-    // group would drop the write whose caller left, which passes too).
+    // group would drop the write whose caller left, which passes too). Time
+    // is what is tested: the timeout is SQLite's own, run out while the
+    // lock is held, and nothing in the server shows the moment it fails.
     tokio::time::sleep(busy + Duration::from_millis(100)).await;
     lock.release().await;
     let next = s
@@ -633,14 +656,14 @@ async fn health(channel: Channel) -> Result<ServingStatus, tonic::Status> {
 }
 
 async fn wait_for_health(s: &TestServer, wanted: ServingStatus) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if health(s.channel().await).await.ok() == Some(wanted) {
-            return;
+    let what = format!("health becomes {wanted:?}");
+    until(&what, Duration::from_secs(15), async || {
+        match health(s.channel().await).await {
+            Ok(status) if status == wanted => Ok(()),
+            seen => Err(seen),
         }
-        assert!(Instant::now() < deadline, "health never became {wanted:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await
 }
 
 /// The database refuses this service's connections, then accepts them
@@ -712,17 +735,18 @@ async fn postgres_outage_and_recovery() {
         .unwrap();
     admin.close().await.ok();
     wait_for_health(&s, ServingStatus::Serving).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let second = loop {
-        match s.users.merge(merge("u", json!({"n":1}))).await {
-            Ok(m) => break m.into_inner(),
-            Err(status) => {
-                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-                assert!(Instant::now() < deadline, "writes never recovered");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+    let second = until("writes recover", Duration::from_secs(10), async || match s
+        .users
+        .merge(merge("u", json!({"n":1})))
+        .await
+    {
+        Ok(m) => Ok(m.into_inner()),
+        Err(status) => {
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            Err(status)
         }
-    };
+    })
+    .await;
     assert_eq!(second.version, 2, "the failed writes wrote nothing");
     // A watcher resuming from before the outage gets both events.
     let mut stream = s

@@ -12,7 +12,11 @@ use tonic::Code;
 
 use crate::common::Backend;
 use crate::common::json::structure;
+use crate::common::wait::until;
 use crate::harness::TestServer;
+
+/// How long a wait for a state may take on a loaded machine.
+const WAIT: Duration = Duration::from_secs(20);
 
 /// GET `path` over HTTP/1.1; returns the status code and the body.
 async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
@@ -152,12 +156,16 @@ async fn queued_sqlite_writes_share_one_transaction() {
         })
         .collect();
     let in_flight = r#"grpc_server_in_flight_requests{grpc_method="Merge",grpc_service="metadata.v1.UserMetadataService"}"#;
-    while metrics.value(in_flight).await < WRITES as f64 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    // In flight is counted on arrival; give the handlers a moment to reach
-    // the queue (a late one only makes a third, smaller group).
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    until("every write arrives", WAIT, async || {
+        match metrics.value(in_flight).await {
+            arrived if arrived >= WRITES as f64 => Ok(()),
+            arrived => Err(arrived),
+        }
+    })
+    .await;
+    // In flight is counted on arrival, a moment before the handler reaches
+    // the queue: a late one only makes a third, smaller group, which the
+    // check below allows.
     lock.commit().await.unwrap();
     for call in calls {
         call.await.unwrap().expect("every queued write succeeds");
@@ -221,31 +229,34 @@ async fn watch_streams_and_deliveries_are_counted() {
         1.0
     );
     // The dispatcher reached the newest revision: no lag once it is read.
-    let mut lag = f64::NAN;
-    for _ in 0..50 {
+    until("the dispatcher reaches revision 1", WAIT, async || {
         let now = metrics.scrape().await;
-        lag = now["metadata_events_delivery_lag_revisions"];
-        if now["metadata_events_latest_revision"] == 1.0 && lag == 0.0 {
-            break;
+        let seen = (
+            now["metadata_events_latest_revision"],
+            now["metadata_events_delivery_lag_revisions"],
+        );
+        if seen == (1.0, 0.0) {
+            Ok(())
+        } else {
+            Err(seen)
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(lag, 0.0);
+    })
+    .await;
     assert_eq!(
         metrics.value("metadata_events_dispatched_revision").await,
         1.0
     );
 
     drop(stream);
-    let mut open = f64::NAN;
-    for _ in 0..50 {
-        open = metrics.value("metadata_watch_streams_open").await;
-        if open == 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(open, 0.0, "a dropped stream is no longer counted");
+    until(
+        "a dropped stream is no longer counted",
+        WAIT,
+        async || match metrics.value("metadata_watch_streams_open").await {
+            0.0 => Ok(()),
+            open => Err(open),
+        },
+    )
+    .await;
     let watch = r#"grpc_server_handled_total{grpc_code="Canceled",grpc_method="Watch",grpc_service="metadata.v1.UserMetadataService"}"#;
     assert_eq!(metrics.value(watch).await, 1.0);
 }

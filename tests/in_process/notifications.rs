@@ -14,6 +14,7 @@ use metadata_service::store::{ANNOUNCER_APPLICATION_NAME, Store, StoreOptions, S
 use sea_orm::{ConnectionTrait, Statement};
 use serde_json::json;
 
+use crate::common::wait::until;
 use crate::common::{Backend, TestDb};
 use crate::harness::{TestServer, Users, capture_logs, connect, start, start_with, write};
 use crate::watch::{assert_quiet, events, expect_progress, next_event, watch};
@@ -52,15 +53,23 @@ async fn postgres_commits_are_announced_after_the_write_not_in_it() {
         return;
     };
     let (replica, mut there) = replica(&s, NEVER).await;
-    // A first write delivered, so that the announcer is connected. The
-    // replica's dispatcher may still be finishing the reads it woke (a
-    // wake-up that arrives during a read is kept, and makes one more read
-    // right after): let them end before the write under test, or such a
-    // read, not a notification, could find that write. Seen: 2 runs in 10
-    // without this wait.
+    // A first write delivered and announced, so that the announcer is
+    // connected, and so that the reads the replica's setup woke (a wake-up
+    // that arrives during a read is kept, and makes one more read right
+    // after) are behind it: such a read, not a notification, could
+    // otherwise find the write under test. Seen: 2 runs in 10 without the
+    // warm-up.
     let warm = write(&mut s.users, "u1", json!({"n": 0})).await;
     assert_eq!(next_event(&mut there).await.revision, warm.revision);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until(
+        "the warm-up is announced",
+        Duration::from_secs(20),
+        async || match s.metric(r#"metadata_commit_notifications_total{outcome="sent"}"#) {
+            0.0 => Err(0.0),
+            sent => Ok(sent),
+        },
+    )
+    .await;
 
     announce.arm(1);
     let first = write(&mut s.users, "u1", json!({"n": 1})).await;
@@ -187,7 +196,9 @@ async fn postgres_shutdown_is_not_a_lost_notification_connection() {
     drop(there);
     replica.shutdown().await.unwrap();
     s.stop().await;
-    // Long enough for a retry every 0.5 s to show more than once.
+    // Time is what is tested: nothing shows that these tasks ended (they
+    // end silently on shutdown), so the test looks for a rhythm, over long
+    // enough for a retry every 0.5 s to show more than once.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let lines = captured.lines();
     assert!(
@@ -203,7 +214,8 @@ async fn postgres_shutdown_is_not_a_lost_notification_connection() {
 /// the listener's too: without this it hung, warning every 0.5 s.
 #[tokio::test]
 async fn postgres_a_closed_pool_ends_the_listener_quietly() {
-    let (captured, _guard) = capture_logs(tracing::Level::WARN);
+    // Debug too: the listener says so there when it ends.
+    let (captured, _guard) = capture_logs(tracing::Level::DEBUG);
     let Some(db) = TestDb::create(Backend::Postgres).await else {
         return;
     };
@@ -225,11 +237,33 @@ async fn postgres_a_closed_pool_ends_the_listener_quietly() {
                 captured.lines().join("\n")
             )
         });
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let lines = captured.lines();
+    // Ended, it can log nothing more; a listener reconnecting from the
+    // closed pool would never say so, and warn every 0.5 s instead.
+    until("the listener ends", Duration::from_secs(20), async || {
+        let lines = captured.lines();
+        match lines.iter().any(|l| l.contains("event notifications end")) {
+            true => Ok(()),
+            false => Err(faults(&lines)),
+        }
+    })
+    .await;
+    let faults = faults(&captured.lines());
     assert!(
-        lines.iter().all(|l| !l.contains("notifications")),
+        faults.is_empty(),
         "a closed pool was logged as a notification fault:\n{}",
-        lines.join("\n")
+        faults.join("\n")
     );
+}
+
+/// The lines about notifications logged as a fault (a warning or an
+/// error).
+fn faults(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .filter(|l| {
+            let level = l.split_whitespace().nth(1);
+            matches!(level, Some("WARN" | "ERROR")) && l.contains("notifications")
+        })
+        .cloned()
+        .collect()
 }

@@ -236,6 +236,8 @@ impl PgProxy {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let before = self.shared.bytes.load(Ordering::SeqCst);
+            // Time is what is awaited: quiet is a span with no traffic, and
+            // nothing marks the end of the pool's own last exchange.
             tokio::time::sleep(quiet).await;
             if self.shared.bytes.load(Ordering::SeqCst) == before {
                 return;

@@ -15,6 +15,7 @@ use tonic::Streaming;
 
 use crate::common::Backend;
 use crate::common::json::field;
+use crate::common::wait::until;
 use crate::harness::{Users, start, start_with, write};
 use crate::watch::{assert_quiet, events, expect_progress, next_event};
 
@@ -232,7 +233,16 @@ async fn list_then_watch_converges_under_writes(backend: Backend) {
             }
         })
     };
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The List comes while the writer is under way.
+    until(
+        "the writer's first change",
+        Duration::from_secs(20),
+        async || match s.db.event_revisions().await.len() {
+            n if n > 10 => Ok(()),
+            n => Err(n),
+        },
+    )
+    .await;
     let listed = list(&mut s.users, GOLD).await;
     let mut view: std::collections::BTreeMap<String, (u64, serde_json::Value)> = listed
         .users
@@ -406,6 +416,8 @@ async fn filtered_out_events_do_not_delay_progress(backend: Backend) {
         tokio::spawn(async move {
             for i in 0..1000 {
                 write(&mut users, "other", json!({ "plan": "silver", "i": i })).await;
+                // Time is the scenario: unrelated writes at a steady rate,
+                // several within each progress interval.
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })

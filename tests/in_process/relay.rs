@@ -31,6 +31,7 @@ use tokio::task::JoinHandle;
 use crate::common::Backend;
 use crate::common::json::structure;
 use crate::common::nats::{self, Stored, TestStream};
+use crate::common::wait::until;
 use crate::harness::{self, TestServer, connect, write};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -388,17 +389,6 @@ fn socket_of(url: &str) -> SocketAddr {
         .unwrap()
 }
 
-async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what} within {WAIT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn nats_outage_pauses_the_relay_and_loses_nothing() {
     let Some((mut server, stream)) = setup().await else {
         return;
@@ -416,7 +406,10 @@ async fn nats_outage_pauses_the_relay_and_loses_nothing() {
         write(&mut server.users, "u", json!({ "n": n })).await;
     }
     let state = relay.state.clone();
-    wait_until("the relay reports the outage", || !state.is_healthy()).await;
+    until("the relay reports the outage", WAIT, async || {
+        (!state.is_healthy()).then_some(()).ok_or("healthy")
+    })
+    .await;
     let metrics = reqwest_metrics(relay.metrics_addr().unwrap()).await;
     assert_eq!(harness::metric(&metrics, "metadata_relay_healthy"), 0.0);
     assert!(harness::metric(&metrics, "metadata_relay_lag_revisions") >= 1.0);
@@ -443,8 +436,8 @@ async fn nats_outage_pauses_the_relay_and_loses_nothing() {
     );
     proxy.restore();
     stream.wait_for(10, WAIT).await;
-    wait_until("the relay reports it is healthy again", || {
-        state.is_healthy()
+    until("the relay reports it is healthy again", WAIT, async || {
+        state.is_healthy().then_some(()).ok_or("unhealthy")
     })
     .await;
     assert_eq!(stream.event_revisions().await, (1..=10).collect::<Vec<_>>());
@@ -457,8 +450,8 @@ async fn two_relays_take_turns_without_duplicate_or_gap() {
         return;
     };
     let first = start_relay(&server, options(&stream, &stream.url)).await;
-    wait_until("the first relay takes the lease", || {
-        first.state.holds_lease()
+    until("the first relay takes the lease", WAIT, async || {
+        first.state.holds_lease().then_some(()).ok_or("no lease")
     })
     .await;
     let second = start_relay(&server, options(&stream, &stream.url)).await;
@@ -476,7 +469,10 @@ async fn two_relays_take_turns_without_duplicate_or_gap() {
     assert!(second.state.is_healthy(), "a standby is healthy");
     first.kill();
     let taken = tokio::time::Instant::now();
-    wait_until("the standby takes over", || second.state.holds_lease()).await;
+    until("the standby takes over", WAIT, async || {
+        second.state.holds_lease().then_some(()).ok_or("no lease")
+    })
+    .await;
     assert!(
         taken.elapsed() < Duration::from_secs(5),
         "{:?}",
@@ -581,11 +577,13 @@ async fn past_retention_stops_then_from_now_reseeds() {
     };
     let relay = start_relay(&server, reseeding).await;
     // Only writes after the reseed are relayed: wait for its marker.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while stream.messages().await.len() < 3 {
-        assert!(tokio::time::Instant::now() < deadline, "no reseed marker");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until("the reseed marker is stored", WAIT, async || {
+        match stream.messages().await {
+            messages if messages.len() >= 3 => Ok(()),
+            messages => Err(messages),
+        }
+    })
+    .await;
     write(&mut server.users, "u", json!({ "n": 5 })).await;
     stream.wait_for(5, WAIT).await;
     let messages = stream.messages().await;
@@ -701,14 +699,13 @@ async fn an_idle_stream_keeps_its_end_through_expiry() {
     let relay = start_relay(&server, relayed.clone()).await;
     write(&mut server.users, "u", json!({ "n": 1 })).await;
     stream.wait_for(1, WAIT).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !stream.event_revisions().await.is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "event 1 never expired"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until("event 1 expires", WAIT, async || {
+        match stream.event_revisions().await {
+            left if left.is_empty() => Ok(()),
+            left => Err(left),
+        }
+    })
+    .await;
     let left = stream.messages().await;
     assert!(!left.is_empty(), "progress markers keep the stream's end");
     assert!(
@@ -792,14 +789,10 @@ async fn a_secured_nats_needs_its_credentials_and_ca() {
         .kill_on_drop(true)
         .spawn()
         .expect("start nats-server");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "nats-server did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until("nats-server listens", WAIT, async || {
+        TcpStream::connect(("127.0.0.1", port)).await.map(drop)
+    })
+    .await;
     let secured = |user: &str, password: &str, ca: Option<&std::path::Path>| {
         let mut relayed = options(&stream, &format!("tls://localhost:{port}"));
         relayed.nats.user = Some(user.into());
@@ -831,7 +824,13 @@ async fn a_secured_nats_needs_its_credentials_and_ca() {
     let relay = start_relay(&server, secured("relay", "s3cret-pw", Some(&ca_file))).await;
     write(&mut server.users, "u", json!({ "n": 1 })).await;
     let state = relay.state.clone();
-    wait_until("the event is relayed", || state.revision() >= 1).await;
+    until("the event is relayed", WAIT, async || {
+        match state.revision() {
+            0 => Err(0),
+            revision => Ok(revision),
+        }
+    })
+    .await;
     let metrics = reqwest_metrics(relay.metrics_addr().unwrap()).await;
     assert_eq!(
         harness::metric(&metrics, "metadata_relay_published_total"),
@@ -988,17 +987,29 @@ async fn a_lost_reseed_ack_does_not_skip_revisions() {
     relayed.from_now = true;
     let relay = start_relay(&server, relayed).await;
     // The reseed marker (at revision 1) is stored; its ack never arrives.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while stream.messages().await.is_empty() {
-        assert!(tokio::time::Instant::now() < deadline, "no reseed marker");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until("the reseed marker is stored", WAIT, async || {
+        match stream.messages().await.len() {
+            0 => Err("no message"),
+            _ => Ok(()),
+        }
+    })
+    .await;
     assert!(!dropper.armed.load(Ordering::SeqCst), "the ack was dropped");
     // Revisions committed while the relay waits for that ack.
     write(&mut server.users, "u", json!({ "n": 2 })).await;
     write(&mut server.users, "u", json!({ "n": 3 })).await;
-    // Past the ack timeout and the retry.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Past the ack timeout and the retry, the relay publishes again: what
+    // it publishes first (2 and 3, or a second reseed marker) is checked
+    // below.
+    until(
+        "the relay publishes after the lost ack",
+        WAIT,
+        async || match stream.messages().await {
+            messages if messages.len() > 1 => Ok(()),
+            messages => Err(messages),
+        },
+    )
+    .await;
     write(&mut server.users, "u", json!({ "n": 4 })).await;
     stream.wait_for(4, WAIT).await;
     let messages = stream.messages().await;
@@ -1027,6 +1038,8 @@ async fn an_unlimited_max_age_writes_no_marker_storm() {
     let relay = start_relay(&server, relayed).await;
     write(&mut server.users, "u", json!({ "n": 1 })).await;
     stream.wait_for(1, WAIT).await;
+    // Time is what is tested: a storm is a rate, seen only over a while of
+    // idleness.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let count = stream.messages().await.len();
     assert!(

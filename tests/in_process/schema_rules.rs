@@ -21,7 +21,8 @@ use tonic::{Code, Status};
 use crate::auth::{BACKEND_KEY, SECRET, authenticator, session, with_token};
 use crate::common::Backend;
 use crate::common::json::{json, structure};
-use crate::harness::{TestServer, capture_logs, start, start_with};
+use crate::common::wait::until;
+use crate::harness::{TestServer, capture_logs, start, start_with, users_in_flight};
 use crate::kinds::{Delete, Get, Kind, Merge, Record, Replace, Watch, WatchMessage, WatchStream};
 
 type Schemas = MetadataSchemaServiceClient<Channel>;
@@ -679,20 +680,15 @@ async fn concurrent_writes_one_violating(backend: Backend) {
         })
         .collect();
     if let Some(lock) = lock {
-        let in_flight = r#"grpc_server_in_flight_requests{grpc_method="Merge",grpc_service="metadata.v1.UserMetadataService"}"#;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let arrived = || {
-            let text = s.metrics().render();
-            text.lines()
-                .find_map(|l| l.strip_prefix(in_flight)?.trim().parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        while arrived() < writes.len() as f64 {
-            assert!(Instant::now() < deadline, "the writes arrive");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        // Let the handlers reach the committer's queue.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        until(
+            "the writes arrive",
+            Duration::from_secs(20),
+            async || match users_in_flight(s.metrics(), "Merge") {
+                arrived if arrived >= writes.len() as i64 => Ok(()),
+                arrived => Err(arrived),
+            },
+        )
+        .await;
         lock.commit().await.unwrap();
     }
     let mut refusals = Vec::new();

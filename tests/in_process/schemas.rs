@@ -13,7 +13,11 @@ use tonic::transport::Channel;
 
 use crate::common::Backend;
 use crate::common::json::{field, structure};
-use crate::harness::{Users, connect, start_with, write};
+use crate::common::wait::until;
+use crate::harness::{Users, connect, start_with, users_in_flight, write};
+
+/// How long a wait for a state may take on a loaded machine.
+const WAIT: Duration = Duration::from_secs(20);
 
 type Schemas = MetadataSchemaServiceClient<Channel>;
 
@@ -96,8 +100,30 @@ async fn a_write_racing_set_schema_meets_the_new_schema(backend: Backend, replic
         let mut writer = writer.clone();
         tokio::spawn(async move { merge_unsafe(&mut writer, "u1", json!({"age": -5})).await })
     };
-    // The write cannot finish while the check is open.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The write cannot finish while the check is open. It is under way
+    // first: in flight on the process that writes and, on Postgres, queued
+    // behind SetSchema's table lock (SQLite shows no waiting writer).
+    let writing = other.as_ref().unwrap_or(s.server()).metrics().clone();
+    until(
+        "the racing write arrives",
+        WAIT,
+        async || match users_in_flight(&writing, "Merge") {
+            1 => Ok(()),
+            n => Err(n),
+        },
+    )
+    .await;
+    if backend == Backend::Postgres {
+        until(
+            "the racing write waits for the lock",
+            WAIT,
+            async || match s.db.postgres().lock_waits().await {
+                0 => Err(0),
+                n => Ok(n),
+            },
+        )
+        .await;
+    }
     assert!(
         !racing.is_finished(),
         "a write went through while SetSchema held its check"

@@ -15,6 +15,7 @@ use tonic::Streaming;
 
 use crate::common::Backend;
 use crate::common::json::{field, structure, value};
+use crate::common::wait::until;
 use crate::harness::{Users, merge, start, start_with, write};
 
 pub(crate) async fn watch(
@@ -466,14 +467,7 @@ async fn pruned_revisions_are_refused(backend: Backend) {
         write(&mut s.users, "u1", json!({ "i": i })).await;
     }
     // Wait until the pruner has removed them.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !s.db.event_revisions().await.is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "events were not pruned"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    s.db.until_pruned().await;
     let status = s
         .users
         .watch(WatchUserMetadataRequest {
@@ -652,7 +646,6 @@ async fn subscribing_right_after_a_publish_misses_nothing(backend: Backend) {
 /// from the table while the dispatcher is mid-batch.
 async fn streams_resuming_at_the_newest_revision_under_load(backend: Backend) {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let Some(mut s) = start_with(backend, |c| {
         c.events.broker.buffer = 4;
         c.events.broker.batch = 16;
@@ -665,8 +658,8 @@ async fn streams_resuming_at_the_newest_revision_under_load(backend: Backend) {
     const WRITES: usize = 50;
     let mut reference = watch(&mut s.users, 1, &[]).await;
     assert_eq!(expect_progress(&mut reference).await, 0);
-    let newest = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(AtomicBool::new(false));
+    // The newest revision written; closed once every writer is done.
+    let newest = Arc::new(tokio::sync::watch::Sender::new(0u64));
     let mut writers = Vec::new();
     for w in 0..WRITERS {
         let mut users = s.users.clone();
@@ -675,28 +668,35 @@ async fn streams_resuming_at_the_newest_revision_under_load(backend: Backend) {
             for i in 0..WRITES {
                 let id = format!("w{w}_{}", i % 3);
                 let written = write(&mut users, &id, json!({ "i": i })).await;
-                newest.fetch_max(written.revision, Ordering::SeqCst);
+                newest.send_if_modified(|n| {
+                    let later = written.revision > *n;
+                    *n = (*n).max(written.revision);
+                    later
+                });
             }
         }));
     }
     let opener = {
         let mut users = s.users.clone();
-        let newest = newest.clone();
-        let done = done.clone();
+        let mut newest = newest.subscribe();
         tokio::spawn(async move {
             let mut opened = Vec::new();
-            while !done.load(Ordering::SeqCst) && opened.len() < 60 {
-                let start = newest.load(Ordering::SeqCst).max(1);
+            while opened.len() < 60 {
+                let start = (*newest.borrow_and_update()).max(1);
                 opened.push((start, watch(&mut users, start, &[]).await));
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                // The next stream starts once a write has moved the newest
+                // revision on; none does after the writers are done.
+                if newest.changed().await.is_err() {
+                    break;
+                }
             }
             opened
         })
     };
+    drop(newest);
     for writer in writers {
         writer.await.unwrap();
     }
-    done.store(true, Ordering::SeqCst);
     let opened = opener.await.unwrap();
     assert!(opened.len() >= 5, "only {} streams opened", opened.len());
     let total = WRITERS * WRITES;
@@ -772,15 +772,16 @@ async fn a_replay_ends_when_its_client_leaves(backend: Backend) {
             .with_label_values(&["metadata.v1.UserMetadataService", "Watch", "Canceled"])
             .get()
     };
-    let until_cancelled = |count| {
-        let cancelled = cancelled.clone();
-        async move {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            while cancelled() < count {
-                assert!(tokio::time::Instant::now() < deadline, "client never left");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
+    let until_cancelled = async |count| {
+        until(
+            "the client leaves",
+            Duration::from_secs(10),
+            async || match cancelled() {
+                seen if seen >= count => Ok(()),
+                seen => Err(seen),
+            },
+        )
+        .await
     };
     // Published: a stream from 1 reads all ten from the table.
     assert_eq!(
@@ -799,11 +800,15 @@ async fn a_replay_ends_when_its_client_leaves(backend: Backend) {
         !replay.reached(Duration::from_secs(1)).await,
         "the replay read on after its client left"
     );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while s.server().broker_open_streams() != 0 {
-        assert!(tokio::time::Instant::now() < deadline, "stream still open");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until(
+        "the stream's task ends",
+        Duration::from_secs(10),
+        async || match s.server().broker_open_streams() {
+            0 => Ok(()),
+            open => Err(open),
+        },
+    )
+    .await;
 }
 
 /// Events pruned while a stream replays them end the stream with
@@ -840,11 +845,7 @@ async fn pruning_under_a_catching_up_stream_is_reported(backend: Backend) {
     let got = events(&mut stream, 2).await;
     assert_eq!(got.iter().map(|e| e.revision).collect::<Vec<_>>(), [1, 2]);
     // Now the rest is pruned under it.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !s.db.event_revisions().await.is_empty() {
-        assert!(tokio::time::Instant::now() < deadline, "not pruned");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    s.db.until_pruned().await;
     replay.release();
     let status = timeout(Duration::from_secs(10), stream.message())
         .await
@@ -873,11 +874,7 @@ async fn recovery_after_pruning_terminates_for_a_never_written_id(backend: Backe
     for i in 0..5 {
         write(&mut s.users, "other", json!({ "i": i })).await;
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !s.db.event_revisions().await.is_empty() {
-        assert!(tokio::time::Instant::now() < deadline, "not pruned");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    s.db.until_pruned().await;
     let status = s
         .users
         .watch(WatchUserMetadataRequest {
@@ -924,24 +921,23 @@ async fn streams_arriving_while_the_mark_moves_without_events_miss_nothing(backe
     write(&mut s.users, "u2", json!({"a":2})).await;
     // A List keeps the dispatcher reading; its mark (the List's revision)
     // reaches 2 once the dispatcher has caught up, by numbers only.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let listed = s
-            .users
-            .list(ListUserMetadataRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
-        if listed.revision == 2 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the mark stays at {}",
-            listed.revision
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until(
+        "the List's mark reaches 2",
+        Duration::from_secs(10),
+        async || {
+            let listed = s
+                .users
+                .list(ListUserMetadataRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            match listed.revision {
+                2 => Ok(()),
+                mark => Err(mark),
+            }
+        },
+    )
+    .await;
     published.arm(1);
     let third = write(&mut s.users, "u1", json!({"b":3})).await;
     assert_eq!(third.revision, 3);
@@ -1208,7 +1204,15 @@ async fn postgres_concurrent_first_writes_burn_no_revision() {
         .unwrap();
     let mut users = s.users.clone();
     let second = tokio::spawn(async move { write(&mut users, "new", json!({"second":2})).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until(
+        "the second first write queues behind the first",
+        Duration::from_secs(20),
+        async || match s.db.postgres().lock_waits().await {
+            0 => Err(0),
+            n => Ok(n),
+        },
+    )
+    .await;
     assert!(!second.is_finished(), "the second first write waits");
     first.rollback().await.unwrap();
     let written = second.await.unwrap();
@@ -1285,20 +1289,18 @@ async fn postgres_watch_survives_lost_connections() {
 
     // Writes may fail while the pool notices; retry each until it lands.
     for i in 0..5 {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            match s.users.merge(merge("u1", json!({ "after": i }))).await {
-                Ok(_) => break,
-                Err(status) => {
-                    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-                    assert!(
-                        tokio::time::Instant::now() < deadline,
-                        "writes did not recover"
-                    );
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+        until("the write lands", Duration::from_secs(10), async || match s
+            .users
+            .merge(merge("u1", json!({ "after": i })))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                Err(status)
             }
-        }
+        })
+        .await;
     }
     let expected = s.db.event_revisions().await;
     assert_eq!(expected.len(), 6);

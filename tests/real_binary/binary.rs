@@ -18,6 +18,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::common::json::{field, structure};
+use crate::common::wait::{until, within};
 use crate::common::{self, Backend, TestDb};
 use crate::programs::BIN;
 
@@ -417,23 +418,26 @@ impl Server {
     /// Polls the health service until the server and the user service are
     /// SERVING; Err with the exit status if the process ends first.
     async fn wait_until_serving(&mut self) -> Result<(), ExitStatus> {
-        let deadline = Instant::now() + READY_LIMIT;
-        let mut last_error = String::new();
-        while Instant::now() < deadline {
+        // Ok(None) once serving, Ok(Some) once exited.
+        let ready = within(READY_LIMIT, async || {
             if let Some(status) = self.child.try_wait().unwrap() {
-                return Err(status);
+                return Ok(Some(status));
             }
             match self.health().await {
-                Ok(statuses) if statuses == [ServingStatus::Serving; 2] => return Ok(()),
-                Ok(statuses) => last_error = format!("{statuses:?}"),
-                Err(err) => last_error = err,
+                Ok(statuses) if statuses == [ServingStatus::Serving; 2] => Ok(None),
+                Ok(statuses) => Err(format!("{statuses:?}")),
+                Err(err) => Err(err),
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        })
+        .await;
+        match ready {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => Err(status),
+            Err(last) => panic!(
+                "not SERVING within {READY_LIMIT:?} (last: {last}): {}",
+                self.output()
+            ),
         }
-        panic!(
-            "not SERVING within {READY_LIMIT:?} (last: {last_error}): {}",
-            self.output()
-        );
     }
 
     /// Health of the server as a whole and of the user service.
@@ -706,6 +710,26 @@ macro_rules! on_both_backends {
     };
 }
 
+/// Waits until every writer has had writes acknowledged: the load is on,
+/// and a stop now lands in the middle of it.
+async fn until_every_writer_is_under_way(acked: &[std::sync::atomic::AtomicU64]) {
+    until(
+        "every writer has writes acknowledged",
+        READY_LIMIT,
+        async || {
+            let counts: Vec<u64> = acked
+                .iter()
+                .map(|n| n.load(std::sync::atomic::Ordering::SeqCst))
+                .collect();
+            match counts.iter().all(|&n| n >= 20) {
+                true => Ok(()),
+                false => Err(counts),
+            }
+        },
+    )
+    .await
+}
+
 /// kill -9 during a write load: after a restart every acknowledged write is
 /// there, each id's version equals its number of events, and the newest
 /// event of each id is exactly its stored state (no partial write).
@@ -739,7 +763,7 @@ async fn crash_during_writes_loses_nothing(database_url: &str) {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    until_every_writer_is_under_way(&acked).await;
     server.kill().await;
     for task in tasks {
         task.await.unwrap();
@@ -861,7 +885,7 @@ async fn sigterm_during_writes_loses_nothing(database_url: &str) {
         .unwrap()
         .into_inner();
 
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    until_every_writer_is_under_way(&acked).await;
     server.stop("TERM").await;
 
     for (w, task) in tasks.into_iter().enumerate() {

@@ -13,7 +13,7 @@
 //! log's changes after its start exactly, in order; each record equals its
 //! last event; the JetStream stream equals the log; and the service came
 //! back after every fault within a bound (printed), with its health
-//! following Postgres without a restart. A run takes about 65 s; it needs
+//! following Postgres without a restart. A run takes about 60 s; it needs
 //! `initdb` (METADATA_REQUIRE_POSTGRES makes its absence a failure) and
 //! TEST_NATS_URL (METADATA_REQUIRE_NATS likewise).
 
@@ -31,10 +31,13 @@ use std::time::{Duration, Instant};
 use metadata_service::proto::v1::GetUserMetadataRequest;
 use metadata_service::proto::v1::user_metadata_service_client::UserMetadataServiceClient;
 use tokio_util::sync::CancellationToken;
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 use crate::common::json::field;
 use crate::common::nats::{self, TestStream};
+use crate::common::wait::{until, within};
 use cluster::PgCluster;
 use load::{Outcome, Start, Subscription, Write};
 use procs::{Proc, health_at, lazy_channel};
@@ -79,9 +82,39 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// A fault the schedule applies.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    /// The Postgres proxy resets every connection and refuses new ones.
+    PostgresLink,
+    /// A replica is killed -9, and restarted when the fault ends.
+    Kill9Replica(usize),
+    /// The relay holding the lease is killed -9, and restarted when the
+    /// fault ends.
+    Kill9LeaseHolder,
+    /// The NATS proxy resets every connection and refuses new ones.
+    NatsLink,
+    /// A replica is stopped with SIGTERM, and restarted when the fault ends.
+    SigtermReplica(usize),
+    /// `pg_ctl restart -m fast`: over when Postgres has restarted.
+    PostgresRestart,
+}
+
+/// The faults in turn, each with how long it is held: GAP of load runs
+/// before each.
+const SCHEDULE: [(Kind, Duration); 7] = [
+    (Kind::PostgresLink, Duration::from_secs(3)),
+    (Kind::Kill9Replica(0), Duration::from_secs(1)),
+    (Kind::Kill9LeaseHolder, Duration::from_secs(1)),
+    (Kind::NatsLink, Duration::from_secs(4)),
+    (Kind::SigtermReplica(1), Duration::from_millis(500)),
+    (Kind::PostgresLink, Duration::from_secs(2)),
+    (Kind::PostgresRestart, Duration::ZERO),
+];
+
 /// One fault of the schedule, as it happened.
 struct Fault {
-    name: &'static str,
+    name: String,
     /// Since the test's start.
     start: Duration,
     /// When the fault was over: the link back, the process serving again.
@@ -92,12 +125,205 @@ struct Fault {
     measured: Vec<(String, Option<Duration>)>,
 }
 
+/// What the schedule acts on.
+struct Chaos<'a> {
+    cluster: &'a PgCluster,
+    pg_proxy: &'a Proxy,
+    nats_proxy: &'a Proxy,
+    stream: Arc<TestStream>,
+    /// The log, straight from Postgres (not through the proxy).
+    direct: &'a str,
+    replicas: &'a mut [Proc; 2],
+    relays: &'a mut [Proc; 2],
+    t0: Instant,
+}
+
+/// A fault under way: when it began, and what its end needs.
+struct Begun {
+    start: Duration,
+    during: During,
+}
+
+enum During {
+    Nothing,
+    /// The killed relay, and when the stream moved on without it (a task
+    /// watching the stream meanwhile).
+    Takeover(usize, tokio::task::JoinHandle<Option<Duration>>),
+    /// When Postgres was back; the replicas' pids, which must not change;
+    /// their health as it changed, recorded until `sampling` is cancelled.
+    Restart {
+        end: Duration,
+        pids: [u32; 2],
+        sampling: CancellationToken,
+        samplers: Vec<tokio::task::JoinHandle<Vec<String>>>,
+    },
+}
+
+impl Chaos<'_> {
+    fn now(&self) -> Duration {
+        self.t0.elapsed()
+    }
+
+    async fn begin(&mut self, kind: Kind) -> Begun {
+        let start = self.now();
+        let during = match kind {
+            Kind::PostgresLink => {
+                eprintln!("{start:>7.1?}  postgres proxy cut");
+                self.pg_proxy.sever();
+                During::Nothing
+            }
+            Kind::NatsLink => {
+                eprintln!("{start:>7.1?}  NATS proxy cut");
+                self.nats_proxy.sever();
+                During::Nothing
+            }
+            Kind::Kill9Replica(r) => {
+                eprintln!("{start:>7.1?}  {} kill -9", self.replicas[r].name);
+                self.replicas[r].kill9().await;
+                During::Nothing
+            }
+            Kind::SigtermReplica(r) => {
+                eprintln!("{start:>7.1?}  {} SIGTERM", self.replicas[r].name);
+                self.replicas[r].sigterm().await;
+                During::Nothing
+            }
+            Kind::Kill9LeaseHolder => {
+                let holder = lease_holder(self.relays).await;
+                let start = self.now();
+                eprintln!(
+                    "{start:>7.1?}  {} (lease holder) kill -9",
+                    self.relays[holder].name
+                );
+                self.relays[holder].kill9().await;
+                let published = stream_head(&self.stream).await.unwrap_or(0);
+                let takeover =
+                    tokio::spawn(stream_reaches(self.stream.clone(), published + 1, self.t0));
+                return Begun {
+                    start,
+                    during: During::Takeover(holder, takeover),
+                };
+            }
+            Kind::PostgresRestart => {
+                let pids = [self.replicas[0].pid(), self.replicas[1].pid()];
+                let sampling = CancellationToken::new();
+                let samplers = self
+                    .replicas
+                    .iter()
+                    .map(|r| tokio::spawn(watch_health(r.addr, self.t0, sampling.clone())))
+                    .collect();
+                eprintln!("{start:>7.1?}  postgres restart (pg_ctl restart -m fast)");
+                self.cluster.restart().await;
+                During::Restart {
+                    end: self.now(),
+                    pids,
+                    sampling,
+                    samplers,
+                }
+            }
+        };
+        Begun { start, during }
+    }
+
+    /// Ends the fault and measures the recoveries it calls for.
+    async fn end(&mut self, kind: Kind, begun: Begun) -> Fault {
+        let Begun { start, during } = begun;
+        let over = self.now();
+        let mut fault = Fault {
+            name: String::new(),
+            start,
+            end: start,
+            replica: None,
+            measured: vec![],
+        };
+        let held = || format!("{:.1?}", self.now() - start);
+        match (kind, during) {
+            (Kind::PostgresLink, _) => {
+                self.pg_proxy.restore();
+                fault.name = format!("postgres link cut {}", held());
+                fault.end = self.now();
+            }
+            (Kind::NatsLink, _) => {
+                self.nats_proxy.restore();
+                fault.name = format!("NATS link cut {}", held());
+                let end = self.now();
+                let target = verify::head(self.direct).await;
+                let caught_up = stream_reaches(self.stream.clone(), target, self.t0).await;
+                fault.end = end;
+                fault.measured.push((
+                    format!("stream reaches {target}"),
+                    caught_up.map(|t| t.saturating_sub(end)),
+                ));
+            }
+            (Kind::Kill9Replica(r), _) => {
+                self.replicas[r].start().await;
+                fault.name = format!("{} kill -9", self.replicas[r].name);
+                fault.end = self.now();
+                fault.replica = Some(r);
+            }
+            (Kind::SigtermReplica(r), _) => {
+                self.replicas[r].start().await;
+                fault.name = format!("{} SIGTERM", self.replicas[r].name);
+                fault.end = self.now();
+                fault.replica = Some(r);
+            }
+            (Kind::Kill9LeaseHolder, During::Takeover(holder, takeover)) => {
+                self.relays[holder].start().await;
+                fault.name = "lease-holding relay kill -9".into();
+                let took = takeover.await.expect("the takeover watch panicked");
+                fault.measured.push((
+                    "stream moves on".into(),
+                    took.map(|t| t.saturating_sub(start)),
+                ));
+            }
+            (
+                Kind::PostgresRestart,
+                During::Restart {
+                    end,
+                    pids,
+                    sampling,
+                    samplers,
+                },
+            ) => {
+                fault.name = "postgres restart".into();
+                fault.end = end;
+                for replica in self.replicas.iter() {
+                    let serving = serving_again(replica.addr, self.t0).await;
+                    fault.measured.push((
+                        format!("{} SERVING", replica.name),
+                        serving.map(|t| t.saturating_sub(end)),
+                    ));
+                }
+                sampling.cancel();
+                for (replica, sampler) in self.replicas.iter().zip(samplers) {
+                    let seen = sampler.await.unwrap();
+                    eprintln!(
+                        "         {} health during the restart: {}",
+                        replica.name,
+                        seen.join(", ")
+                    );
+                }
+                for (replica, pid) in self.replicas.iter_mut().zip(pids) {
+                    assert!(
+                        replica.running() && replica.pid() == pid,
+                        "{} did not survive the Postgres restart:\n{}",
+                        replica.name,
+                        replica.log_tail(30)
+                    );
+                }
+            }
+            (kind, _) => unreachable!("{kind:?} began without what its end needs"),
+        }
+        eprintln!("{over:>7.1?}  {} over", fault.name);
+        fault
+    }
+}
+
 async fn run(cluster: &PgCluster, nats_url: &str) {
     let dir = tempfile::tempdir().unwrap();
     let direct = cluster.url(cluster.port);
     let pg_proxy = Proxy::start(([127, 0, 0, 1], cluster.port).into()).await;
     let nats_proxy = Proxy::start(nats_addr(nats_url).await).await;
-    let stream = TestStream::new(nats_url).await;
+    let stream = Arc::new(TestStream::new(nats_url).await);
     let database_url = cluster.url(pg_proxy.addr.port());
     let nats_via_proxy = format!("nats://{}", nats_proxy.addr);
 
@@ -145,164 +371,76 @@ async fn run(cluster: &PgCluster, nats_url: &str) {
             position.clone(),
             stop_subscribers.clone(),
         ));
-        subscribers.push((task, position));
+        subscribers.push((task, position.clone()));
+        position
     };
     // Three ways in: from the first revision, from "now" (its first
-    // progress message) and from a head read beside the service.
-    subscribe("subscriber-1 (from 1)", 0, Start::At(1));
+    // progress message) and from a head read beside the service; each
+    // under way before the next, so that they start at different points of
+    // the load.
+    let first = subscribe("subscriber-1 (from 1)", 0, Start::At(1));
     let writers: Vec<_> = (0..WRITERS)
         .map(|w| tokio::spawn(load::writer(w, channels(), t0, stop_writers.clone())))
         .collect();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    subscribe("subscriber-2 (from now)", 1, Start::Now);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    until(
+        "subscriber-1 receives the load",
+        RECOVERY_LIMIT,
+        async || match first.load(Ordering::SeqCst) {
+            0 => Err(0),
+            at => Ok(at),
+        },
+    )
+    .await;
+    let second = subscribe("subscriber-2 (from now)", 1, Start::Now);
+    until(
+        "the log moves past subscriber-2's start",
+        RECOVERY_LIMIT,
+        async || {
+            let (start, head) = (second.load(Ordering::SeqCst), verify::head(&direct).await);
+            if start > 0 && head > start {
+                Ok(())
+            } else {
+                Err(format!("start {start}, head {head}"))
+            }
+        },
+    )
+    .await;
     let head = verify::head(&direct).await;
     subscribe("subscriber-3 (from head+1)", 0, Start::At(head + 1));
 
-    let mut faults = Vec::new();
-    let now = || t0.elapsed();
-
-    tokio::time::sleep(GAP).await;
-    let start = now();
-    eprintln!("{start:>7.1?}  postgres proxy cut for 3 s");
-    pg_proxy.cut(Duration::from_secs(3)).await;
-    faults.push(Fault {
-        name: "postgres link cut 3 s",
-        start,
-        end: now(),
-        replica: None,
-        measured: vec![],
-    });
-
-    tokio::time::sleep(GAP).await;
-    let start = now();
-    eprintln!("{start:>7.1?}  replica-a kill -9, restarted after 1 s");
-    replicas[0].kill9().await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    replicas[0].start().await;
-    faults.push(Fault {
-        name: "replica-a kill -9",
-        start,
-        end: now(),
-        replica: Some(0),
-        measured: vec![],
-    });
-
-    tokio::time::sleep(GAP).await;
-    let holder = lease_holder(&relays).await;
-    let start = now();
-    eprintln!(
-        "{start:>7.1?}  {} (lease holder) kill -9, restarted after 1 s",
-        relays[holder].name
-    );
-    relays[holder].kill9().await;
-    let published = stream_head(&stream).await.unwrap_or(0);
-    let (takeover, ()) = tokio::join!(stream_reaches(&stream, published + 1, t0), async {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        relays[holder].start().await;
-    });
-    faults.push(Fault {
-        name: "lease-holding relay kill -9",
-        start,
-        end: start,
-        replica: None,
-        measured: vec![(
-            "stream moves on".into(),
-            takeover.map(|t| t.saturating_sub(start)),
-        )],
-    });
-
-    tokio::time::sleep(GAP).await;
-    let start = now();
-    eprintln!("{start:>7.1?}  NATS proxy cut for 4 s");
-    nats_proxy.cut(Duration::from_secs(4)).await;
-    let end = now();
-    let target = verify::head(&direct).await;
-    let caught_up = stream_reaches(&stream, target, t0).await;
-    faults.push(Fault {
-        name: "NATS link cut 4 s",
-        start,
-        end,
-        replica: None,
-        measured: vec![(
-            format!("stream reaches {target}"),
-            caught_up.map(|t| t.saturating_sub(end)),
-        )],
-    });
-
-    tokio::time::sleep(GAP).await;
-    let start = now();
-    eprintln!("{start:>7.1?}  replica-b SIGTERM, restarted after 0.5 s");
-    replicas[1].sigterm().await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    replicas[1].start().await;
-    faults.push(Fault {
-        name: "replica-b SIGTERM",
-        start,
-        end: now(),
-        replica: Some(1),
-        measured: vec![],
-    });
-
-    tokio::time::sleep(GAP).await;
-    let start = now();
-    eprintln!("{start:>7.1?}  postgres proxy cut for 2 s");
-    pg_proxy.cut(Duration::from_secs(2)).await;
-    faults.push(Fault {
-        name: "postgres link cut 2 s",
-        start,
-        end: now(),
-        replica: None,
-        measured: vec![],
-    });
-
-    tokio::time::sleep(GAP).await;
-    let pids = [replicas[0].pid(), replicas[1].pid()];
-    let sampling = CancellationToken::new();
-    let samplers: Vec<_> = addrs
+    let mut chaos = Chaos {
+        cluster,
+        pg_proxy: &pg_proxy,
+        nats_proxy: &nats_proxy,
+        stream: stream.clone(),
+        direct: &direct,
+        replicas: &mut replicas,
+        relays: &mut relays,
+        t0,
+    };
+    // The schedule, as a timeline: GAP of load (writes flow again, and
+    // their recovery is measured), then a fault, held for its time; after
+    // the last one, GAP more of load.
+    let timeline = SCHEDULE
         .iter()
-        .map(|addr| tokio::spawn(sample_health(*addr, t0, sampling.clone())))
-        .collect();
-    let start = now();
-    eprintln!("{start:>7.1?}  postgres restart (pg_ctl restart -m fast)");
-    cluster.restart().await;
-    let end = now();
-    let mut measured = Vec::new();
-    for (i, addr) in addrs.iter().enumerate() {
-        let serving = serving_again(*addr, t0).await;
-        measured.push((
-            format!("{} SERVING", replicas[i].name),
-            serving.map(|t| t.saturating_sub(end)),
-        ));
+        .flat_map(|&(fault, held)| [(GAP, Some((fault, true))), (held, Some((fault, false)))])
+        .chain([(GAP, None)]);
+    let mut faults = Vec::new();
+    let mut begun = None;
+    for (after, step) in timeline {
+        // Time is what the schedule is: how long the load runs between
+        // faults and how long each fault lasts.
+        tokio::time::sleep(after).await;
+        match step {
+            Some((fault, true)) => begun = Some(chaos.begin(fault).await),
+            Some((fault, false)) => {
+                let begun = begun.take().expect("a fault ends after it began");
+                faults.push(chaos.end(fault, begun).await);
+            }
+            None => {}
+        }
     }
-    // One more sample each, so that the history shows SERVING again.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    sampling.cancel();
-    for (i, sampler) in samplers.into_iter().enumerate() {
-        let seen = sampler.await.unwrap();
-        eprintln!(
-            "         {} health during the restart: {}",
-            replicas[i].name,
-            seen.join(", ")
-        );
-    }
-    for (i, replica) in replicas.iter_mut().enumerate() {
-        assert!(
-            replica.running() && replica.pid() == pids[i],
-            "{} did not survive the Postgres restart:\n{}",
-            replica.name,
-            replica.log_tail(30)
-        );
-    }
-    faults.push(Fault {
-        name: "postgres restart",
-        start,
-        end,
-        replica: None,
-        measured,
-    });
-
-    tokio::time::sleep(GAP).await;
+    let now = || t0.elapsed();
     eprintln!("{:>7.1?}  writers stop", now());
     stop_writers.cancel();
     let mut writes: Vec<Write> = Vec::new();
@@ -313,7 +451,9 @@ async fn run(cluster: &PgCluster, nats_url: &str) {
 
     // A write answered DEADLINE_EXCEEDED "completes on its own": give those
     // their budget before reading the log, then read it until it stays
-    // the same while subscribers and the relay catch up with it.
+    // the same while subscribers and the relay catch up with it. Time is
+    // what is relied on: a replica settles such a write within its
+    // --db-timeout (2 s), and nothing outside it shows when it has.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let drain_deadline = Instant::now() + DRAIN_LIMIT;
     let log = loop {
@@ -524,8 +664,7 @@ async fn nats_addr(url: &str) -> SocketAddr {
 /// The relay that holds the lease (waits for there to be exactly one: after
 /// a cut the lease may be changing hands).
 async fn lease_holder(relays: &[Proc; 2]) -> usize {
-    let deadline = Instant::now() + RECOVERY_LIMIT;
-    loop {
+    let holder = within(RECOVERY_LIMIT, async || {
         let mut holders = Vec::new();
         for (i, relay) in relays.iter().enumerate() {
             if let Ok(metrics) = relay.metrics().await
@@ -534,17 +673,19 @@ async fn lease_holder(relays: &[Proc; 2]) -> usize {
                 holders.push(i);
             }
         }
-        if let [holder] = holders[..] {
-            return holder;
+        match holders[..] {
+            [holder] => Ok(holder),
+            _ => Err(holders),
         }
-        assert!(
-            Instant::now() < deadline,
+    })
+    .await;
+    holder.unwrap_or_else(|holders| {
+        panic!(
             "no single lease holder within {RECOVERY_LIMIT:?}: {holders:?}\n{}{}",
             relays[0].log_tail(20),
             relays[1].log_tail(20)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        )
+    })
 }
 
 /// The revision of the stream's last message (0 when it has none), or None
@@ -571,51 +712,63 @@ async fn stream_head(stream: &TestStream) -> Option<u64> {
 
 /// When (since `t0`) the stream first held `revision` or later; None if not
 /// within [`RECOVERY_LIMIT`].
-async fn stream_reaches(stream: &TestStream, revision: u64, t0: Instant) -> Option<Duration> {
-    let deadline = Instant::now() + RECOVERY_LIMIT;
-    while Instant::now() < deadline {
-        if stream_head(stream).await.is_some_and(|r| r >= revision) {
-            return Some(t0.elapsed());
+async fn stream_reaches(stream: Arc<TestStream>, revision: u64, t0: Instant) -> Option<Duration> {
+    // Futures that own what they use (an async closure's borrow from it,
+    // which the compiler cannot prove Send): this runs in a task of its own.
+    let check = move || {
+        let stream = stream.clone();
+        async move {
+            match stream_head(&stream).await {
+                Some(head) if head >= revision => Ok(t0.elapsed()),
+                head => Err(head),
+            }
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    None
+    };
+    within(RECOVERY_LIMIT, check).await.ok()
 }
 
 /// When (since `t0`) the replica at `addr` was SERVING again; None if not
 /// within [`RECOVERY_LIMIT`].
 async fn serving_again(addr: SocketAddr, t0: Instant) -> Option<Duration> {
-    let deadline = Instant::now() + RECOVERY_LIMIT;
-    while Instant::now() < deadline {
-        if health_at(addr).await == Ok([ServingStatus::Serving; 2]) {
-            return Some(t0.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    None
+    within(RECOVERY_LIMIT, async || match health_at(addr).await {
+        Ok(statuses) if statuses == [ServingStatus::Serving; 2] => Ok(t0.elapsed()),
+        seen => Err(seen),
+    })
+    .await
+    .ok()
 }
 
-/// Health of a replica every 100 ms until `stop`, as a list of changes
-/// ("NOT_SERVING at 41.2s"), to show that health followed the database.
-async fn sample_health(addr: SocketAddr, t0: Instant, stop: CancellationToken) -> Vec<String> {
+/// The health of the replica at `addr` as it changed ("NOT_SERVING at
+/// 41.2s"), from its health Watch, which sends every change: shows that
+/// health followed the database. Ends once `stop` is cancelled and SERVING
+/// was the last status seen, or when the stream ends.
+async fn watch_health(addr: SocketAddr, t0: Instant, stop: CancellationToken) -> Vec<String> {
     let mut seen = Vec::new();
-    let mut last = String::new();
-    while !stop.is_cancelled() {
-        let now = match health_at(addr).await {
-            Ok([a, b]) if a == b => format!("{a:?}"),
-            Ok(statuses) => format!("{statuses:?}"),
-            Err(_) => "no answer".to_owned(),
+    let mut health = HealthClient::new(lazy_channel(addr));
+    let request = HealthCheckRequest {
+        service: String::new(),
+    };
+    let mut statuses = match health.watch(request).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => return vec![format!("no watch: {status}")],
+    };
+    let mut serving = false;
+    loop {
+        let message = tokio::select! {
+            () = stop.cancelled(), if serving => return seen,
+            message = statuses.message() => message,
         };
-        if now != last {
-            seen.push(format!("{now} at {:.1?}", t0.elapsed()));
-            last = now;
-        }
-        tokio::select! {
-            () = stop.cancelled() => {}
-            () = tokio::time::sleep(Duration::from_millis(100)) => {}
-        }
+        let now = match message {
+            Ok(Some(response)) => response.status(),
+            Ok(None) => return seen,
+            Err(status) => {
+                seen.push(format!("watch ended: {status}"));
+                return seen;
+            }
+        };
+        serving = now == ServingStatus::Serving;
+        seen.push(format!("{now:?} at {:.1?}", t0.elapsed()));
     }
-    seen
 }
 
 /// Waits until every subscriber and the stream have reached `revision`;
@@ -626,7 +779,8 @@ async fn wait_for_everyone(
     revision: u64,
     deadline: Instant,
 ) -> Option<String> {
-    loop {
+    let limit = deadline.saturating_duration_since(Instant::now());
+    within(limit, async || {
         let mut behind = Vec::new();
         for (i, (_, position)) in subscribers.iter().enumerate() {
             let at = position.load(Ordering::SeqCst);
@@ -638,14 +792,13 @@ async fn wait_for_everyone(
         if streamed.is_none_or(|r| r < revision) {
             behind.push(format!("the stream (at {streamed:?})"));
         }
-        if behind.is_empty() {
-            return None;
+        match behind.is_empty() {
+            true => Ok(()),
+            false => Err(behind.join(", ")),
         }
-        if Instant::now() >= deadline {
-            return Some(behind.join(", "));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await
+    .err()
 }
 
 /// Each user's record, read with Get (on either replica), equals its last

@@ -4,7 +4,9 @@
 //! METADATA_REQUIRE_GRPCURL is set: then it fails.
 
 use std::ffi::OsString;
+use std::io::Read;
 use std::process::{Command, Output, Stdio};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 /// The `metadata-service` binary cargo built for these tests.
@@ -35,8 +37,8 @@ pub fn grpcurl() -> Option<OsString> {
     None
 }
 
-/// `program -version`, killed if it takes longer than 30 s (a broken shim
-/// could hang).
+/// `program -version`, killed if it has not finished within 30 s (a broken
+/// shim could hang).
 fn version(program: &OsString) -> std::io::Result<Output> {
     let mut child = Command::new(program)
         .arg("-version")
@@ -44,13 +46,29 @@ fn version(program: &OsString) -> std::io::Result<Output> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
+    let stdout = read_to_end(child.stdout.take().expect("piped"));
+    let stderr = read_to_end(child.stderr.take().expect("piped"));
     let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait()?.is_none() {
-        if Instant::now() > deadline {
-            child.kill()?;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let rest = || deadline.saturating_duration_since(Instant::now());
+    let (stdout, stderr) = (stdout.recv_timeout(rest()), stderr.recv_timeout(rest()));
+    if stdout.is_err() || stderr.is_err() {
+        child.kill()?;
     }
-    child.wait_with_output()
+    Ok(Output {
+        status: child.wait()?,
+        stdout: stdout.unwrap_or_default(),
+        stderr: stderr.unwrap_or_default(),
+    })
+}
+
+/// Everything `pipe` gives until it closes (its program exited), read on
+/// a thread of its own.
+fn read_to_end(mut pipe: impl Read + Send + 'static) -> Receiver<Vec<u8>> {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        let _ = sender.send(bytes);
+    });
+    receiver
 }

@@ -33,12 +33,13 @@ use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 
 use crate::common;
+use crate::common::wait::within;
 use crate::programs::BIN;
 
 /// Longest one README command may run.
@@ -276,25 +277,30 @@ impl Served {
             addr: ([0, 0, 0, 0], 0).into(),
             log,
         };
-        let deadline = Instant::now() + SERVER_LIMIT;
-        loop {
+        // Ok(Ok) once it logs where it serves, Ok(Err) once it exited.
+        let started = within(SERVER_LIMIT, async || {
             if let Some(addr) = served.serving_addr() {
+                return Ok(Ok(addr));
+            }
+            match served.child.try_wait().unwrap() {
+                Some(status) => Ok(Err(status)),
+                None => Err(()),
+            }
+        })
+        .await;
+        match started {
+            Ok(Ok(addr)) => {
                 served.addr = addr;
-                return Ok(served);
+                Ok(served)
             }
-            if let Some(status) = served.child.try_wait().unwrap() {
-                return Err(format!(
-                    "server {args:?} exited with {status}{}",
-                    served.output()
-                ));
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "server {args:?} not serving after {SERVER_LIMIT:?}{}",
-                    served.output()
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok(Err(status)) => Err(format!(
+                "server {args:?} exited with {status}{}",
+                served.output()
+            )),
+            Err(()) => Err(format!(
+                "server {args:?} not serving after {SERVER_LIMIT:?}{}",
+                served.output()
+            )),
         }
     }
 
@@ -529,6 +535,8 @@ impl Reader {
                 _ => break,
             }
         }
+        // Time is what is tested: still running a moment after its first
+        // message, where a stream that fails at once would have ended.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let still_running = child.try_wait().unwrap().is_none();
         stop_group(&mut child).await;

@@ -142,26 +142,27 @@ async fn wait_for(
     done: impl Fn(&[Span]) -> bool,
 ) -> Vec<Span> {
     let provider = telemetry.provider().expect("spans are exported").clone();
-    for _ in 0..100 {
-        let flushing = provider.clone();
-        tokio::task::spawn_blocking(move || flushing.force_flush())
-            .await
-            .unwrap()
-            .expect("flush");
-        let spans = receiver.spans();
-        if done(&spans) {
-            return spans;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!(
-        "the expected spans never arrived; received:\n{:#?}",
-        receiver
-            .spans()
-            .iter()
-            .map(|s| (&s.name, hex::encode(&s.trace_id)))
-            .collect::<Vec<_>>()
-    );
+    common::wait::until(
+        "the expected spans arrive",
+        Duration::from_secs(20),
+        async || {
+            let flushing = provider.clone();
+            tokio::task::spawn_blocking(move || flushing.force_flush())
+                .await
+                .unwrap()
+                .expect("flush");
+            let spans = receiver.spans();
+            if done(&spans) {
+                return Ok(spans);
+            }
+            let received: Vec<_> = spans
+                .iter()
+                .map(|s| (s.name.clone(), hex::encode(&s.trace_id)))
+                .collect();
+            Err(received)
+        },
+    )
+    .await
 }
 
 /// The request span of `method` in the trace of `caller`.

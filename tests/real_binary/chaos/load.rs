@@ -32,6 +32,8 @@ const CLIENT_PATIENCE: Duration = Duration::from_secs(6);
 /// How long a writer prefers the other replica after a failure.
 const AVOID: Duration = Duration::from_millis(300);
 const PAUSE_ON_ERROR: Duration = Duration::from_millis(25);
+/// How long a subscriber waits before it resumes after an error status.
+const RESUME_AFTER_ERROR: Duration = Duration::from_millis(100);
 /// With progress_notify and the replicas' 1 s progress interval, a stream
 /// that says nothing for this long is stuck.
 const STALL: Duration = Duration::from_secs(5);
@@ -145,6 +147,9 @@ pub async fn writer(
         });
         if failed {
             avoid_until[replica] = Instant::now() + AVOID;
+            // Time is the client behaviour modelled: a pause before the
+            // retry, as a client does, rather than thousands of failing
+            // calls a second while a fault lasts.
             tokio::time::sleep(PAUSE_ON_ERROR).await;
         }
     }
@@ -200,10 +205,19 @@ pub async fn subscriber(
     if let Some(after) = sub.after {
         position.store(after, Ordering::SeqCst);
     }
+    // Whether the last stream ended with an error status.
+    let mut failed = false;
     for attempt in 0usize.. {
         if stop.is_cancelled() {
             break;
         }
+        if failed {
+            // Time is the client behaviour modelled: a pause before it
+            // resumes after an error, rather than a stream refused a
+            // thousand times a second while a fault lasts.
+            tokio::time::sleep(RESUME_AFTER_ERROR).await;
+        }
+        failed = false;
         if attempt > 0 {
             sub.resumes += 1;
         }
@@ -225,7 +239,7 @@ pub async fn subscriber(
             Ok(Ok(response)) => response.into_inner(),
             Ok(Err(status)) => {
                 *sub.ends.entry(end_name(&status)).or_default() += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                failed = true;
                 continue;
             }
             Err(_) => {
@@ -258,7 +272,7 @@ pub async fn subscriber(
                 }
                 Ok(Err(status)) => {
                     *sub.ends.entry(end_name(&status)).or_default() += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    failed = true;
                     break;
                 }
                 Err(_) => {

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Child;
@@ -19,6 +19,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::binary::command;
+use crate::common::wait::within;
 
 /// How long a started process may take to serve.
 const READY_LIMIT: Duration = Duration::from_secs(30);
@@ -182,31 +183,30 @@ impl Proc {
     /// user service; a relay, when its metrics port answers (a standby is
     /// up but does not publish, so health says nothing about readiness).
     async fn wait_until_ready(&mut self) -> Result<(), ExitStatus> {
-        let deadline = Instant::now() + READY_LIMIT;
-        let mut last = String::new();
-        while Instant::now() < deadline {
+        // Ok(None) once ready, Ok(Some) once exited.
+        let ready = within(READY_LIMIT, async || {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                return Err(status);
+                return Ok(Some(status));
             }
             if self.is_relay() {
-                match scrape(self.metrics).await {
-                    Ok(_) => return Ok(()),
-                    Err(err) => last = err,
-                }
-            } else {
-                match self.health().await {
-                    Ok(statuses) if statuses == [ServingStatus::Serving; 2] => return Ok(()),
-                    Ok(statuses) => last = format!("{statuses:?}"),
-                    Err(err) => last = err,
-                }
+                return scrape(self.metrics).await.map(|_| None);
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            match self.health().await {
+                Ok(statuses) if statuses == [ServingStatus::Serving; 2] => Ok(None),
+                Ok(statuses) => Err(format!("{statuses:?}")),
+                Err(err) => Err(err),
+            }
+        })
+        .await;
+        match ready {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => Err(status),
+            Err(last) => panic!(
+                "{} not ready within {READY_LIMIT:?} (last: {last}):\n{}",
+                self.name,
+                self.log_tail(30)
+            ),
         }
-        panic!(
-            "{} not ready within {READY_LIMIT:?} (last: {last}):\n{}",
-            self.name,
-            self.log_tail(30)
-        );
     }
 
     fn is_relay(&self) -> bool {

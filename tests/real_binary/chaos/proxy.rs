@@ -66,13 +66,6 @@ impl Proxy {
         self.shared.refusing.store(false, Ordering::SeqCst);
     }
 
-    /// [`Proxy::sever`], then [`Proxy::restore`] after `duration`.
-    pub async fn cut(&self, duration: Duration) {
-        self.sever();
-        tokio::time::sleep(duration).await;
-        self.restore();
-    }
-
     /// (connections reset by cuts, connections refused during cuts)
     pub fn counts(&self) -> (u64, u64) {
         (
