@@ -27,7 +27,6 @@ impl Kind {
         }
     }
 
-    /// Name of the id field in requests, used in error messages.
     /// The metadata fields records of this kind have.
     pub const fn fields(self) -> &'static [Field] {
         match self {
@@ -36,6 +35,7 @@ impl Kind {
         }
     }
 
+    /// Name of the id field in requests, used in error messages.
     pub const fn id_field(self) -> &'static str {
         match self {
             Kind::User => "user_id",

@@ -39,6 +39,10 @@ pub enum Problem {
     NegativePageSize,
     #[error("must be set")]
     Unspecified,
+    #[error(
+        "must be set: the revision whose state to put back (to remove the record, call Delete)"
+    )]
+    RevisionUnset,
     #[error("would be answered with {bytes} bytes, the limit is {limit}; ask for fewer ids")]
     AnswerTooLarge { bytes: usize, limit: usize },
     #[error("is not a field of {kind} metadata (organizations have public and private only)")]
@@ -76,7 +80,7 @@ impl Problem {
             Problem::NoIds => Reason::NoIds,
             Problem::Filter(_) => Reason::InvalidFilter,
             Problem::NegativePageSize => Reason::NegativePageSize,
-            Problem::Unspecified => Reason::Unspecified,
+            Problem::Unspecified | Problem::RevisionUnset => Reason::Unspecified,
             Problem::AnswerTooLarge { .. } => Reason::AnswerTooLarge,
             Problem::NoSuchField { .. } => Reason::NoSuchField,
             Problem::Schema(_) => Reason::InvalidSchema,

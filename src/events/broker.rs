@@ -19,7 +19,8 @@
 //!
 //! The dispatcher reads the log only while someone needs it: a Watch
 //! stream, a relay, a Watch being set up, or a List or BatchGet in the
-//! last [`LINGER`] (their revision is the mark). Otherwise commits do not
+//! last [`LINGER`] (they read as of a revision the mark has reached).
+//! Otherwise commits do not
 //! wake it into a read, and its mark stays where it was. Whoever needs it
 //! again registers an [`Interest`] first and waits for the mark to reach
 //! what was committed before; while nobody is subscribed to the broadcast
@@ -187,7 +188,7 @@ impl Fanout {
 }
 
 /// How long a List or BatchGet keeps the dispatcher reading after it: their
-/// revision is the mark, which must then be fresh, and a client that pages
+/// revision is one the mark must reach, and a client that pages
 /// through a listing should not pay for waking the dispatcher every page.
 pub const LINGER: Duration = Duration::from_secs(10);
 
@@ -267,7 +268,7 @@ impl Broker {
 
     /// The last revision dispatched to live streams: the safe high-water
     /// mark, below which every committed event is known. While nobody needs
-    /// the dispatcher it stays where it was: see [`Broker::mark`].
+    /// the dispatcher it stays where it was: see [`Broker::read_revision`].
     pub fn head(&self) -> u64 {
         self.fanout.head()
     }
@@ -350,19 +351,21 @@ impl Broker {
     async fn reach(self: &Arc<Self>, target: u64) -> Result<(), StoreError> {
         let _interest = self.interest();
         let mut moved = self.fanout.moved.subscribe();
-        match tokio::time::timeout(SETTLE_WAIT, moved.wait_for(|h| *h >= target)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(_)) => Err(StoreError::Unavailable {
-                reason: "the server is shutting down",
-                detail: "the dispatcher stopped".into(),
-            }),
-            Err(_) => Err(StoreError::Unavailable {
-                reason: "the event log is held back by a write in flight",
-                detail: format!(
-                    "the mark stayed at {} below revision {target} for {SETTLE_WAIT:?}",
-                    self.head()
-                ),
-            }),
+        let reached = tokio::time::timeout(SETTLE_WAIT, moved.wait_for(|h| *h >= target));
+        tokio::select! {
+            reached = reached => match reached {
+                Ok(_) => Ok(()),
+                Err(_) => Err(StoreError::Unavailable {
+                    reason: "the event log is held back by a write in flight",
+                    detail: format!(
+                        "the mark stayed at {} below revision {target} for {SETTLE_WAIT:?}",
+                        self.head()
+                    ),
+                }),
+            },
+            // The dispatcher stops with the server; the sender lives on
+            // with the broker, so the wait alone would not end.
+            () = self.shutdown.cancelled() => Err(StoreError::ShuttingDown),
         }
     }
 

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::auth::Caller;
+use crate::auth::{Caller, FieldSet};
 use crate::events::{Broker, WatchError, WatchRequest};
 use crate::json::{self, Limits};
 use crate::logging::Escaped;
@@ -134,19 +134,40 @@ impl Core {
         })
     }
 
-    /// One page of a record's events.
-    pub async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage, StoreError> {
-        let mut events = self
-            .store
-            .history(
-                query.kind,
-                &query.id,
-                query.cursor,
-                query.oldest_first,
-                query.page_size + 1,
-            )
-            .await?;
-        let more = events.len() as u64 > query.page_size;
+    /// One page of a record's events, of those that changed a field in
+    /// `visible` (a frontend token sees only its fields): the others are
+    /// passed over in the store's pages, so that neither the page's length
+    /// nor its token tells of them.
+    pub async fn history(
+        &self,
+        query: &HistoryQuery,
+        visible: FieldSet,
+    ) -> Result<HistoryPage, StoreError> {
+        let wanted = query.page_size as usize + 1;
+        let mut events = Vec::with_capacity(wanted);
+        let mut cursor = query.cursor;
+        loop {
+            let read = self
+                .store
+                .history(
+                    query.kind,
+                    &query.id,
+                    cursor,
+                    query.oldest_first,
+                    wanted as u64,
+                )
+                .await?;
+            let exhausted = read.len() < wanted;
+            cursor = read.last().map(|e| e.revision).or(cursor);
+            events.extend(
+                read.into_iter()
+                    .filter(|e| e.changed_fields.iter().any(|f| visible.contains(*f))),
+            );
+            if exhausted || events.len() >= wanted {
+                break;
+            }
+        }
+        let more = events.len() >= wanted;
         events.truncate(query.page_size as usize);
         let next_cursor = more.then(|| events.last().map(|e| e.revision)).flatten();
         // Read after the events: a prune in between can only make it newer
@@ -176,6 +197,12 @@ impl Core {
             expected_version,
         } = command;
         json::validate_id(kind, &id)?;
+        if revision == 0 {
+            // An unset field reads as 0; "as before anything" would delete.
+            return Err(
+                ValidationError::new(JsonPath::root("revision"), Problem::RevisionUnset).into(),
+            );
+        }
         let revision = self.broker.settled_at(revision).await?;
         let then = self.store.get_at(kind, &id, revision).await?;
         if then.version == 0 {

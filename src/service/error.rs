@@ -143,6 +143,9 @@ impl From<StoreError> for Status {
                     none,
                 )
             }
+            StoreError::ShuttingDown => {
+                shutting_down("server is shutting down; retry on another replica or later")
+            }
             StoreError::RevisionCompacted { requested, oldest } => status(
                 message,
                 Reason::RevisionCompacted,

@@ -185,7 +185,9 @@ impl<K: ApiKind> Handlers<K> {
     }
 
     /// A frontend token sees its own record's history, of the fields it
-    /// may read: events that changed none of them are left out.
+    /// may read: events that changed none of them are left out. A page
+    /// ends at the page size, or earlier where its encoded events would
+    /// pass [`MAX_PAGE_BYTES`] (at least one event per page).
     pub async fn history(
         &self,
         request: Request<K::History>,
@@ -200,17 +202,26 @@ impl<K: ApiKind> Handlers<K> {
         };
         let (_, fields) = authorize(&extensions, &operation)?;
         let call = self.core.admission.unary(&headers)?;
-        let page = call.run(self.core.history(&query)).await?;
-        let events = page
-            .events
-            .iter()
-            .filter(|event| event.changed_fields.iter().any(|f| fields.contains(*f)))
-            .map(|event| K::shown_event(event, fields))
-            .collect();
-        let next_page_token = page
-            .next_cursor
-            .map(|cursor| query.next_token(cursor))
-            .unwrap_or_default();
+        let page = call.run(self.core.history(&query, fields)).await?;
+        let mut events = Vec::with_capacity(page.events.len());
+        let mut bytes = 0;
+        let mut last = None;
+        let mut cut = false;
+        for event in &page.events {
+            let message = K::shown_event(event, fields);
+            bytes += message.encoded_len() + 8;
+            if bytes > MAX_PAGE_BYTES && !events.is_empty() {
+                cut = true;
+                break;
+            }
+            events.push(message);
+            last = Some(event.revision);
+        }
+        let next_page_token = match (cut, last, page.next_cursor) {
+            (true, Some(last), _) => query.next_token(last),
+            (false, _, Some(cursor)) => query.next_token(cursor),
+            _ => String::new(),
+        };
         Ok(Response::new(K::history_page(
             events,
             next_page_token,

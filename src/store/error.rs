@@ -31,6 +31,10 @@ pub enum StoreError {
     ReadOnly(String),
     #[error("database error: {0}")]
     Internal(String),
+    /// The server stops: a read that waited for the event log gives up
+    /// (UNAVAILABLE; another replica can answer).
+    #[error("the server is shutting down")]
+    ShuttingDown,
     /// A read at a revision whose history was pruned (FAILED_PRECONDITION).
     #[error(
         "revision {requested} is older than the history kept: the oldest revision still \

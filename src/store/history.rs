@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 
-use sea_orm::{EntityTrait, FromQueryResult, QueryOrder, QuerySelect, Statement};
+use sea_orm::{ConnectionTrait, EntityTrait, FromQueryResult, QueryOrder, QuerySelect, Statement};
 
 use super::entities::event;
 use super::log::bound;
@@ -105,10 +105,11 @@ impl Store {
         let mut then = self.states_at(kind, Some(&newer), revision).await?;
         for record in &mut records {
             if record.revision > revision {
-                match then.remove(&record.id) {
-                    Some(state) => *record = state,
-                    None => return Err(self.pruned(revision).await),
-                }
+                *record = then.remove(&record.id).ok_or_else(|| {
+                    StoreError::Internal(format!(
+                        "no event after revision {revision} for a row past it"
+                    ))
+                })?;
             }
         }
         Ok(records)
@@ -123,12 +124,12 @@ impl Store {
     }
 
     /// Up to `page_size` records of `kind` that existed and matched
-    /// `filter` right after `revision` (settled), ordered by id, from the
-    /// first id after `after`. The page is read as List reads it, at the
-    /// current state; then every record some write moved past `revision`
-    /// is taken back to its state then (found from the events after
-    /// `revision`: few for a fresh revision, so the filter still runs in
-    /// the database for everything else).
+    /// `filter` right after `revision` (settled), in List's order, from
+    /// the first id after `after`. The page is read as List reads it, at
+    /// the current state; then every record some write moved past
+    /// `revision` is taken back to its state then (found from the events
+    /// after `revision`: few for a fresh revision, so the filter still runs
+    /// in the database for everything else).
     pub async fn list_at(
         &self,
         kind: Kind,
@@ -146,19 +147,19 @@ impl Store {
             true => scanned.last().map(|r| r.id.clone()),
             false => None,
         };
-        let within = |id: &str| {
-            after.is_none_or(|after| id > after) && bound.as_deref().is_none_or(|last| id <= last)
-        };
         let mut records: Vec<Record> = scanned
             .into_iter()
             .filter(|record| !moved.contains_key(&record.id))
             .collect();
-        records.extend(moved.into_values().filter(|then| {
-            then.version > 0
-                && within(&then.id)
-                && filter.is_none_or(|filter| filter.matches(&then.fields))
-        }));
-        records.sort_by(|a, b| a.id.cmp(&b.id));
+        let joining: Vec<Record> = moved
+            .into_values()
+            .filter(|then| then.version > 0 && filter.is_none_or(|f| f.matches(&then.fields)))
+            .collect();
+        if !joining.is_empty() {
+            records = self
+                .merge_in_order(records, joining, after, bound.as_deref())
+                .await?;
+        }
         let next_after = if records.len() as u64 > page_size {
             records.truncate(page_size as usize);
             records.last().map(|r| r.id.clone())
@@ -172,25 +173,82 @@ impl Store {
         })
     }
 
+    /// `page` (in List's order) with those of `joining` that fall after
+    /// `after` and up to `bound`, all in List's order: the id column's
+    /// collation, which on Postgres may be a language's, not byte order.
+    /// The database sorts the ids (one more query, only when a record
+    /// changed under the read joins the page).
+    async fn merge_in_order(
+        &self,
+        page: Vec<Record>,
+        joining: Vec<Record>,
+        after: Option<&str>,
+        bound: Option<&str>,
+    ) -> Result<Vec<Record>, StoreError> {
+        let mut names: Vec<&str> = page.iter().chain(&joining).map(|r| r.id.as_str()).collect();
+        names.extend(after);
+        names.extend(bound);
+        let mut sql = self.sql();
+        sql.push("SELECT id FROM (");
+        sql.json_array_elements(serde_json::json!(names))
+            .push(") AS i ORDER BY id");
+        let sorted = self.shared.db.query_all_raw(sql.statement()).await?;
+        let mut rank = HashMap::new();
+        for (position, row) in sorted.iter().enumerate() {
+            let id: String = row.try_get("", "id")?;
+            rank.entry(id).or_insert(position);
+        }
+        let rank_of = |id: &str| rank.get(id).copied().unwrap_or(usize::MAX);
+        let (low, high) = (after.map(rank_of), bound.map(rank_of));
+        let mut records = page;
+        records.extend(joining.into_iter().filter(|then| {
+            let at = rank_of(&then.id);
+            low.is_none_or(|low| at > low) && high.is_none_or(|high| at <= high)
+        }));
+        records.sort_by_key(|r| rank_of(&r.id));
+        Ok(records)
+    }
+
     /// The state right after `revision` of each record of `kind` (among
     /// `ids` when given) with an event after it: its first such event's
-    /// `before`.
+    /// `before`. FAILED_PRECONDITION when events after `revision` are
+    /// pruned, read in the same statement as the events (a prune deletes
+    /// and moves the mark in one transaction): a first event found after a
+    /// prune that took the true first would be the wrong state.
     async fn states_at(
         &self,
         kind: Kind,
         ids: Option<&[&str]>,
         revision: u64,
     ) -> Result<HashMap<String, Record>, StoreError> {
-        let rows = event::Entity::find()
-            .from_raw_sql(self.states_at_statement(kind, ids, revision))
-            .all(&self.shared.db)
+        let rows = self
+            .shared
+            .db
+            .query_all_raw(self.states_at_statement(kind, ids, revision))
             .await?;
-        rows.into_iter()
-            .map(|row| {
-                let event = event_from_row(row)?;
-                Ok((event.before.id.clone(), event.before))
-            })
-            .collect()
+        let mut states = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let compacted: i64 = row.try_get("", "compacted")?;
+            if compacted as u64 > revision {
+                return Err(StoreError::RevisionCompacted {
+                    requested: revision,
+                    oldest: compacted as u64,
+                });
+            }
+            let event = event_from_row(event::Model::from_query_result(&row, "")?)?;
+            states.insert(event.before.id.clone(), event.before);
+        }
+        if states.is_empty() && ids.is_some() {
+            // No event at all after `revision` for rows past it: pruned.
+            let oldest = self.compacted_revision().await?;
+            if oldest > revision {
+                return Err(StoreError::RevisionCompacted {
+                    requested: revision,
+                    oldest,
+                });
+            }
+        }
+        Ok(states)
     }
 
     /// The query [`Store::states_at`] runs (public for tests that EXPLAIN
@@ -212,7 +270,8 @@ impl Store {
         match ids {
             Some(ids) => {
                 sql.push(
-                    "SELECT * FROM events WHERE revision IN (SELECT (SELECT MIN(x.revision) \
+                    "SELECT *, (SELECT compacted FROM revisions WHERE id = 1) AS compacted \
+                     FROM events WHERE revision IN (SELECT (SELECT MIN(x.revision) \
                      FROM events x WHERE x.kind = ",
                 );
                 sql.bind(kind.as_str())
@@ -224,7 +283,8 @@ impl Store {
             }
             None => {
                 sql.push(
-                    "SELECT e.* FROM events e JOIN (SELECT id, MIN(revision) AS first \
+                    "SELECT e.*, (SELECT compacted FROM revisions WHERE id = 1) AS compacted \
+                     FROM events e JOIN (SELECT id, MIN(revision) AS first \
                      FROM events WHERE kind || '' = ",
                 );
                 sql.bind(kind.as_str())
@@ -234,17 +294,5 @@ impl Store {
             }
         }
         sql.statement()
-    }
-
-    /// The error for a record whose events after `revision` were pruned
-    /// while it was read.
-    async fn pruned(&self, revision: u64) -> StoreError {
-        match self.compacted_revision().await {
-            Ok(oldest) => StoreError::RevisionCompacted {
-                requested: revision,
-                oldest,
-            },
-            Err(err) => err,
-        }
     }
 }
