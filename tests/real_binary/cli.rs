@@ -450,6 +450,8 @@ async fn batch_get_prints_each_id_in_request_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_get_at_and_restore() {
     let s = start(Backend::Sqlite).await.unwrap();
+    // Revision 1, before user_1 existed.
+    merge(&s, "user", "other", r#"{"o":1}"#);
     let first = merge(&s, "user", "user_1", r#"{"plan":"free"}"#);
     merge(&s, "user", "user_1", r#"{"plan":"pro","seats":5}"#);
     let at = first["revision"].as_u64().unwrap().to_string();
@@ -467,7 +469,7 @@ async fn history_get_at_and_restore() {
     let events = json_lines(&history);
     assert_eq!(
         each(&events, "revision"),
-        [&json!(2), &json!(1)],
+        [&json!(3), &json!(2)],
         "newest first"
     );
     assert_eq!(events[0]["change_type"], json!("CHANGE_TYPE_MERGED"));
@@ -484,7 +486,7 @@ async fn history_get_at_and_restore() {
         ],
         None,
     ));
-    assert_eq!(each(&limited, "revision"), [&json!(1)]);
+    assert_eq!(each(&limited, "revision"), [&json!(2)]);
 
     let restored = json_out(&cli(
         &s,
@@ -508,7 +510,7 @@ async fn history_get_at_and_restore() {
             "restore",
             "user_1",
             "--to",
-            "0",
+            "1",
             "--traceparent",
             traceparent,
         ],
