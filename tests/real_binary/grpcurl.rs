@@ -572,6 +572,15 @@ async fn invalid_argument_is_reported() {
         );
         assert!(run.stderr.contains("user_id"), "{method}: {run:?}");
         assert!(run.stdout.trim().is_empty(), "{method}: {run:?}");
+        // Reflection serves google.rpc's descriptors: grpcurl prints the
+        // details decoded, not as bytes.
+        for detail in [
+            r#""@type":"type.googleapis.com/google.rpc.ErrorInfo""#,
+            r#""reason":"ID_CHARACTER""#,
+            r#""@type":"type.googleapis.com/google.rpc.BadRequest""#,
+        ] {
+            assert!(run.stderr.contains(detail), "{method}: {detail} in {run:?}");
+        }
     }
 }
 
