@@ -8,6 +8,7 @@
 
 mod db;
 mod etcd;
+mod history;
 mod interference;
 mod load;
 mod pgbench;
@@ -76,13 +77,16 @@ struct Args {
     /// check of --schema-docs stored documents), relay (the NATS JetStream
     /// relay: its throughput next to the service's own merge rate, and
     /// commit-to-consumer latency at --relay-rates; needs NATS with
-    /// JetStream at --nats-url). The load workloads run in
+    /// JetStream at --nats-url), history (issue 29: at one client, Get at a
+    /// revision among the last 1,000 and pages of one record's history
+    /// against a plain Get, alternating; the plans of the store's history
+    /// queries). The load workloads run in
     /// that order whatever the order given, since merge2 and get read
     /// earlier rows.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "merge,merge2,ping,get,mix,etcd,watch,watch-filter,list,batchget,interference,schema,set-schema,relay"
+        default_value = "merge,merge2,ping,get,mix,etcd,watch,watch-filter,list,batchget,interference,schema,set-schema,history,relay"
     )]
     workloads: Vec<String>,
     /// Database connections of the server and of the baseline.
@@ -143,6 +147,14 @@ struct Args {
     /// (growing one database).
     #[arg(long, value_delimiter = ',', default_value = "1000000")]
     schema_docs: Vec<u64>,
+    /// History: Merges of the record with a long history (each followed by
+    /// one to another of 50 users).
+    #[arg(long, default_value_t = 2000)]
+    history_writes: u64,
+    /// History: rounds of the alternation; each runs every arm for
+    /// --duration / rounds.
+    #[arg(long, default_value_t = 3)]
+    history_rounds: usize,
     /// Relay: NATS (with JetStream) the relay publishes to; the bench
     /// creates a stream of its own there and deletes it at the end.
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
@@ -258,6 +270,8 @@ struct Report {
     etcd: Option<etcd::EtcdReport>,
     /// Workloads schema and set-schema.
     schema: Option<schema::SchemaReport>,
+    /// Workload history.
+    history: Option<history::HistoryReport>,
     /// Workload relay.
     relay: Option<relay::RelayReport>,
     /// The pgbench merge rows (Postgres, workload merge): the version,
@@ -409,6 +423,7 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
         args.page_sizes = vec![10, 1000];
         args.paging_passes = 1;
         args.schema_docs = vec![2_000];
+        args.history_writes = 300;
         args.relay_rates = vec![200];
         args.relay_duration = Duration::from_secs(1);
     }
@@ -447,6 +462,7 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
     let interfere = args.workloads.iter().any(|w| w == "interference");
     let schema_merges = args.workloads.iter().any(|w| w == "schema");
     let set_schema = args.workloads.iter().any(|w| w == "set-schema");
+    let history = args.workloads.iter().any(|w| w == "history");
     let relay = args.workloads.iter().any(|w| w == "relay");
     let binary = match &args.server_bin {
         Some(path) => path.clone(),
@@ -775,6 +791,29 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
             };
             report.schema = Some(schema::run(&db, &settings).await?);
         }
+        if history {
+            let settings = history::Settings {
+                backend,
+                binary: &binary,
+                server_args: &server_args,
+                server_env: &args.server_env,
+                writes: args.history_writes,
+                rounds: args.history_rounds,
+                // Quick: its seven arms in about 5 s.
+                warmup: if args.quick {
+                    args.warmup / 3
+                } else {
+                    args.warmup
+                },
+                duration: if args.quick {
+                    args.duration / 2
+                } else {
+                    args.duration
+                },
+                progress: !args.json,
+            };
+            report.history = Some(history::run(&db, &settings).await?);
+        }
         if relay {
             let settings = relay::Settings {
                 backend,
@@ -932,6 +971,9 @@ fn print_table(report: &Report) {
     }
     if let Some(schema) = &report.schema {
         schema::print(schema);
+    }
+    if let Some(history) = &report.history {
+        history::print(history);
     }
     if let Some(relay) = &report.relay {
         relay::print(relay);

@@ -764,10 +764,7 @@ fn literal(value: &SqlValue) -> anyhow::Result<(String, &'static str)> {
 }
 
 /// Postgres: how the listing statement is planned, for a first page and a
-/// late one (after the first 90% of the matches): as a custom plan (the
-/// values known), as a generic plan (the one a prepared statement may
-/// switch to after five runs), and which of the two ten runs of a
-/// prepared statement settle on.
+/// late one (after the first 90% of the matches): see [`explain_prepared`].
 async fn plans(
     pool: &RawPool,
     statements: &Statements,
@@ -788,77 +785,93 @@ async fn plans(
     ];
     for (n, (label, after)) in cases.into_iter().enumerate() {
         let statement = statements.page(after.as_deref(), settings.page_size);
-        let (args, types): (Vec<String>, Vec<&str>) = values(&statement)
-            .iter()
-            .map(literal)
-            .collect::<anyhow::Result<Vec<_>>>()?
-            .into_iter()
-            .unzip();
-        let name = format!("bench_plan_{n}");
-        let prepare = format!("PREPARE {name}({}) AS {}", types.join(", "), statement.sql);
-        sqlx::raw_sql(sqlx::AssertSqlSafe(prepare))
-            .execute(&mut *conn)
-            .await?;
-        let execute = format!("EXECUTE {name}({})", args.join(", "));
-        for mode in ["force_custom_plan", "force_generic_plan"] {
-            let explain =
-                format!("SET plan_cache_mode = {mode}; EXPLAIN (ANALYZE, BUFFERS) {execute}");
-            let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(explain))
-                .fetch_all(&mut *conn)
-                .await?;
-            let text: Vec<String> = rows
-                .iter()
-                .filter_map(|row| row.try_get::<String, _>(0).ok())
-                .collect();
-            plans.push(Plan {
-                label: format!("{label}, {mode}: {}", statement.sql),
-                text: text.join("\n"),
-            });
-        }
-        // Which plan the default (auto) settles on, as for the server's
-        // and the baseline's prepared statements: a fresh statement, run
-        // ten times, then the plan it uses now.
-        let auto = format!("bench_auto_{n}");
-        let mut runs = format!(
-            "RESET plan_cache_mode; PREPARE {auto}({}) AS {};",
-            types.join(", "),
-            statement.sql
-        );
-        let execute_auto = format!("EXECUTE {auto}({})", args.join(", "));
-        for _ in 0..10 {
-            runs.push_str(&format!(" {execute_auto};"));
-        }
-        sqlx::raw_sql(sqlx::AssertSqlSafe(runs))
-            .execute(&mut *conn)
-            .await?;
-        let counts = sqlx::query(
-            "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE name = $1",
-        )
-        .bind(&auto)
-        .fetch_one(&mut *conn)
+        plans.extend(explain_prepared(&mut conn, &n.to_string(), label, &statement).await?);
+    }
+    Ok(plans)
+}
+
+/// Postgres: EXPLAIN (ANALYZE, BUFFERS) of `statement` (the server's text
+/// and values), prepared as the server's driver prepares it: as a custom
+/// plan (the values known), as a generic plan (the one a prepared
+/// statement may switch to after five runs), and the plan that ten runs
+/// of a prepared statement settle on. `key` makes the prepared names
+/// unique on the connection.
+pub(crate) async fn explain_prepared(
+    conn: &mut sqlx::PgConnection,
+    key: &str,
+    label: &str,
+    statement: &Statement,
+) -> anyhow::Result<Vec<Plan>> {
+    let mut plans = Vec::new();
+    let (args, types): (Vec<String>, Vec<&str>) = values(statement)
+        .iter()
+        .map(literal)
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .into_iter()
+        .unzip();
+    let name = format!("bench_plan_{key}");
+    let prepare = format!("PREPARE {name}({}) AS {}", types.join(", "), statement.sql);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(prepare))
+        .execute(&mut *conn)
         .await?;
-        let (generic, custom): (i64, i64) = (counts.try_get(0)?, counts.try_get(1)?);
-        let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "EXPLAIN (ANALYZE, BUFFERS) {execute_auto}"
-        )))
-        .fetch_all(&mut *conn)
-        .await?;
+    let execute = format!("EXECUTE {name}({})", args.join(", "));
+    for mode in ["force_custom_plan", "force_generic_plan"] {
+        let explain = format!("SET plan_cache_mode = {mode}; EXPLAIN (ANALYZE, BUFFERS) {execute}");
+        let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(explain))
+            .fetch_all(&mut *conn)
+            .await?;
         let text: Vec<String> = rows
             .iter()
             .filter_map(|row| row.try_get::<String, _>(0).ok())
             .collect();
         plans.push(Plan {
-            label: format!(
-                "{label}, plan_cache_mode = auto after 10 runs ({generic} generic, {custom} custom plans)"
-            ),
+            label: format!("{label}, {mode}: {}", statement.sql),
             text: text.join("\n"),
         });
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "DEALLOCATE {name}; DEALLOCATE {auto}"
-        )))
+    }
+    // Which plan the default (auto) settles on, as for the server's and
+    // the baseline's prepared statements: a fresh statement, run ten
+    // times, then the plan it uses now.
+    let auto = format!("bench_auto_{key}");
+    let mut runs = format!(
+        "RESET plan_cache_mode; PREPARE {auto}({}) AS {};",
+        types.join(", "),
+        statement.sql
+    );
+    let execute_auto = format!("EXECUTE {auto}({})", args.join(", "));
+    for _ in 0..10 {
+        runs.push_str(&format!(" {execute_auto};"));
+    }
+    sqlx::raw_sql(sqlx::AssertSqlSafe(runs))
         .execute(&mut *conn)
         .await?;
-    }
+    let counts = sqlx::query(
+        "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE name = $1",
+    )
+    .bind(&auto)
+    .fetch_one(&mut *conn)
+    .await?;
+    let (generic, custom): (i64, i64) = (counts.try_get(0)?, counts.try_get(1)?);
+    let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "EXPLAIN (ANALYZE, BUFFERS) {execute_auto}"
+    )))
+    .fetch_all(&mut *conn)
+    .await?;
+    let text: Vec<String> = rows
+        .iter()
+        .filter_map(|row| row.try_get::<String, _>(0).ok())
+        .collect();
+    plans.push(Plan {
+        label: format!(
+            "{label}, plan_cache_mode = auto after 10 runs ({generic} generic, {custom} custom plans)"
+        ),
+        text: text.join("\n"),
+    });
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DEALLOCATE {name}; DEALLOCATE {auto}"
+    )))
+    .execute(&mut *conn)
+    .await?;
     Ok(plans)
 }
 
