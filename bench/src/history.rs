@@ -579,11 +579,13 @@ impl Sql {
     }
 
     /// `Sql::json_array_elements` of the store: the ids bound as one JSON
-    /// array.
+    /// array, in a column `id`.
     fn elements(&self, n: usize) -> String {
         match self.0 {
-            DatabaseBackend::Postgres => format!("SELECT jsonb_array_elements_text({})", self.p(n)),
-            _ => format!("SELECT value FROM json_each({})", self.p(n)),
+            DatabaseBackend::Postgres => {
+                format!("SELECT jsonb_array_elements_text({}) AS id", self.p(n))
+            }
+            _ => format!("SELECT value AS id FROM json_each({})", self.p(n)),
         }
     }
 
@@ -631,19 +633,22 @@ impl Sql {
         )
     }
 
-    /// `Store::states_at` of `hist_0` at `at`: its first event after `at`.
+    /// `Store::states_at` of `hist_0` at `at`: its first event after `at`
+    /// (`Store::states_at_statement` with ids: one `events_record` lookup
+    /// per id, and the compaction mark in the same statement).
     fn states_at(&self, at: u64) -> Statement {
         Statement::from_sql_and_values(
             self.0,
             format!(
-                "SELECT e.* FROM events e JOIN (SELECT id, MIN(revision) AS first FROM events \
-                 WHERE kind = {} AND id IN ({}) AND revision > {} GROUP BY id) f \
-                 ON e.revision = f.first",
+                "SELECT *, (SELECT compacted FROM revisions WHERE id = 1) AS compacted \
+                 FROM events WHERE revision IN (SELECT (SELECT MIN(x.revision) \
+                 FROM events x WHERE x.kind = {} AND x.id = i.id AND x.revision > {}) \
+                 FROM ({}) AS i)",
                 self.p(1),
-                self.elements(2),
-                self.p(3)
+                self.p(2),
+                self.elements(3)
             ),
-            [kind(), ids(), SqlValue::BigInt(Some(at as i64))],
+            [kind(), SqlValue::BigInt(Some(at as i64)), ids()],
         )
     }
 }
