@@ -611,21 +611,14 @@ impl Sql {
         Statement::from_sql_and_values(self.0, sql, values)
     }
 
-    /// `Store::log_bounds`, the first read of a Get at a revision.
-    fn log_bounds(&self) -> Statement {
-        Statement::from_string(
-            self.0,
-            "SELECT COALESCE((SELECT MAX(revision) FROM events), 0) AS newest, \
-             (SELECT compacted FROM revisions WHERE id = 1) AS compacted",
-        )
-    }
-
-    /// `Store::get_many` of `hist_0`: its row now.
+    /// `Store::get_many_at`'s first read of `hist_0`: its row now, with
+    /// the compaction mark.
     fn get_many(&self) -> Statement {
         Statement::from_sql_and_values(
             self.0,
             format!(
-                "SELECT * FROM metadata WHERE kind = {} AND id IN ({})",
+                "SELECT r.compacted AS compacted, m.* FROM revisions r LEFT JOIN metadata m \
+                 ON m.kind = {} AND m.id IN ({}) WHERE r.id = 1",
                 self.p(1),
                 self.elements(2)
             ),
@@ -785,15 +778,12 @@ async fn raw_events(pool: &RawPool, statement: &Statement) -> anyhow::Result<usi
     }
 }
 
-/// What a Get at `at` asks the database, as the store asks it: the log's
-/// bounds, the row, and, when the row has moved past `at`, its first
-/// event after `at`; every JSON column decoded.
+/// What a Get at a settled `at` asks the database, as the store asks it:
+/// the row with the compaction mark, and, when the row has moved past
+/// `at`, its first event after `at`; every JSON column decoded.
 async fn raw_get_at(pool: &RawPool, sql: &Sql, at: u64) -> anyhow::Result<()> {
     let revision: i64 = match pool {
         RawPool::Postgres(pg) => {
-            let bounds = sql.log_bounds();
-            let row = bind_postgres(&bounds.sql, &bounds)?.fetch_one(pg).await?;
-            let _: (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
             let get = sql.get_many();
             let row = bind_postgres(&get.sql, &get)?.fetch_one(pg).await?;
             for column in ["public_metadata", "private_metadata", "unsafe_metadata"] {
@@ -802,9 +792,6 @@ async fn raw_get_at(pool: &RawPool, sql: &Sql, at: u64) -> anyhow::Result<()> {
             row.try_get("revision")?
         }
         RawPool::Sqlite(lite) => {
-            let bounds = sql.log_bounds();
-            let row = bind_sqlite(&bounds.sql, &bounds)?.fetch_one(lite).await?;
-            let _: (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
             let get = sql.get_many();
             let row = bind_sqlite(&get.sql, &get)?.fetch_one(lite).await?;
             for column in ["public_metadata", "private_metadata", "unsafe_metadata"] {

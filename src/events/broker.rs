@@ -307,6 +307,11 @@ impl Broker {
     /// past the newest revision in the log, FAILED_PRECONDITION below what
     /// was pruned.
     pub async fn settled_at(self: &Arc<Self>, revision: u64) -> Result<u64, StoreError> {
+        if revision <= self.head() {
+            // Settled already, and reached: no query. Whether it was
+            // pruned, the read learns with its rows (`Store::get_many_at`).
+            return Ok(revision);
+        }
         let (newest, compacted) = self.store.log_bounds().await?;
         let current = newest.max(compacted);
         if revision > current {

@@ -15,7 +15,7 @@ use sea_orm::{ConnectionTrait, EntityTrait, FromQueryResult, QueryOrder, QuerySe
 
 use super::entities::event;
 use super::log::bound;
-use super::rows::event_from_row;
+use super::rows::{event_from_row, record_from_row};
 use super::{Store, StoreError};
 use crate::model::{Event, Kind, Record};
 use crate::query::Filter;
@@ -86,14 +86,52 @@ impl Store {
 
     /// The records of the distinct `ids`, in the order they first appear,
     /// as they were right after `revision` (which must be settled: nothing
-    /// at or below it may still commit).
+    /// at or below it may still commit). FAILED_PRECONDITION when events
+    /// after `revision` were pruned: the compaction mark comes with the
+    /// rows, in one statement, so that a caller need not ask for it first.
     pub async fn get_many_at(
         &self,
         kind: Kind,
         ids: &[String],
         revision: u64,
     ) -> Result<Vec<Record>, StoreError> {
-        let mut records = self.get_many(kind, ids).await?;
+        let mut sql = self.sql();
+        sql.push(
+            "SELECT r.compacted AS compacted, m.* FROM revisions r LEFT JOIN metadata m \
+             ON m.kind = ",
+        );
+        sql.bind(kind.as_str()).push(" AND m.id IN (");
+        sql.json_array_elements(serde_json::json!(ids))
+            .push(") WHERE r.id = 1");
+        let rows = self.shared.db.query_all_raw(sql.statement()).await?;
+        let mut found: HashMap<String, Record> = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let compacted: i64 = row.try_get("", "compacted")?;
+            if compacted as u64 > revision {
+                return Err(StoreError::RevisionCompacted {
+                    requested: revision,
+                    oldest: compacted as u64,
+                });
+            }
+            // The revisions row alone: none of the ids has a row.
+            if row.try_get::<Option<String>>("", "id")?.is_none() {
+                continue;
+            }
+            let record = record_from_row(super::entities::metadata::Model::from_query_result(
+                &row, "",
+            )?);
+            found.insert(record.id.clone(), record);
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut records: Vec<Record> = ids
+            .iter()
+            .filter(|id| seen.insert(id.as_str()))
+            .map(|id| {
+                found
+                    .remove(id)
+                    .unwrap_or_else(|| Record::empty(kind, id.clone()))
+            })
+            .collect();
         let newer: Vec<&str> = records
             .iter()
             .filter(|record| record.revision > revision)
