@@ -628,11 +628,20 @@ impl Sql {
 
     /// `Store::states_at` of `hist_0` at `at`: its first event after `at`
     /// (`Store::states_at_statement` with ids: one `events_record` lookup
-    /// per id, and the compaction mark in the same statement).
+    /// per id, a lateral LIMIT 1 on Postgres and a correlated MIN on
+    /// SQLite, with the compaction mark in the same statement).
     fn states_at(&self, at: u64) -> Statement {
-        Statement::from_sql_and_values(
-            self.0,
-            format!(
+        let sql = match self.0 {
+            DatabaseBackend::Postgres => format!(
+                "SELECT e.*, (SELECT compacted FROM revisions WHERE id = 1) AS compacted \
+                 FROM ({}) AS i CROSS JOIN LATERAL (SELECT * FROM events x \
+                 WHERE x.kind = {} AND x.id = i.id AND x.revision > {} \
+                 ORDER BY x.revision LIMIT 1) e",
+                self.elements(3),
+                self.p(1),
+                self.p(2)
+            ),
+            _ => format!(
                 "SELECT *, (SELECT compacted FROM revisions WHERE id = 1) AS compacted \
                  FROM events WHERE revision IN (SELECT (SELECT MIN(x.revision) \
                  FROM events x WHERE x.kind = {} AND x.id = i.id AND x.revision > {}) \
@@ -641,6 +650,10 @@ impl Sql {
                 self.p(2),
                 self.elements(3)
             ),
+        };
+        Statement::from_sql_and_values(
+            self.0,
+            sql,
             [kind(), SqlValue::BigInt(Some(at as i64)), ids()],
         )
     }

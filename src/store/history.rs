@@ -290,10 +290,9 @@ impl Store {
     }
 
     /// The query [`Store::states_at`] runs (public for tests that EXPLAIN
-    /// it). With ids, one lookup of `events_record` per id (the least
-    /// revision after `revision`, a correlated subquery: planners do not
-    /// misjudge a JSON array's length into a scan of the whole log), then
-    /// those events by primary key. Without ids, the events after
+    /// it). With ids, one lookup of `events_record` per id, written per
+    /// dialect so that no planner misjudges a JSON array's length into a
+    /// scan of the whole log. Without ids, the events after
     /// `revision` by primary key, few for a fresh revision: the kind is
     /// compared as an expression (`kind || ''`) so that no planner takes
     /// `events_record` by its kind alone, which would read every event of
@@ -305,7 +304,25 @@ impl Store {
         revision: u64,
     ) -> Statement {
         let mut sql = self.sql();
+        let postgres = self.shared.db.get_database_backend() == sea_orm::DatabaseBackend::Postgres;
         match ids {
+            // Postgres: a lateral LIMIT 1 per id. Its planner guesses a
+            // JSON array at 100 rows and, given `revision IN (...)`, hashes
+            // the whole log instead.
+            Some(ids) if postgres => {
+                sql.push(
+                    "SELECT e.*, (SELECT compacted FROM revisions WHERE id = 1) AS compacted \
+                     FROM (",
+                );
+                sql.json_array_elements(serde_json::json!(ids))
+                    .push(") AS i CROSS JOIN LATERAL (SELECT * FROM events x WHERE x.kind = ");
+                sql.bind(kind.as_str())
+                    .push(" AND x.id = i.id AND x.revision > ")
+                    .bind(bound(revision))
+                    .push(" ORDER BY x.revision LIMIT 1) e");
+            }
+            // SQLite has no LATERAL: the least revision per id, a
+            // correlated subquery, then those events by primary key.
             Some(ids) => {
                 sql.push(
                     "SELECT *, (SELECT compacted FROM revisions WHERE id = 1) AS compacted \
