@@ -236,13 +236,22 @@ fn history_request(page_token: String) -> ListUserMetadataHistoryRequest {
 }
 
 /// Empties the tables, so that the log holds only this workload's history
-/// whatever ran before it on the database.
+/// whatever ran before it on the database. On Postgres the revision
+/// sequence starts again too: left where earlier workloads took it, every
+/// revision below the first new one would be a gap the dispatcher must
+/// settle one by one (thousands, for seconds) before a read at a revision
+/// may answer. (A server never meets that: pruning moves the compaction
+/// mark, which the dispatcher starts from.)
 async fn clear(pool: &RawPool) -> anyhow::Result<()> {
     match pool {
         RawPool::Postgres(pool) => {
-            sqlx::query("TRUNCATE metadata, events, metadata_schemas")
-                .execute(pool)
-                .await?;
+            for statement in [
+                "TRUNCATE metadata, events, metadata_schemas",
+                "ALTER SEQUENCE event_revisions RESTART",
+                "UPDATE revisions SET latest = 0, compacted = 0 WHERE id = 1",
+            ] {
+                sqlx::query(statement).execute(pool).await?;
+            }
         }
         RawPool::Sqlite(pool) => {
             for table in ["metadata", "events", "metadata_schemas"] {
