@@ -106,6 +106,16 @@ impl TreeConvert for Struct {
     }
 }
 
+/// A JSON Patch: a list of operations.
+impl TreeConvert for prost_types::ListValue {
+    fn decode(self, field: Field) -> Result<Value, ValidationError> {
+        let list = ProtoValue {
+            kind: Some(ProtoKind::ListValue(self)),
+        };
+        located(field, json_from_proto(list))
+    }
+}
+
 impl TreeConvert for ProtoValue {
     fn decode(self, field: Field) -> Result<Value, ValidationError> {
         located(field, json_from_proto(self))

@@ -150,6 +150,9 @@ pub enum Mode {
     Merge,
     /// The provided value overwrites the field in full.
     Replace,
+    /// RFC 6902 JSON Patch: each provided value is a list of operations,
+    /// `test` ones being preconditions on paths.
+    Patch,
 }
 
 impl Mode {
@@ -158,6 +161,7 @@ impl Mode {
         match self {
             Mode::Merge => "Merge",
             Mode::Replace => "Replace",
+            Mode::Patch => "Patch",
         }
     }
 }

@@ -63,6 +63,8 @@ reasons! {
     TooLarge => "TOO_LARGE", InvalidArgument;
     RevisionTooLarge => "REVISION_TOO_LARGE", InvalidArgument;
     MergeTooLarge => "MERGE_TOO_LARGE", InvalidArgument;
+    /// A JSON Patch operation that is malformed or names no location.
+    InvalidPatch => "INVALID_PATCH", InvalidArgument;
     /// A write whose result breaks its field's schema: one violation per
     /// schema error, `field/pointer`.
     SchemaViolation => "SCHEMA_VIOLATION", InvalidArgument;
@@ -71,6 +73,8 @@ reasons! {
     RevisionNotReached => "REVISION_NOT_REACHED", OutOfRange;
     // ABORTED
     VersionMismatch => "VERSION_MISMATCH", Aborted;
+    /// A JSON Patch `test` operation failed: the caller re-reads and retries.
+    PatchTestFailed => "PATCH_TEST_FAILED", Aborted;
     // FAILED_PRECONDITION
     RevisionCompacted => "REVISION_COMPACTED", FailedPrecondition;
     NonconformingDocuments => "NONCONFORMING_DOCUMENTS", FailedPrecondition;

@@ -39,6 +39,12 @@ pub enum Problem {
     NegativePageSize,
     #[error("must be set")]
     Unspecified,
+    #[error("{0}")]
+    InvalidPatch(String),
+    #[error(
+        "test of {pointer} failed: the stored value differs; nothing was written (read it again, then retry)"
+    )]
+    PatchTestFailed { operation: usize, pointer: String },
     #[error(
         "must be set: the revision whose state to put back (to remove the record, call Delete)"
     )]
@@ -81,6 +87,8 @@ impl Problem {
             Problem::Filter(_) => Reason::InvalidFilter,
             Problem::NegativePageSize => Reason::NegativePageSize,
             Problem::Unspecified | Problem::RevisionUnset => Reason::Unspecified,
+            Problem::InvalidPatch(_) => Reason::InvalidPatch,
+            Problem::PatchTestFailed { .. } => Reason::PatchTestFailed,
             Problem::AnswerTooLarge { .. } => Reason::AnswerTooLarge,
             Problem::NoSuchField { .. } => Reason::NoSuchField,
             Problem::Schema(_) => Reason::InvalidSchema,

@@ -30,7 +30,7 @@
 //! field, so their parts carry `unsafe_: None` and their records none).
 
 use prost::Message;
-use prost_types::{Struct, Value as ProtoValue};
+use prost_types::{ListValue, Struct, Value as ProtoValue};
 
 use crate::auth::{Action, FieldSet, Operation};
 use crate::convert::{Shown, TreeConvert, timestamp};
@@ -136,6 +136,7 @@ pub trait ApiKind: Sized + Send + Sync + 'static {
     type Get: Message + Default + Send + 'static;
     type Merge: Message + Default + Send + 'static;
     type Replace: Message + Default + Send + 'static;
+    type Patch: Message + Default + Send + 'static;
     type Delete: Message + Default + Send + 'static;
     type Deleted: Message + Send + 'static;
     type Watch: Message + Default + Send + 'static;
@@ -155,6 +156,8 @@ pub trait ApiKind: Sized + Send + Sync + 'static {
     fn get(request: Self::Get) -> (String, Option<u64>);
     fn merge(request: Self::Merge) -> WriteParts<Struct>;
     fn replace(request: Self::Replace) -> WriteParts<ProtoValue>;
+    /// Each field's value is its JSON Patch.
+    fn patch(request: Self::Patch) -> WriteParts<ListValue>;
     fn delete(request: Self::Delete) -> DeleteCommand;
     /// Fails on a filter that does not parse.
     fn watch(request: Self::Watch) -> Result<WatchRequest, ValidationError>;
@@ -191,6 +194,7 @@ pub trait ApiKind: Sized + Send + Sync + 'static {
     /// `parts.unsafe_` is dropped for a kind without unsafe metadata.
     fn merge_request(parts: WriteParts<Struct>) -> Self::Merge;
     fn replace_request(parts: WriteParts<ProtoValue>) -> Self::Replace;
+    fn patch_request(parts: WriteParts<ListValue>) -> Self::Patch;
     fn delete_request(id: String, expected_version: Option<u64>) -> Self::Delete;
     fn watch_request(
         start_revision: u64,
@@ -228,6 +232,11 @@ pub trait ApiKind: Sized + Send + Sync + 'static {
     /// A Replace request as the command it asks for.
     fn replace_command(request: Self::Replace) -> Result<WriteCommand, ValidationError> {
         Self::replace(request).command(Self::KIND, Mode::Replace)
+    }
+
+    /// A Patch request as the command it asks for.
+    fn patch_command(request: Self::Patch) -> Result<WriteCommand, ValidationError> {
+        Self::patch(request).command(Self::KIND, Mode::Patch)
     }
 }
 
@@ -306,6 +315,7 @@ macro_rules! api_kind {
     (
         $api:ident, $kind:expr, $watch_path:literal,
         record: $record:ident, get: $get:ident, merge: $merge:ident, replace: $replace:ident,
+        patch: $patch:ident,
         delete: $delete:ident, deleted: $deleted:ident, watch: $watch:ident,
         watch_response: $watch_response:ident :: $response_module:ident, event: $event:ident,
         batch_get: $batch_get:ident, batch_got: $batch_got:ident, list: $list:ident,
@@ -323,6 +333,7 @@ macro_rules! api_kind {
             type Get = pb::$get;
             type Merge = pb::$merge;
             type Replace = pb::$replace;
+            type Patch = pb::$patch;
             type Delete = pb::$delete;
             type Deleted = pb::$deleted;
             type Watch = pb::$watch;
@@ -347,6 +358,10 @@ macro_rules! api_kind {
 
             fn replace(request: Self::Replace) -> WriteParts<ProtoValue> {
                 write_parts!(pb::$replace, request, $id $(, $unsafe)?)
+            }
+
+            fn patch(request: Self::Patch) -> WriteParts<ListValue> {
+                write_parts!(pb::$patch, request, $id $(, $unsafe)?)
             }
 
             fn delete(request: Self::Delete) -> DeleteCommand {
@@ -505,6 +520,10 @@ macro_rules! api_kind {
                 write_request!(pb::$replace, parts, $id $(, $unsafe)?)
             }
 
+            fn patch_request(parts: WriteParts<ListValue>) -> Self::Patch {
+                write_request!(pb::$patch, parts, $id $(, $unsafe)?)
+            }
+
             fn delete_request(id: String, expected_version: Option<u64>) -> Self::Delete {
                 pb::$delete {
                     $id: id,
@@ -660,7 +679,7 @@ macro_rules! api_kind {
 api_kind!(
     Users, Kind::User, "/metadata.v1.UserMetadataService/Watch",
     record: UserMetadata, get: GetUserMetadataRequest, merge: MergeUserMetadataRequest,
-    replace: ReplaceUserMetadataRequest, delete: DeleteUserMetadataRequest,
+    replace: ReplaceUserMetadataRequest, patch: PatchUserMetadataRequest, delete: DeleteUserMetadataRequest,
     deleted: DeleteUserMetadataResponse, watch: WatchUserMetadataRequest,
     watch_response: WatchUserMetadataResponse::watch_user_metadata_response,
     event: UserMetadataEvent, batch_get: BatchGetUserMetadataRequest,
@@ -675,6 +694,7 @@ api_kind!(
     Organizations, Kind::Organization, "/metadata.v1.OrganizationMetadataService/Watch",
     record: OrganizationMetadata, get: GetOrganizationMetadataRequest,
     merge: MergeOrganizationMetadataRequest, replace: ReplaceOrganizationMetadataRequest,
+    patch: PatchOrganizationMetadataRequest,
     delete: DeleteOrganizationMetadataRequest, deleted: DeleteOrganizationMetadataResponse,
     watch: WatchOrganizationMetadataRequest,
     watch_response: WatchOrganizationMetadataResponse::watch_organization_metadata_response,

@@ -44,6 +44,7 @@ impl FieldSet {
 pub enum Action {
     Get,
     Merge,
+    Patch,
     Replace,
     Delete,
     Watch,
@@ -61,6 +62,7 @@ impl Action {
         match self {
             Action::Get => "Get",
             Action::Merge => "Merge",
+            Action::Patch => "Patch",
             Action::Replace => "Replace",
             Action::Delete => "Delete",
             Action::Watch => "Watch",
@@ -102,30 +104,32 @@ pub fn authorize(caller: &Caller, op: &Operation) -> Result<FieldSet, Denied> {
         Caller::Frontend { user_id, org_id } => (user_id, org_id),
     };
     match (op.kind, op.action) {
-        (Kind::User, Action::Get | Action::BatchGet | Action::History | Action::Merge)
-            if op.id != user_id =>
-        {
-            Err(Denied {
-                reason: Reason::NotOwnRecord,
-                message: format!(
-                    "a frontend token may {} only its own user (the token's sub)",
-                    op.action.rpc()
-                ),
-            })
-        }
+        (
+            Kind::User,
+            Action::Get | Action::BatchGet | Action::History | Action::Merge | Action::Patch,
+        ) if op.id != user_id => Err(Denied {
+            reason: Reason::NotOwnRecord,
+            message: format!(
+                "a frontend token may {} only its own user (the token's sub)",
+                op.action.rpc()
+            ),
+        }),
         (Kind::User, Action::Get | Action::BatchGet | Action::History) => {
             Ok(FieldSet::of([Field::Public, Field::Unsafe]))
         }
-        (Kind::User, Action::Merge) => match op.written.iter().find(|f| *f != Field::Unsafe) {
-            Some(field) => Err(Denied {
-                reason: Reason::FieldNotWritable,
-                message: format!(
-                    "{} is written by backend callers only; a frontend token may merge only unsafe_metadata",
-                    field.name()
-                ),
-            }),
-            None => Ok(FieldSet::of([Field::Public, Field::Unsafe])),
-        },
+        (Kind::User, Action::Merge | Action::Patch) => {
+            match op.written.iter().find(|f| *f != Field::Unsafe) {
+                Some(field) => Err(Denied {
+                    reason: Reason::FieldNotWritable,
+                    message: format!(
+                        "{} is written by backend callers only; a frontend token may {} only unsafe_metadata",
+                        field.name(),
+                        op.action.rpc()
+                    ),
+                }),
+                None => Ok(FieldSet::of([Field::Public, Field::Unsafe])),
+            }
+        }
         (Kind::Organization, Action::Get | Action::BatchGet | Action::History)
             if org_id.as_deref() == Some(op.id) =>
         {
@@ -153,12 +157,13 @@ pub fn authorize(caller: &Caller, op: &Operation) -> Result<FieldSet, Denied> {
 mod tests {
     use super::*;
 
-    const ACTIONS: [Action; 12] = [
+    const ACTIONS: [Action; 13] = [
         Action::SetSchema,
         Action::GetSchema,
         Action::DeleteSchema,
         Action::Get,
         Action::Merge,
+        Action::Patch,
         Action::Replace,
         Action::Delete,
         Action::Watch,

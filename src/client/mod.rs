@@ -133,6 +133,19 @@ pub enum Action {
         #[arg(long)]
         expected_version: Option<u64>,
     },
+    /// Apply an RFC 6902 JSON Patch to one field: a JSON list of
+    /// operations, from a file or `-` for standard input. A failed `test`
+    /// operation writes nothing (exit status 74, Aborted).
+    Patch {
+        id: String,
+        #[arg(long, value_enum)]
+        field: schemas::FieldName,
+        /// The patch: a file, or `-` for standard input.
+        #[arg(long)]
+        ops: String,
+        #[arg(long)]
+        expected_version: Option<u64>,
+    },
     /// Remove all metadata of the id.
     Delete {
         id: String,
@@ -200,7 +213,7 @@ pub enum Action {
 }
 
 /// JSON for each field: inline, `@file.json`, or `-` for standard input.
-#[derive(Debug, Args)]
+#[derive(Debug, Default, Args)]
 pub struct FieldFlags {
     #[arg(long)]
     pub public: Option<String>,
@@ -418,6 +431,16 @@ fn patch(flag: &str, value: Value) -> Result<prost_types::Struct, Failure> {
     object(flag, value, "a merge patch")
 }
 
+/// A JSON Patch must be a list of operations (a protobuf ListValue).
+fn json_patch(flag: &str, value: Value) -> Result<prost_types::ListValue, Failure> {
+    match proto_from_json(&value).kind {
+        Some(prost_types::value::Kind::ListValue(list)) => Ok(list),
+        _ => Err(Failure::Input(format!(
+            "--{flag}: a JSON Patch must be a JSON list of operations"
+        ))),
+    }
+}
+
 /// A call with every value parsed and converted: what is left can only
 /// fail on the way to the server or there.
 enum Call {
@@ -427,6 +450,7 @@ enum Call {
     },
     Merge(WriteParts<prost_types::Struct>),
     Replace(WriteParts<prost_types::Value>),
+    Patch(WriteParts<prost_types::ListValue>),
     Delete {
         id: String,
         expected: Option<u64>,
@@ -477,6 +501,29 @@ fn prepare<K: ApiKind>(action: Action) -> Result<Call, Failure> {
             expected_version,
             |_, v| Ok(proto_from_json(&v)),
         )?),
+        Action::Patch {
+            id,
+            field,
+            ops,
+            expected_version,
+        } => {
+            let source = match ops.as_str() {
+                "-" => ops,
+                path => format!("@{path}"),
+            };
+            let mut flags = FieldFlags::default();
+            *match field {
+                schemas::FieldName::Public => &mut flags.public,
+                schemas::FieldName::Private => &mut flags.private,
+                schemas::FieldName::Unsafe => &mut flags.unsafe_,
+            } = Some(source);
+            Call::Patch(write_parts::<K, _>(
+                id,
+                &flags,
+                expected_version,
+                json_patch,
+            )?)
+        }
         Action::Delete {
             id,
             expected_version,
@@ -647,6 +694,7 @@ async fn execute_as<K: ApiKind, C: Calls<K>>(command: ClientCommand) -> Result<(
         }
         Call::Merge(parts) => client.merge(K::merge_request(parts)).await.map(printed),
         Call::Replace(parts) => client.replace(K::replace_request(parts)).await.map(printed),
+        Call::Patch(parts) => client.patch(K::patch_request(parts)).await.map(printed),
         Call::Delete { id, expected } => client
             .delete(K::delete_request(id, expected))
             .await

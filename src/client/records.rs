@@ -29,6 +29,7 @@ pub(super) trait Calls<K: ApiKind> {
     async fn get(&mut self, request: K::Get) -> Result<K::Record, Status>;
     async fn merge(&mut self, request: K::Merge) -> Result<K::Record, Status>;
     async fn replace(&mut self, request: K::Replace) -> Result<K::Record, Status>;
+    async fn patch(&mut self, request: K::Patch) -> Result<K::Record, Status>;
     async fn delete(&mut self, request: K::Delete) -> Result<K::Deleted, Status>;
     async fn watch(&mut self, request: K::Watch) -> Result<Responses<K>, Status>;
     async fn batch_get(&mut self, request: K::BatchGet) -> Result<K::BatchGot, Status>;
@@ -63,6 +64,12 @@ macro_rules! calls {
                 r: <$kind as ApiKind>::Replace,
             ) -> Result<<$kind as ApiKind>::Record, Status> {
                 Ok($client::replace(self, r).await?.into_inner())
+            }
+            async fn patch(
+                &mut self,
+                r: <$kind as ApiKind>::Patch,
+            ) -> Result<<$kind as ApiKind>::Record, Status> {
+                Ok($client::patch(self, r).await?.into_inner())
             }
             async fn delete(
                 &mut self,

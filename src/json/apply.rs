@@ -20,6 +20,9 @@ pub fn apply(
         match mode {
             Mode::Merge => merge_patch(slot, value),
             Mode::Replace => *slot = value.clone(),
+            Mode::Patch => {
+                super::patch::apply(*field, slot, &super::patch::decode(*field, value)?)?
+            }
         }
         let (bytes, depth) = measure(slot);
         let path = || JsonPath::root(field.name());

@@ -1,9 +1,10 @@
-//! Pure JSON logic: merge, replace and validation. No I/O here, so every rule
+//! Pure JSON logic: merge, replace, JSON Patch and validation. No I/O here, so every rule
 //! is unit-tested on its own and the store only calls [`apply`].
 
 mod apply;
 mod merge;
 mod number;
+pub mod patch;
 mod validate;
 
 pub use apply::apply;

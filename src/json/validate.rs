@@ -117,6 +117,9 @@ pub fn validate_command(command: &WriteCommand, limits: &Limits) -> Result<(), V
     validate_id(command.kind, &command.id)?;
     for (field, value) in &command.values {
         match (command.mode, value) {
+            (Mode::Patch, _) => {
+                super::patch::decode(*field, value)?;
+            }
             (_, Value::Object(_)) | (Mode::Replace, Value::Null) => {}
             (_, other) => {
                 return Err(ValidationError::new(
@@ -135,7 +138,8 @@ pub fn validate_command(command: &WriteCommand, limits: &Limits) -> Result<(), V
         // up the writes behind it. `apply` still checks the actual result.
         let limit = limits.max_field_bytes;
         let problem = match command.mode {
-            Mode::Replace => {
+            // A patch's values are at most what it stores.
+            Mode::Replace | Mode::Patch => {
                 let bytes = compact_size(value);
                 (bytes > limit).then_some(Problem::TooLarge { bytes, limit })
             }

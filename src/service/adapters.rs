@@ -66,6 +66,12 @@ macro_rules! delegate {
             ) -> Answer<<$kind as ApiKind>::Record> {
                 Handlers::replace(self, r).await
             }
+            async fn patch(
+                &self,
+                r: Request<<$kind as ApiKind>::Patch>,
+            ) -> Answer<<$kind as ApiKind>::Record> {
+                Handlers::patch(self, r).await
+            }
             async fn delete(
                 &self,
                 r: Request<<$kind as ApiKind>::Delete>,

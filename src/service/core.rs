@@ -320,7 +320,8 @@ impl Core {
             expected_version,
         } = command;
         let change = match mode {
-            Mode::Merge => ChangeType::Merged,
+            // A patch changes parts of fields, as a merge does.
+            Mode::Merge | Mode::Patch => ChangeType::Merged,
             Mode::Replace => ChangeType::Replaced,
         };
         let limits = self.limits;

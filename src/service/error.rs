@@ -47,6 +47,24 @@ impl From<ValidationError> for Status {
     fn from(err: ValidationError) -> Self {
         let reason = err.problem.reason();
         let field = err.path.to_string();
+        if let crate::validation::Problem::PatchTestFailed { operation, pointer } = &err.problem {
+            // A precondition of the caller's, not bad input: the field by
+            // its name (the path names the operation too).
+            let name = field.split('[').next().unwrap_or_default().to_owned();
+            let violation = PreconditionViolation::new(
+                reason.as_str(),
+                format!("{name}{pointer}"),
+                err.problem.to_string(),
+            );
+            let metadata = [
+                ("field", name),
+                ("operation", operation.to_string()),
+                ("path", pointer.clone()),
+            ];
+            return status(err.to_string(), reason, &metadata, |details| {
+                details.set_precondition_failure(vec![violation]);
+            });
+        }
         let violation = FieldViolation {
             field: field.clone(),
             description: err.problem.to_string(),

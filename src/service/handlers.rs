@@ -265,6 +265,12 @@ impl<K: ApiKind> Handlers<K> {
             .await
     }
 
+    pub async fn patch(&self, request: Request<K::Patch>) -> Result<Response<K::Record>, Status> {
+        let (headers, extensions, message) = request.into_parts();
+        self.write(&headers, &extensions, Mode::Patch, K::patch(message))
+            .await
+    }
+
     async fn write<T: TreeConvert>(
         &self,
         headers: &tonic::metadata::MetadataMap,
@@ -275,6 +281,7 @@ impl<K: ApiKind> Handlers<K> {
         let action = match mode {
             Mode::Merge => Action::Merge,
             Mode::Replace => Action::Replace,
+            Mode::Patch => Action::Patch,
         };
         let (caller, fields) = authorize(extensions, &parts.operation(K::KIND, action))?;
         let call = self.core.admission.unary(headers)?;

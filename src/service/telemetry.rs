@@ -22,6 +22,7 @@ const RECORD_METHODS: &[&str] = &[
     "Get",
     "Merge",
     "Replace",
+    "Patch",
     "Delete",
     "Watch",
     "BatchGet",

@@ -400,6 +400,46 @@ impl Replace {
     }
 }
 
+/// Patch of either kind: each field a JSON Patch (a list of operations).
+#[derive(Clone, Debug)]
+pub struct Patch {
+    pub id: String,
+    pub public: Option<prost_types::ListValue>,
+    pub private: Option<prost_types::ListValue>,
+    pub unsafe_: Option<prost_types::ListValue>,
+    pub expected_version: Option<u64>,
+}
+
+impl Patch {
+    pub fn new(id: &str) -> Patch {
+        Patch {
+            id: id.into(),
+            public: None,
+            private: None,
+            unsafe_: None,
+            expected_version: None,
+        }
+    }
+
+    /// `field`'s patch, from its JSON (which must be a list).
+    pub fn ops(mut self, field: Field, ops: Json) -> Patch {
+        let Some(prost_types::value::Kind::ListValue(list)) = value(&ops).kind else {
+            panic!("a JSON Patch is a list: {ops}");
+        };
+        match field {
+            Field::Public => self.public = Some(list),
+            Field::Private => self.private = Some(list),
+            Field::Unsafe => self.unsafe_ = Some(list),
+        }
+        self
+    }
+
+    pub fn expected_version(mut self, version: u64) -> Patch {
+        self.expected_version = Some(version);
+        self
+    }
+}
+
 /// Delete of either kind.
 #[derive(Clone, Debug)]
 pub struct Delete {
@@ -501,6 +541,50 @@ impl KindClient {
                     }
                 });
                 Ok(c.merge(request).await?.into_inner().into())
+            }
+        }
+    }
+
+    pub async fn patch(&mut self, request: impl IntoRequest<Patch>) -> Result<Record, Status> {
+        let request: Request<Patch> = request.into_request();
+        match self {
+            KindClient::User(c) => {
+                let request = request.map(|p| {
+                    let Patch {
+                        id,
+                        public,
+                        private,
+                        unsafe_,
+                        expected_version,
+                    } = p;
+                    PatchUserMetadataRequest {
+                        user_id: id,
+                        public_metadata: public,
+                        private_metadata: private,
+                        unsafe_metadata: unsafe_,
+                        expected_version,
+                    }
+                });
+                Ok(c.patch(request).await?.into_inner().into())
+            }
+            KindClient::Organization(c) => {
+                let request = request.map(|p| {
+                    let Patch {
+                        id,
+                        public,
+                        private,
+                        unsafe_,
+                        expected_version,
+                    } = p;
+                    no_unsafe(unsafe_);
+                    PatchOrganizationMetadataRequest {
+                        organization_id: id,
+                        public_metadata: public,
+                        private_metadata: private,
+                        expected_version,
+                    }
+                });
+                Ok(c.patch(request).await?.into_inner().into())
             }
         }
     }

@@ -51,6 +51,7 @@ mod list;
 mod metrics;
 mod nats_consumer_example;
 mod notifications;
+mod patch;
 mod properties;
 mod queries;
 mod relay;
