@@ -34,6 +34,31 @@ pub const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
 pub type WatchStream<K> =
     Pin<Box<dyn Stream<Item = Result<<K as ApiKind>::WatchResponse, Status>> + Send>>;
 
+/// `items` encoded in order, up to the one whose bytes would pass
+/// [`MAX_PAGE_BYTES`] (at least one: a page always moves on); and, when
+/// the page was cut there, the key of its last item, where the next page
+/// starts after.
+fn within_page_budget<T, M: Message, K>(
+    items: impl IntoIterator<Item = T>,
+    key: impl Fn(&T) -> K,
+    encode: impl Fn(T) -> M,
+) -> (Vec<M>, Option<K>) {
+    let mut messages = Vec::new();
+    let mut bytes = 0;
+    let mut last = None;
+    for item in items {
+        let item_key = key(&item);
+        let message = encode(item);
+        bytes += message.encoded_len() + 8;
+        if bytes > MAX_PAGE_BYTES && !messages.is_empty() {
+            return (messages, last);
+        }
+        messages.push(message);
+        last = Some(item_key);
+    }
+    (messages, None)
+}
+
 /// Who makes a write, as its event records it.
 fn origin(caller: &Caller, headers: &tonic::metadata::MetadataMap) -> Origin {
     Origin {
@@ -157,25 +182,14 @@ impl<K: ApiKind> Handlers<K> {
         let query = K::list(message)?;
         let call = self.core.admission.unary(&headers)?;
         let page = call.run(self.core.list(&query)).await?;
-        let mut records = Vec::with_capacity(page.records.len());
-        let mut bytes = 0;
-        let mut last = None;
-        let mut cut = false;
-        for record in page.records {
-            let id = record.id.clone();
-            let message = K::record(Shown { record, fields });
-            bytes += message.encoded_len() + 8;
-            if bytes > MAX_PAGE_BYTES && !records.is_empty() {
-                cut = true;
-                break;
-            }
-            records.push(message);
-            last = Some(id);
-        }
-        let next_page_token = match (cut, last, page.next_after) {
-            (true, Some(last), _) => query.next_token(&last),
-            (false, _, Some(after)) => query.next_token(&after),
-            _ => String::new(),
+        let (records, cut_after) = within_page_budget(
+            page.records,
+            |record| record.id.clone(),
+            |record| K::record(Shown { record, fields }),
+        );
+        let next_page_token = match (cut_after, page.next_after) {
+            (Some(last), _) | (None, Some(last)) => query.next_token(&last),
+            (None, None) => String::new(),
         };
         Ok(Response::new(K::listed(
             records,
@@ -203,24 +217,14 @@ impl<K: ApiKind> Handlers<K> {
         let (_, fields) = authorize(&extensions, &operation)?;
         let call = self.core.admission.unary(&headers)?;
         let page = call.run(self.core.history(&query, fields)).await?;
-        let mut events = Vec::with_capacity(page.events.len());
-        let mut bytes = 0;
-        let mut last = None;
-        let mut cut = false;
-        for event in &page.events {
-            let message = K::shown_event(event, fields);
-            bytes += message.encoded_len() + 8;
-            if bytes > MAX_PAGE_BYTES && !events.is_empty() {
-                cut = true;
-                break;
-            }
-            events.push(message);
-            last = Some(event.revision);
-        }
-        let next_page_token = match (cut, last, page.next_cursor) {
-            (true, Some(last), _) => query.next_token(last),
-            (false, _, Some(cursor)) => query.next_token(cursor),
-            _ => String::new(),
+        let (events, cut_after) = within_page_budget(
+            &page.events,
+            |event| event.revision,
+            |event| K::shown_event(event, fields),
+        );
+        let next_page_token = match (cut_after, page.next_cursor) {
+            (Some(last), _) | (None, Some(last)) => query.next_token(last),
+            (None, None) => String::new(),
         };
         Ok(Response::new(K::history_page(
             events,

@@ -11,7 +11,7 @@
 //! - `conns.rs`: hot-path connections that sqlx never pings on release;
 //! - `log.rs`: the event log and who hears of it (the facade's calls for
 //!   the dispatcher, Watch and the relay);
-//! - `queries.rs`: BatchGet, List and schemas (the facade's calls);
+//! - `queries.rs`: List and schemas (the facade's calls);
 //! - `history.rs`: one record's events, and reads as of a revision;
 //! - `schemas.rs`, `sql.rs` (a filter as SQL, per dialect),
 //!   `migration.rs`, `entities/`, `error.rs`.

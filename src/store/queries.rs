@@ -1,12 +1,10 @@
-//! The facade's reads beyond a point Get, and schemas: BatchGet and List
-//! through the pool, with filters rendered in the backend's dialect
-//! (`sql.rs`).
-
-use std::collections::{HashMap, HashSet};
+//! The facade's reads beyond a point Get, and schemas: List through the
+//! pool, with filters rendered in the backend's dialect (`sql.rs`).
+//! BatchGet reads as of a revision (`history.rs`).
 
 use sea_orm::{EntityTrait, Statement};
 
-use super::entities::metadata::{Entity, Model};
+use super::entities::metadata::Entity;
 use super::rows::record_from_row;
 use super::schemas::{self, SetSchema, StoredSchema};
 use super::sql::Sql;
@@ -17,33 +15,6 @@ use crate::query::Filter;
 impl Store {
     pub(super) fn sql(&self) -> Sql {
         Sql::new(self.shared.db.get_database_backend())
-    }
-
-    /// The records of the distinct `ids`, in the order they first appear,
-    /// in one query whatever their number. The ids travel as one JSON
-    /// array, so that every batch is the same prepared statement (an `IN`
-    /// list would be a new one, and a second round trip, per size).
-    pub async fn get_many(&self, kind: Kind, ids: &[String]) -> Result<Vec<Record>, StoreError> {
-        let mut sql = self.sql();
-        sql.push("SELECT * FROM metadata WHERE kind = ");
-        sql.bind(kind.as_str()).push(" AND id IN (");
-        sql.json_array_elements(serde_json::json!(ids)).push(")");
-        let statement = sql.statement();
-        let rows = Entity::find()
-            .from_raw_sql(statement)
-            .all(&self.shared.db)
-            .await?;
-        let mut found: HashMap<String, Model> =
-            rows.into_iter().map(|row| (row.id.clone(), row)).collect();
-        let mut seen = HashSet::new();
-        Ok(ids
-            .iter()
-            .filter(|id| seen.insert(id.as_str()))
-            .map(|id| match found.remove(id) {
-                Some(row) => record_from_row(row),
-                None => Record::empty(kind, id.clone()),
-            })
-            .collect())
     }
 
     /// Up to `limit` records of `kind` that exist (version above 0) and
