@@ -14,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/metadata/v1/metadata.proto",
         "proto/metadata/v1/schema.proto",
+        "proto/metadata/v1/transaction.proto",
     ];
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(protos, ["proto"])?;

@@ -242,6 +242,8 @@ pub struct Origin {
     pub actor: String,
     /// The W3C trace id of the call, empty when it carried none.
     pub trace_id: String,
+    /// The Commit that made it, empty for a single write.
+    pub transaction_id: String,
 }
 
 impl Event {

@@ -135,6 +135,12 @@ impl JsonPath {
     pub fn index(&self, index: usize) -> Self {
         JsonPath(format!("{}[{index}]", self.0))
     }
+
+    /// This path inside the value at `prefix` (a path itself), e.g. a
+    /// field's inside a transaction's operation.
+    pub fn within(&self, prefix: &str) -> Self {
+        JsonPath(format!("{prefix}.{}", self.0))
+    }
 }
 
 /// One step of a path, collected while unwinding out of a failed walk.

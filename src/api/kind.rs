@@ -49,6 +49,9 @@ pub struct WriteParts<T> {
     pub private: Option<T>,
     pub unsafe_: Option<T>,
     pub expected_version: Option<u64>,
+    /// A Patch's retry key (AIP-155); empty when not given, and for Merge
+    /// and Replace, which have none.
+    pub request_id: String,
 }
 
 impl<T> WriteParts<T> {
@@ -79,6 +82,9 @@ impl<T> WriteParts<T> {
             private,
             unsafe_,
             expected_version,
+            // Handled by whoever runs the command (the handler), not part
+            // of what it writes.
+            request_id: _,
         } = self;
         let values = [
             (Field::Public, public),
@@ -122,6 +128,7 @@ pub struct EventView {
     pub committed_at: Option<Timestamp>,
     pub actor: String,
     pub trace_id: String,
+    pub transaction_id: String,
 }
 
 /// One kind's API. Implemented by [`Users`] and [`Organizations`].
@@ -268,20 +275,25 @@ macro_rules! unsafe_field {
 
 /// A Merge or Replace request of type `$message` taken apart.
 macro_rules! write_parts {
-    ($message:path, $request:expr, $id:ident $(, $unsafe:ident)?) => {{
+    ($message:path, $request:expr, $id:ident $(, $unsafe:ident)? $(; $request_id:ident)?) => {{
         let $message {
             $id,
             public_metadata,
             private_metadata,
             $($unsafe,)?
             expected_version,
+            $($request_id,)?
         } = $request;
+        #[allow(unused_variables)]
+        let request_id = String::new();
+        $(let request_id = $request_id;)?
         WriteParts {
             id: $id,
             public: public_metadata,
             private: private_metadata,
             unsafe_: None $(.or($unsafe))?,
             expected_version,
+            request_id,
         }
     }};
 }
@@ -289,21 +301,23 @@ macro_rules! write_parts {
 /// A Merge or Replace request of type `$message` built from its parts; a
 /// kind without unsafe metadata drops `unsafe_`.
 macro_rules! write_request {
-    ($message:path, $parts:expr, $id:ident $(, $unsafe:ident)?) => {{
+    ($message:path, $parts:expr, $id:ident $(, $unsafe:ident)? $(; $request_id:ident)?) => {{
         let WriteParts {
             id,
             public,
             private,
             unsafe_,
             expected_version,
+            request_id,
         } = $parts;
-        let _ = &unsafe_;
+        let _ = (&unsafe_, &request_id);
         $message {
             $id: id,
             public_metadata: public,
             private_metadata: private,
             $($unsafe: unsafe_,)?
             expected_version,
+            $($request_id: request_id,)?
         }
     }};
 }
@@ -361,7 +375,7 @@ macro_rules! api_kind {
             }
 
             fn patch(request: Self::Patch) -> WriteParts<ListValue> {
-                write_parts!(pb::$patch, request, $id $(, $unsafe)?)
+                write_parts!(pb::$patch, request, $id $(, $unsafe)?; request_id)
             }
 
             fn delete(request: Self::Delete) -> DeleteCommand {
@@ -505,6 +519,7 @@ macro_rules! api_kind {
                     committed_at: Some(timestamp(event.committed_at)),
                     actor: event.origin.actor.clone(),
                     trace_id: event.origin.trace_id.clone(),
+                    transaction_id: event.origin.transaction_id.clone(),
                 }
             }
 
@@ -521,7 +536,7 @@ macro_rules! api_kind {
             }
 
             fn patch_request(parts: WriteParts<ListValue>) -> Self::Patch {
-                write_request!(pb::$patch, parts, $id $(, $unsafe)?)
+                write_request!(pb::$patch, parts, $id $(, $unsafe)?; request_id)
             }
 
             fn delete_request(id: String, expected_version: Option<u64>) -> Self::Delete {
@@ -659,6 +674,7 @@ macro_rules! api_kind {
                     committed_at,
                     actor,
                     trace_id,
+                    transaction_id,
                 } = event;
                 EventView {
                     revision,
@@ -670,6 +686,7 @@ macro_rules! api_kind {
                     committed_at,
                     actor,
                     trace_id,
+                    transaction_id,
                 }
             }
         }

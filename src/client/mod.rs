@@ -388,6 +388,7 @@ fn write_parts<K: ApiKind, T>(
         private: parse("private", &flags.private)?,
         unsafe_: parse("unsafe", &flags.unsafe_)?,
         expected_version,
+        request_id: String::new(),
     })
 }
 

@@ -204,6 +204,7 @@ mod tests {
             }),
             unsafe_: None,
             expected_version: None,
+            request_id: String::new(),
         });
         OrganizationMetadataService::merge(&organizations, request(merge))
             .await

@@ -50,7 +50,10 @@ impl From<ValidationError> for Status {
         if let crate::validation::Problem::PatchTestFailed { operation, pointer } = &err.problem {
             // A precondition of the caller's, not bad input: the field by
             // its name (the path names the operation too).
-            let name = field.split('[').next().unwrap_or_default().to_owned();
+            let name = field
+                .rsplit_once('[')
+                .map_or(field.as_str(), |(name, _)| name)
+                .to_owned();
             let violation = PreconditionViolation::new(
                 reason.as_str(),
                 format!("{name}{pointer}"),
@@ -82,6 +85,7 @@ impl From<StoreError> for Status {
         let message = err.to_string();
         match err {
             StoreError::Invalid(err) => err.into(),
+            StoreError::Operation { index, at, source } => in_operation(index, &at, *source),
             StoreError::VersionMismatch { expected, actual } => status(
                 message,
                 Reason::VersionMismatch,
@@ -188,6 +192,35 @@ impl From<StoreError> for Status {
                 internal("internal error")
             }
         }
+    }
+}
+
+/// The status of `err`, raised by a transaction's operation at `at` (its
+/// index `index`): fields are located inside it, and the ErrorInfo names
+/// the operation.
+fn in_operation(index: usize, at: &str, err: StoreError) -> Status {
+    match err {
+        StoreError::Invalid(mut err) => {
+            err.path = err.path.within(at);
+            err.into()
+        }
+        StoreError::SchemaViolation(mut violations) => {
+            for violation in &mut violations {
+                violation.location = format!("{at}.{}", violation.location);
+            }
+            StoreError::SchemaViolation(violations).into()
+        }
+        StoreError::VersionMismatch { expected, actual } => status(
+            format!("{at}: {}", StoreError::VersionMismatch { expected, actual }),
+            Reason::VersionMismatch,
+            &[
+                ("expected_version", expected.to_string()),
+                ("current_version", actual.to_string()),
+                ("operation", index.to_string()),
+            ],
+            none,
+        ),
+        other => other.into(),
     }
 }
 

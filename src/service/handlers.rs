@@ -64,6 +64,7 @@ fn origin(caller: &Caller, headers: &tonic::metadata::MetadataMap) -> Origin {
     Origin {
         actor: caller.actor(),
         trace_id: crate::otel::trace_id(headers.as_ref()),
+        transaction_id: String::new(),
     }
 }
 

@@ -177,6 +177,7 @@ mod tests {
             origin: crate::model::Origin {
                 actor: "key:billing".into(),
                 trace_id: String::new(),
+                transaction_id: String::new(),
             },
         }));
         let expected = Users::watch_response(WatchItem::Event(event.clone())).encode_to_vec();

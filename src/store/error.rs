@@ -61,6 +61,15 @@ pub enum StoreError {
         field: crate::model::Field,
         found: super::schemas::Nonconforming,
     },
+    /// One operation of a transaction refused it (a precondition, a
+    /// schema, its input): nothing of the transaction was written.
+    #[error("{at}: {source}")]
+    Operation {
+        index: usize,
+        /// Where the operation is in the request (`TxnOp::at`).
+        at: String,
+        source: Box<StoreError>,
+    },
 }
 
 impl StoreError {

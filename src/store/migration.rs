@@ -14,6 +14,7 @@ impl MigratorTrait for Migrator {
             Box::new(MetadataIndexes),
             Box::new(CreateSchemas),
             Box::new(EventHistory),
+            Box::new(Transactions),
         ]
     }
 }
@@ -47,6 +48,18 @@ enum Events {
     CommittedAt,
     Actor,
     TraceId,
+    TransactionId,
+}
+
+/// Outcomes of writes that carried a request id (AIP-155), kept for the
+/// retry window so that a retry is answered without writing again.
+#[derive(DeriveIden)]
+enum Requests {
+    Table,
+    RequestId,
+    Fingerprint,
+    Outcome,
+    CreatedAt,
 }
 
 #[derive(DeriveIden)]
@@ -332,6 +345,70 @@ impl MigrationTrait for EventHistory {
                 )
                 .await?;
         }
+        Ok(())
+    }
+}
+
+/// Transactions (issue 30): the transaction each event belongs to (`''`
+/// for a single write, and for every event written before), and the
+/// outcomes of writes that carried a request id, read by a retry (on any
+/// replica, after any restart) instead of writing again.
+struct Transactions;
+
+impl MigrationName for Transactions {
+    fn name(&self) -> &str {
+        "m20261207_000002_transactions"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for Transactions {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Events::Table)
+                    .add_column_if_not_exists(string(Events::TransactionId).default(""))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(Requests::Table)
+                    .if_not_exists()
+                    .col(string(Requests::RequestId).primary_key())
+                    .col(string(Requests::Fingerprint))
+                    .col(json_binary(Requests::Outcome))
+                    .col(timestamp_with_time_zone(Requests::CreatedAt))
+                    .to_owned(),
+            )
+            .await?;
+        // The expiry sweep reads the oldest first.
+        manager
+            .create_index(
+                Index::create()
+                    .name("requests_created_at")
+                    .table(Requests::Table)
+                    .col(Requests::CreatedAt)
+                    .if_not_exists()
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .drop_table(Table::drop().table(Requests::Table).to_owned())
+            .await?;
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Events::Table)
+                    .drop_column(Events::TransactionId)
+                    .to_owned(),
+            )
+            .await?;
         Ok(())
     }
 }

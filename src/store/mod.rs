@@ -13,6 +13,7 @@
 //!   the dispatcher, Watch and the relay);
 //! - `queries.rs`: List and schemas (the facade's calls);
 //! - `history.rs`: one record's events, and reads as of a revision;
+//! - `transaction.rs`: several writes, all applied or none;
 //! - `schemas.rs`, `sql.rs` (a filter as SQL, per dialect),
 //!   `migration.rs`, `entities/`, `error.rs`.
 //!
@@ -33,6 +34,7 @@ mod schemas;
 mod shared;
 pub(crate) mod sql;
 mod sqlite;
+mod transaction;
 mod write;
 
 use std::sync::Arc;
@@ -52,6 +54,7 @@ pub use postgres::{
 };
 pub use rows::Logged;
 pub use schemas::{MAX_LISTED_IDS, Nonconforming, SetSchema, StoredSchema};
+pub use transaction::{Committed, TxnAction, TxnDone, TxnOp};
 pub use write::{Compute, Sent, WriteOutcome};
 
 use crate::model::{ChangeType, Field, Kind, Origin, Record};
@@ -81,6 +84,9 @@ pub struct StorePauses {
     pub announce: PausePoint,
     /// SetSchema, after its check, right before its COMMIT.
     pub set_schema: PausePoint,
+    /// A transaction (Commit), between two of its writes: some of its
+    /// records written, the others not yet, nothing committed.
+    pub transaction_step: PausePoint,
 }
 
 impl Default for StoreOptions {

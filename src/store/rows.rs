@@ -123,6 +123,7 @@ pub(super) fn event_row(
         committed_at,
         actor: origin.actor.clone(),
         trace_id: origin.trace_id.clone(),
+        transaction_id: origin.transaction_id.clone(),
     }
 }
 
@@ -212,6 +213,7 @@ pub(super) fn event_from_row(row: event::Model) -> Result<Event, StoreError> {
         origin: Origin {
             actor: row.actor,
             trace_id: row.trace_id,
+            transaction_id: row.transaction_id,
         },
     })
 }

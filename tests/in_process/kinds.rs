@@ -229,6 +229,7 @@ pub struct Event {
     pub after: Record,
     pub actor: String,
     pub trace_id: String,
+    pub transaction_id: String,
 }
 
 impl From<UserMetadataEvent> for Event {
@@ -243,6 +244,7 @@ impl From<UserMetadataEvent> for Event {
             committed_at: _,
             actor,
             trace_id,
+            transaction_id,
         } = e;
         Event {
             revision,
@@ -253,6 +255,7 @@ impl From<UserMetadataEvent> for Event {
             after: after.expect("after").into(),
             actor,
             trace_id,
+            transaction_id,
         }
     }
 }
@@ -269,6 +272,7 @@ impl From<OrganizationMetadataEvent> for Event {
             committed_at: _,
             actor,
             trace_id,
+            transaction_id,
         } = e;
         Event {
             revision,
@@ -279,6 +283,7 @@ impl From<OrganizationMetadataEvent> for Event {
             after: after.expect("after").into(),
             actor,
             trace_id,
+            transaction_id,
         }
     }
 }
@@ -408,6 +413,7 @@ pub struct Patch {
     pub private: Option<prost_types::ListValue>,
     pub unsafe_: Option<prost_types::ListValue>,
     pub expected_version: Option<u64>,
+    pub request_id: String,
 }
 
 impl Patch {
@@ -418,7 +424,13 @@ impl Patch {
             private: None,
             unsafe_: None,
             expected_version: None,
+            request_id: String::new(),
         }
+    }
+
+    pub fn request_id(mut self, id: &str) -> Patch {
+        self.request_id = id.into();
+        self
     }
 
     /// `field`'s patch, from its JSON (which must be a list).
@@ -556,6 +568,7 @@ impl KindClient {
                         private,
                         unsafe_,
                         expected_version,
+                        request_id,
                     } = p;
                     PatchUserMetadataRequest {
                         user_id: id,
@@ -563,6 +576,7 @@ impl KindClient {
                         private_metadata: private,
                         unsafe_metadata: unsafe_,
                         expected_version,
+                        request_id,
                     }
                 });
                 Ok(c.patch(request).await?.into_inner().into())
@@ -575,6 +589,7 @@ impl KindClient {
                         private,
                         unsafe_,
                         expected_version,
+                        request_id,
                     } = p;
                     no_unsafe(unsafe_);
                     PatchOrganizationMetadataRequest {
@@ -582,6 +597,7 @@ impl KindClient {
                         public_metadata: public,
                         private_metadata: private,
                         expected_version,
+                        request_id,
                     }
                 });
                 Ok(c.patch(request).await?.into_inner().into())

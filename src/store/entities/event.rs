@@ -22,6 +22,8 @@ pub struct Model {
     /// Who made the change (`model::Origin`); empty on older events.
     pub actor: String,
     pub trace_id: String,
+    /// The Commit that made it; empty for a single write.
+    pub transaction_id: String,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

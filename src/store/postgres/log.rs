@@ -26,6 +26,11 @@ use crate::store::{Claim, StoreError, log};
 /// `write_change.sql` spells it as a number.
 pub(super) const LOCK_CLASS: i32 = 0x6d65_7461; // "meta"
 
+/// The advisory lock writers take, shared, before they take a revision,
+/// and a transaction exclusive, so that its revisions are consecutive
+/// (second key 0). `write_change.sql` spells it as a number.
+pub(super) const ALLOC_CLASS: i32 = 0x6d65_7462; // "metb"
+
 /// The advisory lock key of a revision, as SQL arguments.
 fn lock_key(revision: &str) -> String {
     format!("{LOCK_CLASS}, ({revision} % 2147483648)::int4")

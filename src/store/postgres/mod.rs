@@ -22,6 +22,7 @@ mod doubt;
 mod lease;
 mod log;
 mod notify;
+mod transaction;
 mod write;
 
 use std::sync::Arc;

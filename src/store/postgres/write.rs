@@ -136,7 +136,7 @@ impl Postgres {
 
     /// The revision of a write whose connection failed after it was sent,
     /// if it committed; UNAVAILABLE if it certainly did not (`doubt.rs`).
-    async fn settle_sent(
+    pub(super) async fn settle_sent(
         &self,
         session: Option<Arc<str>>,
         trace: Trace<'_>,
@@ -208,7 +208,7 @@ impl Postgres {
 
     /// A connection in a transaction; the wait is what the acquire
     /// histogram records.
-    async fn begin(&self) -> Result<Held<PgConnection>, StoreError> {
+    pub(super) async fn begin(&self) -> Result<Held<PgConnection>, StoreError> {
         let timer = self.shared.acquire_timer.get().map(|h| h.start_timer());
         let mut held = self.conns.get().await?;
         // On failure the connection is dropped, and closed with it.
@@ -218,7 +218,7 @@ impl Postgres {
     }
 
     /// Commits in a task of its own (see the module's comment).
-    async fn commit(&self, mut held: Held<PgConnection>) -> Result<(), sqlx::Error> {
+    pub(super) async fn commit(&self, mut held: Held<PgConnection>) -> Result<(), sqlx::Error> {
         let shared = self.shared.clone();
         let commit = tokio::spawn(async move {
             shared.pauses.commit.pass().await;
@@ -242,7 +242,7 @@ impl Postgres {
     /// Rolls the transaction back. If that fails, the connection is lost;
     /// its session, if a partition keeps it open, would go on holding the
     /// row's lock, so it is ended (`doubt.rs`).
-    async fn roll_back(&self, mut held: Held<PgConnection>) -> Result<(), StoreError> {
+    pub(super) async fn roll_back(&self, mut held: Held<PgConnection>) -> Result<(), StoreError> {
         let session = held.session();
         let rolled_back = sqlx::raw_sql("ROLLBACK").execute(held.connection()).await;
         held.release(&rolled_back);
@@ -355,7 +355,7 @@ async fn create_row(connection: &mut PgConnection, kind: Kind, id: &str) -> Resu
 /// (NOWAIT: the caller then waits for the lock in a transaction, before
 /// anything is sent), the revision taken was claimed as a void, or the
 /// kind's schemas moved past `generation`.
-async fn write_change(
+pub(super) async fn write_change(
     connection: &mut PgConnection,
     change: ChangeType,
     before: &Record,
@@ -382,6 +382,7 @@ async fn write_change(
         .bind(generation)
         .bind(&origin.actor)
         .bind(&origin.trace_id)
+        .bind(&origin.transaction_id)
         .fetch_optional(connection)
         .await;
     let answer = match answer {
@@ -411,5 +412,7 @@ mod tests {
     fn the_statement_locks_revisions_under_the_lock_class() {
         let class = super::super::log::LOCK_CLASS.to_string();
         assert!(super::WRITE_CHANGE.contains(&format!("pg_try_advisory_xact_lock({class}, ")));
+        let alloc = super::super::log::ALLOC_CLASS.to_string();
+        assert!(super::WRITE_CHANGE.contains(&format!("pg_advisory_xact_lock_shared({alloc}, 0)")));
     }
 }

@@ -19,11 +19,17 @@
 -- The advisory lock's keys: 1835365473 is "meta" in ASCII (LOCK_CLASS in
 -- log.rs), the second the revision modulo 2^31.
 --
+-- Before it takes a revision, a write takes the allocation lock
+-- (1835365474, 0) shared (ALLOC_CLASS in log.rs): a transaction takes it
+-- exclusive while it takes its revisions, one per record it changes, so
+-- that they are consecutive (`transaction.rs`). Shared, writers never wait
+-- for each other on it.
+--
 -- $1 kind, $2 id, $3..$5 public/private/unsafe metadata, $6 version,
 -- $7 created_at, $8 updated_at (and the event's committed_at), $9 change
 -- type, $10 changed fields, $11 before snapshot, $12 after snapshot,
 -- $13 the revision the row must still have, $14 schema generation, $15
--- the actor, $16 the trace id.
+-- the actor, $16 the trace id, $17 the transaction id.
 WITH locked AS MATERIALIZED (
     SELECT 1 FROM metadata
     WHERE kind = $1 AND id = $2 AND revision = $13
@@ -31,7 +37,8 @@ WITH locked AS MATERIALIZED (
            OR (SELECT COALESCE(SUM(version), 0) FROM metadata_schemas WHERE kind = $1) = $14)
     FOR UPDATE NOWAIT
 ),
-rev AS MATERIALIZED (SELECT nextval('event_revisions') AS r FROM locked),
+alloc AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared(1835365474, 0) FROM locked),
+rev AS MATERIALIZED (SELECT nextval('event_revisions') AS r FROM alloc),
 taken AS MATERIALIZED (
     SELECT r AS latest, pg_try_advisory_xact_lock(1835365473, (r % 2147483648)::int4) AS owned
     FROM rev
@@ -45,9 +52,9 @@ stored AS (
 ),
 appended AS (
     INSERT INTO events (revision, kind, id, change_type, changed_fields, before, after,
-        committed_at, actor, trace_id)
+        committed_at, actor, trace_id, transaction_id)
     SELECT taken.latest, $1, $2, $9, $10, $11,
-        jsonb_set($12, '{revision}', to_jsonb(taken.latest)), $8, $15, $16
+        jsonb_set($12, '{revision}', to_jsonb(taken.latest)), $8, $15, $16, $17
     FROM taken
     WHERE taken.owned
     RETURNING 1

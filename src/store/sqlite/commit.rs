@@ -16,6 +16,11 @@
 //! A write that finds nothing queued and the connection free is a group of
 //! one: it runs in its caller's task, without the hand-over to the
 //! committer and back (as a lone Get does, `store/reads.rs`).
+//!
+//! A transaction (`store/transaction.rs`) is one job of the group: its
+//! operations run one after the other under a savepoint, so that one that
+//! refuses undoes the others and leaves the rest of the group alone. One
+//! writer at a time, so its revisions are consecutive.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,6 +31,7 @@ use tracing::Instrument;
 
 use super::write::step;
 use crate::store::StoreError;
+use crate::store::transaction::{in_operation, kinds};
 use crate::store::conns::{Conns, Held, within};
 use crate::store::shared::Shared;
 use crate::store::write::{Done, Op, Step};
@@ -34,8 +40,12 @@ use crate::store::write::{Done, Op, Step};
 const MAX_GROUP: usize = 64;
 
 struct Job {
-    op: Op,
-    reply: oneshot::Sender<Result<Done, StoreError>>,
+    /// One write, or a transaction's operations.
+    ops: Vec<Op>,
+    /// A transaction: its operations apply together or not at all, and a
+    /// refusal names the operation.
+    transaction: bool,
+    reply: oneshot::Sender<Result<Vec<Done>, StoreError>>,
     /// The caller's span, when traced: the group's span joins its trace.
     span: tracing::Span,
 }
@@ -68,6 +78,17 @@ impl Committer {
     }
 
     pub(super) async fn submit(&self, op: Op) -> Result<Done, StoreError> {
+        let mut done = self.run(vec![op], false).await?;
+        done.pop()
+            .ok_or_else(|| StoreError::Internal("a write answered nothing".into()))
+    }
+
+    /// A transaction's operations, all applied or none.
+    pub(super) async fn commit(&self, ops: Vec<Op>) -> Result<Vec<Done>, StoreError> {
+        self.run(ops, true).await
+    }
+
+    async fn run(&self, ops: Vec<Op>, transaction: bool) -> Result<Vec<Done>, StoreError> {
         if self.queued.load(Ordering::SeqCst) == 0
             && let Some(held) = self.writer.connection.try_get().await
         {
@@ -79,7 +100,11 @@ impl Committer {
             if let Some(sizes) = self.writer.shared.group_sizes.get() {
                 sizes.observe(1.0);
             }
-            return self.writer.run_alone_on(held?, op).instrument(span).await;
+            return self
+                .writer
+                .run_alone_on(held?, ops, transaction)
+                .instrument(span)
+                .await;
         }
         let (reply, answer) = oneshot::channel();
         let span = if crate::otel::exporting() {
@@ -87,7 +112,12 @@ impl Committer {
         } else {
             tracing::Span::none()
         };
-        let job = Job { op, reply, span };
+        let job = Job {
+            ops,
+            transaction,
+            reply,
+            span,
+        };
         self.queued.fetch_add(1, Ordering::SeqCst);
         self.jobs.send(job).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
@@ -110,6 +140,57 @@ fn refused(err: &StoreError) -> bool {
             | StoreError::Invalid(_)
             | StoreError::SchemaViolation(_)
     )
+}
+
+/// Why a job's operations stopped before they all ran.
+enum Stopped {
+    /// An operation refused (see [`refused`]); what the job wrote must be
+    /// undone, and the rest of the transaction is usable.
+    Refused(StoreError),
+    /// A write's statement wrote nothing: run again, alone.
+    StartOver,
+    /// The transaction cannot go on.
+    Failed(StoreError),
+}
+
+/// A job's operations in order, in the transaction on `connection`; with
+/// whether any of them wrote. A transaction passes the `transaction_step`
+/// pause point between two of its writes.
+async fn run_ops(
+    shared: &Shared,
+    connection: &mut SqliteConnection,
+    ops: &mut [Op],
+    transaction: bool,
+) -> Result<(Vec<Done>, bool), Stopped> {
+    let mut done = Vec::with_capacity(ops.len());
+    let mut wrote = false;
+    for (index, op) in ops.iter_mut().enumerate() {
+        if wrote && transaction {
+            shared.pauses.transaction_step.pass().await;
+        }
+        match step(shared, connection, op).await {
+            Ok(Step::Unchanged(result)) => done.push(result),
+            Ok(Step::Written(result)) => {
+                wrote = true;
+                done.push(result);
+            }
+            Ok(Step::StartOver) => return Err(Stopped::StartOver),
+            Err(err) if refused(&err) => {
+                let err = match transaction {
+                    true => in_operation(index, err),
+                    false => err,
+                };
+                return Err(Stopped::Refused(err));
+            }
+            Err(err) => return Err(Stopped::Failed(err)),
+        }
+    }
+    Ok((done, wrote))
+}
+
+async fn execute(connection: &mut SqliteConnection, sql: &'static str) -> Result<(), StoreError> {
+    sqlx::raw_sql(sql).execute(connection).await?;
+    Ok(())
 }
 
 async fn run(
@@ -165,12 +246,18 @@ async fn run_group(writer: &Writer, mut group: Vec<Job>) {
             // Marked before the check, as in a group: a caller that gave up
             // before it was told its write certainly did not happen, and
             // it is not run.
-            for Job { op, reply, .. } in group {
-                op.sent().mark();
+            for Job {
+                ops,
+                transaction,
+                reply,
+                ..
+            } in group
+            {
+                ops.iter().for_each(|op| op.sent().mark());
                 if reply.is_closed() {
                     continue;
                 }
-                let _ = reply.send(writer.run_alone(op).await);
+                let _ = reply.send(writer.run_alone(ops, transaction).await);
             }
         }
     }
@@ -182,12 +269,12 @@ async fn run_group(writer: &Writer, mut group: Vec<Job>) {
 async fn try_group(
     writer: &Writer,
     group: &mut Vec<Job>,
-) -> Result<Vec<Result<Done, StoreError>>, StoreError> {
+) -> Result<Vec<Result<Vec<Done>, StoreError>>, StoreError> {
     let mut held = writer.begin().await?;
     // Marked before the check: a caller that gives up after its mark is
     // told its write may have happened, and it will (see `Sent`).
     for job in group.iter() {
-        job.op.sent().mark();
+        job.ops.iter().for_each(|op| op.sent().mark());
     }
     group.retain(|job| !job.reply.is_closed());
     if let (Some(sizes), false) = (writer.shared.group_sizes.get(), group.is_empty()) {
@@ -196,23 +283,37 @@ async fn try_group(
     let mut results = Vec::with_capacity(group.len());
     let mut wrote = false;
     for job in group.iter_mut() {
-        match step(&writer.shared, held.connection(), &mut job.op).await {
-            Ok(Step::Unchanged(done)) => results.push(Ok(done)),
-            Ok(Step::Written(done)) => {
-                wrote = true;
+        let savepoint = job.ops.len() > 1;
+        if savepoint {
+            execute(held.connection(), "SAVEPOINT txn").await?;
+        }
+        match run_ops(&writer.shared, held.connection(), &mut job.ops, job.transaction).await {
+            Ok((done, written)) => {
+                if savepoint {
+                    execute(held.connection(), "RELEASE txn").await?;
+                }
+                wrote |= written;
                 results.push(Ok(done));
             }
-            Ok(Step::StartOver) => {
+            Err(Stopped::StartOver) => {
                 // The kind's schemas changed since this process read them
                 // (the write's guard failed): run the group again, each
-                // write alone, which reads them again.
+                // job alone, which reads them again.
                 rollback(held).await?;
                 return Err(StoreError::Internal(
                     "a write had to start over under SQLite".into(),
                 ));
             }
-            Err(err) if refused(&err) => results.push(Err(err)),
-            Err(err) => {
+            Err(Stopped::Refused(err)) => {
+                if savepoint {
+                    // Undoes what the transaction's earlier operations
+                    // wrote; the group's other jobs stay.
+                    execute(held.connection(), "ROLLBACK TO txn").await?;
+                    execute(held.connection(), "RELEASE txn").await?;
+                }
+                results.push(Err(err));
+            }
+            Err(Stopped::Failed(err)) => {
                 let _ = rollback(held).await;
                 return Err(err);
             }
@@ -274,19 +375,20 @@ impl Writer {
             .map_err(|err| StoreError::Internal(format!("the commit task failed: {err}")))?
     }
 
-    /// One operation in its own transaction, started over (with the
-    /// kind's schemas read again) while its statement writes nothing.
-    async fn run_alone(&self, op: Op) -> Result<Done, StoreError> {
+    /// One job in its own transaction, started over (with the kinds'
+    /// schemas read again) while a statement writes nothing.
+    async fn run_alone(&self, ops: Vec<Op>, transaction: bool) -> Result<Vec<Done>, StoreError> {
         let held = self.connection.get().await?;
-        self.run_alone_on(held, op).await
+        self.run_alone_on(held, ops, transaction).await
     }
 
     /// [`Writer::run_alone`] on a connection already taken.
     async fn run_alone_on(
         &self,
         held: Held<SqliteConnection>,
-        mut op: Op,
-    ) -> Result<Done, StoreError> {
+        mut ops: Vec<Op>,
+        transaction: bool,
+    ) -> Result<Vec<Done>, StoreError> {
         let mut first = Some(held);
         loop {
             let mut held = match first.take() {
@@ -298,24 +400,23 @@ impl Writer {
                 }
                 None => self.begin().await?,
             };
-            match step(&self.shared, held.connection(), &mut op).await {
-                Ok(Step::Unchanged(done)) => {
+            match run_ops(&self.shared, held.connection(), &mut ops, transaction).await {
+                Ok((done, false)) => {
                     rollback(held).await?;
                     return Ok(done);
                 }
-                Ok(Step::Written(done)) => {
-                    op.sent().mark();
+                Ok((done, true)) => {
+                    ops.iter().for_each(|op| op.sent().mark());
                     self.commit(held).await?;
                     return Ok(done);
                 }
-                Ok(Step::StartOver) => {
+                Err(Stopped::StartOver) => {
                     rollback(held).await?;
-                    self.shared
-                        .schemas
-                        .refresh(&self.shared.db, op.kind())
-                        .await?;
+                    for kind in kinds(&ops) {
+                        self.shared.schemas.refresh(&self.shared.db, kind).await?;
+                    }
                 }
-                Err(err) => {
+                Err(Stopped::Refused(err) | Stopped::Failed(err)) => {
                     let _ = rollback(held).await;
                     return Err(err);
                 }

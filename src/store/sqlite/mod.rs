@@ -67,6 +67,10 @@ impl Sqlite {
         self.committer.submit(op).await
     }
 
+    pub(super) async fn run_transaction(&self, ops: Vec<Op>) -> Result<Vec<Done>, StoreError> {
+        self.committer.commit(ops).await
+    }
+
     /// The dispatcher's tail of the log, on a connection of its own.
     pub(super) async fn read_log(
         &self,

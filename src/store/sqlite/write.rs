@@ -33,8 +33,8 @@ const STORE_ROW: &str = "INSERT INTO metadata (kind, id, public_metadata, privat
 
 /// The event; a row already at the revision makes it insert nothing.
 const APPEND_EVENT: &str = "INSERT INTO events (revision, kind, id, change_type, \
-     changed_fields, before, after, committed_at, actor, trace_id) \
-     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+     changed_fields, before, after, committed_at, actor, trace_id, transaction_id) \
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
      ON CONFLICT (revision) DO NOTHING";
 
 pub(super) async fn step(
@@ -131,6 +131,7 @@ async fn write_change(
         .bind(event.committed_at)
         .bind(event.actor)
         .bind(event.trace_id)
+        .bind(event.transaction_id)
         .execute(&mut *connection)
         .await?;
     Ok((appended.rows_affected() > 0).then_some(next))

@@ -1,0 +1,169 @@
+//! Transactions: several writes of any records, all applied or none, their
+//! events on consecutive revisions (the facade's call; each backend runs
+//! them in its own folder: `sqlite/commit.rs`, `postgres/transaction.rs`).
+//!
+//! Nobody sees part of a transaction: its rows and events commit in one
+//! database transaction, so a read (Get, BatchGet, List) sees all of its
+//! writes or none; the event log shows all of its events or none, and the
+//! dispatcher and the relay read and publish a transaction's events as one
+//! unit (`events::broker`, `relay`).
+
+use tracing::Instrument;
+
+use super::write::{Compute, Done, Op, Sent, WriteOutcome};
+use super::{Store, StoreError};
+use crate::model::{ChangeType, Field, Kind, Origin};
+
+/// One operation of a transaction.
+pub struct TxnOp {
+    /// Where the operation is in the caller's request, e.g.
+    /// `operations[2].merge_user`: what an error about it names.
+    pub at: String,
+    pub kind: Kind,
+    pub id: String,
+    /// `Some(0)`: the record must not exist.
+    pub expected_version: Option<u64>,
+    pub action: TxnAction,
+}
+
+pub enum TxnAction {
+    /// A Merge, Replace or Patch: as [`Store::write`]'s arguments.
+    Write {
+        change: ChangeType,
+        provided: Vec<Field>,
+        compute: Compute,
+    },
+    Delete,
+}
+
+/// What one operation did.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TxnDone {
+    Written(WriteOutcome),
+    Deleted { existed: bool },
+}
+
+/// A committed transaction: one result per operation, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Committed {
+    pub results: Vec<TxnDone>,
+    /// The last revision it wrote; 0 when it changed nothing.
+    pub revision: u64,
+}
+
+impl Store {
+    /// Runs `ops` (on distinct records) in one database transaction: every
+    /// one applies or none does. An operation that refuses (its
+    /// precondition, its schema, its input) is [`StoreError::Operation`]
+    /// naming it, and nothing is written. The changed records' events take
+    /// consecutive revisions and carry `origin` (its transaction id).
+    pub async fn commit(
+        &self,
+        ops: Vec<TxnOp>,
+        sent: Sent,
+        origin: Origin,
+    ) -> Result<Committed, StoreError> {
+        let mut at = Vec::with_capacity(ops.len());
+        let ops: Vec<Op> = ops
+            .into_iter()
+            .map(|op| {
+                let TxnOp {
+                    at: label,
+                    kind,
+                    id,
+                    expected_version,
+                    action,
+                } = op;
+                at.push(label);
+                let (sent, origin) = (sent.clone(), origin.clone());
+                match action {
+                    TxnAction::Write {
+                        change,
+                        provided,
+                        compute,
+                    } => Op::Write {
+                        kind,
+                        id,
+                        expected_version,
+                        change,
+                        provided,
+                        compute,
+                        sent,
+                        origin,
+                    },
+                    TxnAction::Delete => Op::Delete {
+                        kind,
+                        id,
+                        expected_version,
+                        sent,
+                        origin,
+                    },
+                }
+            })
+            .collect();
+        let span = tracing::info_span!(
+            target: crate::otel::TARGET,
+            "store.commit",
+            operations = ops.len() as i64,
+            revision = tracing::field::Empty,
+        );
+        let done = match &self.backend {
+            super::Backend::Sqlite(sqlite) => sqlite.run_transaction(ops).instrument(span.clone()).await,
+            super::Backend::Postgres(postgres) => {
+                postgres.run_transaction(ops).instrument(span.clone()).await
+            }
+        };
+        let done = match done {
+            Err(StoreError::Operation { index, source, .. }) => {
+                return Err(StoreError::Operation {
+                    at: at.get(index).cloned().unwrap_or_default(),
+                    index,
+                    source,
+                });
+            }
+            other => other?,
+        };
+        let revision = done.iter().map(Done::committed).max().unwrap_or(0);
+        span.record("revision", revision as i64);
+        self.shared
+            .committed_here
+            .fetch_max(revision, std::sync::atomic::Ordering::SeqCst);
+        let results = done
+            .into_iter()
+            .map(|done| match done {
+                Done::Written(outcome) => TxnDone::Written(outcome),
+                Done::Deleted(existed, _) => TxnDone::Deleted { existed },
+            })
+            .collect();
+        Ok(Committed { results, revision })
+    }
+}
+
+/// `err`, raised by the operation at `index`, as the transaction's answer.
+pub(super) fn in_operation(index: usize, err: StoreError) -> StoreError {
+    match err {
+        // Whole-transaction failures name no operation.
+        StoreError::Unavailable { .. }
+        | StoreError::NotApplied { .. }
+        | StoreError::InDoubt { .. }
+        | StoreError::ReadOnly(_)
+        | StoreError::Internal(_)
+        | StoreError::ShuttingDown => err,
+        err => StoreError::Operation {
+            index,
+            // The facade names it.
+            at: String::new(),
+            source: Box::new(err),
+        },
+    }
+}
+
+/// The distinct kinds `ops` write (to read their schemas again).
+pub(super) fn kinds(ops: &[Op]) -> Vec<Kind> {
+    let mut kinds: Vec<Kind> = ops.iter().map(Op::kind).collect();
+    kinds.dedup();
+    if kinds.len() > 1 {
+        kinds = vec![Kind::User, Kind::Organization];
+    }
+    kinds
+}
