@@ -184,6 +184,33 @@ pub struct DeleteCommand {
     pub expected_version: Option<u64>,
 }
 
+/// One operation of a transaction.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TxnCommand {
+    /// A Merge, Replace or Patch.
+    Write(WriteCommand),
+    Delete(DeleteCommand),
+}
+
+impl TxnCommand {
+    pub fn target(&self) -> (Kind, &str) {
+        match self {
+            TxnCommand::Write(command) => (command.kind, &command.id),
+            TxnCommand::Delete(command) => (command.kind, &command.id),
+        }
+    }
+}
+
+/// A Commit request after conversion from protobuf: each operation with
+/// where it is in the request (`operations[2].merge_user`), which errors
+/// about it name.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CommitCommand {
+    pub operations: Vec<(String, TxnCommand)>,
+    /// Empty when the caller gave none.
+    pub request_id: String,
+}
+
 /// A Restore request after conversion from protobuf: put back the record's
 /// fields as they were right after `revision`.
 #[derive(Clone, Debug, PartialEq, Eq)]

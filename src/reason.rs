@@ -65,6 +65,17 @@ reasons! {
     MergeTooLarge => "MERGE_TOO_LARGE", InvalidArgument;
     /// A JSON Patch operation that is malformed or names no location.
     InvalidPatch => "INVALID_PATCH", InvalidArgument;
+    /// A Commit without operations.
+    NoOperations => "NO_OPERATIONS", InvalidArgument;
+    /// A Commit over its operation limit.
+    TooManyOperations => "TOO_MANY_OPERATIONS", InvalidArgument;
+    /// A Commit that names one record in two operations.
+    DuplicateRecord => "DUPLICATE_RECORD", InvalidArgument;
+    /// A request id already used, within the retry window, by a different
+    /// request.
+    RequestIdReused => "REQUEST_ID_REUSED", InvalidArgument;
+    /// A Patch inside a Commit with a request id of its own.
+    RequestIdInOperation => "REQUEST_ID_IN_OPERATION", InvalidArgument;
     /// A write whose result breaks its field's schema: one violation per
     /// schema error, `field/pointer`.
     SchemaViolation => "SCHEMA_VIOLATION", InvalidArgument;

@@ -21,8 +21,10 @@ use crate::http::HttpServer;
 use crate::json::Limits;
 use crate::metrics::Metrics;
 use crate::proto::v1::metadata_schema_service_server::MetadataSchemaServiceServer;
+use crate::proto::v1::metadata_transaction_service_server::MetadataTransactionServiceServer;
 use crate::service::{
     Admission, Authenticate, Bounds, Core, Handlers, RequestLayer, Routed, SchemaHandlers, Served,
+    TransactionHandlers,
 };
 use crate::store::{Store, StoreOptions};
 
@@ -191,6 +193,7 @@ const SERVICE_NAMES: &[&str] = &[
     <<Users as Served>::Server as tonic::server::NamedService>::NAME,
     <<Organizations as Served>::Server as tonic::server::NamedService>::NAME,
     <MetadataSchemaServiceServer<SchemaHandlers> as tonic::server::NamedService>::NAME,
+    <MetadataTransactionServiceServer<TransactionHandlers> as tonic::server::NamedService>::NAME,
 ];
 
 /// Opens the store, binds `config.listen` (port 0 picks a free port) and
@@ -315,6 +318,12 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         authenticate.clone(),
     );
 
+    let transactions = InterceptedService::new(
+        MetadataTransactionServiceServer::new(TransactionHandlers::new(core.clone()))
+            .max_decoding_message_size(max),
+        authenticate.clone(),
+    );
+
     // grpcurl 1.8 speaks only v1alpha; newer clients use v1.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -340,7 +349,8 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         .add_optional_service(reflection_v1alpha)
         .add_service(users)
         .add_service(organizations)
-        .add_service(schemas);
+        .add_service(schemas)
+        .add_service(transactions);
 
     let served_store = store.clone();
     let task = tokio::spawn(async move {

@@ -41,6 +41,22 @@ pub enum Problem {
     Unspecified,
     #[error("{0}")]
     InvalidPatch(String),
+    #[error("must hold at least one operation")]
+    NoOperations,
+    #[error("has {count} operations, the limit is {limit}")]
+    TooManyOperations { count: usize, limit: usize },
+    #[error(
+        "writes the same record as operations[{first}]: a transaction names each record once \
+         (combine the two changes)"
+    )]
+    DuplicateRecord { first: usize },
+    #[error(
+        "was used by a different request (within the retry window): make a new id for each \
+         change, and reuse it only to retry that change"
+    )]
+    RequestIdReused,
+    #[error("is not read inside a transaction: set the CommitRequest's request_id instead")]
+    RequestIdInOperation,
     #[error(
         "test of {pointer} failed: the stored value differs; nothing was written (read it again, then retry)"
     )]
@@ -88,6 +104,11 @@ impl Problem {
             Problem::NegativePageSize => Reason::NegativePageSize,
             Problem::Unspecified | Problem::RevisionUnset => Reason::Unspecified,
             Problem::InvalidPatch(_) => Reason::InvalidPatch,
+            Problem::NoOperations => Reason::NoOperations,
+            Problem::TooManyOperations { .. } => Reason::TooManyOperations,
+            Problem::DuplicateRecord { .. } => Reason::DuplicateRecord,
+            Problem::RequestIdReused => Reason::RequestIdReused,
+            Problem::RequestIdInOperation => Reason::RequestIdInOperation,
             Problem::PatchTestFailed { .. } => Reason::PatchTestFailed,
             Problem::AnswerTooLarge { .. } => Reason::AnswerTooLarge,
             Problem::NoSuchField { .. } => Reason::NoSuchField,

@@ -52,6 +52,8 @@ pub enum Action {
     List,
     History,
     Restore,
+    /// A transaction (MetadataTransactionService.Commit), of any kinds.
+    Commit,
     SetSchema,
     GetSchema,
     DeleteSchema,
@@ -70,6 +72,7 @@ impl Action {
             Action::List => "List",
             Action::History => "ListHistory",
             Action::Restore => "Restore",
+            Action::Commit => "Commit",
             Action::SetSchema => "SetSchema",
             Action::GetSchema => "GetSchema",
             Action::DeleteSchema => "DeleteSchema",
@@ -157,7 +160,7 @@ pub fn authorize(caller: &Caller, op: &Operation) -> Result<FieldSet, Denied> {
 mod tests {
     use super::*;
 
-    const ACTIONS: [Action; 13] = [
+    const ACTIONS: [Action; 14] = [
         Action::SetSchema,
         Action::GetSchema,
         Action::DeleteSchema,
@@ -171,6 +174,7 @@ mod tests {
         Action::List,
         Action::History,
         Action::Restore,
+        Action::Commit,
     ];
 
     fn frontend(org: Option<&str>) -> Caller {
@@ -239,6 +243,7 @@ mod tests {
                 Action::Watch,
                 Action::List,
                 Action::Restore,
+                Action::Commit,
                 Action::SetSchema,
                 Action::GetSchema,
                 Action::DeleteSchema,

@@ -10,7 +10,7 @@ use crate::json::{self, Limits};
 use crate::logging::Escaped;
 use crate::metrics::Metrics;
 use crate::model::{
-    ChangeType, DeleteCommand, Field, Kind, Mode, Origin, Record, RestoreCommand, WriteCommand,
+    DeleteCommand, Field, Kind, Mode, Origin, Record, RestoreCommand, WriteCommand,
 };
 use crate::query::{HistoryQuery, ListQuery};
 use crate::schema::Schema;
@@ -50,11 +50,11 @@ pub struct SchemaChange {
 
 /// What both services do, independent of protobuf: validate, then store.
 pub struct Core {
-    store: Arc<Store>,
+    pub(super) store: Arc<Store>,
     broker: Arc<Broker>,
-    limits: Limits,
+    pub(super) limits: Limits,
     pub(super) admission: Admission,
-    metrics: Arc<Metrics>,
+    pub(super) metrics: Arc<Metrics>,
 }
 
 impl Core {
@@ -319,16 +319,7 @@ impl Core {
             values,
             expected_version,
         } = command;
-        let change = match mode {
-            // A patch changes parts of fields, as a merge does.
-            Mode::Merge | Mode::Patch => ChangeType::Merged,
-            Mode::Replace => ChangeType::Replaced,
-        };
-        let limits = self.limits;
-        let provided = values.iter().map(|(field, _)| *field).collect();
-        let compute = Box::new(move |current: &crate::model::Fields| {
-            json::apply(mode, &values, current, &limits)
-        });
+        let (change, provided, compute) = self.computation(mode, values);
         let outcome = self
             .store
             .write(

@@ -60,7 +60,7 @@ fn within_page_budget<T, M: Message, K>(
 }
 
 /// Who makes a write, as its event records it.
-fn origin(caller: &Caller, headers: &tonic::metadata::MetadataMap) -> Origin {
+pub(super) fn origin(caller: &Caller, headers: &tonic::metadata::MetadataMap) -> Origin {
     Origin {
         actor: caller.actor(),
         trace_id: crate::otel::trace_id(headers.as_ref()),

@@ -3,21 +3,25 @@
 mod adapters;
 mod admission;
 mod caller;
+mod commit;
 mod core;
 mod error;
 mod handlers;
 mod schemas;
 mod telemetry;
+mod transaction;
 mod watch;
 
 pub use adapters::Served;
 pub use admission::{Admission, Bounds, StreamPermit};
 pub use caller::Authenticate;
+pub use commit::TransactionHandlers;
 pub use core::{Core, Page};
 pub use handlers::Handlers;
 pub use handlers::{MAX_BATCH_BYTES, MAX_PAGE_BYTES};
 pub use schemas::SchemaHandlers;
 pub use telemetry::RequestLayer;
+pub use transaction::{CommitOutcome, MAX_OPERATIONS};
 pub use watch::Routed;
 
 use tokio::sync::mpsc;

@@ -40,6 +40,7 @@ const KNOWN: &[(&str, &[&str])] = &[
         "metadata.v1.MetadataSchemaService",
         &["SetSchema", "GetSchema", "DeleteSchema"],
     ),
+    ("metadata.v1.MetadataTransactionService", &["Commit"]),
     ("grpc.health.v1.Health", &["Check", "Watch", "List"]),
     (
         "grpc.reflection.v1.ServerReflection",

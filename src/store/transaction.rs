@@ -108,7 +108,9 @@ impl Store {
             revision = tracing::field::Empty,
         );
         let done = match &self.backend {
-            super::Backend::Sqlite(sqlite) => sqlite.run_transaction(ops).instrument(span.clone()).await,
+            super::Backend::Sqlite(sqlite) => {
+                sqlite.run_transaction(ops).instrument(span.clone()).await
+            }
             super::Backend::Postgres(postgres) => {
                 postgres.run_transaction(ops).instrument(span.clone()).await
             }

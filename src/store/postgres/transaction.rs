@@ -149,7 +149,9 @@ impl Postgres {
             .await?;
         let mut done = Vec::with_capacity(ops.len());
         let mut wrote = false;
-        for (op, (current, planned)) in ops.iter().zip(plans) {
+        // `iter_mut`: a shared `&Op` held across an await would make the
+        // future not Send (an operation's computation is not Sync).
+        for (op, (current, planned)) in ops.iter_mut().zip(plans) {
             let (change, next, at, generation) = match planned {
                 Plan::Unchanged(result) => {
                     done.push(result);
@@ -165,16 +167,9 @@ impl Postgres {
             if wrote {
                 self.shared.pauses.transaction_step.pass().await;
             }
-            let stored = write_change(
-                connection,
-                change,
-                &current,
-                &next,
-                at,
-                generation,
-                op.origin(),
-            )
-            .await?;
+            let origin = op.origin().clone();
+            let stored =
+                write_change(connection, change, &current, &next, at, generation, &origin).await?;
             let Some(revision) = stored else {
                 return Err(Stopped::StartOver);
             };

@@ -31,9 +31,9 @@ use tracing::Instrument;
 
 use super::write::step;
 use crate::store::StoreError;
-use crate::store::transaction::{in_operation, kinds};
 use crate::store::conns::{Conns, Held, within};
 use crate::store::shared::Shared;
+use crate::store::transaction::{in_operation, kinds};
 use crate::store::write::{Done, Op, Step};
 
 /// Most writes in one transaction: bounds how long the first one waits.
@@ -287,7 +287,14 @@ async fn try_group(
         if savepoint {
             execute(held.connection(), "SAVEPOINT txn").await?;
         }
-        match run_ops(&writer.shared, held.connection(), &mut job.ops, job.transaction).await {
+        match run_ops(
+            &writer.shared,
+            held.connection(),
+            &mut job.ops,
+            job.transaction,
+        )
+        .await
+        {
             Ok((done, written)) => {
                 if savepoint {
                     execute(held.connection(), "RELEASE txn").await?;
