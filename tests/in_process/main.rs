@@ -61,5 +61,6 @@ mod schemas;
 mod semantics;
 mod test_databases;
 mod tls;
+mod transactions;
 mod watch;
 mod watch_limits;
