@@ -175,10 +175,18 @@ impl Fanout {
     /// Publishes `revision`: the mark moves and its event, if it has one
     /// (a void has none), is broadcast, as one step.
     fn publish(&self, revision: u64, event: Option<Event>) {
+        self.publish_all(revision, event.into_iter().collect());
+    }
+
+    /// Publishes every revision up to `revision`, whose events (a
+    /// transaction's, consecutive) are `events`, as one step: nobody sees
+    /// the mark inside a transaction, and a subscriber finds all of its
+    /// events in its receiver or none.
+    fn publish_all(&self, revision: u64, events: Vec<Event>) {
         {
             let mut head = self.head.lock().unwrap_or_else(|e| e.into_inner());
             *head = revision;
-            if let Some(event) = event {
+            for event in events {
                 // No receiver is not an error: nobody is watching.
                 let _ = self.sender.send(Arc::new(SharedEvent::new(event)));
             }
@@ -847,7 +855,8 @@ async fn dispatch_once(
         (entries, SKIP_BATCH)
     };
     let full = entries.len() as u64 >= batch;
-    for Logged { revision, event } in entries {
+    let mut entries = entries.into_iter().peekable();
+    while let Some(Logged { revision, event }) = entries.next() {
         if revision != *last + 1 {
             let missing = *last + 1;
             match gap {
@@ -864,13 +873,35 @@ async fn dispatch_once(
             return settle_gap(broker, last, revision).await;
         }
         if subscribed {
-            broker.fanout.publish(revision, event);
+            // A transaction's events (consecutive, and read whole by
+            // `read_log`) go out together.
+            let mut published = revision;
+            let mut events: Vec<Event> = event.into_iter().collect();
+            let transaction = events
+                .first()
+                .map(|e| e.origin.transaction_id.clone())
+                .unwrap_or_default();
+            while !transaction.is_empty()
+                && let Some(next) = entries.next_if(|next| {
+                    next.revision == published + 1
+                        && next
+                            .event
+                            .as_ref()
+                            .is_some_and(|e| e.origin.transaction_id == transaction)
+                })
+            {
+                published = next.revision;
+                events.extend(next.event);
+            }
+            broker.fanout.publish_all(published, events);
+            *last = published;
         } else if !broker.fanout.skip_to(revision) {
             // Somebody subscribed meanwhile: from this revision on, every
             // event is read and published.
             return Ok(Next::More);
+        } else {
+            *last = revision;
         }
-        *last = revision;
         broker.options.pauses.published.pass().await;
     }
     Ok(if full { Next::More } else { Next::Idle })

@@ -33,6 +33,12 @@ pub const MARKER: &str = "Metadata-Marker";
 /// Who made the change (the event's `actor`), percent-encoded outside
 /// printable ASCII; absent when nobody is named.
 pub const ACTOR: &str = "Metadata-Actor";
+/// The transaction that made the change (the event's `transaction_id`);
+/// absent for a single write.
+pub const TRANSACTION_ID: &str = "Metadata-Transaction-Id";
+/// The revision of the transaction's last event: a consumer that needs a
+/// transaction whole holds its messages until this one.
+pub const TRANSACTION_END: &str = "Metadata-Transaction-End";
 pub const CONTENT_TYPE: &str = "Content-Type";
 pub const MSG_ID: &str = "Nats-Msg-Id";
 
@@ -87,8 +93,14 @@ pub fn event_json(event: &Event) -> Vec<u8> {
     body
 }
 
-/// The message for `event`, on `prefix`.
-pub fn for_event(event: &Event, prefix: &str, format: Format) -> Outgoing {
+/// The message for `event`, on `prefix`; `transaction_end`: the revision
+/// of the last event of its transaction, if it has one.
+pub fn for_event(
+    event: &Event,
+    prefix: &str,
+    format: Format,
+    transaction_end: Option<u64>,
+) -> Outgoing {
     let kind = event.kind();
     let (body, content_type) = match format {
         Format::Protobuf => (
@@ -110,6 +122,11 @@ pub fn for_event(event: &Event, prefix: &str, format: Format) -> Outgoing {
     headers.insert(CHANGE_TYPE, event.change.as_str());
     if !event.origin.actor.is_empty() {
         headers.insert(ACTOR, header_value(&event.origin.actor).as_str());
+    }
+    if let (false, Some(end)) = (event.origin.transaction_id.is_empty(), transaction_end) {
+        // A UUID the service made: printable as it is.
+        headers.insert(TRANSACTION_ID, event.origin.transaction_id.as_str());
+        headers.insert(TRANSACTION_END, end.to_string().as_str());
     }
     headers.insert(CONTENT_TYPE, content_type.as_str());
     Outgoing {

@@ -526,11 +526,19 @@ impl Relay {
             _ => head,
         };
         let prefix = &self.options.nats.subject_prefix;
+        // `read_log` reads transactions whole: each one's end is here.
+        let mut ends = std::collections::HashMap::new();
+        for event in entries.iter().filter_map(|entry| entry.event.as_ref()) {
+            if !event.origin.transaction_id.is_empty() {
+                ends.insert(event.origin.transaction_id.clone(), event.revision);
+            }
+        }
         for entry in entries {
             let Some(event) = entry.event else {
                 continue;
             };
-            let outgoing = message::for_event(&event, prefix, self.options.format);
+            let end = ends.get(&event.origin.transaction_id).copied();
+            let outgoing = message::for_event(&event, prefix, self.options.format, end);
             let sequence = self
                 .nats
                 .publish(outgoing, at.sequence, &self.options.pauses.sent)

@@ -18,6 +18,11 @@ use super::rows::{Logged, VOID, event_from_row};
 use super::{Backend, Store, StoreError};
 use crate::model::{Event, Kind};
 
+/// Most events one transaction writes (a Commit's operation limit, with
+/// room to spare): how far a read of the log looks past its limit to end
+/// at a transaction's end.
+pub const MAX_TRANSACTION_EVENTS: u64 = 128;
+
 impl Store {
     /// Every event up to this revision has been pruned.
     pub async fn compacted_revision(&self) -> Result<u64, StoreError> {
@@ -25,9 +30,43 @@ impl Store {
     }
 
     /// The log with `after < revision <= up_to`, oldest first, at most
-    /// `limit` revisions: the dispatcher's and the relay's tail, on a
-    /// connection of the backend's own.
+    /// `limit` revisions, and whole transactions: a read that `limit` or
+    /// `up_to` would end inside one goes on to its last event (a
+    /// transaction's events are consecutive and commit together: if one
+    /// is visible, all are), so that whoever publishes what it read (the
+    /// dispatcher, the relay) never publishes part of a transaction. The
+    /// dispatcher's and the relay's tail, on a connection of the backend's
+    /// own.
     pub async fn read_log(
+        &self,
+        after: u64,
+        up_to: u64,
+        limit: u64,
+    ) -> Result<Vec<Logged>, StoreError> {
+        let mut entries = self.read_log_once(after, up_to, limit).await?;
+        if let Some(Logged {
+            revision,
+            event: Some(event),
+        }) = entries.last()
+            && !event.origin.transaction_id.is_empty()
+        {
+            let (last, transaction) = (*revision, event.origin.transaction_id.clone());
+            // A transaction's events are consecutive: the rest of this one
+            // is what follows, up to its end.
+            let rest = self
+                .read_log_once(last, u64::MAX, MAX_TRANSACTION_EVENTS)
+                .await?;
+            entries.extend(rest.into_iter().take_while(|entry| {
+                entry
+                    .event
+                    .as_ref()
+                    .is_some_and(|e| e.origin.transaction_id == transaction)
+            }));
+        }
+        Ok(entries)
+    }
+
+    async fn read_log_once(
         &self,
         after: u64,
         up_to: u64,

@@ -1151,7 +1151,74 @@ async fn sqlite_relayed_messages_name_the_actor() {
     );
 }
 
+/// SQLite: a transaction's messages carry its id and the revision of its
+/// last event, so that a consumer can hold them until it has them all;
+/// a single write's carry neither. The relay reads in batches of 2 here:
+/// a transaction of 5 events is still published whole, in order.
+async fn sqlite_relayed_transactions_name_their_end() {
+    use metadata_service::proto::v1::metadata_transaction_service_client::MetadataTransactionServiceClient;
+    use metadata_service::proto::v1::transaction_operation::Operation;
+    use metadata_service::proto::v1::{CommitRequest, TransactionOperation};
+    let Some(url) = nats::url() else {
+        return;
+    };
+    let stream = TestStream::new(&url).await;
+    let mut relayed = options(&stream, &url);
+    relayed.batch = 2;
+    let Some(mut server) = harness::start_with(Backend::Sqlite, |config| {
+        config.relay = Some(relayed);
+    })
+    .await
+    else {
+        return;
+    };
+    server
+        .users
+        .merge(harness::merge("single", json!({"n": 0})))
+        .await
+        .unwrap();
+    let mut txn = MetadataTransactionServiceClient::new(server.channel().await);
+    let operations = (0..5)
+        .map(|i| TransactionOperation {
+            operation: Some(Operation::MergeUser(harness::merge(
+                &format!("t{i}"),
+                json!({ "n": i }),
+            ))),
+        })
+        .collect();
+    let done = txn
+        .commit(CommitRequest {
+            operations,
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.revision, 6);
+    stream.wait_for(6, WAIT).await;
+    let messages = stream.messages().await;
+    let events: Vec<_> = messages[1..].iter().collect();
+    assert_eq!(events[0].header("Metadata-Transaction-Id"), None);
+    assert_eq!(events[0].header("Metadata-Transaction-End"), None);
+    for (i, event) in events[1..].iter().enumerate() {
+        assert_eq!(
+            event.header("Metadata-Revision"),
+            Some((i + 2).to_string().as_str())
+        );
+        assert_eq!(
+            event.header("Metadata-Transaction-Id"),
+            Some(done.transaction_id.as_str())
+        );
+        assert_eq!(event.header("Metadata-Transaction-End"), Some("6"));
+    }
+}
+
 mod sqlite {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn relayed_transactions_name_their_end() {
+        super::sqlite_relayed_transactions_name_their_end().await
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn server_relays_json() {
         super::sqlite_server_relays_json().await

@@ -733,7 +733,72 @@ async fn transactions_under_concurrent_writers_are_all_or_nothing(backend: Backe
     }
 }
 
+/// What the dispatcher and the relay read from the log (`read_log`): whole
+/// transactions, though their batch (2 here) or their upper bound would
+/// end inside one; and Watch then delivers a transaction's events in one
+/// publish, one after the other.
+async fn the_log_is_read_in_whole_transactions(backend: Backend) {
+    use metadata_service::store::{Store, StoreOptions};
+    let Some(s) = start_with(backend, |c| c.events.broker.batch = 2).await else {
+        return;
+    };
+    let mut users = s.users.clone();
+    let mut events = users
+        .watch(WatchUserMetadataRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    events.next().await.unwrap().unwrap();
+    let mut txn = client(&s).await;
+    txn.commit(commit(vec![merge_user("single", json!({"n": 0}))]))
+        .await
+        .unwrap();
+    let five = (0..5)
+        .map(|i| merge_user(&format!("t{i}"), json!({"n": i})))
+        .collect();
+    let done = txn.commit(commit(five)).await.unwrap().into_inner();
+    assert_eq!(done.revision, 6);
+    let mut revisions = Vec::new();
+    while revisions.len() < 6 {
+        let next = events.next().await.unwrap().unwrap();
+        if let Some(watch_user_metadata_response::Response::Event(e)) = next.response {
+            revisions.push(e.revision);
+        }
+    }
+    assert_eq!(revisions, [1, 2, 3, 4, 5, 6]);
+
+    let store = Store::connect(s.db.url(), &StoreOptions::default())
+        .await
+        .unwrap();
+    let read = |after: u64, up_to: u64, limit: u64| {
+        let store = &store;
+        async move {
+            store
+                .read_log(after, up_to, limit)
+                .await
+                .unwrap()
+                .iter()
+                .map(|entry| entry.revision)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        read(0, u64::MAX, 1).await,
+        [1],
+        "a single write ends a read"
+    );
+    assert_eq!(read(0, u64::MAX, 2).await, [1, 2, 3, 4, 5, 6]);
+    assert_eq!(
+        read(0, 3, 10).await,
+        [1, 2, 3, 4, 5, 6],
+        "past up_to, to its end"
+    );
+    assert_eq!(read(3, u64::MAX, 1).await, [4, 5, 6]);
+    store.close().await.unwrap();
+}
+
 backend_tests!(
+    the_log_is_read_in_whole_transactions,
     commits_apply_every_operation_in_order,
     a_refused_operation_writes_nothing,
     bad_input_names_the_operation,
