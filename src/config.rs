@@ -379,6 +379,9 @@ pub struct ServerArgs {
     /// How often old events are pruned.
     #[arg(long, env = "METADATA_EVENT_PRUNE_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
     pub event_prune_interval: Duration,
+    /// How long a Patch's or Commit's request_id answers its retries with the first outcome.
+    #[arg(long, env = "METADATA_REQUEST_ID_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub request_id_ttl: Duration,
     /// Unary calls in progress at once; more are refused at once with RESOURCE_EXHAUSTED.
     #[arg(long, env = "METADATA_MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
     pub max_concurrent_requests: usize,
@@ -522,6 +525,7 @@ impl ServeArgs {
                 max_depth: self.server.max_depth,
             },
             max_request_bytes: self.server.max_request_bytes,
+            request_id_ttl: self.server.request_id_ttl,
             events: EventOptions {
                 broker: BrokerOptions {
                     progress_interval: self.server.watch_progress_interval,

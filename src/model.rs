@@ -209,6 +209,9 @@ pub struct CommitCommand {
     pub operations: Vec<(String, TxnCommand)>,
     /// Empty when the caller gave none.
     pub request_id: String,
+    /// A digest of the request as sent (without its request id) and of
+    /// its caller: a retry must match it.
+    pub fingerprint: String,
 }
 
 /// A Restore request after conversion from protobuf: put back the record's

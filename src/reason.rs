@@ -74,6 +74,8 @@ reasons! {
     /// A request id already used, within the retry window, by a different
     /// request.
     RequestIdReused => "REQUEST_ID_REUSED", InvalidArgument;
+    /// A request id that is not a UUID.
+    InvalidRequestId => "INVALID_REQUEST_ID", InvalidArgument;
     /// A Patch inside a Commit with a request id of its own.
     RequestIdInOperation => "REQUEST_ID_IN_OPERATION", InvalidArgument;
     /// A write whose result breaks its field's schema: one violation per

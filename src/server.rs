@@ -36,6 +36,8 @@ pub struct ServerConfig {
     pub limits: Limits,
     pub max_request_bytes: usize,
     pub events: EventOptions,
+    /// How long a request id (Patch, Commit) answers retries.
+    pub request_id_ttl: Duration,
     /// After a stop request, how long open calls may take to finish before
     /// their connections are closed.
     pub shutdown_grace: Duration,
@@ -242,6 +244,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         store.clone(),
         config.events.retention,
         config.events.prune_interval,
+        config.request_id_ttl,
         shutdown.clone(),
     ));
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -307,6 +310,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         config.limits,
         admission,
         metrics.clone(),
+        config.request_id_ttl,
     ));
     let authenticate = Authenticate(config.auth.clone());
     let max = config.max_request_bytes;
@@ -451,6 +455,7 @@ fn log_configuration(config: &ServerConfig) {
         db_timeout = ?config.db_timeout,
         shutdown_grace = ?config.shutdown_grace,
         event_retention = ?config.events.retention,
+        request_id_ttl = ?config.request_id_ttl,
         auth = %config.auth,
         tls = config.tls.is_some(),
         mtls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),

@@ -57,6 +57,8 @@ pub enum Problem {
     RequestIdReused,
     #[error("is not read inside a transaction: set the CommitRequest's request_id instead")]
     RequestIdInOperation,
+    #[error("must be a UUID (e.g. 9f1c7e52-4b7a-4f0e-9d36-2a5c8b1e7d40), made once per change")]
+    InvalidRequestId,
     #[error(
         "test of {pointer} failed: the stored value differs; nothing was written (read it again, then retry)"
     )]
@@ -109,6 +111,7 @@ impl Problem {
             Problem::DuplicateRecord { .. } => Reason::DuplicateRecord,
             Problem::RequestIdReused => Reason::RequestIdReused,
             Problem::RequestIdInOperation => Reason::RequestIdInOperation,
+            Problem::InvalidRequestId => Reason::InvalidRequestId,
             Problem::PatchTestFailed { .. } => Reason::PatchTestFailed,
             Problem::AnswerTooLarge { .. } => Reason::AnswerTooLarge,
             Problem::NoSuchField { .. } => Reason::NoSuchField,
@@ -160,7 +163,10 @@ impl JsonPath {
     /// This path inside the value at `prefix` (a path itself), e.g. a
     /// field's inside a transaction's operation.
     pub fn within(&self, prefix: &str) -> Self {
-        JsonPath(format!("{prefix}.{}", self.0))
+        match prefix {
+            "" => self.clone(),
+            prefix => JsonPath(format!("{prefix}.{}", self.0)),
+        }
     }
 }
 

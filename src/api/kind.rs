@@ -43,6 +43,7 @@ use prost_types::Timestamp;
 
 /// A Merge or Replace request, taken apart: `T` is `Struct` for Merge and
 /// `Value` for Replace.
+#[derive(Clone)]
 pub struct WriteParts<T> {
     pub id: String,
     pub public: Option<T>,

@@ -166,6 +166,7 @@ mod tests {
             Limits::default(),
             admission,
             metrics,
+            std::time::Duration::from_secs(3600),
         ))
     }
 

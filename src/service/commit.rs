@@ -8,7 +8,6 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::handlers::origin;
-use super::transaction::CommitOutcome;
 use super::{Core, authorize};
 use crate::api::{ApiKind, Organizations, Users, WriteParts};
 use crate::auth::{Action, FieldSet, Operation};
@@ -20,7 +19,7 @@ use crate::proto::v1::transaction_result::Record as Result_;
 use crate::proto::v1::{
     CommitRequest, CommitResponse, DeleteResult, TransactionOperation, TransactionResult,
 };
-use crate::store::{Sent, TxnDone};
+use crate::store::{Committed, Sent, TxnDone};
 use crate::validation::{JsonPath, Problem, ValidationError};
 
 pub struct TransactionHandlers {
@@ -48,7 +47,13 @@ impl MetadataTransactionService for TransactionHandlers {
         };
         let (caller, _) = authorize(&extensions, &operation)?;
         let call = self.core.admission.unary(&headers)?;
-        let command = commit_command(message)?;
+        let fingerprint = fingerprint("Commit", &caller, {
+            let mut request = message.clone();
+            request.request_id.clear();
+            request
+        });
+        let mut command = commit_command(message)?;
+        command.fingerprint = fingerprint;
         let kinds: Vec<Kind> = command
             .operations
             .iter()
@@ -56,9 +61,11 @@ impl MetadataTransactionService for TransactionHandlers {
             .collect();
         let sent = Sent::default();
         let origin = origin(&caller, &headers);
-        let commit = self.core.commit(&caller, command, sent.clone(), origin);
-        let outcome = call.run_write(&sent, commit).await?;
-        Ok(Response::new(commit_response(&kinds, outcome)))
+        let commit = self
+            .core
+            .commit(&caller, command, sent.clone(), origin, false);
+        let committed = call.run_write(&sent, commit).await?;
+        Ok(Response::new(commit_response(&kinds, committed)))
     }
 }
 
@@ -117,7 +124,25 @@ pub fn commit_command(request: CommitRequest) -> Result<CommitCommand, Validatio
     Ok(CommitCommand {
         operations,
         request_id,
+        fingerprint: String::new(),
     })
+}
+
+/// What a retry with the same request id must repeat: the method, the
+/// caller and the request without its id, as a SHA-256 digest.
+pub(super) fn fingerprint(
+    method: &str,
+    caller: &crate::auth::Caller,
+    request: impl prost::Message,
+) -> String {
+    use sha2::{Digest, Sha256};
+    let mut digest = Sha256::new();
+    digest.update(method.as_bytes());
+    digest.update([0]);
+    digest.update(caller.actor().as_bytes());
+    digest.update([0]);
+    digest.update(request.encode_to_vec());
+    hex::encode(digest.finalize())
 }
 
 /// A Patch inside a transaction: the transaction's request id covers it.
@@ -136,14 +161,15 @@ fn patch<K: ApiKind>(
 }
 
 /// One result per operation, in order; a backend caller sees every field.
-fn commit_response(kinds: &[Kind], outcome: CommitOutcome) -> CommitResponse {
-    let CommitOutcome {
-        committed,
+fn commit_response(kinds: &[Kind], committed: Committed) -> CommitResponse {
+    let Committed {
+        results,
+        revision,
         transaction_id,
-    } = outcome;
+    } = committed;
     let results = kinds
         .iter()
-        .zip(committed.results)
+        .zip(results)
         .map(|(kind, done)| {
             let record = match done {
                 TxnDone::Deleted { existed } => Result_::Deleted(DeleteResult { existed }),
@@ -165,7 +191,7 @@ fn commit_response(kinds: &[Kind], outcome: CommitOutcome) -> CommitResponse {
         .collect();
     CommitResponse {
         results,
-        revision: committed.revision,
+        revision,
         transaction_id,
     }
 }

@@ -55,6 +55,8 @@ pub struct Core {
     pub(super) limits: Limits,
     pub(super) admission: Admission,
     pub(super) metrics: Arc<Metrics>,
+    /// How long a request id answers retries (AIP-155).
+    pub(super) request_id_ttl: std::time::Duration,
 }
 
 impl Core {
@@ -64,6 +66,7 @@ impl Core {
         limits: Limits,
         admission: Admission,
         metrics: Arc<Metrics>,
+        request_id_ttl: std::time::Duration,
     ) -> Self {
         Core {
             store,
@@ -71,6 +74,7 @@ impl Core {
             limits,
             admission,
             metrics,
+            request_id_ttl,
         }
     }
 

@@ -199,6 +199,11 @@ impl From<StoreError> for Status {
 /// index `index`): fields are located inside it, and the ErrorInfo names
 /// the operation.
 fn in_operation(index: usize, at: &str, err: StoreError) -> Status {
+    if at.is_empty() {
+        // A single write run as a transaction of one (a Patch with a
+        // request id): its errors are its own call's.
+        return err.into();
+    }
     match err {
         StoreError::Invalid(mut err) => {
             err.path = err.path.within(at);

@@ -17,8 +17,8 @@ use super::{Core, authorize};
 use crate::api::{ApiKind, WriteParts};
 use crate::auth::{Action, Caller, FieldSet, Operation};
 use crate::convert::{Shown, TreeConvert};
-use crate::model::{Mode, Origin};
-use crate::store::Sent;
+use crate::model::{CommitCommand, Mode, Origin, TxnCommand};
+use crate::store::{Sent, TxnDone};
 use crate::validation::{JsonPath, Problem, ValidationError};
 
 /// Most bytes of records in one List page, encoded: under the 4 MiB a
@@ -270,10 +270,44 @@ impl<K: ApiKind> Handlers<K> {
             .await
     }
 
+    /// With a request id, the patch runs as a transaction of one, whose
+    /// outcome answers its retries (`store/requests.rs`).
     pub async fn patch(&self, request: Request<K::Patch>) -> Result<Response<K::Record>, Status> {
         let (headers, extensions, message) = request.into_parts();
-        self.write(&headers, &extensions, Mode::Patch, K::patch(message))
-            .await
+        let mut parts = K::patch(message);
+        if parts.request_id.is_empty() {
+            return self.write(&headers, &extensions, Mode::Patch, parts).await;
+        }
+        let (caller, fields) = authorize(&extensions, &parts.operation(K::KIND, Action::Patch))?;
+        let call = self.core.admission.unary(&headers)?;
+        let request_id = std::mem::take(&mut parts.request_id);
+        let method = match K::KIND {
+            crate::model::Kind::User => "UserMetadataService.Patch",
+            crate::model::Kind::Organization => "OrganizationMetadataService.Patch",
+        };
+        let fingerprint =
+            super::commit::fingerprint(method, &caller, K::patch_request(parts.clone()));
+        let command = CommitCommand {
+            operations: vec![(
+                String::new(),
+                TxnCommand::Write(parts.command(K::KIND, Mode::Patch)?),
+            )],
+            request_id,
+            fingerprint,
+        };
+        let sent = Sent::default();
+        let origin = origin(&caller, &headers);
+        let commit = self
+            .core
+            .commit(&caller, command, sent.clone(), origin, true);
+        let committed = call.run_write(&sent, commit).await?;
+        let Some(TxnDone::Written(outcome)) = committed.results.into_iter().next() else {
+            return Err(super::error::internal("a patch answered no record"));
+        };
+        Ok(Response::new(K::record(Shown {
+            record: outcome.record,
+            fields,
+        })))
     }
 
     async fn write<T: TreeConvert>(

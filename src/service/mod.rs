@@ -21,7 +21,7 @@ pub use handlers::Handlers;
 pub use handlers::{MAX_BATCH_BYTES, MAX_PAGE_BYTES};
 pub use schemas::SchemaHandlers;
 pub use telemetry::RequestLayer;
-pub use transaction::{CommitOutcome, MAX_OPERATIONS};
+pub use transaction::MAX_OPERATIONS;
 pub use watch::Routed;
 
 use tokio::sync::mpsc;

@@ -8,7 +8,7 @@ use crate::auth::Caller;
 use crate::json;
 use crate::logging::Escaped;
 use crate::model::{ChangeType, CommitCommand, Field, Fields, Mode, Origin, TxnCommand};
-use crate::store::{Committed, Compute, Sent, StoreError, TxnAction, TxnDone, TxnOp};
+use crate::store::{Committed, Compute, RequestKey, Sent, StoreError, TxnAction, TxnDone, TxnOp};
 use crate::validation::{JsonPath, Problem, ValidationError};
 
 use super::core::Core;
@@ -17,12 +17,6 @@ use super::core::Core;
 /// rows (and, on Postgres, the revision allocation) locked.
 pub const MAX_OPERATIONS: usize = 100;
 
-/// A committed transaction and its id ("" when it changed nothing).
-pub struct CommitOutcome {
-    pub committed: Committed,
-    pub transaction_id: String,
-}
-
 impl Core {
     pub async fn commit(
         &self,
@@ -30,13 +24,25 @@ impl Core {
         command: CommitCommand,
         sent: Sent,
         mut origin: Origin,
-    ) -> Result<CommitOutcome, StoreError> {
+        single: bool,
+    ) -> Result<Committed, StoreError> {
         let CommitCommand {
             operations,
-            request_id: _,
+            request_id,
+            fingerprint,
         } = command;
         validate(&operations, &self.limits)?;
-        let transaction_id = uuid::Uuid::new_v4().to_string();
+        let request = validate_request_id(&request_id)?.then(|| RequestKey {
+            id: request_id,
+            fingerprint,
+            ttl: self.request_id_ttl,
+        });
+        // A single write retried by its request id runs as a transaction
+        // of one, and its event names no transaction.
+        let transaction_id = match single {
+            true => String::new(),
+            false => uuid::Uuid::new_v4().to_string(),
+        };
         origin.transaction_id = transaction_id.clone();
         let ops = operations
             .into_iter()
@@ -66,8 +72,7 @@ impl Core {
             })
             .collect::<Vec<_>>();
         let targets: Vec<_> = ops.iter().map(|op| (op.kind, op.id.clone())).collect();
-        let committed = self.store.commit(ops, sent, origin).await?;
-        let mut changed = 0usize;
+        let committed = self.store.commit(ops, sent, origin, request).await?;
         for ((kind, id), done) in targets.iter().zip(&committed.results) {
             let (wrote, version, revision) = match done {
                 TxnDone::Written(outcome) => (
@@ -80,7 +85,6 @@ impl Core {
             if !wrote {
                 continue;
             }
-            changed += 1;
             self.metrics
                 .events_written
                 .with_label_values(&[kind.as_str()])
@@ -92,19 +96,24 @@ impl Core {
                 id = %Escaped(id),
                 version,
                 revision,
-                transaction_id = %transaction_id,
+                transaction_id = %committed.transaction_id,
                 "metadata written in a transaction"
             );
         }
-        Ok(CommitOutcome {
-            transaction_id: if changed > 0 {
-                transaction_id
-            } else {
-                String::new()
-            },
-            committed,
-        })
+        Ok(committed)
     }
+}
+
+/// Whether the request carries a request id; INVALID_ARGUMENT if it is not
+/// a UUID (AIP-155).
+fn validate_request_id(request_id: &str) -> Result<bool, ValidationError> {
+    if request_id.is_empty() {
+        return Ok(false);
+    }
+    uuid::Uuid::try_parse(request_id).map_err(|_| {
+        ValidationError::new(JsonPath::root("request_id"), Problem::InvalidRequestId)
+    })?;
+    Ok(true)
 }
 
 /// The transaction's shape, then each operation as its own call checks it,

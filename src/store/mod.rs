@@ -29,6 +29,7 @@ mod migration;
 mod postgres;
 mod queries;
 mod reads;
+mod requests;
 mod rows;
 mod schemas;
 mod shared;
@@ -52,6 +53,7 @@ pub use postgres::{
     ANNOUNCER_APPLICATION_NAME, AnnouncerState, CommitAnnouncer, CommitListener, Heard,
     LEASE_APPLICATION_NAME, Lease, take_revision_sql,
 };
+pub use requests::RequestKey;
 pub use rows::Logged;
 pub use schemas::{MAX_LISTED_IDS, Nonconforming, SetSchema, StoredSchema};
 pub use transaction::{Committed, TxnAction, TxnDone, TxnOp};

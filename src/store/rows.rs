@@ -141,7 +141,7 @@ pub(super) fn snapshot(record: &Record) -> Value {
     })
 }
 
-fn from_snapshot(kind: Kind, id: &str, mut value: Value) -> Result<Record, StoreError> {
+pub(super) fn from_snapshot(kind: Kind, id: &str, mut value: Value) -> Result<Record, StoreError> {
     let bad = || {
         StoreError::Internal(format!(
             "malformed event snapshot for {} {id}",

@@ -10,6 +10,7 @@
 
 use tracing::Instrument;
 
+use super::requests::RequestKey;
 use super::write::{Compute, Done, Op, Sent, WriteOutcome};
 use super::{Store, StoreError};
 use crate::model::{ChangeType, Field, Kind, Origin};
@@ -49,6 +50,30 @@ pub struct Committed {
     pub results: Vec<TxnDone>,
     /// The last revision it wrote; 0 when it changed nothing.
     pub revision: u64,
+    /// On each of its events; empty when it changed nothing.
+    pub transaction_id: String,
+}
+
+impl Committed {
+    /// What `done` (one per operation) committed, under `transaction_id`.
+    pub(super) fn of(done: &[Done], transaction_id: &str) -> Committed {
+        let revision = done.iter().map(Done::committed).max().unwrap_or(0);
+        let results = done
+            .iter()
+            .map(|done| match done {
+                Done::Written(outcome) => TxnDone::Written(outcome.clone()),
+                Done::Deleted(existed, _) => TxnDone::Deleted { existed: *existed },
+            })
+            .collect();
+        Committed {
+            results,
+            revision,
+            transaction_id: match revision {
+                0 => String::new(),
+                _ => transaction_id.to_owned(),
+            },
+        }
+    }
 }
 
 impl Store {
@@ -57,12 +82,16 @@ impl Store {
     /// precondition, its schema, its input) is [`StoreError::Operation`]
     /// naming it, and nothing is written. The changed records' events take
     /// consecutive revisions and carry `origin` (its transaction id).
+    /// With a `request` key, a retry of a committed transaction is answered
+    /// its outcome without running again (`requests.rs`).
     pub async fn commit(
         &self,
         ops: Vec<TxnOp>,
         sent: Sent,
         origin: Origin,
+        request: Option<RequestKey>,
     ) -> Result<Committed, StoreError> {
+        let transaction_id = origin.transaction_id.clone();
         let mut at = Vec::with_capacity(ops.len());
         let ops: Vec<Op> = ops
             .into_iter()
@@ -107,15 +136,22 @@ impl Store {
             operations = ops.len() as i64,
             revision = tracing::field::Empty,
         );
-        let done = match &self.backend {
+        let request = request.as_ref();
+        let ran = match &self.backend {
             super::Backend::Sqlite(sqlite) => {
-                sqlite.run_transaction(ops).instrument(span.clone()).await
+                sqlite
+                    .run_transaction(ops, request, &transaction_id)
+                    .instrument(span.clone())
+                    .await
             }
             super::Backend::Postgres(postgres) => {
-                postgres.run_transaction(ops).instrument(span.clone()).await
+                postgres
+                    .run_transaction(ops, request, &transaction_id)
+                    .instrument(span.clone())
+                    .await
             }
         };
-        let done = match done {
+        let committed = match ran {
             Err(StoreError::Operation { index, source, .. }) => {
                 return Err(StoreError::Operation {
                     at: at.get(index).cloned().unwrap_or_default(),
@@ -125,19 +161,11 @@ impl Store {
             }
             other => other?,
         };
-        let revision = done.iter().map(Done::committed).max().unwrap_or(0);
-        span.record("revision", revision as i64);
+        span.record("revision", committed.revision as i64);
         self.shared
             .committed_here
-            .fetch_max(revision, std::sync::atomic::Ordering::SeqCst);
-        let results = done
-            .into_iter()
-            .map(|done| match done {
-                Done::Written(outcome) => TxnDone::Written(outcome),
-                Done::Deleted(existed, _) => TxnDone::Deleted { existed },
-            })
-            .collect();
-        Ok(Committed { results, revision })
+            .fetch_max(committed.revision, std::sync::atomic::Ordering::SeqCst);
+        Ok(committed)
     }
 }
 

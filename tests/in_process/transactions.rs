@@ -804,6 +804,8 @@ backend_tests!(
     bad_input_names_the_operation,
     no_reader_sees_part_of_a_transaction,
     transactions_under_concurrent_writers_are_all_or_nothing,
+    a_retried_request_id_is_answered_once,
+    an_expired_request_id_runs_again,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -840,4 +842,124 @@ async fn only_backend_keys_commit() {
         .unwrap()
         .into_inner();
     assert_eq!(done.revision, 1);
+}
+
+/// Item 3 (AIP-155): a Patch or Commit retried with its request id is
+/// answered the first attempt's outcome without writing again, after a
+/// restart too, and (Postgres) on another replica; a different request
+/// with the id is refused; an attempt that failed recorded nothing.
+async fn a_retried_request_id_is_answered_once(backend: Backend) {
+    let Some(mut s) = start(backend).await else {
+        return;
+    };
+    seed(&s).await;
+    let id = "9f1c7e52-4b7a-4f0e-9d36-2a5c8b1e7d40";
+    // Not idempotent by itself: each run appends.
+    let append = || PatchUserMetadataRequest {
+        user_id: "u1".into(),
+        public_metadata: Some(list(json!([{"op": "add", "path": "/log/-", "value": "x"}]))),
+        request_id: id.into(),
+        ..Default::default()
+    };
+    let mut users = s.users.clone();
+    // The first attempt fails (no /log yet): nothing is recorded.
+    let err = users.patch(append()).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    users
+        .merge(MergeUserMetadataRequest {
+            user_id: "u1".into(),
+            public_metadata: Some(structure(&json!({"log": []}))),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let first = users.patch(append()).await.unwrap().into_inner();
+    assert_eq!(field(&first.public_metadata)["log"], json!(["x"]));
+    let again = users.patch(append()).await.unwrap().into_inner();
+    assert_eq!(again, first, "answered, not run again");
+    let changed = PatchUserMetadataRequest {
+        public_metadata: Some(list(json!([{"op": "add", "path": "/log/-", "value": "y"}]))),
+        ..append()
+    };
+    let err = users.patch(changed).await.unwrap_err();
+    assert_eq!(
+        expect(&err, Reason::RequestIdReused).metadata["field"],
+        "request_id"
+    );
+    let err = users
+        .patch(PatchUserMetadataRequest {
+            request_id: "not-a-uuid".into(),
+            ..append()
+        })
+        .await
+        .unwrap_err();
+    expect(&err, Reason::InvalidRequestId);
+
+    let moved = || CommitRequest {
+        operations: vec![
+            patch_org("o1", json!([{"op": "add", "path": "/moves/-", "value": 1}])),
+            merge_user("u2", json!({"moved": true})),
+        ],
+        request_id: "0c3b5a7e-2f41-4d8e-b6a9-7e15c2d4f803".into(),
+    };
+    let mut txn = client(&s).await;
+    let err = txn.commit(moved()).await.unwrap_err();
+    expect(&err, Reason::InvalidPatch);
+    txn.commit(commit(vec![merge_org("o1", json!({"moves": []}), None)]))
+        .await
+        .unwrap();
+    let committed = txn.commit(moved()).await.unwrap().into_inner();
+    assert!(!committed.transaction_id.is_empty());
+    assert_eq!(txn.commit(moved()).await.unwrap().into_inner(), committed);
+
+    s.restart().await;
+    let mut users = s.users.clone();
+    assert_eq!(users.patch(append()).await.unwrap().into_inner(), first);
+    let mut txn = client(&s).await;
+    assert_eq!(txn.commit(moved()).await.unwrap().into_inner(), committed);
+    if backend == Backend::Postgres {
+        let replica = s.another_server().await;
+        let channel = crate::harness::connect(replica.local_addr()).await;
+        let mut txn = MetadataTransactionServiceClient::new(channel);
+        assert_eq!(txn.commit(moved()).await.unwrap().into_inner(), committed);
+        replica.shutdown().await.unwrap();
+    }
+    assert_eq!(user(&s, "u1").await.0["log"], json!(["x"]), "appended once");
+    assert_eq!(org(&s, "o1").await.0["moves"], json!([1]), "appended once");
+
+    // Sent twice at once: one runs, the other waits for its outcome.
+    let twice = || CommitRequest {
+        operations: vec![patch_org(
+            "o2",
+            json!([{"op": "add", "path": "/n", "value": 1}]),
+        )],
+        request_id: "5d2e8f14-9a6b-4c3d-8e7f-1a2b3c4d5e6f".into(),
+    };
+    let (mut a, mut b) = (client(&s).await, client(&s).await);
+    let (first, second) = tokio::join!(a.commit(twice()), b.commit(twice()));
+    let (first, second) = (first.unwrap().into_inner(), second.unwrap().into_inner());
+    assert_eq!(first, second);
+    assert_eq!(org(&s, "o2").await.1, 2, "written once");
+}
+
+/// Past the retry window a request id is new again: with a window of 0,
+/// a retry runs again.
+async fn an_expired_request_id_runs_again(backend: Backend) {
+    let Some(s) = start_with(backend, |c| c.request_id_ttl = Duration::ZERO).await else {
+        return;
+    };
+    seed(&s).await;
+    let request = || CommitRequest {
+        operations: vec![patch_org(
+            "o1",
+            json!([{"op": "replace", "path": "/seats", "value": 5}]),
+        )],
+        request_id: "3e4f5a6b-7c8d-4e9f-a0b1-c2d3e4f5a6b7".into(),
+    };
+    let mut txn = client(&s).await;
+    let first = txn.commit(request()).await.unwrap().into_inner();
+    assert_eq!(first.revision, 5);
+    // Runs again, and changes nothing this time.
+    let again = txn.commit(request()).await.unwrap().into_inner();
+    assert_eq!((again.revision, again.transaction_id.as_str()), (0, ""));
 }

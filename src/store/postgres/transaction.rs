@@ -22,15 +22,19 @@ use crate::model::{Kind, Record};
 use crate::store::StoreError;
 use crate::store::conns::Reuse;
 use crate::store::entities::metadata;
+use crate::store::requests::{Claim, RequestKey, claim_postgres, record_postgres};
 use crate::store::rows::{decode, record_from_row};
 use crate::store::transaction::in_operation;
-use crate::store::transaction::kinds;
+use crate::store::transaction::{Committed, kinds};
 use crate::store::write::{Done, Op, Plan, now, plan, written};
 
 /// Why a transaction's attempt stopped before its COMMIT.
 enum Stopped {
-    /// Nothing to write: every operation left its record as it was.
-    Unchanged(Vec<Done>),
+    /// Nothing to write: every operation left its record as it was (and
+    /// there is no request id to record).
+    Unchanged(Committed),
+    /// An earlier attempt with the request id committed: its outcome.
+    Answered(Committed),
     /// A statement wrote nothing (schemas moved, a revision voided, a
     /// first write lost to a concurrent one): roll back and run again.
     StartOver,
@@ -53,15 +57,26 @@ impl Postgres {
     pub(in crate::store) async fn run_transaction(
         &self,
         mut ops: Vec<Op>,
-    ) -> Result<Vec<Done>, StoreError> {
+        request: Option<&RequestKey>,
+        transaction_id: &str,
+    ) -> Result<Committed, StoreError> {
         loop {
             let mut held = self.begin().await?;
-            match self.attempt(held.connection(), &mut ops).await {
-                Ok(done) => {
+            let attempt = self.attempt(held.connection(), &mut ops, request, transaction_id);
+            match attempt.await {
+                Ok((committed, done)) => {
                     ops.iter().for_each(|op| op.sent().mark());
                     let session = held.session();
                     return match self.commit(held).await {
-                        Ok(()) => Ok(done),
+                        Ok(()) => Ok(committed),
+                        Err(err) if !err.leaves_usable() && committed.revision == 0 => {
+                            // Only the request id's outcome was written: no
+                            // event tells whether it committed. A retry
+                            // with the id is safe either way.
+                            Err(StoreError::InDoubt {
+                                detail: format!("{err} (a transaction that changed nothing)"),
+                            })
+                        }
                         Err(err) if !err.leaves_usable() => {
                             // All or nothing: its last event tells.
                             let (kind, id) = ops
@@ -74,14 +89,14 @@ impl Postgres {
                             let revision = done.iter().map(Done::committed).max().unwrap_or(0);
                             let trace = Trace::Revision { kind, id, revision };
                             self.settle_sent(session, trace, err).await?;
-                            Ok(done)
+                            Ok(committed)
                         }
                         Err(err) => Err(err.into()),
                     };
                 }
-                Err(Stopped::Unchanged(done)) => {
+                Err(Stopped::Unchanged(committed) | Stopped::Answered(committed)) => {
                     self.roll_back(held).await?;
-                    return Ok(done);
+                    return Ok(committed);
                 }
                 Err(Stopped::StartOver) => {
                     self.roll_back(held).await?;
@@ -101,13 +116,22 @@ impl Postgres {
         }
     }
 
-    /// Everything before the COMMIT: Ok with the results once every
-    /// operation's write is in the transaction.
+    /// Everything before the COMMIT: Ok with the outcome (and each
+    /// operation's result) once every write, and the outcome under the
+    /// request id if there is one, is in the transaction.
     async fn attempt(
         &self,
         connection: &mut PgConnection,
         ops: &mut [Op],
-    ) -> Result<Vec<Done>, Stopped> {
+        request: Option<&RequestKey>,
+        transaction_id: &str,
+    ) -> Result<(Committed, Vec<Done>), Stopped> {
+        if let Some(request) = request {
+            // First, before any record is locked (see `requests.rs`).
+            if let Claim::Answered(committed) = claim_postgres(connection, request).await? {
+                return Err(Stopped::Answered(committed));
+            }
+        }
         let mut targets: Vec<(Kind, String, bool)> = ops
             .iter()
             .map(|op| {
@@ -130,23 +154,15 @@ impl Postgres {
                 .map_err(|err| Stopped::Failed(in_operation(index, err)))?;
             plans.push((current, planned));
         }
-        if plans
+        let changes = plans
             .iter()
-            .all(|(_, planned)| matches!(planned, Plan::Unchanged(_)))
-        {
-            let done = plans
-                .into_iter()
-                .map(|(_, planned)| match planned {
-                    Plan::Unchanged(done) => done,
-                    Plan::Store { .. } => unreachable!("checked above"),
-                })
-                .collect();
-            return Err(Stopped::Unchanged(done));
+            .any(|(_, planned)| matches!(planned, Plan::Store { .. }));
+        if changes {
+            sqlx::query("SELECT pg_advisory_xact_lock($1, 0)")
+                .bind(ALLOC_CLASS)
+                .execute(&mut *connection)
+                .await?;
         }
-        sqlx::query("SELECT pg_advisory_xact_lock($1, 0)")
-            .bind(ALLOC_CLASS)
-            .execute(&mut *connection)
-            .await?;
         let mut done = Vec::with_capacity(ops.len());
         let mut wrote = false;
         // `iter_mut`: a shared `&Op` held across an await would make the
@@ -176,7 +192,13 @@ impl Postgres {
             wrote = true;
             done.push(written(op, Record { revision, ..next }));
         }
-        Ok(done)
+        let committed = Committed::of(&done, transaction_id);
+        match request {
+            Some(request) => record_postgres(connection, request, &committed).await?,
+            None if !changes => return Err(Stopped::Unchanged(committed)),
+            None => {}
+        }
+        Ok((committed, done))
     }
 }
 

@@ -32,20 +32,34 @@ use tracing::Instrument;
 use super::write::step;
 use crate::store::StoreError;
 use crate::store::conns::{Conns, Held, within};
+use crate::store::requests::{Claim, RequestKey, claim_sqlite, record_sqlite};
 use crate::store::shared::Shared;
-use crate::store::transaction::{in_operation, kinds};
+use crate::store::transaction::{Committed, in_operation, kinds};
 use crate::store::write::{Done, Op, Step};
 
 /// Most writes in one transaction: bounds how long the first one waits.
 const MAX_GROUP: usize = 64;
+
+/// What makes a job a transaction.
+#[derive(Clone)]
+struct Txn {
+    id: String,
+    request: Option<RequestKey>,
+}
+
+/// What a job did.
+pub(super) enum Ran {
+    Single(Done),
+    Transaction(Committed),
+}
 
 struct Job {
     /// One write, or a transaction's operations.
     ops: Vec<Op>,
     /// A transaction: its operations apply together or not at all, and a
     /// refusal names the operation.
-    transaction: bool,
-    reply: oneshot::Sender<Result<Vec<Done>, StoreError>>,
+    transaction: Option<Txn>,
+    reply: oneshot::Sender<Result<Ran, StoreError>>,
     /// The caller's span, when traced: the group's span joins its trace.
     span: tracing::Span,
 }
@@ -78,17 +92,34 @@ impl Committer {
     }
 
     pub(super) async fn submit(&self, op: Op) -> Result<Done, StoreError> {
-        let mut done = self.run(vec![op], false).await?;
-        done.pop()
-            .ok_or_else(|| StoreError::Internal("a write answered nothing".into()))
+        match self.run(vec![op], None).await? {
+            Ran::Single(done) => Ok(done),
+            Ran::Transaction(_) => Err(StoreError::Internal(
+                "a write answered as a transaction".into(),
+            )),
+        }
     }
 
     /// A transaction's operations, all applied or none.
-    pub(super) async fn commit(&self, ops: Vec<Op>) -> Result<Vec<Done>, StoreError> {
-        self.run(ops, true).await
+    pub(super) async fn commit(
+        &self,
+        ops: Vec<Op>,
+        request: Option<RequestKey>,
+        transaction_id: &str,
+    ) -> Result<Committed, StoreError> {
+        let transaction = Txn {
+            id: transaction_id.to_owned(),
+            request,
+        };
+        match self.run(ops, Some(transaction)).await? {
+            Ran::Transaction(committed) => Ok(committed),
+            Ran::Single(_) => Err(StoreError::Internal(
+                "a transaction answered as a write".into(),
+            )),
+        }
     }
 
-    async fn run(&self, ops: Vec<Op>, transaction: bool) -> Result<Vec<Done>, StoreError> {
+    async fn run(&self, ops: Vec<Op>, transaction: Option<Txn>) -> Result<Ran, StoreError> {
         if self.queued.load(Ordering::SeqCst) == 0
             && let Some(held) = self.writer.connection.try_get().await
         {
@@ -154,38 +185,62 @@ enum Stopped {
 }
 
 /// A job's operations in order, in the transaction on `connection`; with
-/// whether any of them wrote. A transaction passes the `transaction_step`
-/// pause point between two of its writes.
+/// whether it wrote. A transaction claims its request id first, if it has
+/// one (and is answered at once if an earlier attempt committed), passes
+/// the `transaction_step` pause point between two of its writes, and
+/// records its outcome under the id last.
 async fn run_ops(
     shared: &Shared,
     connection: &mut SqliteConnection,
     ops: &mut [Op],
-    transaction: bool,
-) -> Result<(Vec<Done>, bool), Stopped> {
-    let mut done = Vec::with_capacity(ops.len());
+    transaction: Option<&Txn>,
+) -> Result<(Ran, bool), Stopped> {
     let mut wrote = false;
+    let request = transaction.and_then(|t| t.request.as_ref());
+    if let Some(request) = request {
+        match claim_sqlite(connection, request).await {
+            Ok(Claim::Taken) => wrote = true,
+            Ok(Claim::Answered(committed)) => return Ok((Ran::Transaction(committed), false)),
+            Err(err) if refused(&err) => return Err(Stopped::Refused(err)),
+            Err(err) => return Err(Stopped::Failed(err)),
+        }
+    }
+    let mut done = Vec::with_capacity(ops.len());
+    let mut changed = false;
     for (index, op) in ops.iter_mut().enumerate() {
-        if wrote && transaction {
+        if changed && transaction.is_some() {
             shared.pauses.transaction_step.pass().await;
         }
         match step(shared, connection, op).await {
             Ok(Step::Unchanged(result)) => done.push(result),
             Ok(Step::Written(result)) => {
-                wrote = true;
+                changed = true;
                 done.push(result);
             }
             Ok(Step::StartOver) => return Err(Stopped::StartOver),
             Err(err) if refused(&err) => {
                 let err = match transaction {
-                    true => in_operation(index, err),
-                    false => err,
+                    Some(_) => in_operation(index, err),
+                    None => err,
                 };
                 return Err(Stopped::Refused(err));
             }
             Err(err) => return Err(Stopped::Failed(err)),
         }
     }
-    Ok((done, wrote))
+    let Some(transaction) = transaction else {
+        let done = done
+            .pop()
+            .ok_or_else(|| Stopped::Failed(StoreError::Internal("a job without a write".into())))?;
+        return Ok((Ran::Single(done), changed));
+    };
+    let committed = Committed::of(&done, &transaction.id);
+    if let Some(request) = request {
+        record_sqlite(connection, request, &committed)
+            .await
+            .map_err(Stopped::Failed)?;
+    }
+    Ok((Ran::Transaction(committed), wrote || changed))
 }
 
 async fn execute(connection: &mut SqliteConnection, sql: &'static str) -> Result<(), StoreError> {
@@ -269,7 +324,7 @@ async fn run_group(writer: &Writer, mut group: Vec<Job>) {
 async fn try_group(
     writer: &Writer,
     group: &mut Vec<Job>,
-) -> Result<Vec<Result<Vec<Done>, StoreError>>, StoreError> {
+) -> Result<Vec<Result<Ran, StoreError>>, StoreError> {
     let mut held = writer.begin().await?;
     // Marked before the check: a caller that gives up after its mark is
     // told its write may have happened, and it will (see `Sent`).
@@ -283,7 +338,9 @@ async fn try_group(
     let mut results = Vec::with_capacity(group.len());
     let mut wrote = false;
     for job in group.iter_mut() {
-        let savepoint = job.ops.len() > 1;
+        // A transaction's claim and writes are undone together when one of
+        // its operations refuses; a single write that refuses wrote nothing.
+        let savepoint = job.transaction.is_some();
         if savepoint {
             execute(held.connection(), "SAVEPOINT txn").await?;
         }
@@ -291,7 +348,7 @@ async fn try_group(
             &writer.shared,
             held.connection(),
             &mut job.ops,
-            job.transaction,
+            job.transaction.as_ref(),
         )
         .await
         {
@@ -384,7 +441,7 @@ impl Writer {
 
     /// One job in its own transaction, started over (with the kinds'
     /// schemas read again) while a statement writes nothing.
-    async fn run_alone(&self, ops: Vec<Op>, transaction: bool) -> Result<Vec<Done>, StoreError> {
+    async fn run_alone(&self, ops: Vec<Op>, transaction: Option<Txn>) -> Result<Ran, StoreError> {
         let held = self.connection.get().await?;
         self.run_alone_on(held, ops, transaction).await
     }
@@ -394,8 +451,8 @@ impl Writer {
         &self,
         held: Held<SqliteConnection>,
         mut ops: Vec<Op>,
-        transaction: bool,
-    ) -> Result<Vec<Done>, StoreError> {
+        transaction: Option<Txn>,
+    ) -> Result<Ran, StoreError> {
         let mut first = Some(held);
         loop {
             let mut held = match first.take() {
@@ -407,7 +464,14 @@ impl Writer {
                 }
                 None => self.begin().await?,
             };
-            match run_ops(&self.shared, held.connection(), &mut ops, transaction).await {
+            match run_ops(
+                &self.shared,
+                held.connection(),
+                &mut ops,
+                transaction.as_ref(),
+            )
+            .await
+            {
                 Ok((done, false)) => {
                     rollback(held).await?;
                     return Ok(done);

@@ -67,8 +67,15 @@ impl Sqlite {
         self.committer.submit(op).await
     }
 
-    pub(super) async fn run_transaction(&self, ops: Vec<Op>) -> Result<Vec<Done>, StoreError> {
-        self.committer.commit(ops).await
+    pub(super) async fn run_transaction(
+        &self,
+        ops: Vec<Op>,
+        request: Option<&crate::store::RequestKey>,
+        transaction_id: &str,
+    ) -> Result<crate::store::Committed, StoreError> {
+        self.committer
+            .commit(ops, request.cloned(), transaction_id)
+            .await
     }
 
     /// The dispatcher's tail of the log, on a connection of its own.
