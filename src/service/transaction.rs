@@ -32,7 +32,7 @@ impl Core {
             fingerprint,
         } = command;
         validate(&operations, &self.limits)?;
-        let request = validate_request_id(&request_id)?.then(|| RequestKey {
+        let request = validate_request_id(&request_id)?.then_some(RequestKey {
             id: request_id,
             fingerprint,
             ttl: self.request_id_ttl,

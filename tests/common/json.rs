@@ -29,6 +29,16 @@ pub fn structure(json: &Json) -> Struct {
     }
 }
 
+/// Panics unless `json` is an array (a JSON Patch, say).
+pub fn list(json: &Json) -> ListValue {
+    let Json::Array(items) = json else {
+        panic!("not an array: {json}")
+    };
+    ListValue {
+        values: items.iter().map(value).collect(),
+    }
+}
+
 /// The JSON a client would see. Integral numbers compare equal to integers.
 pub fn json(value: &Value) -> Json {
     match value.kind.as_ref().expect("value is set") {

@@ -428,11 +428,6 @@ impl Patch {
         }
     }
 
-    pub fn request_id(mut self, id: &str) -> Patch {
-        self.request_id = id.into();
-        self
-    }
-
     /// `field`'s patch, from its JSON (which must be a list).
     pub fn ops(mut self, field: Field, ops: Json) -> Patch {
         let Some(prost_types::value::Kind::ListValue(list)) = value(&ops).kind else {

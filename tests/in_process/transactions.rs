@@ -26,7 +26,7 @@ use tonic::{Code, Status};
 
 use crate::auth::{BACKEND_KEY, USER, authenticator, session, with_token};
 use crate::common::Backend;
-use crate::common::json::{field, structure, value};
+use crate::common::json::{field, structure};
 use crate::error_details::expect;
 use crate::harness::{TestServer, start, start_with};
 
@@ -58,10 +58,7 @@ fn merge_org(id: &str, public: Json, expected_version: Option<u64>) -> Transacti
 }
 
 fn list(ops: Json) -> prost_types::ListValue {
-    match value(&ops).kind {
-        Some(prost_types::value::Kind::ListValue(list)) => list,
-        _ => panic!("a JSON Patch is a list: {ops}"),
-    }
+    crate::common::json::list(&ops)
 }
 
 fn patch_user(id: &str, ops: Json) -> TransactionOperation {

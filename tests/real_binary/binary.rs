@@ -833,6 +833,170 @@ on_both_backends!(
     crash_during_writes_loses_nothing
 );
 
+/// kill -9 while transactions move seats between organizations (each a
+/// Commit of two Patches that test the counts they read): after a restart
+/// no seat is lost or made, each transaction in the log has both its
+/// events on consecutive revisions, and each organization's version equals
+/// its number of events: none half-applied.
+async fn crash_during_transactions_leaves_none_half_applied(database_url: &str) {
+    use metadata_service::proto::v1::metadata_transaction_service_client::MetadataTransactionServiceClient;
+    use metadata_service::proto::v1::organization_metadata_service_client::OrganizationMetadataServiceClient;
+    use metadata_service::proto::v1::transaction_operation::Operation;
+    use metadata_service::proto::v1::{
+        BatchGetOrganizationMetadataRequest, CommitRequest, MergeOrganizationMetadataRequest,
+        PatchOrganizationMetadataRequest, TransactionOperation,
+    };
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    const WRITERS: usize = 6;
+    const ORGS: usize = 4;
+    const SEATS: i64 = 400;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(database_url, dir.path()).await;
+    let channel = server.channel().await.unwrap();
+    let ids: Vec<String> = (0..ORGS).map(|i| format!("seats{i}")).collect();
+    let mut orgs = OrganizationMetadataServiceClient::new(channel.clone());
+    for id in &ids {
+        orgs.merge(MergeOrganizationMetadataRequest {
+            organization_id: id.clone(),
+            public_metadata: Some(structure(&json!({"seats": SEATS / ORGS as i64}))),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let seats = |mut orgs: OrganizationMetadataServiceClient<Channel>, ids: Vec<String>| async move {
+        let batch = orgs
+            .batch_get(BatchGetOrganizationMetadataRequest {
+                organization_ids: ids,
+                revision: None,
+            })
+            .await?
+            .into_inner();
+        Ok::<_, tonic::Status>(
+            batch
+                .organizations
+                .iter()
+                .map(|o| field(&o.public_metadata)["seats"].as_i64().unwrap())
+                .collect::<Vec<i64>>(),
+        )
+    };
+    let patch = |id: &str, from: i64, to: i64| TransactionOperation {
+        operation: Some(Operation::PatchOrganization(
+            PatchOrganizationMetadataRequest {
+                organization_id: id.into(),
+                public_metadata: Some(common::json::list(&json!([
+                    {"op": "test", "path": "/seats", "value": from},
+                    {"op": "replace", "path": "/seats", "value": to}
+                ]))),
+                ..Default::default()
+            },
+        )),
+    };
+    let acked: Arc<Vec<AtomicU64>> = Arc::new((0..WRITERS).map(|_| AtomicU64::new(0)).collect());
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let mut txn = MetadataTransactionServiceClient::new(channel.clone());
+        let orgs = OrganizationMetadataServiceClient::new(channel.clone());
+        let (acked, ids) = (acked.clone(), ids.clone());
+        tasks.push(tokio::spawn(async move {
+            for n in 0usize.. {
+                let (from, to) = ((w + n) % ORGS, (w + n + 1) % ORGS);
+                let Ok(now) = seats(orgs.clone(), ids.clone()).await else {
+                    return;
+                };
+                if now[from] == 0 {
+                    continue;
+                }
+                let request = CommitRequest {
+                    operations: vec![
+                        patch(&ids[from], now[from], now[from] - 1),
+                        patch(&ids[to], now[to], now[to] + 1),
+                    ],
+                    request_id: String::new(),
+                };
+                match txn.commit(request).await {
+                    Ok(_) => {
+                        acked[w].fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(status) if status.code() == tonic::Code::Aborted => {}
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    until_every_writer_is_under_way(&acked).await;
+    server.kill().await;
+    for task in tasks {
+        task.await.unwrap();
+    }
+
+    let server = Server::start(database_url, dir.path()).await;
+    let orgs = OrganizationMetadataServiceClient::new(server.channel().await.unwrap());
+    let now = seats(orgs.clone(), ids.clone()).await.unwrap();
+    assert_eq!(
+        now.iter().sum::<i64>(),
+        SEATS,
+        "seats after the crash: {now:?}"
+    );
+    let db = Database::connect(database_url).await.unwrap();
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT revision, id, transaction_id, after FROM events \
+             WHERE change_type <> 'void' ORDER BY revision",
+        ))
+        .await
+        .unwrap();
+    let mut transactions: std::collections::HashMap<String, Vec<i64>> = Default::default();
+    let mut events_of: std::collections::HashMap<String, u64> = Default::default();
+    for row in &rows {
+        let revision: i64 = row.try_get("", "revision").unwrap();
+        let id: String = row.try_get("", "id").unwrap();
+        let transaction: String = row.try_get("", "transaction_id").unwrap();
+        *events_of.entry(id).or_default() += 1;
+        if !transaction.is_empty() {
+            transactions.entry(transaction).or_default().push(revision);
+        }
+    }
+    db.close().await.ok();
+    let committed: u64 = acked.iter().map(|n| n.load(Ordering::SeqCst)).sum();
+    assert!(
+        transactions.len() as u64 >= committed,
+        "every acknowledged one is there"
+    );
+    for (transaction, revisions) in &transactions {
+        assert_eq!(revisions.len(), 2, "{transaction}: {revisions:?}");
+        assert_eq!(
+            revisions[1],
+            revisions[0] + 1,
+            "{transaction}: {revisions:?}"
+        );
+    }
+    let mut orgs = orgs;
+    for id in &ids {
+        let stored = orgs
+            .get(
+                metadata_service::proto::v1::GetOrganizationMetadataRequest {
+                    organization_id: id.clone(),
+                    revision: None,
+                },
+            )
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(stored.version, events_of[id], "{id}: one event per version");
+    }
+    server.stop("TERM").await;
+}
+
+on_both_backends!(
+    crash_during_transactions_sqlite,
+    crash_during_transactions_postgres,
+    crash_during_transactions_leaves_none_half_applied
+);
+
 /// SIGTERM during a write load: health turns NOT_SERVING, Watch streams end
 /// with UNAVAILABLE, every call either completes (and is then stored) or
 /// fails with UNAVAILABLE (and wrote nothing), and the process exits 0.
