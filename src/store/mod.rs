@@ -53,10 +53,10 @@ pub use postgres::{
     ANNOUNCER_APPLICATION_NAME, AnnouncerState, CommitAnnouncer, CommitListener, Heard,
     LEASE_APPLICATION_NAME, Lease, take_revision_sql,
 };
-pub use requests::RequestKey;
+
 pub use rows::Logged;
 pub use schemas::{MAX_LISTED_IDS, Nonconforming, SetSchema, StoredSchema};
-pub use transaction::{Committed, TxnAction, TxnDone, TxnOp};
+pub use transaction::{Committed, RequestKey, TxnAction, TxnDone, TxnOp};
 pub use write::{Compute, Sent, WriteOutcome};
 
 use crate::model::{ChangeType, Field, Kind, Origin, Record};

@@ -10,40 +10,14 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use sea_orm::sqlx::{self, PgConnection, Row, SqliteConnection};
 use serde_json::{Value, json};
 
 use super::StoreError;
 use super::rows::{from_snapshot, snapshot};
-use super::transaction::{Committed, TxnDone};
+use super::transaction::{Committed, RequestKey, TxnDone};
 use super::write::WriteOutcome;
 use crate::model::Kind;
-use crate::validation::{JsonPath, Problem, ValidationError};
-
-/// A request id and what identifies the request it was first used for.
-#[derive(Clone, Debug)]
-pub struct RequestKey {
-    pub id: String,
-    /// A digest of the request (and its caller), without the id: the same
-    /// id with a different request is refused.
-    pub fingerprint: String,
-    /// How long an outcome answers retries.
-    pub ttl: Duration,
-}
-
-impl RequestKey {
-    fn cutoff(&self) -> DateTime<Utc> {
-        let ttl = chrono::Duration::from_std(self.ttl).unwrap_or(chrono::Duration::MAX);
-        Utc::now()
-            .checked_sub_signed(ttl)
-            .unwrap_or(DateTime::<Utc>::MIN_UTC)
-    }
-
-    fn reused(&self) -> StoreError {
-        ValidationError::new(JsonPath::root("request_id"), Problem::RequestIdReused).into()
-    }
-}
 
 /// What a claim found.
 pub(super) enum Claim {

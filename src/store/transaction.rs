@@ -8,12 +8,39 @@
 //! dispatcher and the relay read and publish a transaction's events as one
 //! unit (`events::broker`, `relay`).
 
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
 use tracing::Instrument;
 
-use super::requests::RequestKey;
 use super::write::{Compute, Done, Op, Sent, WriteOutcome};
 use super::{Store, StoreError};
 use crate::model::{ChangeType, Field, Kind, Origin};
+use crate::validation::{JsonPath, Problem, ValidationError};
+
+/// A request id and what identifies the request it was first used for.
+#[derive(Clone, Debug)]
+pub struct RequestKey {
+    pub id: String,
+    /// A digest of the request (and its caller), without the id: the same
+    /// id with a different request is refused.
+    pub fingerprint: String,
+    /// How long an outcome answers retries.
+    pub ttl: Duration,
+}
+
+impl RequestKey {
+    pub(super) fn cutoff(&self) -> DateTime<Utc> {
+        let ttl = chrono::Duration::from_std(self.ttl).unwrap_or(chrono::Duration::MAX);
+        Utc::now()
+            .checked_sub_signed(ttl)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC)
+    }
+
+    pub(super) fn reused(&self) -> StoreError {
+        ValidationError::new(JsonPath::root("request_id"), Problem::RequestIdReused).into()
+    }
+}
 
 /// One operation of a transaction.
 pub struct TxnOp {

@@ -22,10 +22,10 @@ use crate::model::{Kind, Record};
 use crate::store::StoreError;
 use crate::store::conns::Reuse;
 use crate::store::entities::metadata;
-use crate::store::requests::{Claim, RequestKey, claim_postgres, record_postgres};
+use crate::store::requests::{Claim, claim_postgres, record_postgres};
 use crate::store::rows::{decode, record_from_row};
 use crate::store::transaction::in_operation;
-use crate::store::transaction::{Committed, kinds};
+use crate::store::transaction::{Committed, RequestKey, kinds};
 use crate::store::write::{Done, Op, Plan, now, plan, written};
 
 /// Why a transaction's attempt stopped before its COMMIT.

@@ -32,9 +32,9 @@ use tracing::Instrument;
 use super::write::step;
 use crate::store::StoreError;
 use crate::store::conns::{Conns, Held, within};
-use crate::store::requests::{Claim, RequestKey, claim_sqlite, record_sqlite};
+use crate::store::requests::{Claim, claim_sqlite, record_sqlite};
 use crate::store::shared::Shared;
-use crate::store::transaction::{Committed, in_operation, kinds};
+use crate::store::transaction::{Committed, RequestKey, in_operation, kinds};
 use crate::store::write::{Done, Op, Step};
 
 /// Most writes in one transaction: bounds how long the first one waits.
