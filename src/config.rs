@@ -100,6 +100,7 @@ impl Cli {
                 command,
             )),
             Some(Command::Schema(command)) => Run::Client(Invocation::Schema(command)),
+            Some(Command::Txn(command)) => Run::Client(Invocation::Txn(command)),
         }
     }
 }
@@ -325,6 +326,9 @@ pub enum Command {
     Org(crate::client::ClientCommand),
     /// Call a running server: the JSON Schemas of metadata fields (get, set, delete).
     Schema(crate::client::SchemaCommand),
+    /// Call a running server: several writes of users and organizations,
+    /// all applied or none (a CommitRequest as JSON).
+    Txn(crate::client::TxnCommand),
 }
 
 #[derive(Debug, Args)]

@@ -1,6 +1,7 @@
 //! The command-line client: `metadata-service user|org get|merge|replace|
 //! delete|watch|batch-get|list`, and `metadata-service schema get|set|delete`
-//! (`schemas.rs`). Values are JSON given inline, as `@file.json`, or `-` for
+//! (`schemas.rs`), and `metadata-service txn --file FILE|-`
+//! (`transaction.rs`). Values are JSON given inline, as `@file.json`, or `-` for
 //! standard input (a schema: `--file path` or `--file -`), and are all
 //! parsed before any call is made. Results are printed as JSON (indented on
 //! a terminal, one line when piped).
@@ -13,6 +14,7 @@
 mod output;
 mod records;
 pub mod schemas;
+pub mod transaction;
 
 use std::error::Error as _;
 use std::io::{IsTerminal, Read};
@@ -34,6 +36,7 @@ use crate::proto::v1::organization_metadata_service_client::OrganizationMetadata
 use crate::proto::v1::user_metadata_service_client::UserMetadataServiceClient;
 use records::{Calls, Intercepted};
 pub use schemas::SchemaCommand;
+pub use transaction::TxnCommand;
 
 /// What the client is asked to do.
 #[derive(Debug)]
@@ -42,6 +45,8 @@ pub enum Invocation {
     Metadata(Kind, ClientCommand),
     /// `schema ...`: the JSON Schemas of the metadata fields.
     Schema(SchemaCommand),
+    /// `txn ...`: several writes, all or none.
+    Txn(TxnCommand),
 }
 
 impl Invocation {
@@ -49,6 +54,7 @@ impl Invocation {
         match self {
             Invocation::Metadata(_, command) => &command.connection,
             Invocation::Schema(command) => &command.connection,
+            Invocation::Txn(command) => &command.connection,
         }
     }
 }
@@ -262,6 +268,7 @@ pub async fn run(invocation: Invocation) -> ExitCode {
     let done = match invocation {
         Invocation::Metadata(kind, command) => execute(kind, command).await,
         Invocation::Schema(command) => schemas::execute(command).await,
+        Invocation::Txn(command) => transaction::execute(command).await,
     };
     match done {
         Ok(()) => ExitCode::SUCCESS,

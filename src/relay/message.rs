@@ -6,12 +6,10 @@
 //! stream is complete once it is stored. That is what a restarted relay
 //! reads back from the stream's last message to continue exactly after it.
 
-use std::sync::OnceLock;
-
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use prost::Message;
-use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
+use prost_reflect::{DynamicMessage, SerializeOptions};
 
 use super::subject;
 use crate::api::{ApiKind, Organizations, Users};
@@ -59,15 +57,6 @@ fn message_name(kind: Kind) -> &'static str {
     }
 }
 
-/// The service's descriptors, for the JSON form.
-fn pool() -> &'static DescriptorPool {
-    static POOL: OnceLock<DescriptorPool> = OnceLock::new();
-    POOL.get_or_init(|| {
-        DescriptorPool::decode(crate::proto::FILE_DESCRIPTOR_SET)
-            .expect("the built-in descriptor set decodes")
-    })
-}
-
 /// The event's message, encoded.
 pub fn event_protobuf(event: &Event) -> Vec<u8> {
     match event.kind() {
@@ -80,7 +69,7 @@ pub fn event_protobuf(event: &Event) -> Vec<u8> {
 /// integers as strings, enums by name, timestamps in RFC 3339), made by
 /// prost-reflect from the descriptors, so it follows the proto exactly.
 pub fn event_json(event: &Event) -> Vec<u8> {
-    let descriptor = pool()
+    let descriptor = crate::proto::descriptor_pool()
         .get_message_by_name(message_name(event.kind()))
         .expect("the event messages are in the descriptor set");
     let message = DynamicMessage::decode(descriptor, event_protobuf(event).as_slice())

@@ -1397,3 +1397,67 @@ async fn schema_refusals_and_their_exit_statuses() {
     let got = schema(&s, &["get", "user", "public"], None);
     assert_eq!(got["version"], json!(0), "nothing was set: {got}");
 }
+
+/// `txn --file FILE|-`: a CommitRequest as JSON (camelCase or the proto's
+/// names), answered with every result in order; a refused operation exits
+/// 64 + ABORTED and writes nothing; JSON that is not a CommitRequest is bad
+/// input (exit 2) before any call; `--request-id` makes a retry answer the
+/// first outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txn_commits_from_a_file_or_standard_input() {
+    let s = start(Backend::Sqlite).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("move.json");
+    std::fs::write(
+        &file,
+        r#"{"operations": [
+            {"mergeUser": {"userId": "u1", "publicMetadata": {"org": "o1"}}},
+            {"merge_organization": {"organization_id": "o1", "public_metadata": {"seats": 1}}},
+            {"deleteUser": {"userId": "nobody"}}
+        ]}"#,
+    )
+    .unwrap();
+    let done = json_out(&cli(&s, &["txn", "--file", file.to_str().unwrap()], None));
+    assert_eq!(done["revision"], json!(2));
+    assert_eq!(done["results"][0]["user_id"], json!("u1"));
+    assert_eq!(done["results"][0]["public_metadata"], json!({"org": "o1"}));
+    assert_eq!(done["results"][1]["organization_id"], json!("o1"));
+    assert_eq!(done["results"][2], json!({"deleted": {"existed": false}}));
+    assert_eq!(done["transaction_id"].as_str().unwrap().len(), 36);
+
+    let refused = r#"{"operations": [
+        {"mergeUser": {"userId": "u2", "publicMetadata": {"a": 1}}},
+        {"patchOrganization": {"organizationId": "o1",
+            "publicMetadata": [{"op": "test", "path": "/seats", "value": 9}]}}
+    ]}"#;
+    let out = cli(&s, &["txn", "--file", "-"], Some(refused));
+    assert_eq!(out.status.code(), Some(64 + 10), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("PATCH_TEST_FAILED"), "{stderr}");
+    assert!(
+        stderr.contains("operations[1].patch_organization"),
+        "{stderr}"
+    );
+    let u2 = json_out(&cli(&s, &["user", "get", "u2"], None));
+    assert_eq!(u2["version"], json!(0), "nothing written");
+
+    let out = cli(&s, &["txn", "--file", "-"], Some(r#"{"operationz": []}"#));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a CommitRequest"));
+
+    let append = r#"{"operations": [{"patchUser": {"userId": "u1",
+        "publicMetadata": [{"op": "add", "path": "/n", "value": 1}]}}]}"#;
+    let id = "2b7e3c1d-5f4a-4b6c-8d9e-0a1b2c3d4e5f";
+    let first = json_out(&cli(
+        &s,
+        &["txn", "--file", "-", "--request-id", id],
+        Some(append),
+    ));
+    let again = json_out(&cli(
+        &s,
+        &["txn", "--file", "-", "--request-id", id],
+        Some(append),
+    ));
+    assert_eq!(first, again, "a retry answers the first outcome");
+    assert_eq!(first["results"][0]["version"], json!(2));
+}

@@ -165,6 +165,7 @@ fn role(text: &str) -> Option<Role> {
         ["metadata-service", "user" | "org" | "schema", action, ..] => Role::Client {
             streaming: *action == "watch" && !text.contains("--max-events"),
         },
+        ["metadata-service", "txn", ..] => Role::Client { streaming: false },
         ["metadata-service", "relay", ..] => Role::Elsewhere(
             "tests/real_binary/relay.rs runs the relay against Postgres and a real NATS",
         ),
@@ -390,7 +391,7 @@ impl Reader {
         write_executable(
             &bin.join("metadata-service"),
             "#!/bin/sh\n\
-             case \"$1\" in user|org|schema) exec \"$README_BIN\" \"$@\" ;; esac\n\
+             case \"$1\" in user|org|schema|txn) exec \"$README_BIN\" \"$@\" ;; esac\n\
              for arg in \"$@\"; do printf '%s\\0' \"$arg\"; done > \"$README_SERVER_ARGS\"\n",
         );
         // The grpcurl the test located, whatever the scratch directory
