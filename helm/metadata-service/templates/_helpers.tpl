@@ -383,6 +383,7 @@ watchPollInterval: METADATA_WATCH_POLL_INTERVAL
 watchBuffer: METADATA_WATCH_BUFFER
 eventRetention: METADATA_EVENT_RETENTION
 eventPruneInterval: METADATA_EVENT_PRUNE_INTERVAL
+requestIdTtl: METADATA_REQUEST_ID_TTL
 shutdownGrace: METADATA_SHUTDOWN_GRACE
 disableReflection: METADATA_DISABLE_REFLECTION
 logFormat: METADATA_LOG_FORMAT
@@ -553,7 +554,7 @@ fails with a message saying what to change.
 {{- if le (mul (int64 $v.terminationGracePeriodSeconds) 1000) $stopMs }}
 {{- fail (printf "terminationGracePeriodSeconds=%d must be greater than config.shutdownGrace (%s) plus lifecycle.preStopSleepSeconds (%d): Kubernetes kills the pod at terminationGracePeriodSeconds, before open calls could finish. Raise terminationGracePeriodSeconds (leave a few seconds of margin) or lower config.shutdownGrace" (int64 $v.terminationGracePeriodSeconds) (toString (default "10s" $v.config.shutdownGrace)) (int64 $v.lifecycle.preStopSleepSeconds)) }}
 {{- end }}
-{{- range $key := list "dbConnectTimeout" "dbTimeout" "dbHealthInterval" "sqliteBusyTimeout" "watchProgressInterval" "watchPollInterval" "eventRetention" "eventPruneInterval" }}
+{{- range $key := list "dbConnectTimeout" "dbTimeout" "dbHealthInterval" "sqliteBusyTimeout" "watchProgressInterval" "watchPollInterval" "eventRetention" "eventPruneInterval" "requestIdTtl" }}
 {{- $d := index $v.config . }}
 {{- if $d }}
 {{- $_ := include "metadata-service.durationMillis" (list (printf "config.%s" $key) $d) }}
