@@ -44,10 +44,15 @@ impl Store {
         limit: u64,
     ) -> Result<Vec<Logged>, StoreError> {
         let mut entries = self.read_log_once(after, up_to, limit).await?;
-        if let Some(Logged {
-            revision,
-            event: Some(event),
-        }) = entries.last()
+        // Only a read that `limit` or `up_to` stopped can end inside one:
+        // below both, the rest of a transaction would have been read too.
+        let stopped = entries.len() as u64 >= limit
+            || entries.last().is_some_and(|entry| entry.revision >= up_to);
+        if stopped
+            && let Some(Logged {
+                revision,
+                event: Some(event),
+            }) = entries.last()
             && !event.origin.transaction_id.is_empty()
         {
             let (last, transaction) = (*revision, event.origin.transaction_id.clone());

@@ -39,7 +39,7 @@ const USERS: &str = "metadata.v1.UserMetadataService";
 
 /// Settings the binary reads from the environment; cleared so that the
 /// caller's environment cannot change what a test sees.
-const ENV_VARS: [&str; 39] = [
+const ENV_VARS: [&str; 40] = [
     "METADATA_API_KEYS",
     "METADATA_API_KEYS_FILE",
     "METADATA_FRONTEND_JWT_KEY",
