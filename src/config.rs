@@ -442,6 +442,10 @@ pub struct SecurityArgs {
     /// Do not serve gRPC reflection.
     #[arg(long, env = "METADATA_DISABLE_REFLECTION", value_parser = BoolishValueParser::new())]
     pub disable_reflection: bool,
+    /// Origins whose pages may call the service from a browser (gRPC-Web),
+    /// comma-separated, e.g. https://app.example.com; none by default.
+    #[arg(long, env = "METADATA_CORS_ALLOWED_ORIGINS", value_delimiter = ',', value_parser = crate::web::parse_origin)]
+    pub cors_allowed_origins: Vec<http::HeaderValue>,
     /// PEM certificate chain to serve TLS with.
     #[arg(long, env = "METADATA_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -548,6 +552,7 @@ impl ServeArgs {
             db_health_interval: self.server.db_health_interval,
             auth: Arc::new(self.security.authenticator()?),
             allow_unauthenticated: self.security.allow_unauthenticated,
+            cors_allowed_origins: self.security.cors_allowed_origins.clone(),
             reflection: !self.security.disable_reflection,
             tls: self.security.tls()?,
             metrics_listen: self.observability.metrics_listen.0,

@@ -5,7 +5,7 @@
 //! taken apart and built, shared by the service, the [`client`] and the
 //! [`relay`]; [`convert`] turns protobuf into the [`model`] types; [`json`]
 //! holds the pure merge, replace and validation rules, and [`validation`]
-//! says why input was refused.
+//! says why input was refused; [`web`] lets browsers call (gRPC-Web, CORS).
 
 pub mod api;
 pub mod auth;
@@ -31,3 +31,4 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod validation;
+pub mod web;

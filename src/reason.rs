@@ -98,6 +98,8 @@ reasons! {
     // PERMISSION_DENIED
     NotOwnRecord => "NOT_OWN_RECORD", PermissionDenied;
     FieldNotWritable => "FIELD_NOT_WRITABLE", PermissionDenied;
+    /// A Watch filter over a field the caller may not read.
+    FieldNotReadable => "FIELD_NOT_READABLE", PermissionDenied;
     BackendOnly => "BACKEND_ONLY", PermissionDenied;
     // UNAUTHENTICATED
     MissingCredentials => "MISSING_CREDENTIALS", Unauthenticated;

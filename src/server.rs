@@ -56,6 +56,8 @@ pub struct ServerConfig {
     pub auth: Arc<Authenticator>,
     /// Serve without credentials on a non-loopback address.
     pub allow_unauthenticated: bool,
+    /// Origins whose pages may call from a browser (CORS); none by default.
+    pub cors_allowed_origins: Vec<http::HeaderValue>,
     /// Serve gRPC reflection (for grpcurl and similar tools).
     pub reflection: bool,
     pub tls: Option<TlsConfig>,
@@ -205,14 +207,22 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
     let metrics = Metrics::new();
     // Without it, one connection could open streams until memory runs out;
     // it is advertised in SETTINGS, so well-behaved clients wait instead.
+    // HTTP/1.1 too: browsers send gRPC-Web over it (`web.rs`).
     let mut builder = tonic::transport::Server::builder()
+        .accept_http1(true)
         .max_concurrent_streams(config.max_streams_per_connection);
     if let Some(tls) = &config.tls {
         builder = builder
             .tls_config(tls.server_config())
             .context("invalid TLS certificate or key")?;
     }
-    let mut builder = builder.layer(RequestLayer::new(metrics.clone()));
+    // Outermost first: CORS answers a preflight before anything counts it
+    // as a call; gRPC-Web translates before the telemetry, which then
+    // sees every call as gRPC (its status in trailers).
+    let mut builder = builder
+        .layer(crate::web::cors(&config.cors_allowed_origins))
+        .layer(tonic_web::GrpcWebLayer::new())
+        .layer(RequestLayer::new(metrics.clone()));
     log_configuration(config);
     // The ports first: a port in use fails the start at once, before the
     // database is connected to and migrated.

@@ -180,7 +180,11 @@ pub trait ApiKind: Sized + Send + Sync + 'static {
     fn deleted(existed: bool) -> Self::Deleted;
     /// A record as the caller may see it.
     fn record(shown: Shown) -> Self::Record;
-    fn watch_response(item: WatchItem) -> Self::WatchResponse;
+    fn watch_response(item: WatchItem) -> Self::WatchResponse {
+        Self::shown_watch_response(item, FieldSet::ALL)
+    }
+    /// A Watch message as a caller that sees `fields` may receive it.
+    fn shown_watch_response(item: WatchItem, fields: FieldSet) -> Self::WatchResponse;
     /// An event of this kind as its message, as a caller that sees
     /// `fields` may: the others are unset in before and after and left out
     /// of changed_fields.
@@ -490,10 +494,10 @@ macro_rules! api_kind {
                 }
             }
 
-            fn watch_response(item: WatchItem) -> Self::WatchResponse {
+            fn shown_watch_response(item: WatchItem, fields: FieldSet) -> Self::WatchResponse {
                 use pb::$response_module::Response;
                 let response = match item {
-                    WatchItem::Event(event) => Response::Event(Self::event(&event)),
+                    WatchItem::Event(event) => Response::Event(Self::shown_event(&event, fields)),
                     WatchItem::Progress(revision) => {
                         Response::Progress(WatchProgress { revision })
                     }

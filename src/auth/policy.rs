@@ -109,7 +109,12 @@ pub fn authorize(caller: &Caller, op: &Operation) -> Result<FieldSet, Denied> {
     match (op.kind, op.action) {
         (
             Kind::User,
-            Action::Get | Action::BatchGet | Action::History | Action::Merge | Action::Patch,
+            Action::Get
+            | Action::BatchGet
+            | Action::History
+            | Action::Watch
+            | Action::Merge
+            | Action::Patch,
         ) if op.id != user_id => Err(Denied {
             reason: Reason::NotOwnRecord,
             message: format!(
@@ -117,7 +122,7 @@ pub fn authorize(caller: &Caller, op: &Operation) -> Result<FieldSet, Denied> {
                 op.action.rpc()
             ),
         }),
-        (Kind::User, Action::Get | Action::BatchGet | Action::History) => {
+        (Kind::User, Action::Get | Action::BatchGet | Action::History | Action::Watch) => {
             Ok(FieldSet::of([Field::Public, Field::Unsafe]))
         }
         (Kind::User, Action::Merge | Action::Patch) => {
@@ -133,12 +138,14 @@ pub fn authorize(caller: &Caller, op: &Operation) -> Result<FieldSet, Denied> {
                 None => Ok(FieldSet::of([Field::Public, Field::Unsafe])),
             }
         }
-        (Kind::Organization, Action::Get | Action::BatchGet | Action::History)
-            if org_id.as_deref() == Some(op.id) =>
-        {
-            Ok(FieldSet::of([Field::Public]))
-        }
-        (Kind::Organization, Action::Get | Action::BatchGet | Action::History) => Err(Denied {
+        (
+            Kind::Organization,
+            Action::Get | Action::BatchGet | Action::History | Action::Watch,
+        ) if org_id.as_deref() == Some(op.id) => Ok(FieldSet::of([Field::Public])),
+        (
+            Kind::Organization,
+            Action::Get | Action::BatchGet | Action::History | Action::Watch,
+        ) => Err(Denied {
             reason: Reason::NotOwnRecord,
             message: format!(
                 "a frontend token may {} only the organization in its org_id claim",
@@ -235,12 +242,29 @@ mod tests {
     }
 
     #[test]
-    fn frontend_may_not_replace_delete_watch_or_list() {
+    fn frontend_watches_only_its_own_record() {
+        let caller = frontend(Some("org_1"));
+        let own = authorize(&caller, &op(Kind::User, Action::Watch, "user_1", &[])).unwrap();
+        assert_eq!(own, FieldSet::of([Field::Public, Field::Unsafe]));
+        let org = authorize(&caller, &op(Kind::Organization, Action::Watch, "org_1", &[]));
+        assert_eq!(org.unwrap(), FieldSet::of([Field::Public]));
+        for (kind, id) in [
+            (Kind::User, "user_2"),
+            (Kind::User, ""),
+            (Kind::Organization, "org_2"),
+            (Kind::Organization, ""),
+        ] {
+            let denied = authorize(&caller, &op(kind, Action::Watch, id, &[])).unwrap_err();
+            assert_eq!(denied.reason, Reason::NotOwnRecord, "{kind:?} {id:?}");
+        }
+    }
+
+    #[test]
+    fn frontend_may_not_replace_delete_or_list() {
         for kind in [Kind::User, Kind::Organization] {
             for action in [
                 Action::Replace,
                 Action::Delete,
-                Action::Watch,
                 Action::List,
                 Action::Restore,
                 Action::Commit,

@@ -102,6 +102,28 @@ pub fn parse(text: &str, fields: &[Field]) -> Result<Option<Filter>, FilterError
 }
 
 impl Filter {
+    /// Every field the filter reads, each once, in the order first met: a
+    /// caller may filter only on what it may see.
+    pub fn fields(&self) -> Vec<Field> {
+        let mut found = Vec::new();
+        self.collect_fields(&mut found);
+        found
+    }
+
+    fn collect_fields(&self, found: &mut Vec<Field>) {
+        match self {
+            Filter::And(all) | Filter::Or(all) => {
+                all.iter().for_each(|f| f.collect_fields(found));
+            }
+            Filter::Not(inner) => inner.collect_fields(found),
+            Filter::Compare { path, .. } | Filter::Has { path, .. } => {
+                if !found.contains(&path.field) {
+                    found.push(path.field);
+                }
+            }
+        }
+    }
+
     /// Whether the record with these fields matches.
     pub fn matches(&self, fields: &Fields) -> bool {
         match self {

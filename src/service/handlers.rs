@@ -360,29 +360,51 @@ impl<K: ApiKind> Handlers<K> {
         &self,
         request: Request<K::Watch>,
     ) -> Result<Response<WatchStream<K>>, Status> {
-        let (items, permit) = self.open_watch(request).await?;
-        let stream = ReceiverStream::new(items)
-            .map(|item| item.map(K::watch_response).map_err(Status::from));
+        let (items, permit, fields) = self.open_watch(request).await?;
+        let stream = ReceiverStream::new(items).map(move |item| {
+            item.map(|item| K::shown_watch_response(item, fields))
+                .map_err(Status::from)
+        });
         Ok(Response::new(Box::pin(permit.hold(stream))))
     }
 
     /// Authorizes, admits and starts a Watch; the permit must live as long
-    /// as the stream.
+    /// as the stream, whose events show the fields returned. A frontend
+    /// token watches exactly its own record (its one id), and filters on
+    /// none of the fields it may not read.
     pub(super) async fn open_watch(
         &self,
         request: Request<K::Watch>,
-    ) -> Result<(super::WatchItems, super::StreamPermit), Status> {
+    ) -> Result<(super::WatchItems, super::StreamPermit, FieldSet), Status> {
         let (headers, extensions, message) = request.into_parts();
+        let watch = K::watch(message)?;
+        let id = match watch.ids.len() {
+            1 => watch.ids.iter().next().map_or("", String::as_str),
+            _ => "",
+        };
         let operation = Operation {
             kind: K::KIND,
             action: Action::Watch,
-            id: "",
+            id,
             written: FieldSet::NONE,
         };
-        authorize(&extensions, &operation)?;
-        let watch = K::watch(message)?;
+        let (_, fields) = authorize(&extensions, &operation)?;
+        let hidden = watch
+            .filter
+            .as_ref()
+            .and_then(|filter| filter.fields().into_iter().find(|f| !fields.contains(*f)));
+        if let Some(field) = hidden {
+            return Err(crate::auth::Denied {
+                reason: crate::reason::Reason::FieldNotReadable,
+                message: format!(
+                    "filter: {} is not readable with this token; filter on what it may read",
+                    field.name()
+                ),
+            }
+            .into());
+        }
         let (call, permit) = self.core.admission.stream(&headers)?;
         let items = call.run(self.core.watch(watch)).await?;
-        Ok((items, permit))
+        Ok((items, permit, fields))
     }
 }

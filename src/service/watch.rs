@@ -24,6 +24,7 @@ use tonic::{Request, Response, Status};
 use super::Core;
 use super::handlers::Handlers;
 use crate::api::ApiKind;
+use crate::auth::FieldSet;
 use crate::events::WatchItem;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -113,9 +114,18 @@ impl<K: ApiKind> ServerStreamingService<K::Watch> for WatchHandler<K> {
     fn call(&mut self, request: Request<K::Watch>) -> Self::Future {
         let handlers = self.0.clone();
         Box::pin(async move {
-            let (items, permit) = handlers.open_watch(request).await?;
-            let stream =
-                ReceiverStream::new(items).map(|item| item.map(encode::<K>).map_err(Status::from));
+            let (items, permit, fields) = handlers.open_watch(request).await?;
+            // Whole events are encoded once for all streams; a stream that
+            // sees fewer fields (a frontend token's) encodes its own.
+            let stream = ReceiverStream::new(items).map(move |item| {
+                item.map(|item| match fields == FieldSet::ALL {
+                    true => encode::<K>(item),
+                    false => K::shown_watch_response(item, fields)
+                        .encode_to_vec()
+                        .into(),
+                })
+                .map_err(Status::from)
+            });
             Ok(Response::new(Box::pin(permit.hold(stream)) as ByteStream))
         })
     }

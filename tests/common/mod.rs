@@ -188,6 +188,7 @@ impl TestDb {
 pub fn config(database_url: &str) -> ServerConfig {
     ServerConfig {
         request_id_ttl: std::time::Duration::from_secs(24 * 3600),
+        cors_allowed_origins: Vec::new(),
         listen: "127.0.0.1:0".parse().unwrap(),
         database_url: database_url.to_owned(),
         store: StoreOptions::default(),

@@ -29,11 +29,12 @@ const READY_LIMIT: Duration = Duration::from_secs(20);
 /// How long a server may take to exit after SIGTERM or SIGINT.
 const STOP_LIMIT: Duration = Duration::from_secs(10);
 /// Every migration of `src/store/migration.rs`, in order.
-const MIGRATIONS: [&str; 4] = [
+const MIGRATIONS: [&str; 5] = [
     "m20261126_000001_create_tables",
     "m20261130_000001_metadata_indexes",
     "m20261130_000002_create_metadata_schemas",
     "m20261207_000001_event_history",
+    "m20261207_000002_transactions",
 ];
 const USERS: &str = "metadata.v1.UserMetadataService";
 

@@ -8,6 +8,7 @@ mod programs;
 mod served;
 
 mod binary;
+mod browser;
 mod chaos;
 mod cli;
 mod grpcurl;
