@@ -220,7 +220,7 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
     // as a call; gRPC-Web translates before the telemetry, which then
     // sees every call as gRPC (its status in trailers).
     let mut builder = builder
-        .layer(crate::web::cors(&config.cors_allowed_origins))
+        .layer(crate::web::CorsGateLayer::new(&config.cors_allowed_origins))
         .layer(tonic_web::GrpcWebLayer::new())
         .layer(RequestLayer::new(metrics.clone()));
     log_configuration(config);

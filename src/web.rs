@@ -7,9 +7,14 @@
 //! Credentials travel in `authorization`, never in cookies, so credentialed
 //! CORS (`Access-Control-Allow-Credentials`) is never answered.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue, Method};
+use http::{HeaderName, HeaderValue, Method, Request, Response};
+use tower::{Layer, Service};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 /// How long a browser may cache a preflight's answer.
@@ -49,9 +54,83 @@ pub fn parse_origin(text: &str) -> Result<HeaderValue, String> {
     HeaderValue::from_str(text).map_err(|_| bad("not a header value"))
 }
 
-/// CORS for `origins`: none allows no browser (preflights are answered
-/// without CORS headers, so the browser refuses the call).
-pub fn cors(origins: &[HeaderValue]) -> CorsLayer {
+/// CORS for the allowed origins only: a request from any other origin
+/// gets no CORS header at all (its preflight a bare 403), so its browser
+/// refuses the call; a request without `Origin` (not from a browser page:
+/// native gRPC, grpcurl) passes untouched.
+#[derive(Clone)]
+pub struct CorsGateLayer {
+    allowed: Arc<[HeaderValue]>,
+}
+
+impl CorsGateLayer {
+    pub fn new(origins: &[HeaderValue]) -> Self {
+        CorsGateLayer {
+            allowed: origins.into(),
+        }
+    }
+}
+
+impl<S> Layer<S> for CorsGateLayer {
+    type Service = CorsGate<S>;
+
+    fn layer(&self, inner: S) -> CorsGate<S> {
+        CorsGate {
+            cors: cors(&self.allowed),
+            inner,
+            allowed: self.allowed.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct CorsGate<S> {
+    cors: CorsLayer,
+    inner: S,
+    allowed: Arc<[HeaderValue]>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B, R> Service<Request<B>> for CorsGate<S>
+where
+    S: Service<Request<B>, Response = Response<R>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    R: Default + Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Response<R>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Response<R>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        // The service readied above serves this call; its clone the next.
+        let fresh = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, fresh);
+        match request.headers().get(http::header::ORIGIN) {
+            Some(origin) if self.allowed.contains(origin) => {
+                Box::pin(self.cors.layer(ready).call(request))
+            }
+            Some(_) if request.method() == Method::OPTIONS => Box::pin(async {
+                let mut forbidden = Response::new(R::default());
+                *forbidden.status_mut() = http::StatusCode::FORBIDDEN;
+                Ok(forbidden)
+            }),
+            _ => {
+                let mut ready = ready;
+                Box::pin(ready.call(request))
+            }
+        }
+    }
+}
+
+/// tower-http's CORS for `origins`: what an allowed origin's requests get.
+fn cors(origins: &[HeaderValue]) -> CorsLayer {
     let header = |name: &str| HeaderName::from_static_str(name);
     CorsLayer::new()
         .allow_origin(AllowOrigin::list(origins.iter().cloned()))

@@ -138,20 +138,20 @@ pub fn authorize(caller: &Caller, op: &Operation) -> Result<FieldSet, Denied> {
                 None => Ok(FieldSet::of([Field::Public, Field::Unsafe])),
             }
         }
-        (
-            Kind::Organization,
-            Action::Get | Action::BatchGet | Action::History | Action::Watch,
-        ) if org_id.as_deref() == Some(op.id) => Ok(FieldSet::of([Field::Public])),
-        (
-            Kind::Organization,
-            Action::Get | Action::BatchGet | Action::History | Action::Watch,
-        ) => Err(Denied {
-            reason: Reason::NotOwnRecord,
-            message: format!(
-                "a frontend token may {} only the organization in its org_id claim",
-                op.action.rpc()
-            ),
-        }),
+        (Kind::Organization, Action::Get | Action::BatchGet | Action::History | Action::Watch)
+            if org_id.as_deref() == Some(op.id) =>
+        {
+            Ok(FieldSet::of([Field::Public]))
+        }
+        (Kind::Organization, Action::Get | Action::BatchGet | Action::History | Action::Watch) => {
+            Err(Denied {
+                reason: Reason::NotOwnRecord,
+                message: format!(
+                    "a frontend token may {} only the organization in its org_id claim",
+                    op.action.rpc()
+                ),
+            })
+        }
         (kind, action) => Err(Denied {
             reason: Reason::BackendOnly,
             message: format!(
@@ -246,7 +246,10 @@ mod tests {
         let caller = frontend(Some("org_1"));
         let own = authorize(&caller, &op(Kind::User, Action::Watch, "user_1", &[])).unwrap();
         assert_eq!(own, FieldSet::of([Field::Public, Field::Unsafe]));
-        let org = authorize(&caller, &op(Kind::Organization, Action::Watch, "org_1", &[]));
+        let org = authorize(
+            &caller,
+            &op(Kind::Organization, Action::Watch, "org_1", &[]),
+        );
         assert_eq!(org.unwrap(), FieldSet::of([Field::Public]));
         for (kind, id) in [
             (Kind::User, "user_2"),

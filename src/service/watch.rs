@@ -120,9 +120,7 @@ impl<K: ApiKind> ServerStreamingService<K::Watch> for WatchHandler<K> {
             let stream = ReceiverStream::new(items).map(move |item| {
                 item.map(|item| match fields == FieldSet::ALL {
                     true => encode::<K>(item),
-                    false => K::shown_watch_response(item, fields)
-                        .encode_to_vec()
-                        .into(),
+                    false => K::shown_watch_response(item, fields).encode_to_vec().into(),
                 })
                 .map_err(Status::from)
             });

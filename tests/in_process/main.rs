@@ -64,3 +64,4 @@ mod tls;
 mod transactions;
 mod watch;
 mod watch_limits;
+mod web;

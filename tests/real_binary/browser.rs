@@ -224,6 +224,12 @@ fn check(results: &Json, context: &str) {
         json!({"plan": "pro", "watched": "yes"}),
         "{context}"
     );
+    // The backend changed both fields; the page is told of the one it sees.
+    assert_eq!(
+        event["json"]["changedFields"],
+        json!(["public_metadata"]),
+        "{context}"
+    );
     for side in ["before", "after"] {
         assert_eq!(event[side]["has"]["private"], false, "{side}: {context}");
         assert_eq!(event[side]["has"]["public"], true, "{side}: {context}");
@@ -240,9 +246,11 @@ fn check(results: &Json, context: &str) {
             "private metadata reached the page: {context}"
         );
     }
+    // Nothing failed in the allowed page: no CORS complaint, no request lost.
     let page = step("allowedPage");
-    assert_eq!(page["pageErrors"], json!([]), "{context}");
-    assert_eq!(page["failedRequests"], json!([]), "{context}");
+    for what in ["console", "pageErrors", "failedRequests"] {
+        assert_eq!(page[what], json!([]), "{what}: {context}");
+    }
 
     // (f) a page of another origin: the browser does not let it call (the
     // server sends it no CORS headers), so the page sees a failed fetch,
