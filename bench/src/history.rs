@@ -242,7 +242,7 @@ fn history_request(page_token: String) -> ListUserMetadataHistoryRequest {
 /// settle one by one (thousands, for seconds) before a read at a revision
 /// may answer. (A server never meets that: pruning moves the compaction
 /// mark, which the dispatcher starts from.)
-async fn clear(pool: &RawPool) -> anyhow::Result<()> {
+pub(crate) async fn clear(pool: &RawPool) -> anyhow::Result<()> {
     match pool {
         RawPool::Postgres(pool) => {
             for statement in [

@@ -8,6 +8,7 @@
 
 mod db;
 mod etcd;
+mod grpc_web;
 mod history;
 mod interference;
 mod load;
@@ -16,6 +17,7 @@ mod process;
 mod query;
 mod relay;
 mod schema;
+mod transactions;
 mod watch;
 mod watch_filter;
 
@@ -80,13 +82,17 @@ struct Args {
     /// JetStream at --nats-url), history (issue 29: at one client, Get at a
     /// revision among the last 1,000 and pages of one record's history
     /// against a plain Get, alternating; the plans of the store's history
-    /// queries). The load workloads run in
+    /// queries), transactions (issue 30: at --clients, a Commit of 10
+    /// Merges against the same 10 Merges sent one by one, and Patch against
+    /// Merge of the same change, alternating), grpc-web (issue 31: Get at
+    /// --clients over native gRPC against gRPC-Web over HTTP/1.1,
+    /// alternating). The load workloads run in
     /// that order whatever the order given, since merge2 and get read
     /// earlier rows.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "merge,merge2,ping,get,mix,etcd,watch,watch-filter,list,batchget,interference,schema,set-schema,history,relay"
+        default_value = "merge,merge2,ping,get,mix,etcd,watch,watch-filter,list,batchget,interference,schema,set-schema,history,transactions,grpc-web,relay"
     )]
     workloads: Vec<String>,
     /// Database connections of the server and of the baseline.
@@ -155,6 +161,10 @@ struct Args {
     /// --duration / rounds.
     #[arg(long, default_value_t = 3)]
     history_rounds: usize,
+    /// Transactions: rounds of the alternation; each runs every arm for
+    /// --duration / rounds.
+    #[arg(long, default_value_t = 5)]
+    transaction_rounds: usize,
     /// Relay: NATS (with JetStream) the relay publishes to; the bench
     /// creates a stream of its own there and deletes it at the end.
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
@@ -272,6 +282,10 @@ struct Report {
     schema: Option<schema::SchemaReport>,
     /// Workload history.
     history: Option<history::HistoryReport>,
+    /// Workload transactions.
+    transactions: Option<transactions::TransactionsReport>,
+    /// Workload grpc-web.
+    grpc_web: Option<grpc_web::GrpcWebReport>,
     /// Workload relay.
     relay: Option<relay::RelayReport>,
     /// The pgbench merge rows (Postgres, workload merge): the version,
@@ -424,6 +438,7 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
         args.paging_passes = 1;
         args.schema_docs = vec![2_000];
         args.history_writes = 300;
+        args.transaction_rounds = 2;
         args.relay_rates = vec![200];
         args.relay_duration = Duration::from_secs(1);
     }
@@ -463,6 +478,8 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
     let schema_merges = args.workloads.iter().any(|w| w == "schema");
     let set_schema = args.workloads.iter().any(|w| w == "set-schema");
     let history = args.workloads.iter().any(|w| w == "history");
+    let transactions = args.workloads.iter().any(|w| w == "transactions");
+    let grpc_web = args.workloads.iter().any(|w| w == "grpc-web");
     let relay = args.workloads.iter().any(|w| w == "relay");
     let binary = match &args.server_bin {
         Some(path) => path.clone(),
@@ -814,6 +831,42 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
             };
             report.history = Some(history::run(&db, &settings).await?);
         }
+        if transactions {
+            let settings = transactions::Settings {
+                backend,
+                binary: &binary,
+                server_args: &server_args,
+                server_env: &args.server_env,
+                clients: args.clients.iter().copied().max().unwrap_or(16),
+                rounds: args.transaction_rounds,
+                // Quick: its four arms in about 3 s.
+                warmup: if args.quick {
+                    args.warmup / 3
+                } else {
+                    args.warmup
+                },
+                duration: if args.quick {
+                    args.duration / 2
+                } else {
+                    args.duration
+                },
+                progress: !args.json,
+            };
+            report.transactions = Some(transactions::run(&db, &settings).await?);
+        }
+        if grpc_web {
+            let settings = grpc_web::Settings {
+                binary: &binary,
+                server_args: &server_args,
+                server_env: &args.server_env,
+                clients: args.clients.iter().copied().max().unwrap_or(16),
+                rounds: args.transaction_rounds,
+                warmup: args.warmup,
+                duration: args.duration,
+                progress: !args.json,
+            };
+            report.grpc_web = Some(grpc_web::run(&db, &settings).await?);
+        }
         if relay {
             let settings = relay::Settings {
                 backend,
@@ -974,6 +1027,12 @@ fn print_table(report: &Report) {
     }
     if let Some(history) = &report.history {
         history::print(history);
+    }
+    if let Some(grpc_web) = &report.grpc_web {
+        grpc_web::print(grpc_web);
+    }
+    if let Some(transactions) = &report.transactions {
+        transactions::print(transactions);
     }
     if let Some(relay) = &report.relay {
         relay::print(relay);

@@ -506,7 +506,7 @@ async fn merges(
 /// CPU seconds used so far by each process of the stack: the server, this
 /// bench, and on Postgres every backend connected to the bench's database
 /// (but the one asking).
-async fn stack_cpu(
+pub(crate) async fn stack_cpu(
     pool: &RawPool,
     server: u32,
 ) -> anyhow::Result<std::collections::HashMap<u32, f64>> {

@@ -271,6 +271,17 @@ pin_project_lite::pin_project! {
     }
 }
 
+/// An empty body observing no call (what a layer outside this one answers
+/// on its own, e.g. a CORS preflight, when no other layer is between).
+impl<B: Default> Default for ObservedBody<B> {
+    fn default() -> Self {
+        ObservedBody {
+            inner: B::default(),
+            call: None,
+        }
+    }
+}
+
 impl<B: Body> Body for ObservedBody<B> {
     type Data = B::Data;
     type Error = B::Error;
