@@ -22,8 +22,8 @@ use tonic_web::GrpcWebClientLayer;
 
 use crate::db::BenchDb;
 use crate::load::{self, Measured};
-use crate::process::{ServerProcess, channel};
 use crate::ms;
+use crate::process::{ServerProcess, channel};
 
 /// Users seeded, each read at random.
 pub const USERS: u64 = 100;
@@ -102,7 +102,9 @@ fn web_client(addr: std::net::SocketAddr) -> anyhow::Result<UserMetadataServiceC
     let service = tower::ServiceBuilder::new()
         .layer(GrpcWebClientLayer::new())
         .service(http1);
-    let origin = format!("http://{addr}").parse().context("the server's URI")?;
+    let origin = format!("http://{addr}")
+        .parse()
+        .context("the server's URI")?;
     Ok(UserMetadataServiceClient::with_origin(service, origin))
 }
 
