@@ -58,103 +58,64 @@ fn decide(
     }
 }
 
-pub(super) async fn claim_postgres(
-    connection: &mut PgConnection,
-    key: &RequestKey,
-) -> Result<Claim, StoreError> {
-    let now = super::write::now();
-    let inserted = sqlx::query(INSERT)
-        .bind(&key.id)
-        .bind(&key.fingerprint)
-        .bind(now)
-        .fetch_optional(&mut *connection)
-        .await?;
-    let mut taken = inserted.is_some();
-    if !taken {
-        taken = sqlx::query(TAKE_OVER)
-            .bind(&key.id)
-            .bind(&key.fingerprint)
-            .bind(now)
-            .bind(key.cutoff())
-            .fetch_optional(&mut *connection)
-            .await?
-            .is_some();
-    }
-    let stored = match taken {
-        true => None,
-        false => sqlx::query(READ)
-            .bind(&key.id)
-            .fetch_optional(&mut *connection)
-            .await?
-            .map(|row| -> Result<_, sqlx::Error> {
-                Ok((row.try_get("fingerprint")?, row.try_get("outcome")?))
-            })
-            .transpose()?,
+/// The claim and the record of an outcome, on one backend's connection
+/// type, with its placeholders (`spell` turns `$n` into them): the same
+/// statements and the same decision on both.
+macro_rules! claim_and_record {
+    ($claim:ident, $record:ident, $connection:ty, $spell:expr) => {
+        pub(super) async fn $claim(
+            connection: &mut $connection,
+            key: &RequestKey,
+        ) -> Result<Claim, StoreError> {
+            let now = super::write::now();
+            let inserted = sqlx::query(sqlx::AssertSqlSafe($spell(INSERT)))
+                .bind(&key.id)
+                .bind(&key.fingerprint)
+                .bind(now)
+                .fetch_optional(&mut *connection)
+                .await?;
+            let mut taken = inserted.is_some();
+            if !taken {
+                taken = sqlx::query(sqlx::AssertSqlSafe($spell(TAKE_OVER)))
+                    .bind(&key.id)
+                    .bind(&key.fingerprint)
+                    .bind(now)
+                    .bind(key.cutoff())
+                    .fetch_optional(&mut *connection)
+                    .await?
+                    .is_some();
+            }
+            let stored = match taken {
+                true => None,
+                false => sqlx::query(sqlx::AssertSqlSafe($spell(READ)))
+                    .bind(&key.id)
+                    .fetch_optional(&mut *connection)
+                    .await?
+                    .map(|row| -> Result<_, sqlx::Error> {
+                        Ok((row.try_get("fingerprint")?, row.try_get("outcome")?))
+                    })
+                    .transpose()?,
+            };
+            decide(key, taken, stored)
+        }
+
+        pub(super) async fn $record(
+            connection: &mut $connection,
+            key: &RequestKey,
+            committed: &Committed,
+        ) -> Result<(), StoreError> {
+            sqlx::query(sqlx::AssertSqlSafe($spell(RECORD)))
+                .bind(&key.id)
+                .bind(encode(committed))
+                .execute(connection)
+                .await?;
+            Ok(())
+        }
     };
-    decide(key, taken, stored)
 }
 
-pub(super) async fn claim_sqlite(
-    connection: &mut SqliteConnection,
-    key: &RequestKey,
-) -> Result<Claim, StoreError> {
-    let now = super::write::now();
-    let inserted = sqlx::query(sqlx::AssertSqlSafe(sqlite(INSERT)))
-        .bind(&key.id)
-        .bind(&key.fingerprint)
-        .bind(now)
-        .fetch_optional(&mut *connection)
-        .await?;
-    let mut taken = inserted.is_some();
-    if !taken {
-        taken = sqlx::query(sqlx::AssertSqlSafe(sqlite(TAKE_OVER)))
-            .bind(&key.id)
-            .bind(&key.fingerprint)
-            .bind(now)
-            .bind(key.cutoff())
-            .fetch_optional(&mut *connection)
-            .await?
-            .is_some();
-    }
-    let stored = match taken {
-        true => None,
-        false => sqlx::query(sqlx::AssertSqlSafe(sqlite(READ)))
-            .bind(&key.id)
-            .fetch_optional(&mut *connection)
-            .await?
-            .map(|row| -> Result<_, sqlx::Error> {
-                Ok((row.try_get("fingerprint")?, row.try_get("outcome")?))
-            })
-            .transpose()?,
-    };
-    decide(key, taken, stored)
-}
-
-pub(super) async fn record_postgres(
-    connection: &mut PgConnection,
-    key: &RequestKey,
-    committed: &Committed,
-) -> Result<(), StoreError> {
-    sqlx::query(RECORD)
-        .bind(&key.id)
-        .bind(encode(committed))
-        .execute(connection)
-        .await?;
-    Ok(())
-}
-
-pub(super) async fn record_sqlite(
-    connection: &mut SqliteConnection,
-    key: &RequestKey,
-    committed: &Committed,
-) -> Result<(), StoreError> {
-    sqlx::query(sqlx::AssertSqlSafe(sqlite(RECORD)))
-        .bind(&key.id)
-        .bind(encode(committed))
-        .execute(connection)
-        .await?;
-    Ok(())
-}
+claim_and_record!(claim_postgres, record_postgres, PgConnection, String::from);
+claim_and_record!(claim_sqlite, record_sqlite, SqliteConnection, sqlite);
 
 /// An outcome as stored: each result with its record's snapshot.
 fn encode(committed: &Committed) -> Value {
