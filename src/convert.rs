@@ -123,14 +123,16 @@ impl TreeConvert for ProtoValue {
 }
 
 /// A record as one caller may see it: fields outside `fields` are left out.
-pub struct Shown {
-    pub record: Record,
+/// Borrowed: the message is built from it, so an event's snapshots need no
+/// copy first.
+pub struct Shown<'a> {
+    pub record: &'a Record,
     pub fields: FieldSet,
 }
 
-impl Shown {
+impl<'a> Shown<'a> {
     /// The whole record, as backend callers and events see it.
-    pub fn all(record: Record) -> Self {
+    pub fn all(record: &'a Record) -> Self {
         Shown {
             record,
             fields: FieldSet::ALL,

@@ -179,7 +179,7 @@ pub trait ApiKind: Sized + Send + Sync + 'static {
     // Responses built (the server).
     fn deleted(existed: bool) -> Self::Deleted;
     /// A record as the caller may see it.
-    fn record(shown: Shown) -> Self::Record;
+    fn record(shown: Shown<'_>) -> Self::Record;
     fn watch_response(item: WatchItem) -> Self::WatchResponse {
         Self::shown_watch_response(item, FieldSet::ALL)
     }
@@ -481,12 +481,12 @@ macro_rules! api_kind {
                 pb::$deleted { existed }
             }
 
-            fn record(shown: Shown) -> Self::Record {
+            fn record(shown: Shown<'_>) -> Self::Record {
                 pb::$record {
                     public_metadata: shown.field(Field::Public),
                     private_metadata: shown.field(Field::Private),
                     $($unsafe: shown.field(Field::Unsafe),)?
-                    $id: shown.record.id,
+                    $id: shown.record.id.clone(),
                     version: shown.record.version,
                     created_at: shown.record.created_at.map(timestamp),
                     updated_at: shown.record.updated_at.map(timestamp),
@@ -509,10 +509,7 @@ macro_rules! api_kind {
 
             fn shown_event(event: &Event, fields: FieldSet) -> Self::Event {
                 let shown = |record: &crate::model::Record| {
-                    Self::record(Shown {
-                        record: record.clone(),
-                        fields,
-                    })
+                    Self::record(Shown { record, fields })
                 };
                 pb::$event {
                     revision: event.revision,

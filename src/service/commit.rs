@@ -175,7 +175,7 @@ fn commit_response(kinds: &[Kind], committed: Committed) -> CommitResponse {
                 TxnDone::Deleted { existed } => Result_::Deleted(DeleteResult { existed }),
                 TxnDone::Written(outcome) => {
                     let shown = Shown {
-                        record: outcome.record,
+                        record: &outcome.record,
                         fields: FieldSet::ALL,
                     };
                     match kind {

@@ -32,7 +32,7 @@ pub struct Page {
 
 /// One page of a record's history, before it is encoded.
 pub struct HistoryPage {
-    pub events: Vec<crate::model::Event>,
+    pub events: Vec<Arc<crate::model::Event>>,
     /// The revision the next page starts past, when events may follow.
     pub next_cursor: Option<u64>,
     /// The oldest revision the log still holds.
@@ -150,7 +150,7 @@ impl Core {
         let wanted = query.page_size as usize + 1;
         let mut events = Vec::with_capacity(wanted);
         let mut cursor = query.cursor;
-        loop {
+        let compacted = loop {
             let read = self
                 .store
                 .history(
@@ -161,22 +161,24 @@ impl Core {
                     wanted as u64,
                 )
                 .await?;
-            let exhausted = read.len() < wanted;
-            cursor = read.last().map(|e| e.revision).or(cursor);
+            let exhausted = read.events.len() < wanted;
+            cursor = read.events.last().map(|e| e.revision).or(cursor);
             events.extend(
-                read.into_iter()
+                read.events
+                    .into_iter()
                     .filter(|e| e.changed_fields.iter().any(|f| visible.contains(*f))),
             );
             if exhausted || events.len() >= wanted {
-                break;
+                // Read with the last events: a prune before them can only
+                // make it newer than what they show, never claim history
+                // that is gone.
+                break read.compacted;
             }
-        }
+        };
         let more = events.len() >= wanted;
         events.truncate(query.page_size as usize);
         let next_cursor = more.then(|| events.last().map(|e| e.revision)).flatten();
-        // Read after the events: a prune in between can only make it newer
-        // than what they show, never claim history that is gone.
-        let oldest_revision = self.store.compacted_revision().await? + 1;
+        let oldest_revision = compacted + 1;
         Ok(HistoryPage {
             events,
             next_cursor,

@@ -99,7 +99,10 @@ impl<K: ApiKind> Handlers<K> {
             None => call.run(self.core.get(K::KIND, &id)).await?,
             Some(revision) => call.run(self.core.get_at(K::KIND, &id, revision)).await?,
         };
-        Ok(Response::new(K::record(Shown { record, fields })))
+        Ok(Response::new(K::record(Shown {
+            record: &record,
+            fields,
+        })))
     }
 
     /// Every id is authorized as a Get of it; the fields shown are the same
@@ -136,7 +139,10 @@ impl<K: ApiKind> Handlers<K> {
             .into_iter()
             .map(|record| {
                 let id = record.id.clone();
-                let message = K::record(Shown { record, fields });
+                let message = K::record(Shown {
+                    record: &record,
+                    fields,
+                });
                 let size = message.encoded_len();
                 (id, (message, size))
             })
@@ -186,7 +192,12 @@ impl<K: ApiKind> Handlers<K> {
         let (records, cut_after) = within_page_budget(
             page.records,
             |record| record.id.clone(),
-            |record| K::record(Shown { record, fields }),
+            |record| {
+                K::record(Shown {
+                    record: &record,
+                    fields,
+                })
+            },
         );
         let next_page_token = match (cut_after, page.next_after) {
             (Some(last), _) | (None, Some(last)) => query.next_token(&last),
@@ -252,7 +263,10 @@ impl<K: ApiKind> Handlers<K> {
         let origin = origin(&caller, &headers);
         let restore = self.core.restore(&caller, command, sent.clone(), origin);
         let record = call.run_write(&sent, restore).await?;
-        Ok(Response::new(K::record(Shown { record, fields })))
+        Ok(Response::new(K::record(Shown {
+            record: &record,
+            fields,
+        })))
     }
 
     pub async fn merge(&self, request: Request<K::Merge>) -> Result<Response<K::Record>, Status> {
@@ -305,7 +319,7 @@ impl<K: ApiKind> Handlers<K> {
             return Err(super::error::internal("a patch answered no record"));
         };
         Ok(Response::new(K::record(Shown {
-            record: outcome.record,
+            record: &outcome.record,
             fields,
         })))
     }
@@ -329,7 +343,10 @@ impl<K: ApiKind> Handlers<K> {
         let origin = origin(&caller, headers);
         let write = self.core.write(&caller, command, sent.clone(), origin);
         let record = call.run_write(&sent, write).await?;
-        Ok(Response::new(K::record(Shown { record, fields })))
+        Ok(Response::new(K::record(Shown {
+            record: &record,
+            fields,
+        })))
     }
 
     pub async fn delete(

@@ -10,13 +10,14 @@
 //! for the rows a concurrent write moved past R meanwhile.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use sea_orm::{ConnectionTrait, EntityTrait, FromQueryResult, QueryOrder, QuerySelect, Statement};
+use sea_orm::{ConnectionTrait, FromQueryResult, Statement};
 
 use super::entities::event;
 use super::log::bound;
-use super::rows::{event_from_row, record_from_row};
-use super::{Store, StoreError};
+use super::rows::{PagedEvent, event_from_row, record_from_row};
+use super::{Backend, Store, StoreError};
 use crate::model::{Event, Kind, Record};
 use crate::query::Filter;
 
@@ -28,6 +29,71 @@ pub struct ListedAt {
     /// Where the next page starts after, when there may be one: past the
     /// last record, or past ids scanned whose records did not belong.
     pub next_after: Option<String>,
+}
+
+/// Events of one record, and the compaction mark read with them.
+#[derive(Debug)]
+pub struct HistoryRead {
+    pub events: Vec<Arc<Event>>,
+    /// Every event up to it has been pruned.
+    pub compacted: u64,
+}
+
+/// One page of a record's history as the backends read it.
+pub(super) struct PageQuery<'a> {
+    pub kind: Kind,
+    pub id: &'a str,
+    /// Revisions strictly after it (oldest first) or before it.
+    pub bound: i64,
+    pub oldest_first: bool,
+    pub limit: i64,
+}
+
+/// What a backend's history page statement answers besides the compaction
+/// mark.
+#[derive(Clone, Copy)]
+pub(super) enum PageRead {
+    /// The revisions of the page's events, as `3,2,1`.
+    Revisions,
+    /// The page's events, as one JSON array.
+    Events,
+}
+
+/// Events read by history pages, by revision, up to a total weight (about
+/// their JSON text's length): a record's recent history is read again and
+/// again (a page of 50 is 100 snapshots to decode), and an event never
+/// changes once committed. Pruned events are never asked for again (the
+/// page's revisions come from the log), and age out.
+pub(super) struct EventCache(quick_cache::sync::Cache<u64, (Arc<Event>, u64), ByWeight>);
+
+/// The cache's bound on the JSON text of the events it holds.
+const CACHED_EVENT_BYTES: u64 = 8 << 20;
+
+#[derive(Clone)]
+pub(super) struct ByWeight;
+
+impl quick_cache::Weighter<u64, (Arc<Event>, u64)> for ByWeight {
+    fn weight(&self, _: &u64, value: &(Arc<Event>, u64)) -> u64 {
+        value.1.max(1)
+    }
+}
+
+impl EventCache {
+    pub(super) fn new() -> Self {
+        EventCache(quick_cache::sync::Cache::with_weighter(
+            4096,
+            CACHED_EVENT_BYTES,
+            ByWeight,
+        ))
+    }
+
+    fn get(&self, revision: &u64) -> Option<Arc<Event>> {
+        self.0.get(revision).map(|(event, _)| event)
+    }
+
+    fn insert(&self, event: Arc<Event>, weight: u64) {
+        self.0.insert(event.revision, (event, weight));
+    }
 }
 
 #[derive(FromQueryResult)]
@@ -53,7 +119,11 @@ impl Store {
     }
 
     /// Up to `limit` events of one record, newest first unless
-    /// `oldest_first`, strictly after (or before, newest first) `cursor`.
+    /// `oldest_first`, strictly after (or before, newest first) `cursor`,
+    /// and the compaction mark as of the same read (one statement: a
+    /// prune commits its deletions and its mark together). The page's
+    /// revisions are read first; when the cache holds all of their events
+    /// (an event never changes once committed), that is the only statement.
     pub async fn history(
         &self,
         kind: Kind,
@@ -61,27 +131,61 @@ impl Store {
         cursor: Option<u64>,
         oldest_first: bool,
         limit: u64,
-    ) -> Result<Vec<Event>, StoreError> {
-        use sea_orm::{ColumnTrait, QueryFilter};
-        let mut query = event::Entity::find()
-            .filter(event::Column::Kind.eq(kind.as_str()))
-            .filter(event::Column::Id.eq(id));
-        query = match (cursor, oldest_first) {
-            (Some(cursor), true) => query.filter(event::Column::Revision.gt(bound(cursor))),
-            (Some(cursor), false) => query.filter(event::Column::Revision.lt(bound(cursor))),
-            (None, _) => query,
+    ) -> Result<HistoryRead, StoreError> {
+        let page = PageQuery {
+            kind,
+            id,
+            bound: match (cursor, oldest_first) {
+                (Some(cursor), _) => bound(cursor),
+                (None, true) => 0,
+                (None, false) => i64::MAX,
+            },
+            oldest_first,
+            limit: bound(limit),
         };
-        query = match oldest_first {
-            true => query.order_by_asc(event::Column::Revision),
-            false => query.order_by_desc(event::Column::Revision),
-        };
-        query
-            .limit(limit)
-            .all(&self.shared.db)
-            .await?
+        let (compacted, revisions) = self.history_page(&page, PageRead::Revisions).await?;
+        let cached: Option<Vec<Arc<Event>>> = revisions
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .filter(|r| !r.is_empty())
+            .map(|r| r.parse::<u64>().ok().and_then(|r| self.events.get(&r)))
+            .collect();
+        if let Some(events) = cached {
+            return Ok(HistoryRead { events, compacted });
+        }
+        let (compacted, json) = self.history_page(&page, PageRead::Events).await?;
+        let json = json.unwrap_or_default();
+        let paged: Vec<PagedEvent> = serde_json::from_str(&json)
+            .map_err(|err| StoreError::Internal(format!("malformed history page: {err}")))?;
+        // A rough share of the page's text each, as the cache weighs them.
+        let weight = json.len() as u64 / paged.len().max(1) as u64;
+        let mut events = paged
             .into_iter()
-            .map(event_from_row)
-            .collect()
+            .map(|paged| {
+                let event = Arc::new(paged.into_event()?);
+                self.events.insert(event.clone(), weight);
+                Ok(event)
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        // An aggregate's order is the database's choice.
+        match oldest_first {
+            true => events.sort_unstable_by_key(|e| e.revision),
+            false => events.sort_unstable_by_key(|e| std::cmp::Reverse(e.revision)),
+        }
+        Ok(HistoryRead { events, compacted })
+    }
+
+    async fn history_page(
+        &self,
+        page: &PageQuery<'_>,
+        what: PageRead,
+    ) -> Result<(u64, Option<String>), StoreError> {
+        let (compacted, read) = match &self.backend {
+            Backend::Sqlite(sqlite) => sqlite.history_page(page, what).await?,
+            Backend::Postgres(postgres) => postgres.history_page(page, what).await?,
+        };
+        Ok((compacted as u64, read))
     }
 
     /// The records of the distinct `ids`, in the order they first appear,

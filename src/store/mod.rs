@@ -47,7 +47,7 @@ use sea_orm_migration::MigratorTrait;
 use tracing::Instrument;
 
 pub use error::{StoreError, redact_url};
-pub use history::ListedAt;
+pub use history::{HistoryRead, ListedAt};
 pub use log::Claim;
 pub use postgres::{
     ANNOUNCER_APPLICATION_NAME, AnnouncerState, CommitAnnouncer, CommitListener, Heard,
@@ -65,6 +65,10 @@ use shared::Shared;
 use write::{Done, Op};
 
 /// Connection settings, from the command line.
+/// Connections each backend keeps for history pages (outside sqlx's pool,
+/// so never pinged on release): pages past these wait for one.
+const PAGE_CONNECTIONS: u32 = 4;
+
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
     /// Connections of the pool, and as many again for the hot paths.
@@ -113,6 +117,8 @@ pub struct PoolStatus {
 pub struct Store {
     shared: Arc<Shared>,
     backend: Backend,
+    /// Events read by history pages (`history.rs`).
+    events: history::EventCache,
     max_connections: u32,
 }
 
@@ -171,6 +177,7 @@ impl Store {
         Ok(Store {
             shared,
             backend,
+            events: history::EventCache::new(),
             max_connections: options.max_connections,
         })
     }

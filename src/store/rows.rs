@@ -183,29 +183,111 @@ pub(super) fn logged_from_row(row: event::Model) -> Result<Logged, StoreError> {
     Ok(Logged { revision, event })
 }
 
-pub(super) fn event_from_row(row: event::Model) -> Result<Event, StoreError> {
-    let kind = Kind::parse(&row.kind)
-        .ok_or_else(|| StoreError::Internal(format!("unknown kind {:?} in events", row.kind)))?;
-    let change = ChangeType::parse(&row.change_type).ok_or_else(|| {
-        StoreError::Internal(format!(
-            "unknown change type {:?} in events",
-            row.change_type
+/// An `events` row as a history page's JSON array carries it (the
+/// backends' `history_page`), decoded straight into its parts: a page is
+/// 100 snapshots, and a map per snapshot and per event only to take them
+/// apart again is most of its decoding.
+#[derive(serde::Deserialize)]
+pub(super) struct PagedEvent {
+    revision: u64,
+    kind: String,
+    id: String,
+    change_type: String,
+    changed_fields: Vec<String>,
+    before: PagedSnapshot,
+    after: PagedSnapshot,
+    committed_at: String,
+    actor: String,
+    trace_id: String,
+    transaction_id: String,
+}
+
+/// A snapshot as [`snapshot`] writes it.
+#[derive(serde::Deserialize)]
+struct PagedSnapshot {
+    public_metadata: Value,
+    private_metadata: Value,
+    unsafe_metadata: Value,
+    version: u64,
+    revision: u64,
+    created_at: Option<String>,
+    updated_at: Option<String>,
+}
+
+impl PagedSnapshot {
+    fn into_record(self, kind: Kind, id: String) -> Result<Record, StoreError> {
+        let time = |text: Option<String>| text.as_deref().map(parse_time).transpose();
+        Ok(record_from_parts(
+            kind,
+            id,
+            Fields {
+                public: self.public_metadata,
+                private: self.private_metadata,
+                unsafe_: self.unsafe_metadata,
+            },
+            self.version,
+            self.revision,
+            time(self.created_at)?,
+            time(self.updated_at)?,
         ))
-    })?;
+    }
+}
+
+fn parse_time(text: &str) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|err| StoreError::Internal(format!("malformed time in events: {err}")))
+}
+
+impl PagedEvent {
+    pub(super) fn into_event(self) -> Result<Event, StoreError> {
+        let kind = parse_kind(&self.kind)?;
+        Ok(Event {
+            revision: self.revision,
+            change: parse_change(&self.change_type)?,
+            changed_fields: self
+                .changed_fields
+                .iter()
+                .filter_map(|name| parse_field(name))
+                .collect(),
+            before: self.before.into_record(kind, self.id.clone())?,
+            after: self.after.into_record(kind, self.id)?,
+            committed_at: parse_time(&self.committed_at)?,
+            origin: Origin {
+                actor: self.actor,
+                trace_id: self.trace_id,
+                transaction_id: self.transaction_id,
+            },
+        })
+    }
+}
+
+fn parse_kind(text: &str) -> Result<Kind, StoreError> {
+    Kind::parse(text)
+        .ok_or_else(|| StoreError::Internal(format!("unknown kind {text:?} in events")))
+}
+
+fn parse_change(text: &str) -> Result<ChangeType, StoreError> {
+    ChangeType::parse(text)
+        .ok_or_else(|| StoreError::Internal(format!("unknown change type {text:?} in events")))
+}
+
+fn parse_field(name: &str) -> Option<Field> {
+    Field::ALL.into_iter().find(|f| f.name() == name)
+}
+
+pub(super) fn event_from_row(row: event::Model) -> Result<Event, StoreError> {
+    let kind = parse_kind(&row.kind)?;
     let changed_fields = row
         .changed_fields
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|name| {
-            Field::ALL
-                .into_iter()
-                .find(|f| Some(f.name()) == name.as_str())
-        })
+        .filter_map(|name| name.as_str().and_then(parse_field))
         .collect();
     Ok(Event {
         revision: row.revision as u64,
-        change,
+        change: parse_change(&row.change_type)?,
         changed_fields,
         before: from_snapshot(kind, &row.id, row.before)?,
         after: from_snapshot(kind, &row.id, row.after)?,

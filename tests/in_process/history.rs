@@ -532,6 +532,80 @@ async fn events_name_their_actor_and_trace(backend: Backend) {
     assert_eq!(page.events[0].actor, "");
 }
 
+/// A history page carries each event exactly as Watch delivered it, whether
+/// read from the log or, the second time, from the server's cache of
+/// events: every field of the event (actor, trace, timestamps, changed
+/// fields, a deletion's empty after), oldest first and newest first.
+async fn history_pages_match_watch_cold_and_cached(backend: Backend, kind: Kind) {
+    let Some(s) = start(backend).await else {
+        return;
+    };
+    let mut c = kind.client(&s);
+    let mut stream = c.watch(Watch).await.unwrap();
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut traced = tonic::Request::new(Merge::new("r").public(json!({"a": {"b": [1, 2.5]}})));
+    traced.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace}-00f067aa0ba902b7-01").parse().unwrap(),
+    );
+    c.merge(traced).await.unwrap();
+    c.merge(Merge::new("other").public(json!({"x": 1})))
+        .await
+        .unwrap();
+    c.merge(Merge::new("r").private(json!({"p": "q\"\\"})))
+        .await
+        .unwrap();
+    c.replace(Replace::new("r").public(json!({"z": null})))
+        .await
+        .unwrap();
+    deleted(&mut c, "r").await;
+    c.merge(Merge::new("r").public(json!({"again": true})))
+        .await
+        .unwrap();
+    let mut watched = Vec::new();
+    while watched.len() < 6 {
+        watched.push(stream.event().await.unwrap().unwrap());
+    }
+    watched.retain(|e| e.id == "r");
+    assert_eq!(watched.len(), 5);
+    assert_eq!(watched[0].trace_id, trace);
+    for round in ["from the log", "from the cache"] {
+        let oldest_first = c
+            .history(History {
+                id: "r".into(),
+                oldest_first: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(oldest_first.events, watched, "oldest first, {round}");
+        let newest_first = c.history(History::of("r")).await.unwrap();
+        let mut reversed = watched.clone();
+        reversed.reverse();
+        assert_eq!(newest_first.events, reversed, "newest first, {round}");
+    }
+    // Paged two at a time, the cached events join the ones read fresh.
+    let mut paged = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .history(History {
+                id: "r".into(),
+                oldest_first: true,
+                page_size: 2,
+                page_token: token,
+            })
+            .await
+            .unwrap();
+        paged.extend(page.events);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(paged, watched);
+}
+
 /// A frontend token reads its own record as of a revision and its own
 /// history, of the fields it may see; nothing else, and never Restore.
 async fn frontend_tokens_read_only_their_own_history(backend: Backend) {
@@ -1113,6 +1187,7 @@ kind_tests!(
     history_pages_every_event_once_in_order_under_writes,
     retention_bounds_reads_history_and_restore,
     restore_round_trips,
+    history_pages_match_watch_cold_and_cached,
 );
 
 mod any_kind {

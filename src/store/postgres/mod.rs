@@ -32,11 +32,44 @@ use sea_orm::sqlx::postgres::{PgConnectOptions, PgConnection};
 
 use super::conns::{Conns, within};
 use super::entities::{event, metadata};
+use super::history::{PageQuery, PageRead};
 use super::reads::{PointRead, Reader};
 use super::rows::{Logged, decode, logged_from_row};
 use super::shared::Shared;
-use super::{StoreError, StoreOptions};
+use super::{PAGE_CONNECTIONS, StoreError, StoreOptions};
 use crate::model::Kind;
+
+/// One page of a record's history and the compaction mark, in one row:
+/// the page's revisions as `1,2,3`, or its events as one JSON array.
+/// `$3` bounds the revisions, `$4` is the limit.
+macro_rules! history_page_sql {
+    (revisions, $compare:literal, $order:literal) => {
+        concat!(
+            "SELECT (SELECT compacted FROM revisions WHERE id = 1) AS compacted, \
+             array_to_string(ARRAY(SELECT revision FROM events \
+             WHERE kind = $1 AND id = $2 AND revision ",
+            $compare,
+            " $3 ORDER BY revision ",
+            $order,
+            " LIMIT $4), ',') AS page"
+        )
+    };
+    (events, $compare:literal, $order:literal) => {
+        concat!(
+            "SELECT (SELECT compacted FROM revisions WHERE id = 1) AS compacted, \
+             (SELECT COALESCE(json_agg(json_build_object('revision', revision, 'kind', kind, \
+             'id', id, 'change_type', change_type, 'changed_fields', changed_fields, \
+             'before', before, 'after', after, 'committed_at', committed_at, 'actor', actor, \
+             'trace_id', trace_id, 'transaction_id', transaction_id) ORDER BY revision ",
+            $order,
+            "), '[]')::text FROM (SELECT * FROM events WHERE kind = $1 AND id = $2 AND revision ",
+            $compare,
+            " $3 ORDER BY revision ",
+            $order,
+            " LIMIT $4) e) AS page"
+        )
+    };
+}
 
 pub(super) use doubt::{not_applied, settle};
 pub use lease::{LEASE_APPLICATION_NAME, Lease};
@@ -53,6 +86,8 @@ pub(super) struct Postgres {
     /// The dispatcher's: writers queued on a busy row never hold up the
     /// log's tail.
     tail: Arc<Conns<PgConnection>>,
+    /// History pages' connections.
+    pages: Arc<Conns<PgConnection>>,
     announcer_state: Arc<AnnouncerState>,
 }
 
@@ -77,7 +112,8 @@ impl Postgres {
             shared,
             conns,
             reader,
-            tail: Conns::new(connect, 1, options.connect_timeout),
+            tail: Conns::new(connect.clone(), 1, options.connect_timeout),
+            pages: Conns::new(connect, PAGE_CONNECTIONS, options.connect_timeout),
             announcer_state: Arc::default(),
         }
     }
@@ -139,9 +175,40 @@ impl Postgres {
         Ok(revisions?.into_iter().map(|r| r as u64).collect())
     }
 
+    /// Up to `limit` events of one record after (oldest first) or before
+    /// `bound`, as `what` asks, and the compaction mark: one statement and
+    /// one row, rather than a row per event.
+    pub(super) async fn history_page(
+        &self,
+        page: &PageQuery<'_>,
+        what: PageRead,
+    ) -> Result<(i64, Option<String>), StoreError> {
+        let sql = match (what, page.oldest_first) {
+            (PageRead::Revisions, true) => history_page_sql!(revisions, ">", "ASC"),
+            (PageRead::Revisions, false) => history_page_sql!(revisions, "<", "DESC"),
+            (PageRead::Events, true) => history_page_sql!(events, ">", "ASC"),
+            (PageRead::Events, false) => history_page_sql!(events, "<", "DESC"),
+        };
+        let mut held = self.pages.get().await?;
+        let call_limit = held.limit();
+        let row: Result<(i64, Option<String>), sqlx::Error> = within(
+            call_limit,
+            sqlx::query_as(sql)
+                .bind(page.kind.as_str())
+                .bind(page.id)
+                .bind(page.bound)
+                .bind(page.limit)
+                .fetch_one(held.connection()),
+        )
+        .await;
+        held.release(&row);
+        Ok(row?)
+    }
+
     pub(super) async fn close(&self) {
         self.conns.close().await;
         self.tail.close().await;
+        self.pages.close().await;
         self.reader.close().await;
     }
 }

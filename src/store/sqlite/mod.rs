@@ -23,11 +23,12 @@ use sea_orm::sqlx::{self, SqliteConnection};
 
 use super::conns::{Conns, within};
 use super::entities::{event, metadata};
+use super::history::{PageQuery, PageRead};
 use super::reads::{PointRead, Reader};
 use super::rows::{Logged, decode, logged_from_row};
 use super::shared::Shared;
 use super::write::{Done, Op};
-use super::{StoreError, StoreOptions, log};
+use super::{PAGE_CONNECTIONS, StoreError, StoreOptions, log};
 use crate::model::{Kind, Record};
 
 pub(super) struct Sqlite {
@@ -38,6 +39,45 @@ pub(super) struct Sqlite {
     reader: Reader<PointReads>,
     /// The dispatcher's connection.
     tail: Arc<Conns<SqliteConnection>>,
+    /// History pages' connections.
+    pages: Arc<Conns<SqliteConnection>>,
+}
+
+/// One page of a record's history and the compaction mark in one row and
+/// one statement: the page's revisions as `1,2,3`, or its events as one
+/// JSON array, because sqlx-sqlite hands each row over from its worker
+/// thread on its own, and 51 hand-overs cost more than the query. The
+/// stored snapshots are JSON text already: they are pasted in, not parsed.
+/// `?3` bounds the revisions, `?4` is the limit.
+macro_rules! history_page_sql {
+    (revisions, $compare:literal, $order:literal) => {
+        concat!(
+            "SELECT (SELECT compacted FROM revisions WHERE id = 1) AS compacted, \
+             (SELECT group_concat(revision) \
+             FROM (SELECT revision FROM events WHERE kind = ?1 AND id = ?2 AND revision ",
+            $compare,
+            " ?3 ORDER BY revision ",
+            $order,
+            " LIMIT ?4)) AS page"
+        )
+    };
+    (events, $compare:literal, $order:literal) => {
+        concat!(
+            "SELECT (SELECT compacted FROM revisions WHERE id = 1) AS compacted, \
+             (SELECT '[' || COALESCE(group_concat('{\"revision\":' || revision \
+             || ',\"kind\":' || json_quote(kind) || ',\"id\":' || json_quote(id) \
+             || ',\"change_type\":' || json_quote(change_type) \
+             || ',\"changed_fields\":' || changed_fields || ',\"before\":' || before \
+             || ',\"after\":' || after || ',\"committed_at\":' || json_quote(committed_at) \
+             || ',\"actor\":' || json_quote(actor) || ',\"trace_id\":' || json_quote(trace_id) \
+             || ',\"transaction_id\":' || json_quote(transaction_id) || '}', ','), '') || ']' \
+             FROM (SELECT * FROM events WHERE kind = ?1 AND id = ?2 AND revision ",
+            $compare,
+            " ?3 ORDER BY revision ",
+            $order,
+            " LIMIT ?4)) AS page"
+        )
+    };
 }
 
 impl Sqlite {
@@ -56,6 +96,7 @@ impl Sqlite {
             writing,
             reader: Reader::start(one()),
             tail: one(),
+            pages: Conns::new(connect, PAGE_CONNECTIONS, options.connect_timeout),
         }
     }
 
@@ -134,9 +175,39 @@ impl Sqlite {
         Ok(revisions?.into_iter().map(|r| r as u64).collect())
     }
 
+    /// Up to `limit` events of one record after (oldest first) or before
+    /// `bound`, as `what` asks, and the compaction mark.
+    pub(super) async fn history_page(
+        &self,
+        page: &PageQuery<'_>,
+        what: PageRead,
+    ) -> Result<(i64, Option<String>), StoreError> {
+        let sql = match (what, page.oldest_first) {
+            (PageRead::Revisions, true) => history_page_sql!(revisions, ">", "ASC"),
+            (PageRead::Revisions, false) => history_page_sql!(revisions, "<", "DESC"),
+            (PageRead::Events, true) => history_page_sql!(events, ">", "ASC"),
+            (PageRead::Events, false) => history_page_sql!(events, "<", "DESC"),
+        };
+        let mut held = self.pages.get().await?;
+        let call_limit = held.limit();
+        let row: Result<(i64, Option<String>), sqlx::Error> = within(
+            call_limit,
+            sqlx::query_as(sql)
+                .bind(page.kind.as_str())
+                .bind(page.id)
+                .bind(page.bound)
+                .bind(page.limit)
+                .fetch_one(held.connection()),
+        )
+        .await;
+        held.release(&row);
+        Ok(row?)
+    }
+
     pub(super) async fn close(&self) {
         self.writing.close().await;
         self.tail.close().await;
+        self.pages.close().await;
         self.reader.close().await;
     }
 }
