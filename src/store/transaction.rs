@@ -8,14 +8,16 @@
 //! dispatcher and the relay read and publish a transaction's events as one
 //! unit (`events::broker`, `relay`).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tracing::Instrument;
 
-use super::write::{Compute, Done, Op, Sent, WriteOutcome};
+use super::shared::Shared;
+use super::write::{Compute, Done, Op, Plan, Sent, WriteOutcome, plan, written};
 use super::{Store, StoreError};
-use crate::model::{ChangeType, Field, Kind, Origin};
+use crate::model::{ChangeType, Field, Kind, Origin, Record};
 use crate::validation::{JsonPath, Problem, ValidationError};
 
 /// A request id and what identifies the request it was first used for.
@@ -223,4 +225,109 @@ pub(super) fn kinds(ops: &[Op]) -> Vec<Kind> {
         kinds = vec![Kind::User, Kind::Organization];
     }
     kinds
+}
+
+/// A transaction's operations as decided on their current records, in
+/// order: what each answers if it changes nothing, and the changes to
+/// store. The backends store all of the changes in a few statements,
+/// whatever their number (`sqlite/write.rs`, `postgres/transaction.rs`).
+pub(super) struct Decided {
+    /// One per operation: its answer, or None for a change (answered once
+    /// its revision is known).
+    pub unchanged: Vec<Option<Done>>,
+    pub changes: Vec<Change>,
+}
+
+/// One record's change in a transaction.
+pub(super) struct Change {
+    /// The operation's index.
+    pub index: usize,
+    pub change: ChangeType,
+    pub before: Record,
+    /// Its revision is set by [`Decided::number`].
+    pub next: Record,
+    pub at: DateTime<Utc>,
+    pub generation: Option<i64>,
+}
+
+impl Decided {
+    /// Decides each of `ops` on its current record (`current` by kind and
+    /// id; a record without one was never written). Err names the
+    /// operation that refused or failed.
+    pub(super) async fn decide(
+        ops: &mut [Op],
+        mut current: HashMap<(Kind, String), Record>,
+        shared: &Shared,
+    ) -> Result<Decided, (usize, StoreError)> {
+        let mut decided = Decided {
+            unchanged: Vec::with_capacity(ops.len()),
+            changes: Vec::new(),
+        };
+        for (index, op) in ops.iter_mut().enumerate() {
+            let (kind, id) = op.target();
+            let before = current
+                .remove(&(kind, id.to_owned()))
+                .unwrap_or_else(|| Record::empty(kind, id.to_owned()));
+            match plan(op, &before, &shared.schemas, &shared.db).await {
+                Ok(Plan::Unchanged(done)) => decided.unchanged.push(Some(done)),
+                Ok(Plan::Store {
+                    change,
+                    next,
+                    at,
+                    generation,
+                }) => {
+                    decided.unchanged.push(None);
+                    decided.changes.push(Change {
+                        index,
+                        change,
+                        before,
+                        next,
+                        at,
+                        generation,
+                    });
+                }
+                Err(err) => return Err((index, err)),
+            }
+        }
+        Ok(decided)
+    }
+
+    /// Gives the changes their revisions, consecutive from `first`, in
+    /// operation order.
+    pub(super) fn number(&mut self, first: u64) {
+        for (offset, change) in self.changes.iter_mut().enumerate() {
+            change.next.revision = first + offset as u64;
+        }
+    }
+
+    /// The kinds' schema generations the changes were checked under, each
+    /// once: the statement that takes the revisions checks they still hold.
+    pub(super) fn generations(&self) -> Vec<(Kind, i64)> {
+        let mut generations: Vec<(Kind, i64)> = self
+            .changes
+            .iter()
+            .filter_map(|c| c.generation.map(|g| (c.next.kind, g)))
+            .collect();
+        generations.sort_by_key(|(kind, _)| kind.as_str());
+        generations.dedup();
+        generations
+    }
+
+    /// Each operation's answer, once the changes are stored.
+    pub(super) fn answers(self, ops: &[Op]) -> Vec<Done> {
+        let mut changes = self.changes.into_iter().peekable();
+        self.unchanged
+            .into_iter()
+            .enumerate()
+            .map(|(index, unchanged)| match unchanged {
+                Some(done) => done,
+                None => {
+                    let change = changes
+                        .next()
+                        .expect("one change per operation not answered");
+                    written(&ops[index], change.next)
+                }
+            })
+            .collect()
+    }
 }

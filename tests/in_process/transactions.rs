@@ -711,6 +711,32 @@ async fn transactions_under_concurrent_writers_are_all_or_nothing(backend: Backe
             )
         })
         .collect();
+    if backend == Backend::Postgres {
+        // Transactions take the revision allocation lock (1835365474, 0)
+        // exclusive as a session lock, within one statement: none may
+        // still hold it, or every single write would wait for ever.
+        let held = db
+            .query_one_raw(Statement::from_string(
+                db.get_database_backend(),
+                "SELECT count(*) AS held FROM pg_locks WHERE locktype = 'advisory' \
+                 AND classid = 1835365474::oid AND objid = 0::oid AND granted",
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get::<i64>("", "held")
+            .unwrap();
+        assert_eq!(held, 0, "a session still holds the allocation lock");
+        s.users
+            .clone()
+            .merge(metadata_service::proto::v1::MergeUserMetadataRequest {
+                user_id: "after".into(),
+                public_metadata: Some(crate::common::json::structure(&json!({"a": 1}))),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
     db.close().await.ok();
     let mut groups: Vec<(String, Vec<i64>)> = Vec::new();
     for (revision, id) in log {

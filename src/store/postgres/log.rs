@@ -27,8 +27,10 @@ use crate::store::{Claim, StoreError, log};
 pub(super) const LOCK_CLASS: i32 = 0x6d65_7461; // "meta"
 
 /// The advisory lock writers take, shared, before they take a revision,
-/// and a transaction exclusive, so that its revisions are consecutive
-/// (second key 0). `write_change.sql` spells it as a number.
+/// and a transaction exclusive while it takes its revisions, so that they
+/// are consecutive (second key 0). `write_change.sql` and
+/// `transaction.rs`'s statement spell it as a number; tests check they do.
+#[cfg(test)]
 pub(super) const ALLOC_CLASS: i32 = 0x6d65_7462; // "metb"
 
 /// The advisory lock key of a revision, as SQL arguments.

@@ -17,10 +17,12 @@
 //! one: it runs in its caller's task, without the hand-over to the
 //! committer and back (as a lone Get does, `store/reads.rs`).
 //!
-//! A transaction (`store/transaction.rs`) is one job of the group: its
-//! operations run one after the other under a savepoint, so that one that
-//! refuses undoes the others and leaves the rest of the group alone. One
-//! writer at a time, so its revisions are consecutive.
+//! A transaction (`store/transaction.rs`) is one job of the group, under a
+//! savepoint, so that one that refuses undoes the others and leaves the
+//! rest of the group alone: its rows are read in one statement, each
+//! operation is decided in turn, then all of its changes are stored in a
+//! few statements whatever their number (`write.rs`). One writer at a
+//! time, so its revisions are consecutive.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,12 +31,13 @@ use sea_orm::sqlx::{self, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
-use super::write::step;
+use super::write::{read_rows, step, store_changes};
+use crate::model::Origin;
 use crate::store::StoreError;
 use crate::store::conns::{Conns, Held, within};
 use crate::store::requests::{Claim, claim_sqlite, record_sqlite};
 use crate::store::shared::Shared;
-use crate::store::transaction::{Committed, RequestKey, in_operation, kinds};
+use crate::store::transaction::{Committed, Decided, RequestKey, in_operation, kinds};
 use crate::store::write::{Done, Op, Step};
 
 /// Most writes in one transaction: bounds how long the first one waits.
@@ -186,9 +189,11 @@ enum Stopped {
 
 /// A job's operations in order, in the transaction on `connection`; with
 /// whether it wrote. A transaction claims its request id first, if it has
-/// one (and is answered at once if an earlier attempt committed), passes
-/// the `transaction_step` pause point between two of its writes, and
-/// records its outcome under the id last.
+/// one (and is answered at once if an earlier attempt committed), reads
+/// its rows and decides every operation, then stores its changes together
+/// (`write::store_changes`, which passes the `transaction_step` pause point
+/// between the rows and the events), and records its outcome under the id
+/// last.
 async fn run_ops(
     shared: &Shared,
     connection: &mut SqliteConnection,
@@ -205,35 +210,35 @@ async fn run_ops(
             Err(err) => return Err(Stopped::Failed(err)),
         }
     }
-    let mut done = Vec::with_capacity(ops.len());
-    let mut changed = false;
-    for (index, op) in ops.iter_mut().enumerate() {
-        if changed && transaction.is_some() {
-            shared.pauses.transaction_step.pass().await;
-        }
-        match step(shared, connection, op).await {
-            Ok(Step::Unchanged(result)) => done.push(result),
-            Ok(Step::Written(result)) => {
-                changed = true;
-                done.push(result);
-            }
-            Ok(Step::StartOver) => return Err(Stopped::StartOver),
-            Err(err) if refused(&err) => {
-                let err = match transaction {
-                    Some(_) => in_operation(index, err),
-                    None => err,
-                };
-                return Err(Stopped::Refused(err));
-            }
-            Err(err) => return Err(Stopped::Failed(err)),
-        }
-    }
     let Some(transaction) = transaction else {
-        let done = done
-            .pop()
+        let op = ops
+            .first_mut()
             .ok_or_else(|| Stopped::Failed(StoreError::Internal("a job without a write".into())))?;
-        return Ok((Ran::Single(done), changed));
+        return match step(shared, connection, op).await {
+            Ok(Step::Unchanged(done)) => Ok((Ran::Single(done), false)),
+            Ok(Step::Written(done)) => Ok((Ran::Single(done), true)),
+            Ok(Step::StartOver) => Err(Stopped::StartOver),
+            Err(err) if refused(&err) => Err(Stopped::Refused(err)),
+            Err(err) => Err(Stopped::Failed(err)),
+        };
     };
+    let current = read_rows(connection, ops).await.map_err(Stopped::Failed)?;
+    let mut decided = match Decided::decide(ops, current, shared).await {
+        Ok(decided) => decided,
+        Err((index, err)) if refused(&err) => {
+            return Err(Stopped::Refused(in_operation(index, err)));
+        }
+        Err((_, err)) => return Err(Stopped::Failed(err)),
+    };
+    let origins: Vec<&Origin> = ops.iter().map(Op::origin).collect();
+    let pause = &shared.pauses.transaction_step;
+    match store_changes(connection, &mut decided, &origins, pause).await {
+        Ok(Some(())) => {}
+        Ok(None) => return Err(Stopped::StartOver),
+        Err(err) => return Err(Stopped::Failed(err)),
+    }
+    let changed = !decided.changes.is_empty();
+    let done = decided.answers(ops);
     let committed = Committed::of(&done, &transaction.id);
     if let Some(request) = request {
         record_sqlite(connection, request, &committed)
