@@ -1,5 +1,12 @@
 use std::process::ExitCode;
 
+/// mimalloc rather than the system's malloc: a call's messages are trees
+/// of small allocations (JSON values, protobuf Structs, maps), and glibc's
+/// malloc and free were a sixth of the server's CPU under a history page
+/// load (BENCHMARKS.md, issue 29).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use metadata_service::config::{Cli, Run, ServerRun};
 use metadata_service::{client, logging, server};
 
