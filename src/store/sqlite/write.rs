@@ -1,9 +1,10 @@
 //! One write inside the committer's transaction (`commit.rs`): read the
 //! row, decide (`store::write::plan`), take the next revision from the
-//! counter row, store the row and append its event. SQLite has one writer
-//! at a time and the transaction holds the write lock from its `BEGIN
-//! IMMEDIATE`, so revisions are dense and in commit order, and no row lock
-//! is needed.
+//! counter row, store the row and append its event; and a transaction's
+//! writes, the same steps each done for all of its records in one
+//! statement. SQLite has one writer at a time and the transaction holds
+//! the write lock from its `BEGIN IMMEDIATE`, so revisions are dense and
+//! in commit order, and no row lock is needed.
 
 use std::collections::HashMap;
 
