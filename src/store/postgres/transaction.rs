@@ -177,11 +177,16 @@ impl Postgres {
 }
 
 /// Creates empty rows (version 0) for the records written that have none,
-/// in (kind, id) order, then locks the others in (kind, id) order, in one
-/// statement: a concurrent first write of the same id waits for this
-/// transaction instead of racing it. The rows found existing, locked (the
-/// created ones are this transaction's, locked by being uncommitted, and
-/// read as never written).
+/// in the order given ((kind, id), sorted by the caller), then locks the
+/// others in that order, in one statement: a concurrent first write of the
+/// same id waits for this transaction instead of racing it. The rows found
+/// existing, locked (the created ones are this transaction's, locked by
+/// being uncommitted, and read as never written).
+///
+/// Each row is found by its key, one index lookup per target (a LATERAL
+/// join), whatever the planner thinks of the table's size: a plan cached
+/// while the table was small, or never analyzed, would otherwise hash-join
+/// a scan of the whole table for every transaction.
 async fn create_and_lock_rows(
     connection: &mut PgConnection,
     targets: &[(Kind, String, bool)],
@@ -195,12 +200,15 @@ async fn create_and_lock_rows(
         "WITH created AS (INSERT INTO metadata (kind, id, public_metadata, private_metadata, \
              unsafe_metadata, version, revision, created_at, updated_at) \
              SELECT t.kind, t.id, '{}'::jsonb, '{}'::jsonb, '{}'::jsonb, 0, 0, $4, $4 \
-             FROM unnest($1::text[], $2::text[], $3::bool[]) AS t(kind, id, written) \
-             WHERE t.written ORDER BY t.kind, t.id \
+             FROM unnest($1::text[], $2::text[], $3::bool[]) WITH ORDINALITY \
+                 AS t(kind, id, written, ord) \
+             WHERE t.written ORDER BY t.ord \
              ON CONFLICT (kind, id) DO NOTHING RETURNING 1) \
-         SELECT m.*, (SELECT count(*) FROM created) AS created FROM metadata m \
-         JOIN unnest($1::text[], $2::text[]) AS t(kind, id) ON m.kind = t.kind AND m.id = t.id \
-         ORDER BY m.kind, m.id FOR UPDATE OF m",
+         SELECT m.*, (SELECT count(*) FROM created) AS created \
+         FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS t(kind, id, ord) \
+         CROSS JOIN LATERAL (SELECT * FROM metadata \
+             WHERE metadata.kind = t.kind AND metadata.id = t.id FOR UPDATE) m \
+         ORDER BY t.ord",
     )
     .bind(kinds)
     .bind(ids)
@@ -302,7 +310,10 @@ impl From<Taking> for Stopped {
 /// them all) the unlock, which `numbered` reads in a column of its own (in
 /// an AND beside `owned`, it could be skipped). The rows are stored only
 /// if every revision is owned, the n-th change at the first revision plus
-/// n - 1.
+/// n - 1, each found by its key (then by its row's address: they are locked
+/// by this transaction, so it cannot move) rather than by a join the
+/// planner may make a scan of the whole table (see
+/// [`create_and_lock_rows`]).
 const TAKE_AND_STORE: &str = "WITH alloc AS MATERIALIZED (SELECT pg_advisory_lock(1835365474, 0)), \
      rev AS MATERIALIZED (SELECT nextval('event_revisions') AS r \
          FROM alloc, generate_series(1, $1::bigint)), \
@@ -316,11 +327,14 @@ const TAKE_AND_STORE: &str = "WITH alloc AS MATERIALIZED (SELECT pg_advisory_loc
          private_metadata = u.private, unsafe_metadata = u.unsafe, version = u.version, \
          revision = numbered.first + u.ord - 1, created_at = u.created_at, \
          updated_at = u.updated_at \
-         FROM numbered, unnest($2::text[], $3::text[], $4::jsonb[], $5::jsonb[], $6::jsonb[], \
-             $7::bigint[], $8::timestamptz[], $9::timestamptz[], $10::bigint[]) \
-             WITH ORDINALITY AS u(kind, id, public, private, unsafe, version, created_at, \
-             updated_at, generation, ord) \
-         WHERE numbered.owned AND m.kind = u.kind AND m.id = u.id AND (u.generation IS NULL \
+         FROM numbered, (SELECT found.row_id, u.* \
+             FROM unnest($2::text[], $3::text[], $4::jsonb[], $5::jsonb[], $6::jsonb[], \
+                 $7::bigint[], $8::timestamptz[], $9::timestamptz[], $10::bigint[]) \
+                 WITH ORDINALITY AS u(kind, id, public, private, unsafe, version, created_at, \
+                 updated_at, generation, ord) \
+             CROSS JOIN LATERAL (SELECT ctid AS row_id FROM metadata \
+                 WHERE metadata.kind = u.kind AND metadata.id = u.id OFFSET 0) found) u \
+         WHERE numbered.owned AND m.ctid = u.row_id AND (u.generation IS NULL \
              OR (SELECT COALESCE(SUM(s.version), 0) FROM metadata_schemas s \
                  WHERE s.kind = u.kind) = u.generation) \
          RETURNING 1) \
