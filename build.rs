@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/metadata/v1/metadata.proto",
         "proto/metadata/v1/schema.proto",
         "proto/metadata/v1/transaction.proto",
+        "proto/metadata/v1/webhook.proto",
     ];
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(protos, ["proto"])?;

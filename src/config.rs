@@ -118,8 +118,65 @@ pub struct ServeArgs {
     /// (the way to run the relay with SQLite).
     #[command(flatten)]
     pub relay: NatsArgs,
+    /// Webhooks: checked on every endpoint change; with SQLite the server
+    /// also delivers them.
+    #[command(flatten)]
+    pub webhooks: WebhookArgs,
     #[command(flatten)]
     pub observability: ObservabilityArgs,
+}
+
+/// Webhook endpoints and their deliveries.
+#[derive(Debug, Args)]
+pub struct WebhookArgs {
+    /// Non-public networks (private, loopback, link-local...) webhook
+    /// deliveries may reach, comma-separated CIDRs; none by default. Plain
+    /// http:// is accepted only for hosts in them.
+    #[arg(long, env = "METADATA_WEBHOOK_ALLOW_NETWORKS", default_value = "", value_parser = parse_networks)]
+    pub webhook_allow_networks: crate::webhook::AllowedNetworks,
+    /// Each delivery's timeout (connecting included).
+    #[arg(long, env = "METADATA_WEBHOOK_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub webhook_timeout: Duration,
+    /// An endpoint failing for this long is disabled (re-enable it with UpdateWebhook).
+    #[arg(long, env = "METADATA_WEBHOOK_FAILURE_WINDOW", default_value = "5days", value_parser = humantime::parse_duration)]
+    pub webhook_failure_window: Duration,
+    /// Delays before the 2nd, 3rd... attempt at a failing event (the last
+    /// one repeats), each spread by ±20%; a Retry-After answer wins.
+    #[arg(long, env = "METADATA_WEBHOOK_RETRY_SCHEDULE", default_value = "5s,5m,30m,2h,5h,10h", value_parser = parse_schedule)]
+    pub webhook_retry_schedule: Schedule,
+}
+
+fn parse_networks(text: &str) -> Result<crate::webhook::AllowedNetworks, String> {
+    crate::webhook::AllowedNetworks::parse(text)
+}
+
+/// Retry delays, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Schedule(pub Vec<Duration>);
+
+fn parse_schedule(text: &str) -> Result<Schedule, String> {
+    let delays = text
+        .split(',')
+        .map(|item| {
+            humantime::parse_duration(item.trim()).map_err(|err| format!("{item:?}: {err}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if delays.is_empty() {
+        return Err("at least one delay".into());
+    }
+    Ok(Schedule(delays))
+}
+
+impl WebhookArgs {
+    pub fn options(&self) -> crate::webhook::WebhookOptions {
+        crate::webhook::WebhookOptions {
+            allowed: Arc::new(self.webhook_allow_networks.clone()),
+            timeout: self.webhook_timeout,
+            failure_window: self.webhook_failure_window,
+            schedule: self.webhook_retry_schedule.0.clone(),
+            ..crate::webhook::WebhookOptions::default()
+        }
+    }
 }
 
 /// `relay`: copy the event log into a NATS JetStream stream.
@@ -129,7 +186,9 @@ pub struct RelayArgs {
     pub database: DatabaseArgs,
     #[command(flatten)]
     pub nats: NatsArgs,
-    /// Address for gRPC health (grpc.health.v1: "" and "relay").
+    #[command(flatten)]
+    pub webhooks: WebhookArgs,
+    /// Address for gRPC health (grpc.health.v1: "", "relay" and "webhooks").
     #[arg(long, env = "METADATA_RELAY_LISTEN", default_value = "127.0.0.1:50052")]
     pub listen: SocketAddr,
     /// The servers' event retention: the stream's max age unless --nats-max-age is given.
@@ -253,10 +312,7 @@ impl NatsArgs {
 
 impl RelayArgs {
     pub fn process_config(&self) -> anyhow::Result<crate::relay::RelayProcessConfig> {
-        let relay = self
-            .nats
-            .relay_options(self.event_retention)?
-            .ok_or_else(|| anyhow::anyhow!("`relay` needs --nats-url (or METADATA_NATS_URL)"))?;
+        let relay = self.nats.relay_options(self.event_retention)?;
         Ok(crate::relay::RelayProcessConfig {
             database_url: self.database.database_url.clone(),
             store: self.database.store_options(),
@@ -265,6 +321,7 @@ impl RelayArgs {
                 ..BrokerOptions::default()
             },
             relay,
+            webhooks: self.webhooks.options(),
             listen: self.listen,
             metrics_listen: self.observability.metrics_listen.0,
         })
@@ -317,8 +374,9 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Apply the database migrations, then exit.
     Migrate(MigrateArgs),
-    /// Copy every change event into a NATS JetStream stream, exactly once
-    /// and in order (PostgreSQL; with SQLite use `serve --relay-nats-url`).
+    /// Copy every change event into a NATS JetStream stream (with
+    /// --nats-url), and deliver webhooks, exactly once and in order
+    /// (PostgreSQL; with SQLite the server does both).
     Relay(Box<RelayArgs>),
     /// Call a running server: user metadata (get, merge, replace, delete, watch).
     User(crate::client::ClientCommand),
@@ -557,6 +615,7 @@ impl ServeArgs {
             tls: self.security.tls()?,
             metrics_listen: self.observability.metrics_listen.0,
             relay: self.relay.relay_options(self.server.event_retention)?,
+            webhooks: self.webhooks.options(),
         })
     }
 }
@@ -618,7 +677,40 @@ mod tests {
             panic!("relay");
         };
         let config = args.process_config().unwrap();
-        assert_eq!(config.relay.nats.max_age, Duration::ZERO);
+        assert_eq!(config.relay.unwrap().nats.max_age, Duration::ZERO);
+    }
+
+    #[test]
+    fn a_relay_without_nats_only_delivers_webhooks() {
+        let cli = Cli::try_parse_from([
+            "metadata-service",
+            "relay",
+            "--webhook-allow-networks",
+            "10.0.0.0/8, 127.0.0.1",
+            "--webhook-retry-schedule",
+            "1s,1m",
+        ])
+        .unwrap();
+        let Run::Server(ServerRun::Relay(args)) = cli.into_run() else {
+            panic!("relay");
+        };
+        let config = args.process_config().unwrap();
+        assert!(config.relay.is_none());
+        assert_eq!(
+            config.webhooks.allowed.to_string(),
+            "10.0.0.0/8,127.0.0.1/32"
+        );
+        assert_eq!(
+            config.webhooks.schedule,
+            [Duration::from_secs(1), Duration::from_secs(60)]
+        );
+        let refused = Cli::try_parse_from([
+            "metadata-service",
+            "serve",
+            "--webhook-allow-networks",
+            "intranet",
+        ]);
+        assert!(refused.unwrap_err().to_string().contains("\"intranet\""));
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! taken apart and built, shared by the service, the [`client`] and the
 //! [`relay`]; [`convert`] turns protobuf into the [`model`] types; [`json`]
 //! holds the pure merge, replace and validation rules, and [`validation`]
-//! says why input was refused; [`web`] lets browsers call (gRPC-Web, CORS).
+//! says why input was refused; [`web`] lets browsers call (gRPC-Web, CORS);
+//! [`webhook`] delivers every change to HTTP endpoints, signed.
 
 pub mod api;
 pub mod auth;
@@ -32,3 +33,4 @@ pub mod service;
 pub mod store;
 pub mod validation;
 pub mod web;
+pub mod webhook;

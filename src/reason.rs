@@ -81,6 +81,15 @@ reasons! {
     /// A write whose result breaks its field's schema: one violation per
     /// schema error, `field/pointer`.
     SchemaViolation => "SCHEMA_VIOLATION", InvalidArgument;
+    /// A webhook URL that is not https (or http to an allowed network),
+    /// carries credentials, or names a refused address.
+    InvalidWebhookUrl => "INVALID_WEBHOOK_URL", InvalidArgument;
+    /// A webhook event type that does not exist.
+    UnknownEventType => "UNKNOWN_EVENT_TYPE", InvalidArgument;
+    /// An UpdateWebhook mask path that names no updatable field.
+    InvalidUpdateMask => "INVALID_UPDATE_MASK", InvalidArgument;
+    /// A duration over its limit (a secret's grace period).
+    DurationTooLong => "DURATION_TOO_LONG", InvalidArgument;
     // OUT_OF_RANGE
     /// A read at a revision the log has not reached yet.
     RevisionNotReached => "REVISION_NOT_REACHED", OutOfRange;
@@ -88,6 +97,9 @@ reasons! {
     VersionMismatch => "VERSION_MISMATCH", Aborted;
     /// A JSON Patch `test` operation failed: the caller re-reads and retries.
     PatchTestFailed => "PATCH_TEST_FAILED", Aborted;
+    // NOT_FOUND
+    /// No webhook endpoint has the id.
+    WebhookNotFound => "WEBHOOK_NOT_FOUND", NotFound;
     // FAILED_PRECONDITION
     RevisionCompacted => "REVISION_COMPACTED", FailedPrecondition;
     NonconformingDocuments => "NONCONFORMING_DOCUMENTS", FailedPrecondition;

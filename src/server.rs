@@ -22,9 +22,10 @@ use crate::json::Limits;
 use crate::metrics::Metrics;
 use crate::proto::v1::metadata_schema_service_server::MetadataSchemaServiceServer;
 use crate::proto::v1::metadata_transaction_service_server::MetadataTransactionServiceServer;
+use crate::proto::v1::metadata_webhook_service_server::MetadataWebhookServiceServer;
 use crate::service::{
     Admission, Authenticate, Bounds, Core, Handlers, RequestLayer, Routed, SchemaHandlers, Served,
-    TransactionHandlers,
+    TransactionHandlers, WebhookHandlers,
 };
 use crate::store::{Store, StoreOptions};
 
@@ -65,6 +66,9 @@ pub struct ServerConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Relay events to NATS from this process (`--relay-nats-url`).
     pub relay: Option<crate::relay::RelayOptions>,
+    /// Webhook endpoints' checks, and deliveries (this process delivers
+    /// them on SQLite; the `relay` process on Postgres).
+    pub webhooks: crate::webhook::WebhookOptions,
 }
 
 /// PEM certificate chain and key; with `client_ca`, clients must present a
@@ -198,6 +202,7 @@ const SERVICE_NAMES: &[&str] = &[
     <<Organizations as Served>::Server as tonic::server::NamedService>::NAME,
     <MetadataSchemaServiceServer<SchemaHandlers> as tonic::server::NamedService>::NAME,
     <MetadataTransactionServiceServer<TransactionHandlers> as tonic::server::NamedService>::NAME,
+    <MetadataWebhookServiceServer<WebhookHandlers> as tonic::server::NamedService>::NAME,
 ];
 
 /// Opens the store, binds `config.listen` (port 0 picks a free port) and
@@ -284,6 +289,26 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         .await
         .context("cannot start the NATS relay")?;
     }
+    // Endpoint changes made here wake a deliverer running here at once.
+    let webhooks_changed = Arc::new(tokio::sync::Notify::new());
+    if !store.shared() {
+        // SQLite: one process owns the file, so it delivers too (on
+        // Postgres, the `relay` process does, under its lease).
+        let (state, _deliverer) = crate::webhook::start(
+            store.clone(),
+            broker.clone(),
+            config.webhooks.clone(),
+            &metrics,
+            webhooks_changed.clone(),
+            shutdown.clone(),
+        )
+        .context("cannot start the webhook deliverer")?;
+        tokio::spawn(crate::webhook::report_health(
+            state,
+            reporter.clone(),
+            shutdown.clone(),
+        ));
+    }
     metrics.sample(store.clone(), broker.clone());
     tokio::spawn(crate::metrics::track_latest_revision(
         metrics.clone(),
@@ -338,6 +363,17 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         authenticate.clone(),
     );
 
+    let webhooks = InterceptedService::new(
+        MetadataWebhookServiceServer::new(WebhookHandlers::new(
+            core.clone(),
+            broker.clone(),
+            config.webhooks.allowed.clone(),
+            webhooks_changed,
+        ))
+        .max_decoding_message_size(max),
+        authenticate.clone(),
+    );
+
     // grpcurl 1.8 speaks only v1alpha; newer clients use v1.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -364,7 +400,8 @@ pub async fn start(config: &ServerConfig) -> anyhow::Result<RunningServer> {
         .add_service(users)
         .add_service(organizations)
         .add_service(schemas)
-        .add_service(transactions);
+        .add_service(transactions)
+        .add_service(webhooks);
 
     let served_store = store.clone();
     let task = tokio::spawn(async move {
@@ -471,6 +508,7 @@ fn log_configuration(config: &ServerConfig) {
         mtls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
         reflection = config.reflection,
         metrics_listen = ?config.metrics_listen,
+        webhook_allow_networks = %config.webhooks.allowed,
         "configuration"
     );
 }

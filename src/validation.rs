@@ -85,6 +85,17 @@ pub enum Problem {
     /// the patch without its null members, which the result contains.
     #[error("would be at least {bytes} bytes as compact JSON, the limit is {limit}")]
     MergeTooLarge { bytes: usize, limit: usize },
+    /// A webhook URL the service will not call, and why.
+    #[error("{0}")]
+    WebhookUrl(String),
+    #[error("{name:?} is not an event type (one of {known})")]
+    UnknownEventType { name: String, known: String },
+    #[error("is {len} bytes long, the limit is {limit}")]
+    TextTooLong { len: usize, limit: usize },
+    #[error("{path:?} is not a field that can be updated (one of {known})")]
+    UnknownMaskPath { path: String, known: &'static str },
+    #[error("is {given}, the limit is {limit}")]
+    DurationTooLong { given: String, limit: String },
 }
 
 impl Problem {
@@ -121,6 +132,11 @@ impl Problem {
             Problem::TooLarge { .. } => Reason::TooLarge,
             Problem::RevisionTooLarge { .. } => Reason::RevisionTooLarge,
             Problem::MergeTooLarge { .. } => Reason::MergeTooLarge,
+            Problem::WebhookUrl(_) => Reason::InvalidWebhookUrl,
+            Problem::UnknownEventType { .. } => Reason::UnknownEventType,
+            Problem::TextTooLong { .. } => Reason::TooLarge,
+            Problem::UnknownMaskPath { .. } => Reason::InvalidUpdateMask,
+            Problem::DurationTooLong { .. } => Reason::DurationTooLong,
         }
     }
 }

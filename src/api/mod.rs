@@ -3,6 +3,8 @@
 //! terms of the proto-free [`crate::model`]. No server here: `service`
 //! serves it, `client` calls it, `relay` publishes its events.
 
+mod event;
 mod kind;
 
+pub use event::{event_json, event_message_name, event_protobuf};
 pub use kind::{ApiKind, EventView, Organizations, RecordView, Users, WriteParts};

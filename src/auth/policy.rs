@@ -57,6 +57,8 @@ pub enum Action {
     SetSchema,
     GetSchema,
     DeleteSchema,
+    /// Any call of MetadataWebhookService (endpoints, of no kind).
+    Webhooks,
 }
 
 impl Action {
@@ -76,6 +78,7 @@ impl Action {
             Action::SetSchema => "SetSchema",
             Action::GetSchema => "GetSchema",
             Action::DeleteSchema => "DeleteSchema",
+            Action::Webhooks => "MetadataWebhookService",
         }
     }
 }
@@ -152,6 +155,10 @@ pub fn authorize(caller: &Caller, op: &Operation) -> Result<FieldSet, Denied> {
                 ),
             })
         }
+        (_, Action::Webhooks) => Err(Denied {
+            reason: Reason::BackendOnly,
+            message: "MetadataWebhookService is for backend callers only".to_owned(),
+        }),
         (kind, action) => Err(Denied {
             reason: Reason::BackendOnly,
             message: format!(
@@ -167,7 +174,8 @@ pub fn authorize(caller: &Caller, op: &Operation) -> Result<FieldSet, Denied> {
 mod tests {
     use super::*;
 
-    const ACTIONS: [Action; 14] = [
+    const ACTIONS: [Action; 15] = [
+        Action::Webhooks,
         Action::SetSchema,
         Action::GetSchema,
         Action::DeleteSchema,
@@ -274,6 +282,7 @@ mod tests {
                 Action::SetSchema,
                 Action::GetSchema,
                 Action::DeleteSchema,
+                Action::Webhooks,
             ] {
                 let op = op(kind, action, "user_1", &[Field::Unsafe]);
                 let denied = authorize(&frontend(Some("user_1")), &op).unwrap_err();

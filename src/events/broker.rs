@@ -567,13 +567,11 @@ impl Stream {
     fn wants(&self, event: &Event) -> bool {
         event.kind() == self.request.kind
             && (self.request.ids.is_empty() || self.request.ids.contains(event.id()))
-            && self.request.filter.as_ref().is_none_or(|filter| {
-                // The empty side of a first write or a delete is no record:
-                // it matches no filter, not even a negated one.
-                [&event.before, &event.after]
-                    .into_iter()
-                    .any(|side| side.version > 0 && filter.matches(&side.fields))
-            })
+            && self
+                .request
+                .filter
+                .as_ref()
+                .is_none_or(|filter| filter.matches_change(&event.before, &event.after))
     }
 
     async fn send(&mut self, item: WatchItem) -> Result<(), Stop> {

@@ -29,7 +29,7 @@ use std::str::CharIndices;
 use serde_json::Value;
 
 use crate::json::json_number;
-use crate::model::{Field, Fields};
+use crate::model::{Field, Fields, Record};
 pub use crate::validation::FilterError;
 
 /// Longest filter accepted, in bytes.
@@ -122,6 +122,15 @@ impl Filter {
                 }
             }
         }
+    }
+
+    /// Whether a change matches, as Watch and webhooks read a filter: its
+    /// before or its after matches. The empty side of a first write or a
+    /// delete is no record: it matches no filter, not even a negated one.
+    pub fn matches_change(&self, before: &Record, after: &Record) -> bool {
+        [before, after]
+            .into_iter()
+            .any(|side| side.version > 0 && self.matches(&side.fields))
     }
 
     /// Whether the record with these fields matches.

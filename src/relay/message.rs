@@ -8,12 +8,10 @@
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use prost::Message;
-use prost_reflect::{DynamicMessage, SerializeOptions};
 
 use super::subject;
-use crate::api::{ApiKind, Organizations, Users};
-use crate::model::{Event, Kind};
+use crate::api::{event_json, event_message_name as message_name, event_protobuf};
+use crate::model::Event;
 
 /// The body's encoding (`--format`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -48,38 +46,6 @@ pub struct Outgoing {
     pub body: Bytes,
     /// The stream is complete up to here once this message is stored.
     pub revision: u64,
-}
-
-fn message_name(kind: Kind) -> &'static str {
-    match kind {
-        Kind::User => "metadata.v1.UserMetadataEvent",
-        Kind::Organization => "metadata.v1.OrganizationMetadataEvent",
-    }
-}
-
-/// The event's message, encoded.
-pub fn event_protobuf(event: &Event) -> Vec<u8> {
-    match event.kind() {
-        Kind::User => Users::event(event).encode_to_vec(),
-        Kind::Organization => Organizations::event(event).encode_to_vec(),
-    }
-}
-
-/// The event's message in proto3 JSON (field names in lowerCamelCase, 64-bit
-/// integers as strings, enums by name, timestamps in RFC 3339), made by
-/// prost-reflect from the descriptors, so it follows the proto exactly.
-pub fn event_json(event: &Event) -> Vec<u8> {
-    let descriptor = crate::proto::descriptor_pool()
-        .get_message_by_name(message_name(event.kind()))
-        .expect("the event messages are in the descriptor set");
-    let message = DynamicMessage::decode(descriptor, event_protobuf(event).as_slice())
-        .expect("a message this process encoded decodes");
-    let mut body = Vec::new();
-    let mut serializer = serde_json::Serializer::new(&mut body);
-    message
-        .serialize_with_options(&mut serializer, &SerializeOptions::new())
-        .expect("serializing into memory cannot fail");
-    body
 }
 
 /// The message for `event`, on `prefix`; `transaction_end`: the revision

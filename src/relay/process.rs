@@ -1,6 +1,7 @@
-//! `metadata-service relay`: the relay as a process of its own (Postgres),
-//! with its health (gRPC and HTTP) and metrics; and the wiring the server
-//! uses to run the relay inside itself (`serve --relay-nats-url`, SQLite).
+//! `metadata-service relay`: the relay and the webhook deliverer as a
+//! process of its own (Postgres), with its health (gRPC and HTTP) and
+//! metrics; and the wiring the server uses to run the relay inside itself
+//! (`serve --relay-nats-url`, SQLite).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,7 +31,9 @@ pub struct RelayProcessConfig {
     pub database_url: String,
     pub store: StoreOptions,
     pub broker: BrokerOptions,
-    pub relay: RelayOptions,
+    /// None without --nats-url: the process only delivers webhooks.
+    pub relay: Option<RelayOptions>,
+    pub webhooks: crate::webhook::WebhookOptions,
     /// gRPC health (grpc.health.v1) only.
     pub listen: SocketAddr,
     pub metrics_listen: Option<SocketAddr>,
@@ -100,7 +103,10 @@ pub struct RunningRelay {
     task: JoinHandle<Result<(), RelayError>>,
     health: JoinHandle<()>,
     store: Arc<Store>,
+    /// The NATS relay's (a default, never publishing, without --nats-url).
     pub state: Arc<super::RelayState>,
+    pub webhooks: Arc<crate::webhook::DelivererState>,
+    deliverer: JoinHandle<()>,
 }
 
 impl RunningRelay {
@@ -125,6 +131,7 @@ impl RunningRelay {
     /// closed politely; the lease goes when its connection is dropped.
     pub fn kill(self) {
         self.task.abort();
+        self.deliverer.abort();
         self.health.abort();
         if let Some(http) = self.http {
             http.task.abort();
@@ -138,6 +145,7 @@ impl RunningRelay {
             Err(err) if err.is_cancelled() => Ok(()),
             Err(err) => Err(anyhow::anyhow!("relay task failed: {err}")),
         };
+        let _ = self.deliverer.await;
         self.health.abort();
         let _ = self.health.await;
         if let Some(http) = self.http {
@@ -156,17 +164,18 @@ pub async fn start_process(config: RelayProcessConfig) -> anyhow::Result<Running
     let store = crate::store::Store::open(&config.database_url, &config.store).await?;
     if !store.shared() {
         anyhow::bail!(
-            "`relay` needs PostgreSQL; with SQLite one process owns the file, so run the relay \
-             inside the server instead: `serve --relay-nats-url ...`"
+            "`relay` needs PostgreSQL; with SQLite one process owns the file, so the server \
+             relays and delivers webhooks itself: `serve --relay-nats-url ...`"
         );
     }
     tracing::info!(
         database = %crate::store::redact_url(&config.database_url),
-        nats = %super::jetstream::redact_nats_url(&config.relay.nats.url),
-        stream = %config.relay.nats.stream,
-        subject_prefix = %config.relay.nats.subject_prefix,
-        format = ?config.relay.format,
-        from_now = config.relay.from_now,
+        nats = %config.relay.as_ref().map_or("off".into(), |relay| super::jetstream::redact_nats_url(&relay.nats.url)),
+        stream = ?config.relay.as_ref().map(|relay| &relay.nats.stream),
+        subject_prefix = ?config.relay.as_ref().map(|relay| &relay.nats.subject_prefix),
+        format = ?config.relay.as_ref().map(|relay| relay.format),
+        from_now = config.relay.as_ref().is_some_and(|relay| relay.from_now),
+        webhook_allow_networks = %config.webhooks.allowed,
         "relay configuration"
     );
     let store = Arc::new(store);
@@ -179,16 +188,37 @@ pub async fn start_process(config: RelayProcessConfig) -> anyhow::Result<Running
     reporter
         .set_service_status(crate::health::LIVENESS, ServingStatus::Serving)
         .await;
-    let relay = Relay::connect(
+    let relay = match &config.relay {
+        Some(options) => Some(
+            Relay::connect(
+                store.clone(),
+                broker.clone(),
+                options.clone(),
+                RelayMetrics::new(&metrics),
+                report_health(reporter.clone(), PROCESS_NAMES),
+                shutdown.clone(),
+            )
+            .await?,
+        ),
+        None => {
+            crate::health::set_all(&reporter, &[""], ServingStatus::Serving).await;
+            None
+        }
+    };
+    let state = relay.as_ref().map_or_else(Default::default, Relay::state);
+    let (webhooks, deliverer) = crate::webhook::start(
         store.clone(),
         broker,
-        config.relay.clone(),
-        RelayMetrics::new(&metrics),
-        report_health(reporter, PROCESS_NAMES),
+        config.webhooks.clone(),
+        &metrics,
+        Default::default(),
         shutdown.clone(),
-    )
-    .await?;
-    let state = relay.state();
+    )?;
+    tokio::spawn(crate::webhook::report_health(
+        webhooks.clone(),
+        reporter,
+        shutdown.clone(),
+    ));
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -209,11 +239,14 @@ pub async fn start_process(config: RelayProcessConfig) -> anyhow::Result<Running
     let http = match config.metrics_listen {
         Some(listen) => {
             let ready_state = state.clone();
+            let ready_webhooks = webhooks.clone();
             let ready: crate::http::Readiness = Arc::new(move || {
-                if ready_state.is_healthy() {
-                    Ok(())
-                } else {
+                if !ready_state.is_healthy() {
                     Err("relay paused: NATS or the database is unreachable")
+                } else if !ready_webhooks.is_healthy() {
+                    Err("webhook deliveries paused: the database is unreachable")
+                } else {
+                    Ok(())
                 }
             });
             let listener = crate::http::bind(listen).await?;
@@ -221,10 +254,21 @@ pub async fn start_process(config: RelayProcessConfig) -> anyhow::Result<Running
         }
         None => None,
     };
-    let task = tokio::spawn(relay.run());
+    let task = match relay {
+        Some(relay) => tokio::spawn(relay.run()),
+        // Only webhooks: nothing ends by itself but shutdown.
+        None => {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                Ok(())
+            })
+        }
+    };
     tracing::info!(
         %addr,
         metrics = %http.as_ref().map_or("off".to_string(), |h| h.addr.to_string()),
+        nats = config.relay.is_some(),
         "relay running"
     );
     Ok(RunningRelay {
@@ -235,5 +279,7 @@ pub async fn start_process(config: RelayProcessConfig) -> anyhow::Result<Running
         health,
         store,
         state,
+        webhooks,
+        deliverer,
     })
 }

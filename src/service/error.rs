@@ -177,6 +177,9 @@ impl From<StoreError> for Status {
                 ],
                 none,
             ),
+            StoreError::WebhookNotFound { id } => {
+                status(message, Reason::WebhookNotFound, &[("id", id)], none)
+            }
             StoreError::RevisionNotReached { requested, current } => status(
                 message,
                 Reason::RevisionNotReached,

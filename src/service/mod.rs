@@ -11,6 +11,7 @@ mod schemas;
 mod telemetry;
 mod transaction;
 mod watch;
+mod webhooks;
 
 pub use adapters::Served;
 pub use admission::{Admission, Bounds, StreamPermit};
@@ -23,6 +24,7 @@ pub use schemas::SchemaHandlers;
 pub use telemetry::RequestLayer;
 pub use transaction::MAX_OPERATIONS;
 pub use watch::Routed;
+pub use webhooks::WebhookHandlers;
 
 use tokio::sync::mpsc;
 use tonic::Status;

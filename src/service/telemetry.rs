@@ -41,6 +41,18 @@ const KNOWN: &[(&str, &[&str])] = &[
         &["SetSchema", "GetSchema", "DeleteSchema"],
     ),
     ("metadata.v1.MetadataTransactionService", &["Commit"]),
+    (
+        "metadata.v1.MetadataWebhookService",
+        &[
+            "CreateWebhook",
+            "GetWebhook",
+            "ListWebhooks",
+            "UpdateWebhook",
+            "DeleteWebhook",
+            "RotateWebhookSecret",
+            "ReplayWebhook",
+        ],
+    ),
     ("grpc.health.v1.Health", &["Check", "Watch", "List"]),
     (
         "grpc.reflection.v1.ServerReflection",

@@ -41,6 +41,9 @@ pub enum StoreError {
          readable is {oldest} (see --event-retention)"
     )]
     RevisionCompacted { requested: u64, oldest: u64 },
+    /// No webhook endpoint has the id (NOT_FOUND).
+    #[error("no webhook endpoint has id {id:?}")]
+    WebhookNotFound { id: String },
     /// A read at a revision not committed yet (OUT_OF_RANGE).
     #[error("revision {requested} is not reached yet: the current revision is {current}")]
     RevisionNotReached { requested: u64, current: u64 },

@@ -2,7 +2,8 @@
 
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::schema::{
-    big_integer, integer, json_binary, string, timestamp_with_time_zone,
+    big_integer, boolean, integer, json_binary, string, text, timestamp_with_time_zone,
+    timestamp_with_time_zone_null,
 };
 
 pub struct Migrator;
@@ -15,6 +16,7 @@ impl MigratorTrait for Migrator {
             Box::new(CreateSchemas),
             Box::new(EventHistory),
             Box::new(Transactions),
+            Box::new(CreateWebhooks),
         ]
     }
 }
@@ -410,5 +412,76 @@ impl MigrationTrait for Transactions {
             )
             .await?;
         Ok(())
+    }
+}
+
+/// Webhook endpoints (issue 32) and their delivery state: where each one
+/// is in the event log, and its failures. Kept in the database so that a
+/// deliverer taking over (after a crash, on another replica) goes on
+/// exactly where the last one stopped.
+#[derive(DeriveIden)]
+enum Webhooks {
+    Table,
+    Id,
+    Url,
+    Description,
+    EventTypes,
+    Filter,
+    Disabled,
+    DisabledReason,
+    NextRevision,
+    Secret,
+    PreviousSecret,
+    PreviousSecretUntil,
+    Attempts,
+    LastError,
+    NextAttemptAt,
+    FailingSince,
+    CreatedAt,
+    UpdatedAt,
+}
+
+struct CreateWebhooks;
+
+impl MigrationName for CreateWebhooks {
+    fn name(&self) -> &str {
+        "m20261208_000001_webhooks"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for CreateWebhooks {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(Webhooks::Table)
+                    .if_not_exists()
+                    .col(string(Webhooks::Id).primary_key())
+                    .col(text(Webhooks::Url))
+                    .col(text(Webhooks::Description))
+                    .col(json_binary(Webhooks::EventTypes))
+                    .col(text(Webhooks::Filter))
+                    .col(boolean(Webhooks::Disabled))
+                    .col(text(Webhooks::DisabledReason))
+                    .col(big_integer(Webhooks::NextRevision))
+                    .col(text(Webhooks::Secret))
+                    .col(text(Webhooks::PreviousSecret))
+                    .col(timestamp_with_time_zone_null(Webhooks::PreviousSecretUntil))
+                    .col(integer(Webhooks::Attempts))
+                    .col(text(Webhooks::LastError))
+                    .col(timestamp_with_time_zone_null(Webhooks::NextAttemptAt))
+                    .col(timestamp_with_time_zone_null(Webhooks::FailingSince))
+                    .col(timestamp_with_time_zone(Webhooks::CreatedAt))
+                    .col(timestamp_with_time_zone(Webhooks::UpdatedAt))
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .drop_table(Table::drop().table(Webhooks::Table).to_owned())
+            .await
     }
 }

@@ -14,6 +14,7 @@
 //! - `queries.rs`: List and schemas (the facade's calls);
 //! - `history.rs`: one record's events, and reads as of a revision;
 //! - `transaction.rs`: several writes, all applied or none;
+//! - `webhooks.rs`: webhook endpoints and where their deliveries are;
 //! - `schemas.rs`, `sql.rs` (a filter as SQL, per dialect),
 //!   `migration.rs`, `entities/`, `error.rs`.
 //!
@@ -36,6 +37,7 @@ mod shared;
 pub(crate) mod sql;
 mod sqlite;
 mod transaction;
+mod webhooks;
 mod write;
 
 use std::sync::Arc;
@@ -57,6 +59,7 @@ pub use postgres::{
 pub use rows::Logged;
 pub use schemas::{MAX_LISTED_IDS, Nonconforming, SetSchema, StoredSchema};
 pub use transaction::{Committed, RequestKey, TxnAction, TxnDone, TxnOp};
+pub use webhooks::{Failure, NewWebhook, StoredWebhook, WebhookUpdate};
 pub use write::{Compute, Sent, WriteOutcome};
 
 use crate::model::{ChangeType, Field, Kind, Origin, Record};

@@ -207,6 +207,7 @@ pub fn config(database_url: &str) -> ServerConfig {
         tls: None,
         metrics_listen: None,
         relay: None,
+        webhooks: Default::default(),
     }
 }
 

@@ -65,3 +65,4 @@ mod transactions;
 mod watch;
 mod watch_limits;
 mod web;
+mod webhooks;

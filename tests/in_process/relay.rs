@@ -69,7 +69,8 @@ fn process_config(server: &TestServer, relay: RelayOptions) -> RelayProcessConfi
             poll_interval: Duration::from_millis(200),
             ..BrokerOptions::default()
         },
-        relay,
+        relay: Some(relay),
+        webhooks: Default::default(),
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
     }

@@ -1,3 +1,4 @@
 pub mod event;
 pub mod metadata;
 pub mod revision;
+pub mod webhook;
