@@ -29,18 +29,19 @@ const READY_LIMIT: Duration = Duration::from_secs(20);
 /// How long a server may take to exit after SIGTERM or SIGINT.
 const STOP_LIMIT: Duration = Duration::from_secs(10);
 /// Every migration of `src/store/migration.rs`, in order.
-const MIGRATIONS: [&str; 5] = [
+const MIGRATIONS: [&str; 6] = [
     "m20261126_000001_create_tables",
     "m20261130_000001_metadata_indexes",
     "m20261130_000002_create_metadata_schemas",
     "m20261207_000001_event_history",
     "m20261207_000002_transactions",
+    "m20261208_000001_webhooks",
 ];
 const USERS: &str = "metadata.v1.UserMetadataService";
 
 /// Settings the binary reads from the environment; cleared so that the
 /// caller's environment cannot change what a test sees.
-const ENV_VARS: [&str; 40] = [
+const ENV_VARS: [&str; 44] = [
     "METADATA_API_KEYS",
     "METADATA_API_KEYS_FILE",
     "METADATA_FRONTEND_JWT_KEY",
@@ -81,6 +82,10 @@ const ENV_VARS: [&str; 40] = [
     "METADATA_NATS_TIMEOUT",
     "METADATA_RELAY_FORMAT",
     "METADATA_RELAY_LISTEN",
+    "METADATA_WEBHOOK_ALLOW_NETWORKS",
+    "METADATA_WEBHOOK_TIMEOUT",
+    "METADATA_WEBHOOK_FAILURE_WINDOW",
+    "METADATA_WEBHOOK_RETRY_SCHEDULE",
 ];
 
 /// The binary with a clean environment, run in `dir` so that a default
@@ -356,7 +361,7 @@ async fn migrate_postgres() {
 
 /// A free port on 127.0.0.1, released for the binary to take. Another
 /// process may grab it in between; [`Server::start`] retries then.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -365,9 +370,9 @@ fn free_port() -> u16 {
 }
 
 /// The binary serving on a known port, its output going to files.
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     stdout: PathBuf,
     stderr: PathBuf,
 }
@@ -377,7 +382,7 @@ impl Server {
         Self::start_with(database_url, dir, &[]).await
     }
 
-    async fn start_with(database_url: &str, dir: &Path, extra: &[&str]) -> Server {
+    pub(crate) async fn start_with(database_url: &str, dir: &Path, extra: &[&str]) -> Server {
         Self::start_with_env(database_url, dir, extra, &[]).await
     }
 
@@ -460,7 +465,7 @@ impl Server {
     }
 
     /// SIGKILL: no chance to finish anything.
-    async fn kill(mut self) {
+    pub(crate) async fn kill(mut self) {
         self.child.start_kill().expect("send SIGKILL");
         let status = tokio::time::timeout(STOP_LIMIT, self.child.wait())
             .await
@@ -469,7 +474,7 @@ impl Server {
         assert_eq!(status.code(), None, "killed by a signal");
     }
 
-    async fn channel(&self) -> Result<Channel, tonic::transport::Error> {
+    pub(crate) async fn channel(&self) -> Result<Channel, tonic::transport::Error> {
         Endpoint::from_shared(format!("http://{}", self.addr))
             .unwrap()
             .connect_timeout(Duration::from_secs(1))

@@ -14,3 +14,4 @@ mod cli;
 mod grpcurl;
 mod readme;
 mod relay;
+mod webhooks;
