@@ -101,6 +101,7 @@ impl Cli {
             )),
             Some(Command::Schema(command)) => Run::Client(Invocation::Schema(command)),
             Some(Command::Txn(command)) => Run::Client(Invocation::Txn(command)),
+            Some(Command::Webhook(command)) => Run::Client(Invocation::Webhook(command)),
         }
     }
 }
@@ -387,6 +388,9 @@ pub enum Command {
     /// Call a running server: several writes of users and organizations,
     /// all applied or none (a CommitRequest as JSON).
     Txn(crate::client::TxnCommand),
+    /// Call a running server: webhook endpoints (create, list, get, update,
+    /// delete, rotate-secret, replay).
+    Webhook(crate::client::WebhookCommand),
 }
 
 #[derive(Debug, Args)]

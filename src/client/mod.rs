@@ -1,7 +1,8 @@
 //! The command-line client: `metadata-service user|org get|merge|replace|
 //! delete|watch|batch-get|list`, and `metadata-service schema get|set|delete`
-//! (`schemas.rs`), and `metadata-service txn --file FILE|-`
-//! (`transaction.rs`). Values are JSON given inline, as `@file.json`, or `-` for
+//! (`schemas.rs`), `metadata-service txn --file FILE|-`
+//! (`transaction.rs`), and `metadata-service webhook create|list|get|update|
+//! delete|rotate-secret|replay` (`webhooks.rs`). Values are JSON given inline, as `@file.json`, or `-` for
 //! standard input (a schema: `--file path` or `--file -`), and are all
 //! parsed before any call is made. Results are printed as JSON (indented on
 //! a terminal, one line when piped).
@@ -15,6 +16,7 @@ mod output;
 mod records;
 pub mod schemas;
 pub mod transaction;
+pub mod webhooks;
 
 use std::error::Error as _;
 use std::io::{IsTerminal, Read};
@@ -37,6 +39,7 @@ use crate::proto::v1::user_metadata_service_client::UserMetadataServiceClient;
 use records::{Calls, Intercepted};
 pub use schemas::SchemaCommand;
 pub use transaction::TxnCommand;
+pub use webhooks::WebhookCommand;
 
 /// What the client is asked to do.
 #[derive(Debug)]
@@ -47,6 +50,8 @@ pub enum Invocation {
     Schema(SchemaCommand),
     /// `txn ...`: several writes, all or none.
     Txn(TxnCommand),
+    /// `webhook ...`: webhook endpoints.
+    Webhook(WebhookCommand),
 }
 
 impl Invocation {
@@ -55,6 +60,7 @@ impl Invocation {
             Invocation::Metadata(_, command) => &command.connection,
             Invocation::Schema(command) => &command.connection,
             Invocation::Txn(command) => &command.connection,
+            Invocation::Webhook(command) => &command.connection,
         }
     }
 }
@@ -269,6 +275,7 @@ pub async fn run(invocation: Invocation) -> ExitCode {
         Invocation::Metadata(kind, command) => execute(kind, command).await,
         Invocation::Schema(command) => schemas::execute(command).await,
         Invocation::Txn(command) => transaction::execute(command).await,
+        Invocation::Webhook(command) => webhooks::execute(command).await,
     };
     match done {
         Ok(()) => ExitCode::SUCCESS,

@@ -1461,3 +1461,86 @@ async fn txn_commits_from_a_file_or_standard_input() {
     assert_eq!(first, again, "a retry answers the first outcome");
     assert_eq!(first["results"][0]["version"], json!(2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_commands_manage_an_endpoint() {
+    let s = start_with(Backend::Sqlite, |config| {
+        config.webhooks.allowed = std::sync::Arc::new(
+            metadata_service::webhook::AllowedNetworks::parse("127.0.0.0/8").unwrap(),
+        );
+    })
+    .await
+    .unwrap();
+    let created = json_out(&cli(
+        &s,
+        &[
+            "webhook",
+            "create",
+            "--url",
+            "http://127.0.0.1:9/hook",
+            "--description",
+            "billing",
+            "--event-type",
+            "user.metadata.deleted",
+            "--disabled",
+            "true",
+        ],
+        None,
+    ));
+    let secret = created["secret"].as_str().unwrap();
+    assert!(secret.starts_with("whsec_"), "{created}");
+    let webhook = &created["webhook"];
+    let id = webhook["id"].as_str().unwrap().to_owned();
+    assert_eq!(webhook["eventTypes"], json!(["user.metadata.deleted"]));
+    assert_eq!(webhook["disabled"], json!(true));
+    let got = json_out(&cli(&s, &["webhook", "get", &id], None));
+    assert_eq!(got["description"], json!("billing"));
+    assert!(!got.to_string().contains("whsec_"), "{got}");
+    let updated = json_out(&cli(
+        &s,
+        &[
+            "webhook",
+            "update",
+            &id,
+            "--all-event-types",
+            "--filter",
+            "public_metadata.plan = \"pro\"",
+        ],
+        None,
+    ));
+    assert_eq!(updated.get("eventTypes"), None, "{updated}");
+    assert_eq!(updated["filter"], json!("public_metadata.plan = \"pro\""));
+    assert_eq!(updated["description"], json!("billing"), "left alone");
+    let rotated = json_out(&cli(
+        &s,
+        &["webhook", "rotate-secret", &id, "--grace-period", "0s"],
+        None,
+    ));
+    assert_ne!(rotated["secret"].as_str().unwrap(), secret);
+    merge(&s, "user", "u1", r#"{"n": 1}"#);
+    let replayed = json_out(&cli(
+        &s,
+        &["webhook", "replay", &id, "--revision", "1"],
+        None,
+    ));
+    assert_eq!(replayed["nextRevision"], json!("1"));
+    let listed = json_out(&cli(&s, &["webhook", "list"], None));
+    assert_eq!(listed["webhooks"][0]["id"], json!(id));
+    let nothing = cli(&s, &["webhook", "update", &id], None);
+    assert_eq!(nothing.status.code(), Some(2), "{nothing:?}");
+    let refused = cli(
+        &s,
+        &["webhook", "create", "--url", "http://10.0.0.1/hook"],
+        None,
+    );
+    assert_grpc_error(
+        &refused,
+        3,
+        "InvalidArgument",
+        &["INVALID_WEBHOOK_URL", "webhook.url"],
+    );
+    let deleted = json_out(&cli(&s, &["webhook", "delete", &id], None));
+    assert_eq!(deleted, json!({"existed": true}));
+    let missing = cli(&s, &["webhook", "get", &id], None);
+    assert_grpc_error(&missing, 5, "NotFound", &["WEBHOOK_NOT_FOUND"]);
+}
