@@ -162,7 +162,7 @@ fn role(text: &str) -> Option<Role> {
         ["grpcurl", ..] => Role::Client {
             streaming: text.contains("/Watch"),
         },
-        ["metadata-service", "user" | "org" | "schema", action, ..] => Role::Client {
+        ["metadata-service", "user" | "org" | "schema" | "webhook", action, ..] => Role::Client {
             streaming: *action == "watch" && !text.contains("--max-events"),
         },
         ["metadata-service", "txn", ..] => Role::Client { streaming: false },
@@ -188,6 +188,10 @@ fn role(text: &str) -> Option<Role> {
              reads the stream with a durable pull consumer through async-nats",
         ),
         ["helm", ..] => Role::Elsewhere(".ci/check-helm renders, validates and lints the chart"),
+        ["python3", "receiver.py"] => Role::Elsewhere(
+            "tests/real_binary/webhooks.rs runs the same receiver \
+             (tests/fixtures/webhook_receiver.py) against the binary",
+        ),
         ["kubectl", ..] => Role::Elsewhere("needs a Kubernetes cluster"),
         ["echo", ..] => Role::Shell,
         [word] if is_assignment(word) => Role::Shell,
