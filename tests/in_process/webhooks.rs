@@ -234,9 +234,18 @@ async fn setup(backend: Backend) -> Option<Setup> {
 }
 
 async fn setup_with(backend: Backend, options: WebhookOptions) -> Option<Setup> {
+    setup_custom(backend, options, |_| {}).await
+}
+
+async fn setup_custom(
+    backend: Backend,
+    options: WebhookOptions,
+    customize: impl FnOnce(&mut metadata_service::server::ServerConfig),
+) -> Option<Setup> {
     let server = harness::start_with(backend, |config| {
         config.webhooks = options.clone();
         config.events.broker.poll_interval = Duration::from_millis(200);
+        customize(config);
     })
     .await?;
     let hooks = MetadataWebhookServiceClient::new(server.channel().await);
@@ -983,7 +992,176 @@ async fn endpoints_are_listed_updated_and_deleted(backend: Backend) {
     setup.finish().await;
 }
 
+async fn pruned_events_disable_an_endpoint_until_replayed(backend: Backend) {
+    let mut options = options("127.0.0.0/8");
+    options.schedule = vec![Duration::from_millis(300)];
+    let Some(mut setup) = setup_custom(backend, options, |config| {
+        config.events.retention = Duration::from_millis(300);
+        config.events.prune_interval = Duration::from_millis(100);
+    })
+    .await
+    else {
+        return;
+    };
+    let receiver = Receiver::start().await;
+    receiver.answer_otherwise(Some(Reply::Status(503)));
+    let (hook, _) = setup.create(endpoint(receiver.url())).await;
+    let first = write(&mut setup.server.users, "u", json!({"n": 1}))
+        .await
+        .revision;
+    write(&mut setup.server.users, "u", json!({"n": 2})).await;
+    setup.server.db.until_pruned().await;
+    let id = hook.id.clone();
+    let mut hooks = setup.hooks.clone();
+    let disabled = until("the endpoint is disabled", WAIT, async || {
+        let hook = hooks
+            .get_webhook(GetWebhookRequest { id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if hook.disabled { Ok(hook) } else { Err(hook) }
+    })
+    .await;
+    assert!(
+        disabled
+            .disabled_reason
+            .starts_with(&format!("events {first} to ")),
+        "{}",
+        disabled.disabled_reason
+    );
+    assert!(disabled.disabled_reason.contains("pruned"));
+    // Too old to replay from.
+    let status = setup
+        .hooks
+        .replay_webhook(ReplayWebhookRequest {
+            id: hook.id.clone(),
+            revision: first,
+        })
+        .await
+        .unwrap_err();
+    expect(&status, Reason::RevisionCompacted);
+    // From now on, and enabled again, it delivers.
+    receiver.answer_otherwise(None);
+    let next = write(&mut setup.server.users, "u", json!({"n": 3}))
+        .await
+        .revision;
+    setup
+        .hooks
+        .replay_webhook(ReplayWebhookRequest {
+            id: hook.id.clone(),
+            revision: next,
+        })
+        .await
+        .unwrap();
+    setup
+        .hooks
+        .update_webhook(UpdateWebhookRequest {
+            webhook: Some(Webhook {
+                id: hook.id.clone(),
+                disabled: false,
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["disabled".into()],
+            }),
+        })
+        .await
+        .unwrap();
+    let delivered = receiver.wait_delivered(1).await;
+    assert_eq!(delivered[0].revision(), next);
+    setup.finish().await;
+}
+
+/// The deliverer's metrics and health, where it runs inside the server
+/// (SQLite).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_health_follow_each_endpoint() {
+    let mut setup = setup(Backend::Sqlite).await.unwrap();
+    let (good, bad) = (Receiver::start().await, Receiver::start().await);
+    bad.answer_otherwise(Some(Reply::Status(500)));
+    let (good_hook, _) = setup.create(endpoint(good.url())).await;
+    let (bad_hook, secret) = setup.create(endpoint(bad.url())).await;
+    for n in 0..3 {
+        write(&mut setup.server.users, "u", json!({"n": n})).await;
+    }
+    good.wait_delivered(3).await;
+    let series = |text: &str, name: &str, id: &str, more: &str| -> Option<f64> {
+        text.lines()
+            .filter(|line| line.starts_with(name) && line.contains(&format!("webhook=\"{id}\"")))
+            .find(|line| line.contains(more))
+            .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+    };
+    let metrics = setup.server.metrics().clone();
+    let (good_id, bad_id) = (good_hook.id.clone(), bad_hook.id.clone());
+    until("the endpoints' series", WAIT, async || {
+        let text = metrics.render();
+        let seen = (
+            series(
+                &text,
+                "metadata_webhook_deliveries_total",
+                &good_id,
+                "outcome=\"delivered\"",
+            ),
+            series(&text, "metadata_webhook_lag_revisions", &good_id, ""),
+            series(
+                &text,
+                "metadata_webhook_deliveries_total",
+                &bad_id,
+                "outcome=\"failed\"",
+            ),
+            series(&text, "metadata_webhook_retry_attempts", &bad_id, ""),
+            series(&text, "metadata_webhook_lag_revisions", &bad_id, ""),
+            series(&text, "metadata_webhook_disabled", &bad_id, ""),
+        );
+        match seen {
+            (Some(3.0), Some(0.0), Some(f), Some(a), Some(3.0), Some(0.0))
+                if f >= 2.0 && a >= 1.0 =>
+            {
+                Ok(())
+            }
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let text = metrics.render();
+    assert_eq!(harness::metric(&text, "metadata_webhook_lease_held"), 1.0);
+    assert!(
+        !text.contains(&secret) && !text.contains(&bad.url()),
+        "no secret, no URL"
+    );
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(setup.server.channel().await);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "webhooks".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+    // A deleted endpoint's series go.
+    setup
+        .hooks
+        .delete_webhook(DeleteWebhookRequest { id: bad_id.clone() })
+        .await
+        .unwrap();
+    until("the deleted endpoint's series are gone", WAIT, async || {
+        let text = metrics.render();
+        match series(&text, "metadata_webhook_lag_revisions", &bad_id, "") {
+            None => Ok(()),
+            Some(value) => Err(value),
+        }
+    })
+    .await;
+    setup.finish().await;
+}
+
 backend_tests!(
+    pruned_events_disable_an_endpoint_until_replayed,
     every_change_is_delivered_in_order_and_signed,
     filters_and_types_choose_what_is_delivered,
     failures_are_retried_with_the_same_id_and_retry_after,
