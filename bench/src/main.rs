@@ -20,6 +20,7 @@ mod schema;
 mod transactions;
 mod watch;
 mod watch_filter;
+mod webhooks;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -86,13 +87,15 @@ struct Args {
     /// Merges against the same 10 Merges sent one by one, and Patch against
     /// Merge of the same change, alternating), grpc-web (issue 31: Get at
     /// --clients over native gRPC against gRPC-Web over HTTP/1.1,
-    /// alternating). The load workloads run in
+    /// alternating), webhooks (issue 32: deliveries per second of a
+    /// --webhook-backlog to one local endpoint, and commit-to-delivery
+    /// latency at --webhook-rate). The load workloads run in
     /// that order whatever the order given, since merge2 and get read
     /// earlier rows.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "merge,merge2,ping,get,mix,etcd,watch,watch-filter,list,batchget,interference,schema,set-schema,history,transactions,grpc-web,relay"
+        default_value = "merge,merge2,ping,get,mix,etcd,watch,watch-filter,list,batchget,interference,schema,set-schema,history,transactions,grpc-web,relay,webhooks"
     )]
     workloads: Vec<String>,
     /// Database connections of the server and of the baseline.
@@ -175,6 +178,15 @@ struct Args {
     /// Relay: length of each latency run.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     relay_duration: Duration,
+    /// Webhooks: events written before the endpoint is enabled.
+    #[arg(long, default_value_t = 5000)]
+    webhook_backlog: u64,
+    /// Webhooks: writes per second of the latency run (open loop).
+    #[arg(long, default_value_t = 200)]
+    webhook_rate: u32,
+    /// Webhooks: length of the latency run.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    webhook_duration: Duration,
     /// Extra arguments for the server.
     #[arg(long, allow_hyphen_values = true)]
     server_arg: Vec<String>,
@@ -288,6 +300,8 @@ struct Report {
     grpc_web: Option<grpc_web::GrpcWebReport>,
     /// Workload relay.
     relay: Option<relay::RelayReport>,
+    /// Workload webhooks.
+    webhooks: Option<webhooks::WebhooksReport>,
     /// The pgbench merge rows (Postgres, workload merge): the version,
     /// command and script, or why they were skipped.
     pgbench: Option<pgbench::PgbenchInfo>,
@@ -441,6 +455,8 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
         args.transaction_rounds = 2;
         args.relay_rates = vec![200];
         args.relay_duration = Duration::from_secs(1);
+        args.webhook_backlog = 200;
+        args.webhook_duration = Duration::from_secs(1);
     }
     let mut workloads: Vec<Workload> = args
         .workloads
@@ -481,6 +497,7 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
     let transactions = args.workloads.iter().any(|w| w == "transactions");
     let grpc_web = args.workloads.iter().any(|w| w == "grpc-web");
     let relay = args.workloads.iter().any(|w| w == "relay");
+    let webhooks = args.workloads.iter().any(|w| w == "webhooks");
     let binary = match &args.server_bin {
         Some(path) => path.clone(),
         None => process::sibling_binary()?,
@@ -884,6 +901,20 @@ async fn run(mut args: Args) -> anyhow::Result<Report> {
             };
             report.relay = Some(relay::run(&db, &settings).await?);
         }
+        if webhooks {
+            let settings = webhooks::Settings {
+                backend,
+                binary: &binary,
+                server_args: &server_args,
+                server_env: &args.server_env,
+                ids: args.ids[0],
+                backlog: args.webhook_backlog,
+                rate: args.webhook_rate,
+                rate_duration: args.webhook_duration,
+                progress: !args.json,
+            };
+            report.webhooks = Some(webhooks::run(&db, &settings).await?);
+        }
         anyhow::Ok(())
     }
     .await;
@@ -1036,6 +1067,9 @@ fn print_table(report: &Report) {
     }
     if let Some(relay) = &report.relay {
         relay::print(relay);
+    }
+    if let Some(webhooks) = &report.webhooks {
+        webhooks::print(webhooks);
     }
 }
 
@@ -1232,6 +1266,13 @@ async fn main() -> ExitCode {
             if failed > 0 {
                 eprintln!(
                     "error: {failed} small Merges or replaying streams failed (interference)"
+                );
+                return ExitCode::FAILURE;
+            }
+            let webhook_faults = report.webhooks.as_ref().map_or(0, |r| r.faults());
+            if webhook_faults > 0 {
+                eprintln!(
+                    "error: webhooks: {webhook_faults} revisions missed, repeated, out of order or unknown"
                 );
                 return ExitCode::FAILURE;
             }

@@ -563,7 +563,7 @@ async fn floor(nats: &Nats, count: u64) -> anyhow::Result<Floor> {
 }
 
 /// The table's revisions after `after`, in order.
-async fn revisions_after(pool: &RawPool, after: u64) -> anyhow::Result<Vec<u64>> {
+pub(crate) async fn revisions_after(pool: &RawPool, after: u64) -> anyhow::Result<Vec<u64>> {
     let rows: Vec<i64> = match pool {
         RawPool::Postgres(pool) => {
             sqlx::query_scalar("SELECT revision FROM events WHERE revision > $1 AND change_type <> 'void' ORDER BY revision")
@@ -600,7 +600,7 @@ async fn event_count(pool: &RawPool) -> anyhow::Result<u64> {
     Ok(count as u64)
 }
 
-async fn newest_revision(pool: &RawPool) -> anyhow::Result<u64> {
+pub(crate) async fn newest_revision(pool: &RawPool) -> anyhow::Result<u64> {
     let newest: i64 =
         match pool {
             RawPool::Postgres(pool) => sqlx::query_scalar(
