@@ -65,7 +65,7 @@ app.kubernetes.io/component: server
 {{- end }}
 
 {{/*
-Selector of the relay pods (postgres mode, relay.enabled).
+Selector of the relay pods (postgres mode, relay.enabled or webhooks.enabled).
 */}}
 {{- define "metadata-service.relaySelectorLabels" -}}
 {{ include "metadata-service.selectorLabels" . }}
@@ -73,12 +73,64 @@ app.kubernetes.io/component: relay
 {{- end }}
 
 {{/*
-"true" when the relay runs as a Deployment of its own: relay.enabled in
-postgres mode. In sqlite mode the server relays itself (natsEnv on the
+"true" when the relay runs as a Deployment of its own: postgres mode with
+relay.enabled (NATS, and webhooks) or webhooks.enabled (webhooks only, no
+NATS). In sqlite mode the server relays and delivers itself (natsEnv on the
 server container) and no relay Deployment is rendered.
 */}}
 {{- define "metadata-service.relayDeployed" -}}
-{{- if and .Values.relay.enabled (eq .Values.database.mode "postgres") }}true{{ end }}
+{{- if and (or .Values.relay.enabled .Values.webhooks.enabled) (eq .Values.database.mode "postgres") }}true{{ end }}
+{{- end }}
+
+{{/*
+webhooks.allowNetworks (a list, or a comma-separated string) as the one
+comma-separated value METADATA_WEBHOOK_ALLOW_NETWORKS takes; "" when empty.
+*/}}
+{{- define "metadata-service.webhookAllowNetworks" -}}
+{{- $networks := .Values.webhooks.allowNetworks }}
+{{- if kindIs "string" $networks }}
+{{- $networks = splitList "," $networks }}
+{{- end }}
+{{- $items := list }}
+{{- range $networks }}
+{{- with toString . | trim }}
+{{- $items = append $items . }}
+{{- end }}
+{{- end }}
+{{- join "," $items }}
+{{- end }}
+
+{{/*
+The webhook variables, on the server (it checks endpoint URLs against
+allowNetworks on CreateWebhook/UpdateWebhook, and delivers in sqlite mode)
+and on the relay (it delivers in postgres mode). Unset values are left out,
+so the binary's defaults apply.
+*/}}
+{{- define "metadata-service.webhookEnv" -}}
+{{- $w := .Values.webhooks }}
+{{- with include "metadata-service.webhookAllowNetworks" . }}
+- name: METADATA_WEBHOOK_ALLOW_NETWORKS
+  value: {{ . | quote }}
+{{- end }}
+{{- with $w.timeout }}
+- name: METADATA_WEBHOOK_TIMEOUT
+  value: {{ . | quote }}
+{{- end }}
+{{- with $w.failureWindow }}
+- name: METADATA_WEBHOOK_FAILURE_WINDOW
+  value: {{ . | quote }}
+{{- end }}
+{{- with $w.retrySchedule }}
+- name: METADATA_WEBHOOK_RETRY_SCHEDULE
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+Variables of the webhook settings (webhookEnv).
+*/}}
+{{- define "metadata-service.webhookEnvNames" -}}
+{{- toJson (list "METADATA_WEBHOOK_ALLOW_NETWORKS" "METADATA_WEBHOOK_TIMEOUT" "METADATA_WEBHOOK_FAILURE_WINDOW" "METADATA_WEBHOOK_RETRY_SCHEDULE") }}
 {{- end }}
 
 {{/*
@@ -249,6 +301,10 @@ METADATA_NATS_MAX_AGE: [--nats-max-age]
 METADATA_NATS_DUPLICATE_WINDOW: [--nats-duplicate-window]
 METADATA_NATS_REPLICAS: [--nats-replicas]
 METADATA_NATS_TIMEOUT: [--nats-timeout]
+METADATA_WEBHOOK_ALLOW_NETWORKS: [--webhook-allow-networks]
+METADATA_WEBHOOK_TIMEOUT: [--webhook-timeout]
+METADATA_WEBHOOK_FAILURE_WINDOW: [--webhook-failure-window]
+METADATA_WEBHOOK_RETRY_SCHEDULE: [--webhook-retry-schedule]
 {{- end }}
 
 {{- define "metadata-service.serviceAccountName" -}}
@@ -400,6 +456,7 @@ Every variable name the chart may set (extraEnv must not repeat them).
 {{- $names = append $names $v }}
 {{- end }}
 {{- $names = concat $names (include "metadata-service.natsEnvNames" . | fromJsonArray) }}
+{{- $names = concat $names (include "metadata-service.webhookEnvNames" . | fromJsonArray) }}
 {{- toJson $names }}
 {{- end }}
 
@@ -430,7 +487,7 @@ Usage: include "metadata-service.checkExtraArgs" (list . "extraArgs" .Values.ext
 {{- range $args }}
 {{- $arg := toString . }}
 {{- if or (eq $arg $flag) (hasPrefix (printf "%s=" $flag) $arg) }}
-{{- fail (printf "%s sets %s, which the chart sets itself (%s): use the matching value (config.*, auth.*, tls.*, metrics.enabled, database.*, bindAddress, containerPorts) instead" $what $flag $env) }}
+{{- fail (printf "%s sets %s, which the chart sets itself (%s): use the matching value (config.*, auth.*, tls.*, webhooks.*, metrics.enabled, database.*, bindAddress, containerPorts) instead" $what $flag $env) }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -577,12 +634,13 @@ fails with a message saying what to change.
 {{- end }}
 {{- end }}
 {{- include "metadata-service.validateRelay" . }}
+{{- include "metadata-service.validateWebhooks" . }}
 {{- include "metadata-service.checkExtraArgs" (list . "extraArgs" $v.extraArgs) }}
 {{- include "metadata-service.checkExtraArgs" (list . "migration.extraArgs" $v.migration.extraArgs) }}
 {{- $managed := include "metadata-service.managedEnvNames" . | fromJsonArray }}
 {{- range $v.extraEnv }}
 {{- if has .name $managed }}
-{{- fail (printf "extraEnv sets %s, which the chart sets itself: use the matching value (config.*, auth.*, tls.*, database.*, bindAddress, containerPorts) instead" .name) }}
+{{- fail (printf "extraEnv sets %s, which the chart sets itself: use the matching value (config.*, auth.*, tls.*, webhooks.*, database.*, bindAddress, containerPorts) instead" .name) }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -641,6 +699,10 @@ Checks of the relay values (called from validate).
 {{- if gt $dupMs $maxAgeMs }}
 {{- fail (printf "relay.nats.duplicateWindow (%s) must not exceed the stream's max age (%s: relay.nats.maxAge, else config.eventRetention): the relay refuses to start" ($n.duplicateWindow | default "2m") $maxAge) }}
 {{- end }}
+{{- end }}
+{{- /* A webhooks-only relay (webhooks.enabled, no NATS) has the same
+ports and the same flags to protect. */}}
+{{- if or $r.enabled (include "metadata-service.relayDeployed" .) }}
 {{- if and $v.metrics.enabled (include "metadata-service.relayDeployed" .) (eq (int $r.containerPorts.health) (int $r.containerPorts.metrics)) }}
 {{- fail (printf "relay.containerPorts.health and relay.containerPorts.metrics must differ (both %d)" (int $r.containerPorts.health)) }}
 {{- end }}
@@ -650,7 +712,7 @@ Checks of the relay values (called from validate).
 {{- range $r.extraArgs }}
 {{- $arg := toString . }}
 {{- if or (eq $arg $flag) (hasPrefix (printf "%s=" $flag) $arg) }}
-{{- fail (printf "relay.extraArgs sets %s, which the chart sets itself (%s): use the matching value (relay.*, config.*, metrics.enabled, bindAddress) instead" $flag $env) }}
+{{- fail (printf "relay.extraArgs sets %s, which the chart sets itself (%s): use the matching value (relay.*, webhooks.*, config.*, metrics.enabled, bindAddress) instead" $flag $env) }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -661,7 +723,7 @@ Checks of the relay values (called from validate).
 {{- end }}
 {{- range $r.extraEnv }}
 {{- if hasKey $relayFlags .name }}
-{{- fail (printf "relay.extraEnv sets %s, which the chart sets itself: use the matching value (relay.*, config.*, metrics.enabled, bindAddress) instead" .name) }}
+{{- fail (printf "relay.extraEnv sets %s, which the chart sets itself: use the matching value (relay.*, webhooks.*, config.*, metrics.enabled, bindAddress) instead" .name) }}
 {{- end }}
 {{- if has .name $shared }}
 {{- fail (printf "relay.extraEnv sets %s, which extraEnv sets as well (the relay gets both): set it in one of them" .name) }}
@@ -673,6 +735,27 @@ Checks of the relay values (called from validate).
 {{- fail (printf "extraEnv sets %s, which the chart sets itself on the relay (extraEnv goes to the relay too): use the matching value instead" .name) }}
 {{- end }}
 {{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Checks of the webhook values (called from validate): the schema checks
+their shape, these the units the binary would refuse at start.
+*/}}
+{{- define "metadata-service.validateWebhooks" -}}
+{{- $w := .Values.webhooks }}
+{{- with $w.timeout }}
+{{- if eq (include "metadata-service.durationMillis" (list "webhooks.timeout" .) | int64) 0 }}
+{{- fail (printf "webhooks.timeout must be at least 1ms (got %q): every delivery would time out" .) }}
+{{- end }}
+{{- end }}
+{{- with $w.failureWindow }}
+{{- $_ := include "metadata-service.durationMillis" (list "webhooks.failureWindow" .) }}
+{{- end }}
+{{- with $w.retrySchedule }}
+{{- range splitList "," . }}
+{{- $_ := include "metadata-service.durationMillis" (list "webhooks.retrySchedule" .) }}
 {{- end }}
 {{- end }}
 {{- end }}
