@@ -90,8 +90,9 @@ pub struct WebhookUpdate {
     pub disabled: Option<bool>,
 }
 
-/// Why an endpoint was disabled by UpdateWebhook.
-pub const DISABLED_BY_UPDATE: &str = "disabled by UpdateWebhook";
+/// Why an endpoint was disabled by its caller (created disabled, or
+/// UpdateWebhook).
+pub const DISABLED_ON_REQUEST: &str = "disabled on request (CreateWebhook or UpdateWebhook)";
 
 fn from_row(row: webhook::Model) -> StoredWebhook {
     let event_types = match row.event_types {
@@ -145,7 +146,7 @@ impl Store {
             filter: Set(new.filter),
             disabled: Set(new.disabled),
             disabled_reason: Set(if new.disabled {
-                DISABLED_BY_UPDATE.to_owned()
+                DISABLED_ON_REQUEST.to_owned()
             } else {
                 String::new()
             }),
@@ -218,7 +219,7 @@ impl Store {
         match update.disabled {
             Some(true) if !was_disabled => {
                 active.disabled = Set(true);
-                active.disabled_reason = Set(DISABLED_BY_UPDATE.to_owned());
+                active.disabled_reason = Set(DISABLED_ON_REQUEST.to_owned());
             }
             Some(false) if was_disabled => {
                 active.disabled = Set(false);

@@ -505,13 +505,15 @@ impl Endpoint {
         let attempts = hook.attempts.saturating_add(1);
         let failing_for = (now - failing_since).to_std().unwrap_or(Duration::ZERO);
         if failing_for >= self.options.failure_window {
-            let reason = format!(
-                "failing since {} (the failure window is {}): {}",
-                failing_since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                humantime::format_duration(self.options.failure_window),
-                failed.error
-            );
-            self.disable(hook, &reason).await;
+            let reason = |error: &str| {
+                format!(
+                    "failing since {} (the failure window is {}): {error}",
+                    failing_since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    humantime::format_duration(self.options.failure_window),
+                )
+            };
+            self.disable_with(hook, &reason(&failed.error), &reason(&failed.summary))
+                .await;
             return Ok(Pass::Done);
         }
         let delay = schedule::delay(
@@ -526,12 +528,13 @@ impl Endpoint {
             next_attempt_at: now + chrono::Duration::from_std(delay).unwrap_or_default(),
             failing_since,
         };
-        // The status and the time only: a response's text may hold
-        // anything, and stays in the database for GetWebhook.
+        // The status or the transport error only: a response's text may
+        // hold anything, and stays in the database for GetWebhook.
         tracing::info!(
             webhook = %hook.id,
             revision = hook.next_revision,
             attempts,
+            error = %failed.summary.escape_debug(),
             retry_in = %humantime::format_duration(delay),
             "webhook delivery failed; retrying later"
         );
@@ -554,6 +557,12 @@ impl Endpoint {
     }
 
     async fn disable(&self, hook: &StoredWebhook, reason: &str) {
+        self.disable_with(hook, reason, reason).await;
+    }
+
+    /// Disables the endpoint with `reason` (stored, for GetWebhook);
+    /// `logged` is what the log line says (no response body in it).
+    async fn disable_with(&self, hook: &StoredWebhook, reason: &str, logged: &str) {
         match self
             .store
             .webhook_disable(&hook.id, hook.next_revision, reason)
@@ -562,7 +571,7 @@ impl Endpoint {
             Ok(true) => {
                 self.metrics.disabled_total.inc();
                 self.metrics.disabled.with_label_values(&[&hook.id]).set(1);
-                tracing::warn!(webhook = %hook.id, reason = %reason.escape_debug(), "webhook endpoint disabled");
+                tracing::warn!(webhook = %hook.id, reason = %logged.escape_debug(), "webhook endpoint disabled");
             }
             Ok(false) => {}
             Err(err) => {

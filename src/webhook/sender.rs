@@ -27,14 +27,19 @@ const MAX_ERROR_EXCERPT: usize = 200;
 /// Why an attempt failed, and when the endpoint asked to be tried again.
 #[derive(Clone, Debug)]
 pub struct Failed {
+    /// For GetWebhook: the status and an excerpt of the response's body.
     pub error: String,
+    /// For logs: the status or the transport error, never the body.
+    pub summary: String,
     pub retry_after: Option<Duration>,
 }
 
 impl Failed {
     fn new(error: impl Into<String>) -> Failed {
+        let error = error.into();
         Failed {
-            error: error.into(),
+            summary: error.clone(),
+            error,
             retry_after: None,
         }
     }
@@ -149,13 +154,17 @@ impl Sender {
         if status.is_success() {
             return Ok(());
         }
-        let mut error = format!("HTTP {}", status.as_u16());
+        let summary = format!("HTTP {}", status.as_u16());
         let text = printable(&excerpt);
-        if !text.is_empty() {
-            error.push_str(": ");
-            error.push_str(&text);
-        }
-        Err(Failed { error, retry_after })
+        let error = match text.is_empty() {
+            true => summary.clone(),
+            false => format!("{summary}: {text}"),
+        };
+        Err(Failed {
+            error,
+            summary,
+            retry_after,
+        })
     }
 
     /// A transport error in words, without the URL (it may carry a token).

@@ -1160,6 +1160,52 @@ async fn metrics_and_health_follow_each_endpoint() {
     setup.finish().await;
 }
 
+/// What the deliverer logs names the endpoint by id and the failure by
+/// its status: never the URL (it may carry a token), the secret, or the
+/// response's body. A current-thread runtime, so that the server's tasks
+/// log on the thread whose logs are captured.
+#[tokio::test]
+async fn logs_carry_no_url_secret_or_response_body() {
+    let mut options = options("127.0.0.0/8");
+    options.failure_window = Duration::from_millis(300);
+    let (captured, _guard) = harness::capture_logs(tracing::Level::INFO);
+    let mut setup = setup_with(Backend::Sqlite, options).await.unwrap();
+    let receiver = Receiver::start().await;
+    receiver.answer_otherwise(Some(Reply::StatusBody(500, "boom-body-text")));
+    let (hook, secret) = setup
+        .create(endpoint(format!("{}?token=s3cr3t-in-url", receiver.url())))
+        .await;
+    write(&mut setup.server.users, "u", json!({"n": 1})).await;
+    let id = hook.id.clone();
+    let mut hooks = setup.hooks.clone();
+    let disabled = until("the endpoint is disabled", WAIT, async || {
+        let hook = hooks
+            .get_webhook(GetWebhookRequest { id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if hook.disabled { Ok(hook) } else { Err(hook) }
+    })
+    .await;
+    assert!(
+        disabled
+            .disabled_reason
+            .ends_with("HTTP 500: boom-body-text")
+    );
+    let lines = captured.lines();
+    let text = lines.join("\n");
+    assert!(text.contains("webhook delivery failed"), "{text}");
+    assert!(text.contains("webhook endpoint disabled"), "{text}");
+    assert!(
+        text.contains(&hook.id) && text.contains("HTTP 500"),
+        "{text}"
+    );
+    for hidden in ["boom-body-text", "s3cr3t-in-url", &secret, "whsec_"] {
+        assert!(!text.contains(hidden), "{hidden} in the logs:\n{text}");
+    }
+    setup.finish().await;
+}
+
 backend_tests!(
     pruned_events_disable_an_endpoint_until_replayed,
     every_change_is_delivered_in_order_and_signed,

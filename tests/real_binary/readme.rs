@@ -162,7 +162,12 @@ fn role(text: &str) -> Option<Role> {
         ["grpcurl", ..] => Role::Client {
             streaming: text.contains("/Watch"),
         },
-        ["metadata-service", "user" | "org" | "schema" | "webhook", action, ..] => Role::Client {
+        [
+            "metadata-service",
+            "user" | "org" | "schema" | "webhook",
+            action,
+            ..,
+        ] => Role::Client {
             streaming: *action == "watch" && !text.contains("--max-events"),
         },
         ["metadata-service", "txn", ..] => Role::Client { streaming: false },
