@@ -189,8 +189,9 @@ impl Store {
             .collect())
     }
 
-    /// Changes what `update` names. Re-enabling clears the failures, so
-    /// that deliveries resume at once from the endpoint's position.
+    /// Changes what `update` names. Re-enabling, or a new URL, clears the
+    /// failures, so that deliveries resume at once from the endpoint's
+    /// position.
     pub async fn update_webhook(
         &self,
         id: &str,
@@ -203,9 +204,15 @@ impl Store {
             return Ok(None);
         };
         let was_disabled = row.disabled;
+        let moved = update.url.as_ref().is_some_and(|url| *url != row.url);
         let mut active = row.into_active_model();
         if let Some(url) = update.url {
             active.url = Set(url);
+        }
+        if moved {
+            // A new address is tried at once, its failures counted afresh:
+            // the old one's are no reason to wait.
+            clear_failures(&mut active);
         }
         if let Some(description) = update.description {
             active.description = Set(description);

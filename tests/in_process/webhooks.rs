@@ -537,7 +537,7 @@ async fn failures_are_retried_with_the_same_id_and_retry_after(backend: Backend)
     assert_eq!((stored.attempts, stored.last_error.as_str()), (0, ""));
     // While failing, the endpoint says how, on one line.
     receiver.answer_otherwise(Some(Reply::StatusBody(500, "down\nfor maintenance")));
-    write(&mut setup.server.users, "u", json!({"n": 2})).await;
+    let second = write(&mut setup.server.users, "u", json!({"n": 2})).await.revision;
     let id = hook.id.clone();
     let mut hooks = setup.hooks.clone();
     let failing = until("a recorded failure", WAIT, async || {
@@ -556,6 +556,27 @@ async fn failures_are_retried_with_the_same_id_and_retry_after(backend: Backend)
     assert_eq!(failing.last_error, "HTTP 500: down for maintenance");
     assert!(failing.failing_since.is_some() && failing.next_attempt_at.is_some());
     assert!(!failing.disabled);
+    // A new URL clears the failures: the next attempt goes there.
+    let fixed = Receiver::start().await;
+    let moved = setup
+        .hooks
+        .update_webhook(UpdateWebhookRequest {
+            webhook: Some(Webhook {
+                id: hook.id.clone(),
+                url: fixed.url(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["url".into()],
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((moved.attempts, moved.last_error.as_str()), (0, ""));
+    assert!(moved.failing_since.is_none() && moved.next_attempt_at.is_none());
+    let delivered = fixed.wait_delivered(1).await;
+    assert_eq!(delivered[0].revision(), second);
     setup.finish().await;
 }
 
