@@ -537,7 +537,9 @@ async fn failures_are_retried_with_the_same_id_and_retry_after(backend: Backend)
     assert_eq!((stored.attempts, stored.last_error.as_str()), (0, ""));
     // While failing, the endpoint says how, on one line.
     receiver.answer_otherwise(Some(Reply::StatusBody(500, "down\nfor maintenance")));
-    let second = write(&mut setup.server.users, "u", json!({"n": 2})).await.revision;
+    let second = write(&mut setup.server.users, "u", json!({"n": 2}))
+        .await
+        .revision;
     let id = hook.id.clone();
     let mut hooks = setup.hooks.clone();
     let failing = until("a recorded failure", WAIT, async || {
