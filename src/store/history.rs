@@ -59,6 +59,53 @@ pub(super) enum PageRead {
     Events,
 }
 
+impl PageRead {
+    /// Which of a backend's four page statements runs: `[revisions
+    /// oldest first, revisions newest first, events oldest first, events
+    /// newest first]`.
+    pub(super) fn pick(self, oldest_first: bool, statements: [&'static str; 4]) -> &'static str {
+        let [revisions_asc, revisions_desc, events_asc, events_desc] = statements;
+        match (self, oldest_first) {
+            (PageRead::Revisions, true) => revisions_asc,
+            (PageRead::Revisions, false) => revisions_desc,
+            (PageRead::Events, true) => events_asc,
+            (PageRead::Events, false) => events_desc,
+        }
+    }
+}
+
+/// A backend's `history_page`: its page statement (`history_page_sql!`,
+/// one per dialect) run on one of its page connections (never pinged on
+/// release), bounded by the call's time limit. One body for both
+/// connection types, as `requests.rs` does.
+macro_rules! read_history_page {
+    ($name:ident, $connection:ty) => {
+        pub(super) async fn $name(
+            pages: &std::sync::Arc<super::conns::Conns<$connection>>,
+            sql: &'static str,
+            page: &PageQuery<'_>,
+        ) -> Result<(i64, Option<String>), StoreError> {
+            let mut held = pages.get().await?;
+            let call_limit = held.limit();
+            let row: Result<(i64, Option<String>), sea_orm::sqlx::Error> = super::conns::within(
+                call_limit,
+                sea_orm::sqlx::query_as(sql)
+                    .bind(page.kind.as_str())
+                    .bind(page.id)
+                    .bind(page.bound)
+                    .bind(page.limit)
+                    .fetch_one(held.connection()),
+            )
+            .await;
+            held.release(&row);
+            Ok(row?)
+        }
+    };
+}
+
+read_history_page!(read_page_sqlite, sea_orm::sqlx::SqliteConnection);
+read_history_page!(read_page_postgres, sea_orm::sqlx::PgConnection);
+
 /// Events read by history pages, by revision, up to a total weight (about
 /// their JSON text's length): a record's recent history is read again and
 /// again (a page of 50 is 100 snapshots to decode), and an event never

@@ -183,26 +183,16 @@ impl Postgres {
         page: &PageQuery<'_>,
         what: PageRead,
     ) -> Result<(i64, Option<String>), StoreError> {
-        let sql = match (what, page.oldest_first) {
-            (PageRead::Revisions, true) => history_page_sql!(revisions, ">", "ASC"),
-            (PageRead::Revisions, false) => history_page_sql!(revisions, "<", "DESC"),
-            (PageRead::Events, true) => history_page_sql!(events, ">", "ASC"),
-            (PageRead::Events, false) => history_page_sql!(events, "<", "DESC"),
-        };
-        let mut held = self.pages.get().await?;
-        let call_limit = held.limit();
-        let row: Result<(i64, Option<String>), sqlx::Error> = within(
-            call_limit,
-            sqlx::query_as(sql)
-                .bind(page.kind.as_str())
-                .bind(page.id)
-                .bind(page.bound)
-                .bind(page.limit)
-                .fetch_one(held.connection()),
-        )
-        .await;
-        held.release(&row);
-        Ok(row?)
+        let sql = what.pick(
+            page.oldest_first,
+            [
+                history_page_sql!(revisions, ">", "ASC"),
+                history_page_sql!(revisions, "<", "DESC"),
+                history_page_sql!(events, ">", "ASC"),
+                history_page_sql!(events, "<", "DESC"),
+            ],
+        );
+        super::history::read_page_postgres(&self.pages, sql, page).await
     }
 
     pub(super) async fn close(&self) {
