@@ -165,6 +165,10 @@ fn parse_schedule(text: &str) -> Result<Schedule, String> {
     if delays.is_empty() {
         return Err("at least one delay".into());
     }
+    // A zero delay would retry a failing endpoint in a tight loop.
+    if let Some(short) = delays.iter().find(|d| **d < Duration::from_millis(100)) {
+        return Err(format!("{short:?}: each delay must be at least 100ms"));
+    }
     Ok(Schedule(delays))
 }
 
@@ -715,6 +719,13 @@ mod tests {
             "intranet",
         ]);
         assert!(refused.unwrap_err().to_string().contains("\"intranet\""));
+        let zero = Cli::try_parse_from([
+            "metadata-service",
+            "serve",
+            "--webhook-retry-schedule",
+            "0s,5m",
+        ]);
+        assert!(zero.unwrap_err().to_string().contains("at least 100ms"));
     }
 
     #[test]

@@ -21,9 +21,13 @@ pub const DEFAULT_SCHEDULE: [Duration; 6] = [
 
 /// The longest `Retry-After` honoured: a longer one is read as this.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+/// The shortest: `Retry-After: 0` (or a past date) from an endpoint that
+/// keeps failing must not make the deliverer retry in a tight loop.
+pub const MIN_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// The delay before the attempt after the `failures`-th failure:
-/// `retry_after` when the endpoint gave one (at most [`MAX_RETRY_AFTER`]),
+/// `retry_after` when the endpoint gave one (from [`MIN_RETRY_AFTER`] to
+/// [`MAX_RETRY_AFTER`]),
 /// else the schedule's step, with `jitter` (from 0 to 1) spreading it over
 /// ±20%.
 pub fn delay(
@@ -33,7 +37,7 @@ pub fn delay(
     jitter: f64,
 ) -> Duration {
     if let Some(retry_after) = retry_after {
-        return retry_after.min(MAX_RETRY_AFTER);
+        return retry_after.clamp(MIN_RETRY_AFTER, MAX_RETRY_AFTER);
     }
     let index = (failures.max(1) as usize - 1).min(schedule.len().saturating_sub(1));
     let step = schedule
@@ -88,6 +92,8 @@ mod tests {
         );
         let huge = Some(Duration::from_secs(10 * 24 * 3600));
         assert_eq!(delay(&DEFAULT_SCHEDULE, 1, huge, 0.5), MAX_RETRY_AFTER);
+        let now = Some(Duration::ZERO);
+        assert_eq!(delay(&DEFAULT_SCHEDULE, 1, now, 0.5), MIN_RETRY_AFTER);
     }
 
     #[test]
