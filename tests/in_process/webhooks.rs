@@ -301,21 +301,25 @@ impl Setup {
             .into_inner()
     }
 
-    /// Waits until the endpoint's position is past `revision` (delivered
-    /// or skipped).
-    async fn wait_past(&mut self, id: &str, revision: u64) -> Webhook {
+    /// Waits until the endpoint, as GetWebhook shows it, is as `wanted`.
+    async fn wait_until(&self, id: &str, what: &str, wanted: impl Fn(&Webhook) -> bool) -> Webhook {
         let mut hooks = self.hooks.clone();
-        until("the endpoint's position", WAIT, async || {
+        until(what, WAIT, async || {
             let hook = hooks
                 .get_webhook(GetWebhookRequest { id: id.into() })
                 .await
                 .unwrap()
                 .into_inner();
-            if hook.next_revision > revision {
-                Ok(hook)
-            } else {
-                Err(hook)
-            }
+            if wanted(&hook) { Ok(hook) } else { Err(hook) }
+        })
+        .await
+    }
+
+    /// Waits until the endpoint's position is past `revision` (delivered
+    /// or skipped).
+    async fn wait_past(&mut self, id: &str, revision: u64) -> Webhook {
+        self.wait_until(id, "the endpoint's position", |h| {
+            h.next_revision > revision
         })
         .await
     }
@@ -540,21 +544,9 @@ async fn failures_are_retried_with_the_same_id_and_retry_after(backend: Backend)
     let second = write(&mut setup.server.users, "u", json!({"n": 2}))
         .await
         .revision;
-    let id = hook.id.clone();
-    let mut hooks = setup.hooks.clone();
-    let failing = until("a recorded failure", WAIT, async || {
-        let hook = hooks
-            .get_webhook(GetWebhookRequest { id: id.clone() })
-            .await
-            .unwrap()
-            .into_inner();
-        if hook.attempts >= 2 {
-            Ok(hook)
-        } else {
-            Err(hook)
-        }
-    })
-    .await;
+    let failing = setup
+        .wait_until(&hook.id, "a recorded failure", |h| h.attempts >= 2)
+        .await;
     assert_eq!(failing.last_error, "HTTP 500: down for maintenance");
     assert!(failing.failing_since.is_some() && failing.next_attempt_at.is_some());
     assert!(!failing.disabled);
@@ -598,17 +590,9 @@ async fn an_endpoint_failing_past_its_window_is_disabled_then_resumes(backend: B
     let second = write(&mut setup.server.users, "u", json!({"n": 2}))
         .await
         .revision;
-    let id = hook.id.clone();
-    let mut hooks = setup.hooks.clone();
-    let disabled = until("the endpoint is disabled", WAIT, async || {
-        let hook = hooks
-            .get_webhook(GetWebhookRequest { id: id.clone() })
-            .await
-            .unwrap()
-            .into_inner();
-        if hook.disabled { Ok(hook) } else { Err(hook) }
-    })
-    .await;
+    let disabled = setup
+        .wait_until(&hook.id, "the endpoint is disabled", |h| h.disabled)
+        .await;
     assert!(
         disabled.disabled_reason.starts_with("failing since ")
             && disabled.disabled_reason.ends_with(": HTTP 500"),
@@ -761,21 +745,9 @@ async fn deliveries_reach_only_allowed_networks(backend: Backend) {
         )))
         .await;
     write(&mut setup.server.users, "u", json!({"n": 1})).await;
-    let id = hook.id.clone();
-    let mut hooks = setup.hooks.clone();
-    let refused = until("a refused delivery", WAIT, async || {
-        let hook = hooks
-            .get_webhook(GetWebhookRequest { id: id.clone() })
-            .await
-            .unwrap()
-            .into_inner();
-        if hook.attempts >= 1 {
-            Ok(hook)
-        } else {
-            Err(hook)
-        }
-    })
-    .await;
+    let refused = setup
+        .wait_until(&hook.id, "a refused delivery", |h| h.attempts >= 1)
+        .await;
     assert!(
         refused.last_error.contains("loopback") && refused.last_error.contains("localhost"),
         "{}",
@@ -1034,17 +1006,9 @@ async fn pruned_events_disable_an_endpoint_until_replayed(backend: Backend) {
         .revision;
     write(&mut setup.server.users, "u", json!({"n": 2})).await;
     setup.server.db.until_pruned().await;
-    let id = hook.id.clone();
-    let mut hooks = setup.hooks.clone();
-    let disabled = until("the endpoint is disabled", WAIT, async || {
-        let hook = hooks
-            .get_webhook(GetWebhookRequest { id: id.clone() })
-            .await
-            .unwrap()
-            .into_inner();
-        if hook.disabled { Ok(hook) } else { Err(hook) }
-    })
-    .await;
+    let disabled = setup
+        .wait_until(&hook.id, "the endpoint is disabled", |h| h.disabled)
+        .await;
     assert!(
         disabled
             .disabled_reason
@@ -1199,17 +1163,9 @@ async fn logs_carry_no_url_secret_or_response_body() {
         .create(endpoint(format!("{}?token=s3cr3t-in-url", receiver.url())))
         .await;
     write(&mut setup.server.users, "u", json!({"n": 1})).await;
-    let id = hook.id.clone();
-    let mut hooks = setup.hooks.clone();
-    let disabled = until("the endpoint is disabled", WAIT, async || {
-        let hook = hooks
-            .get_webhook(GetWebhookRequest { id: id.clone() })
-            .await
-            .unwrap()
-            .into_inner();
-        if hook.disabled { Ok(hook) } else { Err(hook) }
-    })
-    .await;
+    let disabled = setup
+        .wait_until(&hook.id, "the endpoint is disabled", |h| h.disabled)
+        .await;
     assert!(
         disabled
             .disabled_reason
